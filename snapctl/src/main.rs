@@ -1,1 +1,222 @@
-fn main() {}
+//! `snapctl`: boot a KVM guest, take live snapshots of its memory without stopping it, verify and restore them.
+#![forbid(unsafe_code)]
+
+mod api;
+mod client;
+mod offline;
+mod server;
+mod units;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Live snapshots of running KVM guests.
+#[derive(Debug, Parser)]
+#[command(name = "snapctl", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+/// Where the control socket is.
+#[derive(Debug, Args, Clone)]
+struct SockArgs {
+    /// Control socket path (default: derived from --name).
+    #[arg(long, global = true)]
+    api_sock: Option<PathBuf>,
+    /// VM name; selects the default socket path `$XDG_RUNTIME_DIR/snapctl/NAME.sock` (or /run/snapctl as root).
+    #[arg(long, global = true, default_value = "default")]
+    name: String,
+}
+
+impl SockArgs {
+    fn path(&self) -> PathBuf {
+        api::socket_path(self.api_sock.as_deref(), &self.name)
+    }
+}
+
+/// Options shared by `boot` and `restore`.
+#[derive(Debug, Args, Clone)]
+struct VmmArgs {
+    /// Guest memory backing: anon (THP), memfd (shared), hugetlbfs (2 MiB pages, must be reserved).
+    #[arg(long, value_parser = ["anon", "memfd", "hugetlbfs"])]
+    mem_backend: Option<String>,
+    /// Write the guest's serial console to this file instead of the terminal.
+    #[arg(long)]
+    serial_log: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot the built-in guest and serve the control socket until the VM ends.
+    Boot {
+        /// Guest memory size (e.g. 512M, 2G).
+        #[arg(long, default_value = "512M", value_parser = units::parse_size)]
+        mem: u64,
+        /// Number of vCPUs.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=64))]
+        vcpus: u8,
+        /// Guest write rate per vCPU: `full`, `idle`, or pages per second (e.g. `20000`).
+        #[arg(long, default_value = "full")]
+        write_rate: String,
+        /// Pages each vCPU keeps rewriting (as a size, e.g. 64M; default: its whole slice).
+        #[arg(long, value_parser = units::parse_size)]
+        working_set: Option<u64>,
+        /// Seed of the guest's deterministic write sequence.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[command(flatten)]
+        vmm: VmmArgs,
+        #[command(flatten)]
+        sock: SockArgs,
+    },
+    /// Restore a snapshot into a new VM and serve the control socket until it ends.
+    Restore {
+        /// Snapshot file.
+        file: PathBuf,
+        /// Load and restore, but do not run the vCPUs until `snapctl resume`.
+        #[arg(long)]
+        paused: bool,
+        #[command(flatten)]
+        vmm: VmmArgs,
+        #[command(flatten)]
+        sock: SockArgs,
+    },
+    /// Take a live snapshot of the running VM.
+    Save {
+        /// Output file, or `-` for standard output.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Compress records with zstd.
+        #[arg(long)]
+        zstd: bool,
+        /// zstd level (implies --zstd).
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
+        zstd_level: Option<i32>,
+        /// Limit the memory scan to this rate (e.g. 200M = 200 MiB/s); faulted pages are never throttled.
+        #[arg(long, value_parser = units::parse_size)]
+        max_bandwidth: Option<u64>,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Print the summary as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        sock: SockArgs,
+    },
+    /// Check a snapshot file offline: structure, every checksum, page coverage, trailer.
+    Verify {
+        /// Snapshot file.
+        file: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a snapshot's header and totals.
+    Info {
+        /// Snapshot file.
+        file: PathBuf,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the running VM's state: guest progress per vCPU, uptime, memory, save in progress.
+    Status {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        sock: SockArgs,
+    },
+    /// Pause every vCPU of the running VM.
+    Pause {
+        #[command(flatten)]
+        sock: SockArgs,
+    },
+    /// Resume every vCPU of the running VM.
+    Resume {
+        #[command(flatten)]
+        sock: SockArgs,
+    },
+    /// Cancel the save in progress.
+    Cancel {
+        #[command(flatten)]
+        sock: SockArgs,
+    },
+    /// Ask the built-in guest to check its own memory against its write sequence.
+    SelfCheck {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        sock: SockArgs,
+    },
+    /// Stop the VM and end its VMM process.
+    Shutdown {
+        #[command(flatten)]
+        sock: SockArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("snapctl: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Command::Boot {
+            mem,
+            vcpus,
+            write_rate,
+            working_set,
+            seed,
+            vmm,
+            sock,
+        } => {
+            let cfg = server::boot_config(mem, vcpus, &write_rate, working_set, seed, &vmm)?;
+            server::run_boot(cfg, &vmm, &sock.path())
+        }
+        Command::Restore {
+            file,
+            paused,
+            vmm,
+            sock,
+        } => server::run_restore(&file, paused, &vmm, &sock.path()),
+        Command::Save {
+            out,
+            zstd,
+            zstd_level,
+            max_bandwidth,
+            force,
+            json,
+            sock,
+        } => client::save(
+            &sock.path(),
+            &out,
+            zstd || zstd_level.is_some(),
+            zstd_level,
+            max_bandwidth,
+            force,
+            json,
+        ),
+        Command::Verify { file, json } => offline::verify(&file, json),
+        Command::Info { file, json } => offline::info(&file, json),
+        Command::Status { json, sock } => client::status(&sock.path(), json),
+        Command::Pause { sock } => client::simple(&sock.path(), api::Request::Pause, "paused"),
+        Command::Resume { sock } => client::simple(&sock.path(), api::Request::Resume, "resumed"),
+        Command::Cancel { sock } => client::simple(&sock.path(), api::Request::Cancel, "cancelled"),
+        Command::SelfCheck { json, sock } => client::self_check(&sock.path(), json),
+        Command::Shutdown { sock } => {
+            client::simple(&sock.path(), api::Request::Shutdown, "shutting down")
+        }
+    }
+}

@@ -1,0 +1,746 @@
+//! The snapshot file format: layout, constants, header/record/trailer encoding and errors.
+//!
+//! All integers are little endian. Offsets are from the start of the file. A file is, in order:
+//!
+//! ```text
+//! HEADER (variable length, header_len bytes)
+//!   0  magic            [u8; 8]  b"SNAPCTL\0"
+//!   8  version          u32      FORMAT_VERSION (= 1)
+//!  12  header_len       u32      total header bytes, magic..=header_crc (<= MAX_HEADER_LEN)
+//!  16  flags            u32      bit 0: parent reference present; other bits must be 0
+//!  20  page_size        u32      guest page size in bytes (4096)
+//!  24  arch             u32      1 = x86_64
+//!  28  compression      u32      0 = none, 1 = zstd (records may still be stored raw, see codec)
+//!  32  compress_level   i32      zstd level (0 when none)
+//!  36  vcpu_count       u32
+//!  40  created_unix     u64      creation time, seconds since the Unix epoch
+//!  48  region_count     u32      (<= MAX_REGIONS)
+//!  52  regions          region_count x { gpa: u64, size: u64 }  sorted, page aligned, disjoint
+//!   .  config_len       u32, then config_len bytes   opaque VMM configuration (the CLI stores JSON)
+//!   .  parent_len       u32, then parent_len bytes   parent snapshot reference (empty: none)
+//!   .  header_crc       u32      crc32 of every header byte before it
+//!
+//! MACHINE STATE
+//!   tag b"MSTA", len u64, crc32 u32 (of the blob), blob [len bytes] (opaque, from the VMM)
+//!
+//! RAM RECORDS (any page order), each:
+//!   0  tag              [u8; 4]  b"RREC"
+//!   4  kind             u8       0 = ZeroRun (no payload), 1 = Data
+//!   5  codec            u8       0 = raw, 1 = zstd (ZeroRun: 0)
+//!   6  reserved         u16      0
+//!   8  first_page       u64      guest page number = gpa / page_size
+//!  16  page_count       u32      >= 1; Data: page_count * page_size <= MAX_RECORD_RAW
+//!  20  stored_len       u32      payload bytes (ZeroRun: 0; raw Data: page_count * page_size)
+//!  24  crc32            u32      crc32 of bytes 0..24 of this header followed by the payload
+//!  28  payload          [stored_len bytes]
+//!
+//! TRAILER (at trailer_offset, trailer_len bytes)
+//!   tag b"TRLR"
+//!   totals: pages u64, zero_pages u64, data_pages u64, records u64, raw_bytes u64 (uncompressed
+//!           bytes of data pages), stored_bytes u64 (sum of record payload lengths)
+//!   index:  `records` x { offset u64, first_page u64, page_count u32, kind u8, pad [u8; 3] }
+//!           in file order
+//!   trailer_crc u32  crc32 of every trailer byte before it
+//!
+//! FOOTER (last FOOTER_LEN = 32 bytes)
+//!   trailer_offset u64, trailer_len u64, footer_crc u32 (of the two u64), reserved u32 = 0,
+//!   end magic [u8; 8] b"SNAPEND\0"
+//! ```
+//!
+//! Records lie between the end of the machine state and `trailer_offset`, back to back. Every
+//! guest page (of the header's regions) appears in exactly one record. A file whose footer or
+//! trailer is missing or invalid is incomplete and is never restored.
+
+use std::io;
+
+/// Version of the layout above; bumped on any incompatible change.
+pub const FORMAT_VERSION: u32 = 1;
+/// File magic at offset 0.
+pub const MAGIC: [u8; 8] = *b"SNAPCTL\0";
+/// Magic at the very end of a complete file.
+pub const END_MAGIC: [u8; 8] = *b"SNAPEND\0";
+/// Tag of the machine state section.
+pub const STATE_TAG: [u8; 4] = *b"MSTA";
+/// Tag of every RAM record.
+pub const RECORD_TAG: [u8; 4] = *b"RREC";
+/// Tag of the trailer.
+pub const TRAILER_TAG: [u8; 4] = *b"TRLR";
+/// Size of a record header (payload follows).
+pub const RECORD_HEADER_LEN: usize = 28;
+/// Size of the footer.
+pub const FOOTER_LEN: usize = 32;
+/// Size of one trailer index entry.
+pub const INDEX_ENTRY_LEN: usize = 24;
+/// Size of the trailer without its index.
+pub const TRAILER_FIXED_LEN: usize = 4 + 6 * 8 + 4;
+/// Largest header accepted (bounds the allocation when reading).
+pub const MAX_HEADER_LEN: u32 = 16 << 20;
+/// Largest number of memory regions accepted.
+pub const MAX_REGIONS: u32 = 1024;
+/// Largest uncompressed payload of one Data record.
+pub const MAX_RECORD_RAW: u64 = 64 << 20;
+/// Largest guest memory accepted (bounds the coverage bitmap: 1 TiB = 32 MiB of bitmap at 4 KiB).
+pub const MAX_GUEST_BYTES: u64 = 1 << 40;
+/// Header flag: a parent snapshot reference is present.
+pub const FLAG_HAS_PARENT: u32 = 1;
+
+/// Architecture code of x86_64.
+pub const ARCH_X86_64: u32 = 1;
+
+/// How RAM records are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Compression {
+    /// Data records are stored raw.
+    #[default]
+    None,
+    /// Data records are zstd-compressed at this level (stored raw when that is not smaller).
+    Zstd {
+        /// zstd compression level.
+        level: i32,
+    },
+}
+
+/// One guest memory region as recorded in the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemRegion {
+    /// Guest physical address of the first byte.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The snapshot header (see the module docs for its encoding).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotHeader {
+    /// Guest page size in bytes.
+    pub page_size: u32,
+    /// Guest memory layout, sorted by `gpa`.
+    pub regions: Vec<MemRegion>,
+    /// Number of vCPUs.
+    pub vcpu_count: u32,
+    /// Compression of RAM records.
+    pub compression: Compression,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix_secs: u64,
+    /// Opaque VMM configuration needed to restore (JSON from the CLI).
+    pub vmm_config: Vec<u8>,
+    /// Reference to a parent snapshot (incremental snapshots, future); empty when none.
+    pub parent: Vec<u8>,
+}
+
+impl SnapshotHeader {
+    /// A header for `regions` with 4 KiB pages, created now, no compression, no parent.
+    pub fn new(regions: Vec<MemRegion>, vcpu_count: u32, vmm_config: Vec<u8>) -> Self {
+        let created_unix_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        SnapshotHeader {
+            page_size: 4096,
+            regions,
+            vcpu_count,
+            compression: Compression::None,
+            created_unix_secs,
+            vmm_config,
+            parent: Vec::new(),
+        }
+    }
+
+    /// Total guest pages over all regions.
+    pub fn total_pages(&self) -> u64 {
+        self.regions.iter().map(|r| r.size / u64::from(self.page_size)).sum()
+    }
+
+    /// Encode the header, crc included.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(64 + self.regions.len() * 16 + self.vmm_config.len());
+        b.extend_from_slice(&MAGIC);
+        put_u32(&mut b, FORMAT_VERSION);
+        put_u32(&mut b, 0); // header_len, patched below
+        let flags = if self.parent.is_empty() { 0 } else { FLAG_HAS_PARENT };
+        put_u32(&mut b, flags);
+        put_u32(&mut b, self.page_size);
+        put_u32(&mut b, ARCH_X86_64);
+        let (codec, level) = match self.compression {
+            Compression::None => (0, 0),
+            Compression::Zstd { level } => (1, level),
+        };
+        put_u32(&mut b, codec);
+        b.extend_from_slice(&level.to_le_bytes());
+        put_u32(&mut b, self.vcpu_count);
+        put_u64(&mut b, self.created_unix_secs);
+        put_u32(&mut b, len_u32(self.regions.len()));
+        for r in &self.regions {
+            put_u64(&mut b, r.gpa);
+            put_u64(&mut b, r.size);
+        }
+        put_u32(&mut b, len_u32(self.vmm_config.len()));
+        b.extend_from_slice(&self.vmm_config);
+        put_u32(&mut b, len_u32(self.parent.len()));
+        b.extend_from_slice(&self.parent);
+        let total = len_u32(b.len() + 4);
+        b[12..16].copy_from_slice(&total.to_le_bytes());
+        let crc = crc32fast::hash(&b);
+        put_u32(&mut b, crc);
+        b
+    }
+
+    /// Decode a header from `buf` (exactly `header_len` bytes), checking crc and every field.
+    pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
+        let corrupt = |what: &str, offset: usize| FormatError::Corrupt {
+            what: format!("header: {what}"),
+            record: None,
+            offset: offset as u64,
+        };
+        if buf.len() < 56 {
+            return Err(corrupt("too short", 0));
+        }
+        let (body, crc) = buf.split_at(buf.len() - 4);
+        if crc32fast::hash(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+            return Err(corrupt("checksum mismatch", buf.len() - 4));
+        }
+        let mut c = Cursor::new(body);
+        c.skip(16); // magic, version, header_len: checked by the caller
+        let flags = c.u32().ok_or_else(|| corrupt("truncated", c.pos))?;
+        if flags & !FLAG_HAS_PARENT != 0 {
+            return Err(FormatError::Unsupported {
+                what: format!("header flags {flags:#x}"),
+            });
+        }
+        let page_size = c.u32().ok_or_else(|| corrupt("truncated", c.pos))?;
+        if !page_size.is_power_of_two() || !(4096..=(1 << 21)).contains(&page_size) {
+            return Err(FormatError::Unsupported {
+                what: format!("page size {page_size}"),
+            });
+        }
+        let arch = c.u32().ok_or_else(|| corrupt("truncated", c.pos))?;
+        if arch != ARCH_X86_64 {
+            return Err(FormatError::WrongArchitecture { found: arch });
+        }
+        let codec = c.u32().ok_or_else(|| corrupt("truncated", c.pos))?;
+        let level = c.u32().ok_or_else(|| corrupt("truncated", c.pos))? as i32;
+        let compression = match codec {
+            0 => Compression::None,
+            1 => Compression::Zstd { level },
+            other => {
+                return Err(FormatError::Unsupported {
+                    what: format!("compression {other}"),
+                })
+            }
+        };
+        let vcpu_count = c.u32().ok_or_else(|| corrupt("truncated", c.pos))?;
+        let created_unix_secs = c.u64().ok_or_else(|| corrupt("truncated", c.pos))?;
+        let nregions = c.u32().ok_or_else(|| corrupt("truncated", c.pos))?;
+        if nregions > MAX_REGIONS || (nregions as usize) * 16 > c.remaining() {
+            return Err(corrupt("region count out of range", c.pos - 4));
+        }
+        let mut regions = Vec::with_capacity(nregions as usize);
+        let mut total: u64 = 0;
+        let mut end_prev: u64 = 0;
+        for i in 0..nregions {
+            let at = c.pos;
+            let gpa = c.u64().ok_or_else(|| corrupt("truncated", c.pos))?;
+            let size = c.u64().ok_or_else(|| corrupt("truncated", c.pos))?;
+            let ps = u64::from(page_size);
+            let end = gpa.checked_add(size);
+            if size == 0 || gpa % ps != 0 || size % ps != 0 || end.is_none() {
+                return Err(corrupt(&format!("region {i} invalid"), at));
+            }
+            if i > 0 && gpa < end_prev {
+                return Err(corrupt(&format!("region {i} overlaps or is unsorted"), at));
+            }
+            end_prev = end.unwrap_or(u64::MAX);
+            total = total.saturating_add(size);
+            regions.push(MemRegion { gpa, size });
+        }
+        if total > MAX_GUEST_BYTES {
+            return Err(FormatError::Unsupported {
+                what: format!("guest memory of {total} bytes"),
+            });
+        }
+        let vmm_config = c.blob().ok_or_else(|| corrupt("bad config length", c.pos))?;
+        let parent = c.blob().ok_or_else(|| corrupt("bad parent length", c.pos))?;
+        if c.remaining() != 0 {
+            return Err(corrupt("trailing bytes", c.pos));
+        }
+        if (flags & FLAG_HAS_PARENT != 0) != !parent.is_empty() {
+            return Err(corrupt("parent flag disagrees with parent reference", 16));
+        }
+        Ok(SnapshotHeader {
+            page_size,
+            regions,
+            vcpu_count,
+            compression,
+            created_unix_secs,
+            vmm_config,
+            parent,
+        })
+    }
+}
+
+/// Kind of a RAM record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum RecordKind {
+    /// A run of all-zero pages, no payload.
+    ZeroRun,
+    /// A run of pages with data.
+    Data,
+}
+
+impl RecordKind {
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            RecordKind::ZeroRun => 0,
+            RecordKind::Data => 1,
+        }
+    }
+    pub(crate) fn from_code(c: u8) -> Option<Self> {
+        match c {
+            0 => Some(RecordKind::ZeroRun),
+            1 => Some(RecordKind::Data),
+            _ => None,
+        }
+    }
+}
+
+/// Payload encoding of a record.
+pub(crate) const CODEC_RAW: u8 = 0;
+pub(crate) const CODEC_ZSTD: u8 = 1;
+
+/// A decoded record header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecordHeader {
+    pub kind: RecordKind,
+    pub codec: u8,
+    pub first_page: u64,
+    pub page_count: u32,
+    pub stored_len: u32,
+    pub crc: u32,
+}
+
+impl RecordHeader {
+    /// The 24 bytes the crc covers (everything but the crc itself).
+    pub fn prefix(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0..4].copy_from_slice(&RECORD_TAG);
+        b[4] = self.kind.code();
+        b[5] = self.codec;
+        b[8..16].copy_from_slice(&self.first_page.to_le_bytes());
+        b[16..20].copy_from_slice(&self.page_count.to_le_bytes());
+        b[20..24].copy_from_slice(&self.stored_len.to_le_bytes());
+        b
+    }
+
+    /// Crc of the header prefix followed by `payload`.
+    pub fn compute_crc(&self, payload: &[u8]) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&self.prefix());
+        h.update(payload);
+        h.finalize()
+    }
+
+    pub fn encode(&self) -> [u8; RECORD_HEADER_LEN] {
+        let mut b = [0u8; RECORD_HEADER_LEN];
+        b[..24].copy_from_slice(&self.prefix());
+        b[24..28].copy_from_slice(&self.crc.to_le_bytes());
+        b
+    }
+
+    /// Decode raw fields; `None` when the tag, kind or reserved bytes are invalid.
+    pub fn decode(b: &[u8; RECORD_HEADER_LEN]) -> Option<Self> {
+        if b[0..4] != RECORD_TAG || b[6] != 0 || b[7] != 0 {
+            return None;
+        }
+        let kind = RecordKind::from_code(b[4])?;
+        let codec = b[5];
+        if codec > CODEC_ZSTD || (kind == RecordKind::ZeroRun && codec != CODEC_RAW) {
+            return None;
+        }
+        Some(RecordHeader {
+            kind,
+            codec,
+            first_page: u64_at(b, 8),
+            page_count: u32_at(b, 16),
+            stored_len: u32_at(b, 20),
+            crc: u32_at(b, 24),
+        })
+    }
+}
+
+/// One trailer index entry: where a record is and which pages it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct IndexEntry {
+    /// File offset of the record header.
+    pub offset: u64,
+    /// First guest page number.
+    pub first_page: u64,
+    /// Number of pages.
+    pub page_count: u32,
+    /// Record kind.
+    pub kind: RecordKind,
+}
+
+/// Totals stored in the trailer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Totals {
+    /// Pages covered by all records.
+    pub pages: u64,
+    /// Pages in zero runs.
+    pub zero_pages: u64,
+    /// Pages in data records.
+    pub data_pages: u64,
+    /// Number of records.
+    pub records: u64,
+    /// Uncompressed bytes of data pages.
+    pub raw_bytes: u64,
+    /// Sum of record payload lengths as stored.
+    pub stored_bytes: u64,
+}
+
+/// The decoded trailer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trailer {
+    /// Totals over all records.
+    pub totals: Totals,
+    /// One entry per record, in file order.
+    pub index: Vec<IndexEntry>,
+}
+
+impl Trailer {
+    /// Encode the trailer, crc included.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(TRAILER_FIXED_LEN + self.index.len() * INDEX_ENTRY_LEN);
+        b.extend_from_slice(&TRAILER_TAG);
+        let t = &self.totals;
+        for v in [t.pages, t.zero_pages, t.data_pages, t.records, t.raw_bytes, t.stored_bytes] {
+            put_u64(&mut b, v);
+        }
+        for e in &self.index {
+            put_u64(&mut b, e.offset);
+            put_u64(&mut b, e.first_page);
+            put_u32(&mut b, e.page_count);
+            b.extend_from_slice(&[e.kind.code(), 0, 0, 0]);
+        }
+        let crc = crc32fast::hash(&b);
+        put_u32(&mut b, crc);
+        b
+    }
+
+    /// Decode a trailer from `buf` (exactly trailer_len bytes at `offset`).
+    pub fn decode(buf: &[u8], offset: u64) -> Result<Self, FormatError> {
+        let corrupt = |what: &str, at: usize| FormatError::Corrupt {
+            what: format!("trailer: {what}"),
+            record: None,
+            offset: offset + at as u64,
+        };
+        if buf.len() < TRAILER_FIXED_LEN || buf[0..4] != TRAILER_TAG {
+            return Err(corrupt("bad tag", 0));
+        }
+        let (body, crc) = buf.split_at(buf.len() - 4);
+        if crc32fast::hash(body) != u32_at(crc, 0) {
+            return Err(corrupt("checksum mismatch", buf.len() - 4));
+        }
+        let mut c = Cursor::new(body);
+        c.skip(4);
+        let mut v = [0u64; 6];
+        for x in &mut v {
+            *x = c.u64().ok_or_else(|| corrupt("truncated", c.pos))?;
+        }
+        let totals = Totals {
+            pages: v[0],
+            zero_pages: v[1],
+            data_pages: v[2],
+            records: v[3],
+            raw_bytes: v[4],
+            stored_bytes: v[5],
+        };
+        let n = c.remaining() / INDEX_ENTRY_LEN;
+        if c.remaining() % INDEX_ENTRY_LEN != 0 || n as u64 != totals.records {
+            return Err(corrupt("index length disagrees with record count", c.pos));
+        }
+        let mut index = Vec::with_capacity(n);
+        for i in 0..n {
+            let at = c.pos;
+            let e_offset = c.u64().unwrap_or(0);
+            let first_page = c.u64().unwrap_or(0);
+            let page_count = c.u32().unwrap_or(0);
+            let tail = c.take(4).unwrap_or(&[9, 9, 9, 9]);
+            let kind = RecordKind::from_code(tail[0])
+                .filter(|_| tail[1..] == [0, 0, 0] && page_count > 0)
+                .ok_or_else(|| corrupt(&format!("index entry {i} invalid"), at))?;
+            index.push(IndexEntry {
+                offset: e_offset,
+                first_page,
+                page_count,
+                kind,
+            });
+        }
+        Ok(Trailer { totals, index })
+    }
+}
+
+/// Encode the footer for a trailer at `offset` of `len` bytes.
+pub(crate) fn encode_footer(offset: u64, len: u64) -> [u8; FOOTER_LEN] {
+    let mut b = [0u8; FOOTER_LEN];
+    b[0..8].copy_from_slice(&offset.to_le_bytes());
+    b[8..16].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32fast::hash(&b[0..16]);
+    b[16..20].copy_from_slice(&crc.to_le_bytes());
+    b[24..32].copy_from_slice(&END_MAGIC);
+    b
+}
+
+/// Decode the footer; `None` when it is not a valid footer (incomplete file).
+pub(crate) fn decode_footer(b: &[u8; FOOTER_LEN]) -> Option<(u64, u64)> {
+    if b[24..32] != END_MAGIC || b[20..24] != [0; 4] {
+        return None;
+    }
+    if crc32fast::hash(&b[0..16]) != u32_at(b, 16) {
+        return None;
+    }
+    Some((u64_at(b, 0), u64_at(b, 8)))
+}
+
+/// Broad category of a [`FormatError`], for mapping to exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ErrorKind {
+    /// The file could not be read (I/O).
+    Unreadable,
+    /// The output could not be written (I/O).
+    Unwritable,
+    /// Not a snapshot file at all.
+    NotASnapshot,
+    /// The file has no valid trailer/footer: the save did not finish.
+    Incomplete,
+    /// The file is damaged: a checksum, structure or page-coverage error.
+    Corrupt,
+    /// A version, architecture or feature this build does not support.
+    Unsupported,
+    /// The snapshot does not fit the target (memory layout differs).
+    Mismatch,
+}
+
+/// Errors reading, verifying, writing or loading a snapshot file.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// I/O error while reading.
+    #[error("cannot read snapshot")]
+    Unreadable(#[source] io::Error),
+    /// I/O error while writing.
+    #[error("cannot write snapshot")]
+    Unwritable(#[source] io::Error),
+    /// The file does not start with the snapshot magic.
+    #[error("not a snapshot file (bad magic)")]
+    NotASnapshot,
+    /// No valid footer/trailer: the file was truncated or its save never finished.
+    #[error("snapshot is incomplete: {reason}")]
+    Incomplete {
+        /// What is missing.
+        reason: String,
+    },
+    /// A checksum or structure error.
+    #[error("snapshot is corrupt: {what}{} at offset {offset}", record_suffix(*record))]
+    Corrupt {
+        /// What is wrong.
+        what: String,
+        /// Index of the record concerned (file order), if any.
+        record: Option<u64>,
+        /// File offset of the damaged structure.
+        offset: u64,
+    },
+    /// A guest page is missing or appears more than once.
+    #[error("snapshot page coverage error: page {page} {what}{}", record_suffix(*record))]
+    Coverage {
+        /// "missing" or "appears twice" or "outside guest memory".
+        what: &'static str,
+        /// Guest page number.
+        page: u64,
+        /// Record where the problem was seen, if any.
+        record: Option<u64>,
+    },
+    /// The format version is not supported.
+    #[error("unsupported snapshot format version {found} (this build reads {supported})")]
+    UnsupportedVersion {
+        /// Version found in the file.
+        found: u32,
+        /// Version this build reads.
+        supported: u32,
+    },
+    /// The snapshot is for another architecture.
+    #[error("snapshot is for architecture {found}, not x86_64")]
+    WrongArchitecture {
+        /// Architecture code found.
+        found: u32,
+    },
+    /// A feature of the file is not supported (page size, codec, flags).
+    #[error("unsupported snapshot feature: {what}")]
+    Unsupported {
+        /// The feature.
+        what: String,
+    },
+    /// The snapshot does not match the target guest memory.
+    #[error("snapshot does not match guest memory: {what}")]
+    LayoutMismatch {
+        /// How they differ.
+        what: String,
+    },
+}
+
+fn record_suffix(record: Option<u64>) -> String {
+    match record {
+        Some(r) => format!(" in record {r}"),
+        None => String::new(),
+    }
+}
+
+impl FormatError {
+    /// The broad category of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            FormatError::Unreadable(_) => ErrorKind::Unreadable,
+            FormatError::Unwritable(_) => ErrorKind::Unwritable,
+            FormatError::NotASnapshot => ErrorKind::NotASnapshot,
+            FormatError::Incomplete { .. } => ErrorKind::Incomplete,
+            FormatError::Corrupt { .. } | FormatError::Coverage { .. } => ErrorKind::Corrupt,
+            FormatError::UnsupportedVersion { .. }
+            | FormatError::WrongArchitecture { .. }
+            | FormatError::Unsupported { .. } => ErrorKind::Unsupported,
+            FormatError::LayoutMismatch { .. } => ErrorKind::Mismatch,
+        }
+    }
+
+    /// The record index this error names, if any.
+    pub fn record(&self) -> Option<u64> {
+        match self {
+            FormatError::Corrupt { record, .. } | FormatError::Coverage { record, .. } => *record,
+            _ => None,
+        }
+    }
+}
+
+pub(crate) fn put_u32(b: &mut Vec<u8>, v: u32) {
+    b.extend_from_slice(&v.to_le_bytes());
+}
+pub(crate) fn put_u64(b: &mut Vec<u8>, v: u64) {
+    b.extend_from_slice(&v.to_le_bytes());
+}
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// A bounds-checked little-endian reader over a byte slice.
+struct Cursor<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(b: &'a [u8]) -> Self {
+        Cursor { b, pos: 0 }
+    }
+    fn remaining(&self) -> usize {
+        self.b.len() - self.pos
+    }
+    fn skip(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.b.len());
+    }
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.remaining() < n {
+            return None;
+        }
+        let s = &self.b[self.pos..self.pos + n];
+        self.pos += n;
+        Some(s)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4).map(|s| u32_at(s, 0))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8).map(|s| u64_at(s, 0))
+    }
+    fn blob(&mut self) -> Option<Vec<u8>> {
+        let n = self.u32()? as usize;
+        self.take(n).map(<[u8]>::to_vec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> SnapshotHeader {
+        let mut h = SnapshotHeader::new(
+            vec![
+                MemRegion { gpa: 0, size: 1 << 20 },
+                MemRegion {
+                    gpa: 1 << 32,
+                    size: 2 << 20,
+                },
+            ],
+            2,
+            b"{\"mem\":3}".to_vec(),
+        );
+        h.compression = Compression::Zstd { level: 3 };
+        h
+    }
+
+    #[test]
+    fn header_round_trip() {
+        let h = header();
+        let b = h.encode();
+        assert_eq!(u32_at(&b, 12) as usize, b.len());
+        assert_eq!(SnapshotHeader::decode(&b).unwrap(), h);
+    }
+
+    #[test]
+    fn header_any_flip_detected() {
+        let b = header().encode();
+        for i in 16..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 0x40;
+            assert!(SnapshotHeader::decode(&c).is_err(), "flip at {i} undetected");
+        }
+    }
+
+    #[test]
+    fn trailer_round_trip() {
+        let t = Trailer {
+            totals: Totals {
+                pages: 3,
+                zero_pages: 1,
+                data_pages: 2,
+                records: 2,
+                raw_bytes: 8192,
+                stored_bytes: 100,
+            },
+            index: vec![
+                IndexEntry {
+                    offset: 100,
+                    first_page: 0,
+                    page_count: 2,
+                    kind: RecordKind::Data,
+                },
+                IndexEntry {
+                    offset: 228,
+                    first_page: 2,
+                    page_count: 1,
+                    kind: RecordKind::ZeroRun,
+                },
+            ],
+        };
+        let b = t.encode();
+        assert_eq!(Trailer::decode(&b, 0).unwrap(), t);
+        let f = encode_footer(5, b.len() as u64);
+        assert_eq!(decode_footer(&f), Some((5, b.len() as u64)));
+    }
+}

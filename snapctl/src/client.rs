@@ -1,0 +1,286 @@
+//! The client side of the control socket: `save`, `status`, `pause`, … talk to a running VMM process.
+
+use crate::api::{self, Reply, Request, SaveRequest};
+use crate::units::fmt_bytes;
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::SignalFd;
+use serde_json::Value;
+use std::io::{BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Exit code when the VMM refused or failed the request.
+const EXIT_FAILED: u8 = 1;
+/// Exit code when the save was cancelled (Ctrl-C or `snapctl cancel`).
+const EXIT_CANCELLED: u8 = 130;
+
+/// Sends one request and returns the final reply, passing progress lines to `on_progress`.
+fn request(
+    sock: &Path,
+    req: &Request,
+    mut on_progress: impl FnMut(&Value),
+) -> anyhow::Result<Reply> {
+    let stream = api::connect(sock)?;
+    let mut w = stream.try_clone()?;
+    api::write_line(&mut w, req).context("sending the request")?;
+    let mut r = BufReader::new(stream);
+    loop {
+        let line = api::read_line_bounded(&mut r, 16 << 20)
+            .context("reading the VMM's reply")?
+            .ok_or_else(|| anyhow::anyhow!("the VMM closed the connection without a reply"))?;
+        let reply: Reply = serde_json::from_str(&line)
+            .with_context(|| format!("malformed reply from the VMM: {line}"))?;
+        match reply {
+            Reply::Progress(v) => on_progress(&v),
+            other => return Ok(other),
+        }
+    }
+}
+
+fn expect_ok(reply: Reply) -> anyhow::Result<Value> {
+    match reply {
+        Reply::Ok(v) => Ok(v),
+        Reply::Error { kind, message } => bail!("{message} [{kind}]"),
+        Reply::Progress(_) => unreachable!("progress is handled by request()"),
+    }
+}
+
+/// Requests without a payload: pause, resume, cancel, shutdown.
+pub fn simple(sock: &Path, req: Request, done: &str) -> anyhow::Result<ExitCode> {
+    expect_ok(request(sock, &req, |_| {})?)?;
+    eprintln!("{done}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `snapctl status`.
+pub fn status(sock: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let v = expect_ok(request(sock, &Request::Status, |_| {})?)?;
+    if json {
+        println!("{v}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let g = |k: &str| v.get(k).cloned().unwrap_or(Value::Null);
+    println!("state:        {}", g("state").as_str().unwrap_or("?"));
+    println!("uptime:       {:.1} s", g("uptime_s").as_f64().unwrap_or(0.0));
+    println!(
+        "memory:       {} ({} vCPUs)",
+        fmt_bytes(g("mem_bytes").as_u64().unwrap_or(0)),
+        g("vcpus")
+    );
+    println!("guest ticks:  {}", g("ticks"));
+    if let (Some(steps), Some(rates)) = (g("steps").as_array(), g("steps_per_s").as_array()) {
+        for (i, (s, r)) in steps.iter().zip(rates).enumerate() {
+            println!(
+                "vcpu {i}:       {s} steps, {:.0} steps/s",
+                r.as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    if let Some(save) = v.get("save").filter(|s| !s.is_null()) {
+        println!("save:         in progress {save}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `snapctl self-check`.
+pub fn self_check(sock: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let v = expect_ok(request(sock, &Request::SelfCheck, |_| {})?)?;
+    let pass = v.get("pass").and_then(Value::as_bool).unwrap_or(false);
+    if json {
+        println!("{v}");
+    } else if pass {
+        println!("guest self-check: PASS ({v})");
+    } else {
+        println!("guest self-check: FAIL ({v})");
+    }
+    Ok(if pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    })
+}
+
+/// A FIFO in a private temporary directory, removed on drop.
+struct StreamFifo {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl StreamFifo {
+    fn new() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("snapctl-out-{}", std::process::id()));
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("stream");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR)
+            .with_context(|| format!("creating FIFO {}", path.display()))?;
+        Ok(Self { dir, path })
+    }
+}
+
+impl Drop for StreamFifo {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// `snapctl save`: asks the VMM for a live snapshot, shows progress, prints the summary.
+///
+/// Ctrl-C sends `cancel` to the VMM, which releases every page and removes the partial file. If this client is
+/// killed outright, the VMM notices the closed connection and cancels the save the same way (documented in
+/// PROTOCOL.md): a save nobody waits for is not finished behind the user's back.
+pub fn save(
+    sock: &Path,
+    out: &Path,
+    zstd: bool,
+    level: Option<i32>,
+    max_bandwidth: Option<u64>,
+    force: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    // Block SIGINT/SIGTERM before any thread starts, so that every thread inherits the mask and a signalfd
+    // thread turns Ctrl-C into a clean cancel request.
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGINT);
+    mask.add(Signal::SIGTERM);
+    mask.thread_block().context("blocking SIGINT")?;
+    let sfd = SignalFd::new(&mask).context("signalfd")?;
+    let sock_for_cancel = sock.to_path_buf();
+    std::thread::spawn(move || {
+        if let Ok(Some(_)) = sfd.read_signal() {
+            eprintln!("\nsnapctl: cancelling the save…");
+            let _ = request(&sock_for_cancel, &Request::Cancel, |_| {});
+        }
+    });
+
+    let streaming = out == Path::new("-");
+    let fifo = if streaming {
+        Some(StreamFifo::new()?)
+    } else {
+        None
+    };
+    let path = match &fifo {
+        Some(f) => f.path.clone(),
+        None => std::path::absolute(out)
+            .with_context(|| format!("resolving {}", out.display()))?,
+    };
+    if !streaming && path.exists() && !force {
+        bail!(
+            "{} already exists; pass --force to replace it",
+            path.display()
+        );
+    }
+    let copier = fifo.as_ref().map(|f| {
+        let p = f.path.clone();
+        std::thread::spawn(move || -> std::io::Result<u64> {
+            let mut src = std::fs::File::open(p)?;
+            let stdout = std::io::stdout();
+            let mut lock = stdout.lock();
+            let n = std::io::copy(&mut src, &mut lock)?;
+            lock.flush()?;
+            Ok(n)
+        })
+    });
+
+    let req = Request::Save(SaveRequest {
+        path: path.to_string_lossy().into_owned(),
+        stream: streaming,
+        zstd,
+        level,
+        max_bandwidth,
+        force,
+    });
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let reply = request(sock, &req, |p| {
+        let get = |k: &str| p.get(k).and_then(Value::as_u64).unwrap_or(0);
+        bar.set_length(get("total_bytes"));
+        bar.set_position(get("bytes_scanned"));
+        bar.set_message(format!(
+            "{} pages, {} zero, {} faults, {} written",
+            get("pages_saved"),
+            get("zero_pages"),
+            get("faults_served"),
+            fmt_bytes(get("bytes_written"))
+        ));
+    });
+    bar.finish_and_clear();
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) => {
+            // The VMM vanished mid-save; the FIFO reader would block forever.
+            drop(fifo);
+            return Err(e);
+        }
+    };
+    if let Some(c) = copier {
+        let res = c.join().map_err(|_| anyhow::anyhow!("stdout copier panicked"))?;
+        if let (Err(e), Reply::Ok(_)) = (&res, &reply) {
+            bail!("writing the snapshot to standard output failed: {e}");
+        }
+    }
+    match reply {
+        Reply::Ok(summary) => {
+            if json {
+                println!("{summary}");
+            } else {
+                print_summary(&summary, if streaming { None } else { Some(&path) });
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Reply::Error { kind, message } if kind == "cancelled" => {
+            eprintln!("snapctl: save cancelled: {message}");
+            Ok(ExitCode::from(EXIT_CANCELLED))
+        }
+        Reply::Error { kind, message } => {
+            eprintln!("snapctl: save failed: {message} [{kind}]");
+            Ok(ExitCode::from(EXIT_FAILED))
+        }
+        Reply::Progress(_) => unreachable!(),
+    }
+}
+
+fn print_summary(s: &Value, path: Option<&Path>) {
+    let u = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let f = |k: &str| s.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let mut e = std::io::stderr().lock();
+    let _ = writeln!(
+        e,
+        "saved {}{} in {:.3} s",
+        fmt_bytes(u("guest_bytes")),
+        path.map(|p| format!(" to {}", p.display()))
+            .unwrap_or_default(),
+        f("duration_s")
+    );
+    let _ = writeln!(e, "  downtime:        {:.3} ms", f("downtime_ms"));
+    let _ = writeln!(
+        e,
+        "  pages:           {} saved, {} zero",
+        u("pages_saved"),
+        u("zero_pages")
+    );
+    let _ = writeln!(
+        e,
+        "  faults served:   {} (latency p50 {} µs, p99 {} µs, max {} µs)",
+        u("faults_served"),
+        u("fault_latency_p50_us"),
+        u("fault_latency_p99_us"),
+        u("fault_latency_max_us")
+    );
+    let _ = writeln!(
+        e,
+        "  file:            {} (image size ratio {:.4})",
+        fmt_bytes(u("file_bytes")),
+        f("image_size_ratio")
+    );
+}

@@ -1,0 +1,393 @@
+//! The VMM process side: runs a VM (`boot` or `restore`) and serves the control socket.
+//!
+//! The VMM owns guest memory and the userfaultfd, so it does the saving; the `save` client only asks, shows
+//! progress and can cancel. One save at a time; a second one gets a `busy` error.
+
+use crate::api::{self, Reply, Request, SaveRequest};
+use crate::{VmmArgs, units::fmt_bytes};
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use std::io::{BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmm_core::{GuestParams, MemBackend, Vm, VmConfig, WriteRate};
+use wp_tracker::{HostRange, WpTracker};
+
+/// Builds the VM configuration of `snapctl boot` from its flags.
+pub fn boot_config(
+    mem: u64,
+    vcpus: u8,
+    write_rate: &str,
+    working_set: Option<u64>,
+    seed: u64,
+    vmm: &VmmArgs,
+) -> anyhow::Result<VmConfig> {
+    let write_rate = match write_rate {
+        "full" => WriteRate::Full,
+        "idle" => WriteRate::Idle,
+        n => WriteRate::PagesPerSec(n.parse().map_err(|_| {
+            anyhow::anyhow!("--write-rate must be `full`, `idle` or pages per second, not `{n}`")
+        })?),
+    };
+    if mem < 64 << 20 || mem % (2 << 20) != 0 {
+        bail!("--mem must be a multiple of 2 MiB and at least 64 MiB");
+    }
+    Ok(VmConfig {
+        mem_bytes: mem,
+        vcpus,
+        backend: backend(vmm)?,
+        guest: GuestParams {
+            write_rate,
+            working_set_pages: working_set.map(|b| b / 4096),
+            seed,
+        },
+    })
+}
+
+fn backend(vmm: &VmmArgs) -> anyhow::Result<MemBackend> {
+    Ok(match vmm.mem_backend.as_deref() {
+        None | Some("anon") => MemBackend::Anon,
+        Some("memfd") => MemBackend::Memfd,
+        Some("hugetlbfs") => MemBackend::Hugetlbfs,
+        Some(other) => bail!("unknown memory backend `{other}`"),
+    })
+}
+
+fn serial_out(vmm: &VmmArgs) -> anyhow::Result<Box<dyn Write + Send>> {
+    Ok(match &vmm.serial_log {
+        Some(p) => Box::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    })
+}
+
+/// `snapctl boot`.
+pub fn run_boot(cfg: VmConfig, vmm: &VmmArgs, sock: &Path) -> anyhow::Result<ExitCode> {
+    let listener = bind_socket(sock)?;
+    let vm = Vm::boot(cfg.clone(), serial_out(vmm)?).context("booting the built-in guest")?;
+    eprintln!(
+        "snapctl: built-in guest running: {} , {} vCPUs; control socket {}",
+        fmt_bytes(cfg.mem_bytes),
+        cfg.vcpus,
+        sock.display()
+    );
+    serve(vm, listener, sock)
+}
+
+/// `snapctl restore`.
+pub fn run_restore(file: &Path, paused: bool, vmm: &VmmArgs, sock: &Path) -> anyhow::Result<ExitCode> {
+    let listener = bind_socket(sock)?;
+    let t0 = Instant::now();
+    let vm = crate::offline::restore_vm(file, paused, backend_override(vmm)?, serial_out(vmm)?)?;
+    eprintln!(
+        "snapctl: restored {} in {:.3} s{}; control socket {}",
+        file.display(),
+        t0.elapsed().as_secs_f64(),
+        if paused { " (paused: `snapctl resume` to run)" } else { "" },
+        sock.display()
+    );
+    serve(vm, listener, sock)
+}
+
+fn backend_override(vmm: &VmmArgs) -> anyhow::Result<Option<MemBackend>> {
+    vmm.mem_backend.as_ref().map(|_| backend(vmm)).transpose()
+}
+
+/// Binds the control socket: refuses when another VMM serves it, replaces a stale one, mode 0600.
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    if path.exists() {
+        match UnixStream::connect(path) {
+            Ok(_) => bail!(
+                "another VM is already serving {} (stop it with `snapctl shutdown`, or use --name/--api-sock)",
+                path.display()
+            ),
+            Err(_) => {
+                // Nobody listens: a stale socket left by a VMM that died.
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing stale socket {}", path.display()))?;
+            }
+        }
+    }
+    // Create the socket with mode 0600 from the start (no window where others could connect).
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let res = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    res.with_context(|| format!("binding control socket {}", path.display()))
+}
+
+/// State shared by the control threads.
+struct Vmm {
+    vm: Vm,
+    tracker: Mutex<Option<Arc<WpTracker>>>,
+    save: Mutex<Option<Arc<AtomicBool>>>,
+    started: Instant,
+    stop: AtomicBool,
+    rates: Mutex<Vec<f64>>,
+}
+
+fn serve(vm: Vm, listener: UnixListener, sock: &Path) -> anyhow::Result<ExitCode> {
+    let vmm = Arc::new(Vmm {
+        vm,
+        tracker: Mutex::new(None),
+        save: Mutex::new(None),
+        started: Instant::now(),
+        stop: AtomicBool::new(false),
+        rates: Mutex::new(Vec::new()),
+    });
+    {
+        let vmm = vmm.clone();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    let vmm = vmm.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("control-conn".into())
+                        .spawn(move || vmm.handle_conn(conn));
+                }
+            })?;
+    }
+    // Sample guest progress once a second for steps/s in `status`.
+    let mut last = (Instant::now(), vmm.vm.progress().steps.clone());
+    let exit = loop {
+        if let Some(status) = vmm.vm.wait(Duration::from_millis(1000)) {
+            break Some(status);
+        }
+        if vmm.stop.load(Ordering::SeqCst) {
+            break None;
+        }
+        let now = (Instant::now(), vmm.vm.progress().steps.clone());
+        let dt = now.0.duration_since(last.0).as_secs_f64();
+        *vmm.rates.lock().expect("rates lock") = now
+            .1
+            .iter()
+            .zip(&last.1)
+            .map(|(a, b)| a.saturating_sub(*b) as f64 / dt)
+            .collect();
+        last = now;
+    };
+    if let Some(c) = vmm.save.lock().expect("save lock").as_ref() {
+        c.store(true, Ordering::SeqCst);
+    }
+    vmm.vm.shutdown();
+    let _ = std::fs::remove_file(sock);
+    match exit {
+        Some(status) => {
+            eprintln!("snapctl: VM ended: {status}");
+            Ok(if status.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        None => {
+            eprintln!("snapctl: VM shut down on request");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn error(kind: &str, message: impl Into<String>) -> Reply {
+    Reply::Error {
+        kind: kind.into(),
+        message: message.into(),
+    }
+}
+
+impl Vmm {
+    fn handle_conn(self: &Arc<Self>, conn: UnixStream) {
+        let mut w = match conn.try_clone() {
+            Ok(w) => w,
+            Err(_) => return,
+        };
+        // Only the VMM's own user (or root) may control it.
+        match nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials) {
+            Ok(c) if c.uid() == nix::unistd::getuid().as_raw() || c.uid() == 0 => {}
+            _ => {
+                let _ = api::write_line(&mut w, &error("denied", "peer is not the VMM's user"));
+                return;
+            }
+        }
+        // A client that connects and never sends anything must not pin a thread forever.
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut r = BufReader::new(conn);
+        let line = match api::read_line_bounded(&mut r, api::MAX_REQUEST_LINE) {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
+            Err(e) => {
+                let _ = api::write_line(&mut w, &error("bad_request", e.to_string()));
+                return;
+            }
+        };
+        let req: Request = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = api::write_line(
+                    &mut w,
+                    &error("bad_request", format!("malformed request: {e}")),
+                );
+                return;
+            }
+        };
+        let reply = match req {
+            Request::Status => Reply::Ok(self.status()),
+            Request::Pause => match self.vm.pause() {
+                Ok(d) => Reply::Ok(json!({"pause_us": d.as_micros() as u64})),
+                Err(e) => error("vm", format!("{e:#}")),
+            },
+            Request::Resume => match self.vm.resume() {
+                Ok(d) => Reply::Ok(json!({"resume_us": d.as_micros() as u64})),
+                Err(e) => error("vm", format!("{e:#}")),
+            },
+            Request::Cancel => match self.save.lock().expect("save lock").as_ref() {
+                Some(c) => {
+                    c.store(true, Ordering::SeqCst);
+                    Reply::Ok(json!({}))
+                }
+                None => error("not_running", "no save is in progress"),
+            },
+            Request::SelfCheck => self.self_check(),
+            Request::Shutdown => {
+                self.stop.store(true, Ordering::SeqCst);
+                Reply::Ok(json!({}))
+            }
+            Request::Save(req) => {
+                let _ = r.get_ref().set_read_timeout(None);
+                self.save(req, r, &mut w)
+            }
+        };
+        let _ = api::write_line(&mut w, &reply);
+    }
+
+    fn status(&self) -> Value {
+        let p = self.vm.progress();
+        let cfg = self.vm.config();
+        json!({
+            "state": if self.vm.is_paused() { "paused" } else { "running" },
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "mem_bytes": cfg.mem_bytes,
+            "vcpus": cfg.vcpus,
+            "ticks": p.ticks,
+            "steps": p.steps,
+            "steps_per_s": *self.rates.lock().expect("rates lock"),
+            "save": self.save.lock().expect("save lock").is_some(),
+        })
+    }
+
+    fn self_check(&self) -> Reply {
+        if let Err(e) = self.vm.request_self_check() {
+            return error("vm", format!("{e:#}"));
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(120) {
+            if let Some(v) = self.vm.self_check_result() {
+                return Reply::Ok(serde_json::to_value(&v).unwrap_or(Value::Null));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        error("timeout", "the guest did not answer the self-check within 120 s")
+    }
+
+    /// The userfaultfd tracker over all guest RAM, created at the first save and kept.
+    fn tracker(&self) -> anyhow::Result<Arc<WpTracker>> {
+        let mut g = self.tracker.lock().expect("tracker lock");
+        if let Some(t) = g.as_ref() {
+            return Ok(t.clone());
+        }
+        let t = WpTracker::new().context("opening userfaultfd")?;
+        for (_, host, len) in vmm_core::host_ranges(self.vm.memory()) {
+            // SAFETY-free: the ranges are the VM's guest memory mappings, which live as long as `self.vm`,
+            // and the tracker is dropped (unregistering them) before the VM in `Vmm`'s drop order.
+            t.register_guest(HostRange { start: host, len })
+                .context("registering guest memory with userfaultfd")?;
+        }
+        let t = Arc::new(t);
+        *g = Some(t.clone());
+        Ok(t)
+    }
+
+    fn save(
+        self: &Arc<Self>,
+        req: SaveRequest,
+        conn: BufReader<UnixStream>,
+        w: &mut UnixStream,
+    ) -> Reply {
+        let cancel = Arc::new(AtomicBool::new(false));
+        {
+            let mut g = self.save.lock().expect("save lock");
+            if g.is_some() {
+                return error(
+                    "busy",
+                    "a save is already in progress; wait for it or `snapctl cancel` it",
+                );
+            }
+            *g = Some(cancel.clone());
+        }
+        // Whatever happens below, the next save may start.
+        struct Clear<'a>(&'a Mutex<Option<Arc<AtomicBool>>>);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
+        let _clear = Clear(&self.save);
+
+        // A client that goes away cancels the save (documented in PROTOCOL.md).
+        {
+            let cancel = cancel.clone();
+            let mut conn = conn;
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                loop {
+                    match std::io::Read::read(conn.get_mut(), &mut buf) {
+                        Ok(0) | Err(_) => {
+                            cancel.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+        let res = self.run_save(&req, &cancel, w);
+        // Stop the watcher without cancelling anything further.
+        let _ = w.shutdown(std::net::Shutdown::Read);
+        match res {
+            Ok(summary) => Reply::Ok(summary),
+            Err(e) if cancel.load(Ordering::SeqCst) => error("cancelled", format!("{e:#}")),
+            Err(e) => error("save_failed", format!("{e:#}")),
+        }
+    }
+
+    fn run_save(
+        &self,
+        req: &SaveRequest,
+        cancel: &Arc<AtomicBool>,
+        w: &mut UnixStream,
+    ) -> anyhow::Result<Value> {
+        crate::offline::live_save(&self.vm, &*self.tracker()?, req, cancel, &mut |p| {
+            if api::write_line(w, &Reply::Progress(p)).is_err() {
+                cancel.store(true, Ordering::SeqCst);
+            }
+        })
+    }
+}
+
+/// Where a path's temporary sibling would go; used in error hints.
+#[allow(dead_code)]
+fn parent_dir(p: &Path) -> PathBuf {
+    p.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
