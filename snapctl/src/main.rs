@@ -114,6 +114,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a built-in-guest snapshot against the guest's write sequence at the freeze instant (the oracle).
+    Oracle {
+        /// Snapshot file.
+        file: PathBuf,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a snapshot's header and totals.
     Info {
         /// Snapshot file.
@@ -210,6 +218,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ),
         Command::Verify { file, json } => offline::verify(&file, json),
         Command::Info { file, json } => offline::info(&file, json),
+        Command::Oracle { file, json } => offline::oracle(&file, json),
         Command::Status { json, sock } => client::status(&sock.path(), json),
         Command::Pause { sock } => client::simple(&sock.path(), api::Request::Pause, "paused"),
         Command::Resume { sock } => client::simple(&sock.path(), api::Request::Resume, "resumed"),

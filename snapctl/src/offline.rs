@@ -1,0 +1,391 @@
+//! Work on snapshot files: `verify`, `info`, `oracle`, loading for `restore`, and the VMM side of `save`.
+
+use crate::api::SaveRequest;
+use crate::units::fmt_bytes;
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use ram_saver::{
+    AtomicFileSink, Compression, ErrorKind, FormatError, SaveOptions, SnapshotHeader, SnapshotReader,
+    StreamSink,
+};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use vmm_core::{MachineState, MemBackend, Vm};
+use wp_tracker::WpTracker;
+
+/// Exit codes of `verify`, `info`, `oracle` and `restore` for bad files (documented in README.md).
+pub mod exit {
+    /// The file is damaged (a checksum, structure or page-coverage error).
+    pub const CORRUPT: u8 = 3;
+    /// The file has no valid trailer: the save never finished.
+    pub const INCOMPLETE: u8 = 4;
+    /// The file cannot be read (missing, permissions, I/O error) or is not a snapshot.
+    pub const UNREADABLE: u8 = 5;
+    /// A format version, architecture or feature this build does not support.
+    pub const UNSUPPORTED: u8 = 6;
+    /// The built-in guest's memory in the file is not the memory at the freeze instant.
+    pub const INCONSISTENT: u8 = 7;
+}
+
+fn exit_code(e: &FormatError) -> u8 {
+    match e.kind() {
+        ErrorKind::Corrupt | ErrorKind::Mismatch => exit::CORRUPT,
+        ErrorKind::Incomplete => exit::INCOMPLETE,
+        ErrorKind::Unreadable | ErrorKind::Unwritable | ErrorKind::NotASnapshot => exit::UNREADABLE,
+        ErrorKind::Unsupported => exit::UNSUPPORTED,
+    }
+}
+
+fn kind_word(e: &FormatError) -> &'static str {
+    match e.kind() {
+        ErrorKind::Corrupt | ErrorKind::Mismatch => "corrupt",
+        ErrorKind::Incomplete => "incomplete",
+        ErrorKind::Unreadable | ErrorKind::Unwritable => "unreadable",
+        ErrorKind::NotASnapshot => "not a snapshot",
+        ErrorKind::Unsupported => "unsupported",
+    }
+}
+
+fn report_bad(file: &Path, e: &FormatError, json: bool) -> ExitCode {
+    let msg = format!("{}", ErrorChain(e));
+    if json {
+        println!(
+            "{}",
+            json!({"ok": false, "kind": kind_word(e), "error": msg, "record": e.record()})
+        );
+    }
+    eprintln!("snapctl: {}: {} snapshot: {msg}", file.display(), kind_word(e));
+    ExitCode::from(exit_code(e))
+}
+
+/// Prints an error with its sources, once each.
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut s = self.0.source();
+        while let Some(e) = s {
+            write!(f, ": {e}")?;
+            s = e.source();
+        }
+        Ok(())
+    }
+}
+
+fn bar(total: u64, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(total);
+    b.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} [{{elapsed_precise}}] [{{wide_bar}}] {{pos}}/{{len}} pages ETA {{eta}}"
+        ))
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    b
+}
+
+/// `snapctl verify FILE`.
+pub fn verify(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let mut r = match SnapshotReader::open(file) {
+        Ok(r) => r,
+        Err(e) => return Ok(report_bad(file, &e, json)),
+    };
+    let b = bar(r.header().total_pages(), "verify");
+    let res = r.verify(&mut |p| b.set_position(p.pages));
+    b.finish_and_clear();
+    match res {
+        Ok(rep) => {
+            if json {
+                println!("{}", json!({"ok": true, "report": rep}));
+            } else {
+                println!(
+                    "{}: OK — {} records, {} guest pages each stored once ({} data, {} zero), every checksum valid, trailer valid",
+                    file.display(),
+                    rep.totals.records,
+                    rep.guest_pages,
+                    rep.totals.data_pages,
+                    rep.totals.zero_pages
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Ok(report_bad(file, &e, json)),
+    }
+}
+
+/// `snapctl info FILE`.
+pub fn info(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let r = match SnapshotReader::open(file) {
+        Ok(r) => r,
+        Err(e) => return Ok(report_bad(file, &e, json)),
+    };
+    let h = r.header();
+    let t = &r.trailer().totals;
+    let guest_bytes = h.total_pages() * u64::from(h.page_size);
+    let nonzero = t.data_pages * u64::from(h.page_size);
+    let ratio = if nonzero > 0 {
+        r.file_len() as f64 / nonzero as f64
+    } else {
+        0.0
+    };
+    let cfg: Value = serde_json::from_slice(&h.vmm_config).unwrap_or(Value::Null);
+    if json {
+        println!(
+            "{}",
+            json!({
+                "guest_bytes": guest_bytes, "regions": h.regions, "vcpus": h.vcpu_count,
+                "page_size": h.page_size, "compression": h.compression,
+                "created_unix_secs": h.created_unix_secs, "totals": t,
+                "file_bytes": r.file_len(), "image_size_ratio": ratio, "vmm_config": cfg,
+                "machine_state_bytes": r.machine_state().len(),
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("file:         {} ({})", file.display(), fmt_bytes(r.file_len()));
+    println!("guest memory: {} in {} region(s)", fmt_bytes(guest_bytes), h.regions.len());
+    for reg in &h.regions {
+        println!("              {:#x}..{:#x}", reg.gpa, reg.gpa + reg.size);
+    }
+    println!("vCPUs:        {}", h.vcpu_count);
+    println!("created:      {} (unix seconds)", h.created_unix_secs);
+    println!(
+        "compression:  {}",
+        match h.compression {
+            Compression::None => "none (raw)".to_string(),
+            Compression::Zstd { level } => format!("zstd level {level}"),
+        }
+    );
+    println!(
+        "pages:        {} ({} data, {} zero) in {} records",
+        t.pages, t.data_pages, t.zero_pages, t.records
+    );
+    println!("size ratio:   {ratio:.4} (file bytes / non-zero guest RAM)");
+    if !cfg.is_null() {
+        println!("VM config:    {cfg}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Opens and loads a snapshot into fresh guest memory; returns the machine state and the memory.
+fn load(
+    file: &Path,
+    backend: Option<MemBackend>,
+) -> Result<(MachineState, vm_memory::GuestMemoryMmap), LoadError> {
+    let mut r = SnapshotReader::open(file).map_err(LoadError::Format)?;
+    let state = MachineState::from_bytes(r.machine_state())
+        .map_err(|e| LoadError::Other(anyhow::anyhow!("machine state unusable: {e}")))?;
+    let cfg = state.config().clone();
+    let backend = backend.unwrap_or(cfg.backend);
+    let mem = vmm_core::create_guest_memory(cfg.mem_bytes, backend)
+        .map_err(|e| LoadError::Other(anyhow::anyhow!("creating guest memory: {e}")))?;
+    let b = bar(r.header().total_pages(), "load");
+    let res = r.load_into(&mem, &mut |p| b.set_position(p.pages));
+    b.finish_and_clear();
+    res.map_err(LoadError::Format)?;
+    Ok((state, mem))
+}
+
+enum LoadError {
+    Format(FormatError),
+    Other(anyhow::Error),
+}
+
+/// Builds a VM from a snapshot; bad files are refused before any vCPU runs (exits with the file's code).
+pub fn restore_vm(
+    file: &Path,
+    paused: bool,
+    backend: Option<MemBackend>,
+    serial: Box<dyn Write + Send>,
+) -> anyhow::Result<Vm> {
+    match load(file, backend) {
+        Ok((state, mem)) => Vm::restore(&state, mem, serial, paused).context("restoring the VM"),
+        Err(LoadError::Format(e)) => {
+            let code = report_bad(file, &e, false);
+            eprintln!("snapctl: not restoring {}", file.display());
+            std::process::exit(match code {
+                c if c == ExitCode::SUCCESS => 1,
+                _ => i32::from(exit_code(&e)),
+            });
+        }
+        Err(LoadError::Other(e)) => Err(e),
+    }
+}
+
+/// `snapctl oracle FILE`: loads the RAM of a built-in-guest snapshot and checks that every page holds exactly
+/// what the guest's write sequence says at the control slots captured at the freeze instant.
+pub fn oracle(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let (state, mem) = match load(file, None) {
+        Ok(x) => x,
+        Err(LoadError::Format(e)) => return Ok(report_bad(file, &e, json)),
+        Err(LoadError::Other(e)) => return Err(e),
+    };
+    let slots = state.guest_slots();
+    match vmm_core::oracle::check(&mem, state.config(), Some(&slots)) {
+        Ok(rep) => {
+            if json {
+                println!("{}", json!({"ok": true, "slots": slots, "report": format!("{rep:?}")}));
+            } else {
+                println!(
+                    "{}: oracle PASS — guest memory is exactly the memory at the freeze instant (steps {slots:?})",
+                    file.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(m) => {
+            if json {
+                println!("{}", json!({"ok": false, "slots": slots, "mismatch": m.to_string()}));
+            }
+            eprintln!("snapctl: {}: oracle FAIL — {m}", file.display());
+            Ok(ExitCode::from(exit::INCONSISTENT))
+        }
+    }
+}
+
+/// The VMM side of `save`: freeze (pause, capture, write-protect, resume), then the live save.
+pub fn live_save(
+    vm: &Vm,
+    tracker: &WpTracker,
+    req: &SaveRequest,
+    cancel: &AtomicBool,
+    progress: &mut (dyn FnMut(Value) + Send),
+) -> anyhow::Result<Value> {
+    let target = Path::new(&req.path);
+    if !target.is_absolute() {
+        bail!("the save path must be absolute: {}", req.path);
+    }
+    let compression = if req.zstd {
+        Compression::Zstd {
+            level: req.level.unwrap_or(3),
+        }
+    } else {
+        Compression::None
+    };
+    let opts = SaveOptions {
+        compression,
+        max_bandwidth: req.max_bandwidth,
+        ..SaveOptions::default()
+    };
+    if !req.stream && target.exists() && !req.force {
+        bail!("{} already exists; pass --force to replace it", target.display());
+    }
+
+    // Freeze instant: vCPUs parked, machine state captured, all RAM write-protected, vCPUs resumed.
+    let was_paused = vm.is_paused();
+    let t0 = Instant::now();
+    vm.pause().context("pausing vCPUs")?;
+    let frozen = (|| -> anyhow::Result<MachineState> {
+        let state = vm.capture_state().context("capturing machine state")?;
+        tracker.protect_all().context("write-protecting guest RAM")?;
+        Ok(state)
+    })();
+    let resumed = if was_paused { Ok(Duration::ZERO) } else { vm.resume() };
+    let downtime = t0.elapsed();
+    let state = match (frozen, resumed) {
+        (Ok(s), Ok(_)) => s,
+        (Err(e), _) => {
+            let _ = tracker.unprotect_all();
+            return Err(e);
+        }
+        (Ok(_), Err(e)) => {
+            let _ = tracker.unprotect_all();
+            return Err(anyhow::anyhow!("resuming vCPUs after the freeze: {e}"));
+        }
+    };
+    let cfg = state.config().clone();
+    let header = SnapshotHeader::new(
+        Vec::new(),
+        u32::from(cfg.vcpus),
+        serde_json::to_vec(&cfg).context("encoding the VM config")?,
+    );
+    let state_bytes = state.to_bytes();
+    let total_bytes = cfg.mem_bytes;
+    let progress = Mutex::new(progress);
+    let report = |p: &ram_saver::SaveProgress| {
+        let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
+        v["total_bytes"] = json!(total_bytes);
+        if let Ok(mut f) = progress.lock() {
+            (*f)(v);
+        }
+    };
+    let res = if req.stream {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(target)
+            .with_context(|| format!("opening stream {}", target.display()));
+        match f {
+            Ok(f) => ram_saver::live_save(
+                vm.memory(),
+                tracker,
+                StreamSink::new(f),
+                header,
+                &state_bytes,
+                &opts,
+                &report,
+                cancel,
+            ),
+            Err(e) => {
+                let _ = tracker.unprotect_all();
+                return Err(e);
+            }
+        }
+    } else {
+        let sink = match AtomicFileSink::create(target) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tracker.unprotect_all();
+                let hint = match e.kind() {
+                    std::io::ErrorKind::PermissionDenied => " (is the directory writable?)",
+                    std::io::ErrorKind::NotFound => " (does the directory exist?)",
+                    _ => "",
+                };
+                bail!("cannot create a file beside {}: {e}{hint}", target.display());
+            }
+        };
+        ram_saver::live_save(
+            vm.memory(),
+            tracker,
+            sink,
+            header,
+            &state_bytes,
+            &opts,
+            &report,
+            cancel,
+        )
+    };
+    let summary = match res {
+        Ok(s) => s,
+        Err(ram_saver::SaveError::Cancelled) => bail!("cancelled; no file was written"),
+        Err(e) => {
+            if cancel.load(Ordering::SeqCst) {
+                bail!("cancelled: {}", ErrorChain(&e));
+            }
+            bail!("{}", ErrorChain(&e));
+        }
+    };
+    Ok(json!({
+        "path": req.path,
+        "guest_bytes": total_bytes,
+        "duration_s": summary.duration_secs + downtime.as_secs_f64(),
+        "downtime_ms": downtime.as_secs_f64() * 1e3,
+        "pages_saved": summary.pages_saved,
+        "zero_pages": summary.zero_pages,
+        "data_pages": summary.data_pages,
+        "faults_served": summary.faults_served,
+        "fault_latency_p50_us": summary.fault_latency_p50_us,
+        "fault_latency_p99_us": summary.fault_latency_p99_us,
+        "fault_latency_max_us": summary.fault_latency_max_us,
+        "file_bytes": summary.file_bytes,
+        "image_size_ratio": summary.image_size_ratio,
+        "records": summary.records,
+        "compression": compression,
+        "freeze_steps": state.guest_slots(),
+    }))
+}
