@@ -288,6 +288,32 @@ pub struct uffd_msg {
     pub arg: uffd_msg_arg,
 }
 
+impl core::fmt::Debug for uffd_pagefault_feat {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        // SAFETY: the only variant is a u32, valid for any bit pattern.
+        let ptid = unsafe { self.ptid };
+        f.debug_struct("feat").field("ptid", &ptid).finish()
+    }
+}
+
+impl core::fmt::Debug for uffd_msg_pagefault {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("pagefault")
+            .field("flags", &format_args!("{:#x}", self.flags))
+            .field("address", &format_args!("{:#x}", self.address))
+            .field("feat", &self.feat)
+            .finish()
+    }
+}
+
+impl core::fmt::Debug for uffd_msg_arg {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        // SAFETY: `reserved` covers the whole union and is plain integers, valid for any bits.
+        let raw = unsafe { self.reserved };
+        raw.fmt(f)
+    }
+}
+
 impl Default for uffd_msg {
     fn default() -> Self {
         uffd_msg {
@@ -296,7 +322,11 @@ impl Default for uffd_msg {
             reserved2: 0,
             reserved3: 0,
             arg: uffd_msg_arg {
-                reserved: uffd_msg_reserved { reserved1: 0, reserved2: 0, reserved3: 0 },
+                reserved: uffd_msg_reserved {
+                    reserved1: 0,
+                    reserved2: 0,
+                    reserved3: 0,
+                },
             },
         }
     }
@@ -304,12 +334,9 @@ impl Default for uffd_msg {
 
 impl core::fmt::Debug for uffd_msg {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        // SAFETY: every variant is plain integers and `reserved` covers the whole union, so
-        // reading it is valid for any bit pattern.
-        let raw = unsafe { self.arg.reserved };
         f.debug_struct("uffd_msg")
             .field("event", &format_args!("{:#x}", self.event))
-            .field("arg", &raw)
+            .field("arg", &self.arg)
             .finish()
     }
 }

@@ -1,8 +1,41 @@
 //! Write-protect tracking of guest RAM ranges with userfaultfd: register, protect, release, read faults.
 //!
-//! API CONTRACT (other crates build against these signatures; implementation in progress).
+//! A [`WpTracker`] owns one userfaultfd that handles kernel-mode faults too (KVM writes guest RAM
+//! from the kernel), registers host ranges in write-protect mode, write-protects them, and reports
+//! every write to a protected page as a [`WpFault`] while the writer (a thread or a vCPU inside
+//! KVM_RUN) stays blocked until the page is unprotected.
+//!
+//! Choices made here:
+//! - Faults are synchronous: UFFD_FEATURE_WP_ASYNC is never enabled.
+//! - Never-touched pages are caught too: with UFFD_FEATURE_WP_UNPOPULATED (Linux 6.4+) protection
+//!   installs markers in empty page table entries; without it every range is populated read-only
+//!   (MADV_POPULATE_READ) right before it is protected, as QEMU does.
+//! - UFFD_FEATURE_WP_HUGETLBFS_SHMEM is enabled when available, so memfd/shmem and hugetlbfs
+//!   memory work as well as anonymous private memory (transparent huge pages stay huge when whole
+//!   2 MiB ranges are protected and released).
+//! - UFFD_FEATURE_EXACT_ADDRESS is enabled when available: [`WpFault::addr`] is the exact byte
+//!   address written; round it down to the page you track.
+//! - Dropping the tracker releases everything: every registered range is unprotected (waking
+//!   blocked writers) and unregistered. Closing the fd alone would leave uffd-wp bits behind.
+//! - Non-cooperative events (fork, remap, remove, unmap) are not enabled: the VMM does not change
+//!   guest RAM mappings while a snapshot runs.
+//!
+//! All methods take `&self`: one thread can read faults while others protect and release.
 
-use std::time::Duration;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use uffd_sys::{
+    uffd_msg, Features, OpenError, OpenPath, Userfaultfd, _UFFDIO_WAKE, _UFFDIO_WRITEPROTECT,
+    UFFDIO_REGISTER_MODE_WP, UFFDIO_WRITEPROTECT_MODE_DONTWAKE, UFFDIO_WRITEPROTECT_MODE_WP,
+    UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_EXACT_ADDRESS, UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+    UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_WP,
+};
+
+pub use uffd_sys::Features as UffdFeatures;
 
 /// A host virtual address range, page aligned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,6 +44,36 @@ pub struct HostRange {
     pub start: usize,
     /// Length in bytes (page aligned).
     pub len: usize,
+}
+
+impl HostRange {
+    /// A range of `len` bytes at `start`.
+    pub fn new(start: usize, len: usize) -> Self {
+        HostRange { start, len }
+    }
+    /// End address (exclusive).
+    pub fn end(&self) -> usize {
+        self.start + self.len
+    }
+    /// True if `addr` lies inside the range.
+    pub fn contains(&self, addr: usize) -> bool {
+        addr >= self.start && addr - self.start < self.len
+    }
+    /// True if the two ranges share at least one byte.
+    pub fn overlaps(&self, other: &HostRange) -> bool {
+        self.start < other.end() && other.start < self.end()
+    }
+}
+
+impl fmt::Display for HostRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "[{:#x}..{:#x})",
+            self.start,
+            self.start.wrapping_add(self.len)
+        )
+    }
 }
 
 /// One write-protect fault: a write to a protected page.
@@ -25,53 +88,727 @@ pub struct WpFault {
 /// Errors of the tracker.
 #[derive(Debug, thiserror::Error)]
 pub enum WpError {
-    /// Placeholder until implemented.
-    #[error("not implemented")]
-    Unimplemented,
+    /// The kernel has no userfaultfd at all.
+    #[error("this kernel has no userfaultfd: use a kernel built with CONFIG_USERFAULTFD")]
+    NoUserfaultfd,
+    /// Not allowed to create a userfaultfd that handles kernel-mode faults (message says what to do).
+    #[error("{0}")]
+    PermissionDenied(#[source] OpenError),
+    /// Creating the userfaultfd or its API handshake failed for another reason.
+    #[error("cannot set up a userfaultfd")]
+    Open(#[source] OpenError),
+    /// The kernel's userfaultfd lacks write-protect support.
+    #[error(
+        "this kernel's userfaultfd has no write-protect support (needs Linux 5.7+ with \
+         CONFIG_HAVE_ARCH_USERFAULTFD_WP; kernel offers {available})"
+    )]
+    NoWriteProtect {
+        /// The features the kernel does offer.
+        available: Features,
+    },
+    /// A range is empty, overflows, or is not aligned to the base page size.
+    #[error("range {range} is empty or not aligned to the {page_size}-byte page size")]
+    NotAligned {
+        /// The offending range.
+        range: HostRange,
+        /// The page size it must be aligned to.
+        page_size: usize,
+    },
+    /// The range is not entirely mapped (ENOMEM from UFFDIO_REGISTER).
+    #[error("range {range} is not entirely mapped: map the memory before registering it")]
+    NotMapped {
+        /// The offending range.
+        range: HostRange,
+    },
+    /// The kernel refused this memory for write-protect (EINVAL from UFFDIO_REGISTER).
+    #[error(
+        "range {range} cannot be registered for write-protect: use anonymous, memfd/shmem or \
+         hugetlbfs memory (shmem and hugetlbfs need UFFD_FEATURE_WP_HUGETLBFS_SHMEM, Linux 5.19+: \
+         {shmem_wp}), aligned to its huge page size"
+    )]
+    UnsupportedMemory {
+        /// The offending range.
+        range: HostRange,
+        /// Whether WP_HUGETLBFS_SHMEM is in use.
+        shmem_wp: &'static str,
+    },
+    /// The registration succeeded but the kernel offers no UFFDIO_WRITEPROTECT on the range.
+    #[error(
+        "range {range} registered, but the kernel offers no UFFDIO_WRITEPROTECT on it \
+         (ioctls {ioctls:#x}): this memory type has no write-protect support on this kernel"
+    )]
+    NoWriteProtectOnRange {
+        /// The offending range.
+        range: HostRange,
+        /// The ioctls the kernel does offer (`1 << _UFFDIO_*`).
+        ioctls: u64,
+    },
+    /// The range overlaps a range this tracker already registered.
+    #[error("range {range} overlaps the already registered range {existing}")]
+    AlreadyRegistered {
+        /// The new range.
+        range: HostRange,
+        /// The registered range it overlaps.
+        existing: HostRange,
+    },
+    /// The range is registered with another userfaultfd (EBUSY).
+    #[error(
+        "range {range} is already registered with another userfaultfd: release it there first"
+    )]
+    RegisteredElsewhere {
+        /// The offending range.
+        range: HostRange,
+    },
+    /// The range is not covered by registered ranges (or the kernel no longer tracks it: ENOENT).
+    #[error("range {range} is not inside ranges registered with this tracker: register it first")]
+    NotRegistered {
+        /// The offending range.
+        range: HostRange,
+    },
+    /// The kernel rejected the range for protect/unprotect (EINVAL), typically hugetlbfs memory
+    /// not aligned to its huge page size.
+    #[error(
+        "range {range} rejected by UFFDIO_WRITEPROTECT: align it to the memory's (huge) page size"
+    )]
+    Misaligned {
+        /// The offending range.
+        range: HostRange,
+    },
+    /// The process's address space is going away (ESRCH).
+    #[error("the address space is exiting; nothing left to protect")]
+    ProcessExiting,
+    /// Populating never-touched pages read-only before protecting them failed.
+    #[error(
+        "cannot populate {range} read-only before protecting it (needed without \
+         UFFD_FEATURE_WP_UNPOPULATED; MADV_POPULATE_READ needs Linux 5.14+)"
+    )]
+    Populate {
+        /// The range being populated.
+        range: HostRange,
+        /// The madvise error.
+        #[source]
+        source: io::Error,
+    },
+    /// Another userfaultfd ioctl failed.
+    #[error("{op} on {range} failed")]
+    Ioctl {
+        /// Which ioctl.
+        op: &'static str,
+        /// On which range.
+        range: HostRange,
+        /// The ioctl error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading fault events from the userfaultfd failed.
+    #[error("reading userfaultfd events failed")]
+    Read(#[source] io::Error),
+    /// Waiting for fault events failed.
+    #[error("waiting for userfaultfd events failed")]
+    Poll(#[source] io::Error),
+    /// An event other than a page fault arrived (never enabled here; faults read before it in
+    /// the same batch were still appended).
+    #[error("unexpected userfaultfd event {event:#x} (only page faults are enabled)")]
+    UnexpectedEvent {
+        /// The UFFD_EVENT_* code.
+        event: u8,
+    },
+}
+
+/// Which optional kernel features a [`WpTracker`] may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WpConfig {
+    /// Use UFFD_FEATURE_WP_UNPOPULATED when available; when false (or unavailable) ranges are
+    /// populated read-only before each protect.
+    pub use_wp_unpopulated: bool,
+    /// Use UFFD_FEATURE_EXACT_ADDRESS when available (exact fault addresses).
+    pub exact_address: bool,
+}
+
+impl Default for WpConfig {
+    fn default() -> Self {
+        WpConfig {
+            use_wp_unpopulated: true,
+            exact_address: true,
+        }
+    }
 }
 
 /// Write-protect tracker. `Send + Sync`: fault reading and releasing may happen on different threads.
 #[derive(Debug)]
-pub struct WpTracker {}
+pub struct WpTracker {
+    /// Guest memory registered through [`WpTracker::register_memory`], held so that its mappings
+    /// outlive the registration (`Drop` unregisters everything before any field is dropped).
+    kept: Mutex<Vec<vm_memory::GuestMemoryMmap>>,
+    uffd: Userfaultfd,
+    /// Registered ranges, sorted by start, non-overlapping.
+    ranges: Mutex<Vec<HostRange>>,
+    page_size: usize,
+}
+
+/// How many events one read() fetches.
+const READ_BATCH: usize = 128;
 
 impl WpTracker {
     /// Open a userfaultfd able to handle kernel-mode faults, negotiate WP features.
     pub fn new() -> Result<Self, WpError> {
-        Err(WpError::Unimplemented)
+        Self::with_config(WpConfig::default())
     }
+
+    /// Like [`WpTracker::new`], choosing which optional features to use.
+    pub fn with_config(config: WpConfig) -> Result<Self, WpError> {
+        let info = Userfaultfd::probe().map_err(open_error)?;
+        let avail = info.available;
+        if !avail.contains(UFFD_FEATURE_PAGEFAULT_FLAG_WP) {
+            return Err(WpError::NoWriteProtect { available: avail });
+        }
+        let mut want = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+        if config.use_wp_unpopulated {
+            want |= UFFD_FEATURE_WP_UNPOPULATED;
+        }
+        if config.exact_address {
+            want |= UFFD_FEATURE_EXACT_ADDRESS;
+        }
+        let uffd = Userfaultfd::open(want & avail.0).map_err(open_error)?;
+        Ok(WpTracker {
+            uffd,
+            ranges: Mutex::new(Vec::new()),
+            kept: Mutex::new(Vec::new()),
+            page_size: page_size(),
+        })
+    }
+
+    /// The userfaultfd features in use.
+    pub fn features(&self) -> Features {
+        self.uffd.features()
+    }
+    /// Every feature the kernel offers (in use or not).
+    pub fn available_features(&self) -> Features {
+        self.uffd.api_info().available
+    }
+    /// True if never-touched pages are protected by the kernel (WP_UNPOPULATED) rather than
+    /// populated read-only first.
+    pub fn is_wp_unpopulated(&self) -> bool {
+        self.features().contains(UFFD_FEATURE_WP_UNPOPULATED)
+    }
+    /// True if memfd/shmem and hugetlbfs memory can be write-protected.
+    pub fn is_wp_hugetlbfs_shmem(&self) -> bool {
+        self.features().contains(UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
+    }
+    /// How the userfaultfd was obtained.
+    pub fn opened_via(&self) -> OpenPath {
+        self.uffd.opened_via()
+    }
+    /// The base page size ranges must be aligned to.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+    /// The registered ranges, sorted by address.
+    pub fn registered(&self) -> Vec<HostRange> {
+        self.lock().clone()
+    }
+
+    /// Register every region of `mem` for write-protect tracking. Safe: the tracker keeps a
+    /// handle on the regions, so the mappings stay alive while registered. On error, the regions
+    /// registered by this call are unregistered again.
+    pub fn register_memory(&self, mem: &vm_memory::GuestMemoryMmap) -> Result<(), WpError> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let mut done = Vec::new();
+        for region in mem.iter() {
+            let start = region.as_ptr() as usize;
+            let range = HostRange {
+                start,
+                // usize is 64-bit on every host snapctl supports.
+                len: region.len() as usize,
+            };
+            // SAFETY: `mem` is cloned into `self.kept` below (and on success kept until drop), and a
+            // `GuestMemoryMmap` unmaps a region only when its last handle goes; so the range stays
+            // mapped until it is unregistered, which `Drop` does before dropping `kept`.
+            if let Err(e) = unsafe { self.register(range) } {
+                for r in done {
+                    let _ = self.unregister(r);
+                }
+                return Err(e);
+            }
+            done.push(range);
+        }
+        self.kept.lock().unwrap_or_else(|p| p.into_inner()).push(mem.clone());
+        Ok(())
+    }
+
     /// Register a range for write-protect tracking.
     ///
     /// # Safety
     /// The range must stay mapped until it is unregistered or the tracker is dropped.
-    pub unsafe fn register(&self, _range: HostRange) -> Result<(), WpError> {
-        Err(WpError::Unimplemented)
+    pub unsafe fn register(&self, range: HostRange) -> Result<(), WpError> {
+        self.check_aligned(range)?;
+        let mut ranges = self.lock();
+        if let Some(existing) = ranges.iter().find(|r| r.overlaps(&range)) {
+            return Err(WpError::AlreadyRegistered {
+                range,
+                existing: *existing,
+            });
+        }
+        let ioctls = self
+            .uffd
+            .register(range.start, range.len, UFFDIO_REGISTER_MODE_WP)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ENOMEM) => WpError::NotMapped { range },
+                // Newer kernels answer EINVAL for holes too: tell the two apart.
+                Some(libc::EINVAL) if !is_mapped(range) => WpError::NotMapped { range },
+                Some(libc::EINVAL) => WpError::UnsupportedMemory {
+                    range,
+                    shmem_wp: if self.is_wp_hugetlbfs_shmem() {
+                        "in use"
+                    } else {
+                        "not available"
+                    },
+                },
+                Some(libc::EBUSY) => WpError::RegisteredElsewhere { range },
+                Some(libc::ESRCH) => WpError::ProcessExiting,
+                _ => WpError::Ioctl {
+                    op: "UFFDIO_REGISTER",
+                    range,
+                    source: e,
+                },
+            })?;
+        let needed = (1 << _UFFDIO_WRITEPROTECT) | (1 << _UFFDIO_WAKE);
+        if ioctls & needed != needed {
+            let _ = self.uffd.unregister(range.start, range.len);
+            return Err(WpError::NoWriteProtectOnRange { range, ioctls });
+        }
+        let at = ranges.partition_point(|r| r.start < range.start);
+        ranges.insert(at, range);
+        Ok(())
     }
+
+    /// Unprotect (waking writers) and unregister one range previously registered as is.
+    pub fn unregister(&self, range: HostRange) -> Result<(), WpError> {
+        let mut ranges = self.lock();
+        let Some(at) = ranges.iter().position(|r| *r == range) else {
+            return Err(WpError::NotRegistered { range });
+        };
+        self.writeprotect(range, 0)?;
+        self.uffd
+            .unregister(range.start, range.len)
+            .map_err(|e| WpError::Ioctl {
+                op: "UFFDIO_UNREGISTER",
+                range,
+                source: e,
+            })?;
+        ranges.remove(at);
+        Ok(())
+    }
+
+    /// Unprotect (waking writers) and unregister every range; tries all, returns the first error.
+    pub fn unregister_all(&self) -> Result<(), WpError> {
+        let mut ranges = self.lock();
+        let mut first_err = None;
+        let mut kept = Vec::new();
+        for range in ranges.drain(..) {
+            let res = self.writeprotect(range, 0).and_then(|()| {
+                self.uffd
+                    .unregister(range.start, range.len)
+                    .map_err(|e| WpError::Ioctl {
+                        op: "UFFDIO_UNREGISTER",
+                        range,
+                        source: e,
+                    })
+            });
+            if let Err(e) = res {
+                kept.push(range);
+                first_err.get_or_insert(e);
+            }
+        }
+        *ranges = kept;
+        first_err.map_or(Ok(()), Err)
+    }
+
     /// Write-protect every registered range (also never-touched pages).
     pub fn protect_all(&self) -> Result<(), WpError> {
-        Err(WpError::Unimplemented)
+        for range in self.registered() {
+            self.protect_checked(range)?;
+        }
+        Ok(())
     }
+
     /// Write-protect one range inside a registered range.
-    pub fn protect(&self, _range: HostRange) -> Result<(), WpError> {
-        Err(WpError::Unimplemented)
+    pub fn protect(&self, range: HostRange) -> Result<(), WpError> {
+        self.check_covered(range)?;
+        self.protect_checked(range)
     }
+
     /// Release protection on a range; `wake` wakes threads blocked on it.
-    pub fn unprotect(&self, _range: HostRange, _wake: bool) -> Result<(), WpError> {
-        Err(WpError::Unimplemented)
+    pub fn unprotect(&self, range: HostRange, wake: bool) -> Result<(), WpError> {
+        self.check_covered(range)?;
+        let mode = if wake {
+            0
+        } else {
+            UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+        };
+        self.writeprotect(range, mode)
     }
+
     /// Release protection on every registered range and wake everything.
     pub fn unprotect_all(&self) -> Result<(), WpError> {
-        Err(WpError::Unimplemented)
+        for range in self.registered() {
+            self.writeprotect(range, 0)?;
+        }
+        Ok(())
     }
+
     /// Wake threads blocked on a range without changing protection.
-    pub fn wake(&self, _range: HostRange) -> Result<(), WpError> {
-        Err(WpError::Unimplemented)
+    pub fn wake(&self, range: HostRange) -> Result<(), WpError> {
+        self.check_covered(range)?;
+        self.uffd
+            .wake(range.start, range.len)
+            .map_err(|e| self.ioctl_error("UFFDIO_WAKE", range, e))
     }
+
     /// Read pending fault events without blocking; appends to `out`, returns how many.
-    pub fn read_faults(&self, _out: &mut Vec<WpFault>) -> Result<usize, WpError> {
-        Err(WpError::Unimplemented)
+    pub fn read_faults(&self, out: &mut Vec<WpFault>) -> Result<usize, WpError> {
+        let mut buf = [uffd_msg::default(); READ_BATCH];
+        let mut total = 0;
+        loop {
+            let n = self.uffd.read_events(&mut buf).map_err(WpError::Read)?;
+            for msg in &buf[..n] {
+                if msg.event != UFFD_EVENT_PAGEFAULT {
+                    return Err(WpError::UnexpectedEvent { event: msg.event });
+                }
+                // SAFETY: the kernel filled a PAGEFAULT event, so `pagefault` is the active
+                // variant (and all variants are plain integers anyway).
+                let pf = unsafe { msg.arg.pagefault };
+                out.push(WpFault {
+                    addr: pf.address as usize,
+                    wp: pf.flags & UFFD_PAGEFAULT_FLAG_WP != 0,
+                });
+                total += 1;
+            }
+            if n < buf.len() {
+                return Ok(total);
+            }
+        }
     }
+
     /// Wait up to `timeout` for fault events; appends to `out`, returns how many (0 on timeout).
-    pub fn wait_faults(&self, _timeout: Duration, _out: &mut Vec<WpFault>) -> Result<usize, WpError> {
-        Err(WpError::Unimplemented)
+    pub fn wait_faults(&self, timeout: Duration, out: &mut Vec<WpFault>) -> Result<usize, WpError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.read_faults(out)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(0);
+            }
+            // Another reader may consume the events between poll and read: loop until deadline.
+            if !self.uffd.wait_readable(Some(left)).map_err(WpError::Poll)? {
+                return Ok(0);
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<HostRange>> {
+        // The list stays consistent even if a holder panicked: every update is a single step.
+        self.ranges.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_aligned(&self, range: HostRange) -> Result<(), WpError> {
+        let mask = self.page_size - 1;
+        if range.len == 0
+            || range.start & mask != 0
+            || range.len & mask != 0
+            || range.start.checked_add(range.len).is_none()
+        {
+            return Err(WpError::NotAligned {
+                range,
+                page_size: self.page_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// The range must be aligned and covered by the union of registered ranges.
+    fn check_covered(&self, range: HostRange) -> Result<(), WpError> {
+        self.check_aligned(range)?;
+        let ranges = self.lock();
+        let mut cursor = range.start;
+        for r in ranges.iter() {
+            if r.contains(cursor) {
+                cursor = r.end();
+                if cursor >= range.end() {
+                    return Ok(());
+                }
+            }
+        }
+        Err(WpError::NotRegistered { range })
+    }
+
+    fn protect_checked(&self, range: HostRange) -> Result<(), WpError> {
+        if !self.is_wp_unpopulated() {
+            populate_read(range)?;
+        }
+        self.writeprotect(range, UFFDIO_WRITEPROTECT_MODE_WP)
+    }
+
+    fn writeprotect(&self, range: HostRange, mode: u64) -> Result<(), WpError> {
+        loop {
+            match self.uffd.writeprotect(range.start, range.len, mode) {
+                Ok(()) => return Ok(()),
+                // EAGAIN: the address space is changing (only with non-cooperative events);
+                // EINTR: a signal. Both are safe to retry.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {
+                    std::thread::yield_now()
+                }
+                Err(e) => return Err(self.ioctl_error("UFFDIO_WRITEPROTECT", range, e)),
+            }
+        }
+    }
+
+    fn ioctl_error(&self, op: &'static str, range: HostRange, e: io::Error) -> WpError {
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => WpError::NotRegistered { range },
+            Some(libc::EINVAL) => WpError::Misaligned { range },
+            Some(libc::ESRCH) => WpError::ProcessExiting,
+            _ => WpError::Ioctl {
+                op,
+                range,
+                source: e,
+            },
+        }
+    }
+}
+
+impl Drop for WpTracker {
+    fn drop(&mut self) {
+        // Best effort: nothing to report to from a destructor, and every range is tried.
+        let _ = self.unregister_all();
+    }
+}
+
+impl AsFd for WpTracker {
+    /// The userfaultfd, for polling together with other fds (e.g. a cancel eventfd).
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.uffd.as_fd()
+    }
+}
+
+impl AsRawFd for WpTracker {
+    fn as_raw_fd(&self) -> RawFd {
+        self.uffd.as_raw_fd()
+    }
+}
+
+fn open_error(e: OpenError) -> WpError {
+    if e.is_unsupported() {
+        WpError::NoUserfaultfd
+    } else if e.is_permission_denied() {
+        WpError::PermissionDenied(e)
+    } else {
+        WpError::Open(e)
+    }
+}
+
+/// True if every page of `range` is mapped (msync fails with ENOMEM on holes; MS_ASYNC is a
+/// no-op otherwise).
+fn is_mapped(range: HostRange) -> bool {
+    // SAFETY: msync(MS_ASYNC) neither reads nor writes the memory.
+    let r = unsafe { libc::msync(range.start as *mut libc::c_void, range.len, libc::MS_ASYNC) };
+    r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENOMEM)
+}
+
+fn populate_read(range: HostRange) -> Result<(), WpError> {
+    loop {
+        // SAFETY: MADV_POPULATE_READ only faults pages in for reading; it never changes contents.
+        let r = unsafe {
+            libc::madvise(
+                range.start as *mut libc::c_void,
+                range.len,
+                libc::MADV_POPULATE_READ,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) {
+            return Err(WpError::Populate { range, source: e });
+        }
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory side effects.
+    let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if ps > 0 {
+        ps as usize
+    } else {
+        4096
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn tracker_is_send_and_sync() {
+        assert_send_sync::<WpTracker>();
+    }
+
+    struct Map(usize, usize);
+    impl Map {
+        fn anon(len: usize) -> Self {
+            // SAFETY: fresh anonymous mapping at a kernel-chosen address.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            Map(p as usize, len)
+        }
+        fn range(&self) -> HostRange {
+            HostRange::new(self.0, self.1)
+        }
+    }
+    impl Drop for Map {
+        fn drop(&mut self) {
+            // SAFETY: our own mapping, no references into it remain.
+            unsafe { libc::munmap(self.0 as *mut _, self.1) };
+        }
+    }
+
+    #[test]
+    fn new_uses_write_protect_features_but_not_async() {
+        let t = WpTracker::new().unwrap();
+        let f = t.features();
+        assert!(f.contains(UFFD_FEATURE_PAGEFAULT_FLAG_WP), "{f}");
+        assert!(!f.contains(uffd_sys::UFFD_FEATURE_WP_ASYNC), "{f}");
+        if t.available_features().contains(UFFD_FEATURE_WP_UNPOPULATED) {
+            assert!(t.is_wp_unpopulated());
+        }
+        let t2 = WpTracker::with_config(WpConfig {
+            use_wp_unpopulated: false,
+            exact_address: false,
+        })
+        .unwrap();
+        assert!(!t2.is_wp_unpopulated());
+        assert!(!t2.features().contains(UFFD_FEATURE_EXACT_ADDRESS));
+    }
+
+    #[test]
+    fn unaligned_and_empty_ranges_are_refused() {
+        let t = WpTracker::new().unwrap();
+        let m = Map::anon(8 * 4096);
+        for r in [
+            HostRange::new(m.0 + 1, 4096),
+            HostRange::new(m.0, 100),
+            HostRange::new(m.0, 0),
+            HostRange::new(usize::MAX & !4095, 8192),
+        ] {
+            // SAFETY: these ranges are refused before anything is registered.
+            let e = unsafe { t.register(r) }.unwrap_err();
+            assert!(matches!(e, WpError::NotAligned { .. }), "{r}: {e}");
+        }
+        assert!(t.registered().is_empty());
+    }
+
+    #[test]
+    fn unmapped_range_is_reported_as_not_mapped() {
+        let t = WpTracker::new().unwrap();
+        let m = Map::anon(8 * 4096);
+        let r = m.range();
+        drop(m);
+        // SAFETY: the range is unmapped; registration must fail and register nothing.
+        let e = unsafe { t.register(r) }.unwrap_err();
+        assert!(matches!(e, WpError::NotMapped { .. }), "{e}");
+        assert!(e.to_string().contains("not entirely mapped"));
+    }
+
+    #[test]
+    fn overlapping_registration_is_refused() {
+        let t = WpTracker::new().unwrap();
+        let m = Map::anon(8 * 4096);
+        // SAFETY: unregistered explicitly before `m` is dropped.
+        unsafe { t.register(m.range()) }.unwrap();
+        // SAFETY: refused before the kernel is asked.
+        let e = unsafe { t.register(HostRange::new(m.0 + 4096, 4096)) }.unwrap_err();
+        assert!(matches!(e, WpError::AlreadyRegistered { .. }), "{e}");
+        t.unregister(m.range()).unwrap();
+        assert!(t.registered().is_empty());
+    }
+
+    #[test]
+    fn range_registered_with_another_tracker_is_busy() {
+        let a = WpTracker::new().unwrap();
+        let b = WpTracker::new().unwrap();
+        let m = Map::anon(4 * 4096);
+        // SAFETY: `m` stays mapped until both trackers released it (explicit unregister below).
+        unsafe { a.register(m.range()) }.unwrap();
+        // SAFETY: as above.
+        let e = unsafe { b.register(m.range()) }.unwrap_err();
+        assert!(matches!(e, WpError::RegisteredElsewhere { .. }), "{e}");
+        a.unregister_all().unwrap();
+    }
+
+    #[test]
+    fn operations_outside_registered_ranges_are_refused() {
+        let t = WpTracker::new().unwrap();
+        let m = Map::anon(8 * 4096);
+        // SAFETY: unregistered explicitly before `m` is dropped.
+        unsafe { t.register(HostRange::new(m.0, 4 * 4096)) }.unwrap();
+        let outside = HostRange::new(m.0 + 2 * 4096, 4 * 4096);
+        assert!(matches!(
+            t.protect(outside),
+            Err(WpError::NotRegistered { .. })
+        ));
+        assert!(matches!(
+            t.unprotect(outside, true),
+            Err(WpError::NotRegistered { .. })
+        ));
+        assert!(matches!(
+            t.wake(outside),
+            Err(WpError::NotRegistered { .. })
+        ));
+        t.protect(HostRange::new(m.0 + 4096, 4096)).unwrap();
+        t.unprotect(HostRange::new(m.0, 4 * 4096), false).unwrap();
+        t.unregister_all().unwrap();
+    }
+
+    #[test]
+    fn adjacent_registered_ranges_cover_a_spanning_range() {
+        let t = WpTracker::new().unwrap();
+        let m = Map::anon(8 * 4096);
+        // SAFETY: unregistered explicitly before `m` is dropped.
+        unsafe { t.register(HostRange::new(m.0 + 4 * 4096, 4 * 4096)) }.unwrap();
+        // SAFETY: as above.
+        unsafe { t.register(HostRange::new(m.0, 4 * 4096)) }.unwrap();
+        assert_eq!(t.registered()[0].start, m.0, "sorted by address");
+        t.protect(m.range()).unwrap();
+        t.unprotect(m.range(), true).unwrap();
+        t.unregister_all().unwrap();
+    }
+
+    #[test]
+    fn no_events_means_empty_reads_and_timeouts() {
+        let t = WpTracker::new().unwrap();
+        let mut out = Vec::new();
+        assert_eq!(t.read_faults(&mut out).unwrap(), 0);
+        let start = Instant::now();
+        assert_eq!(
+            t.wait_faults(Duration::from_millis(50), &mut out).unwrap(),
+            0
+        );
+        assert!(start.elapsed() >= Duration::from_millis(45));
+        assert!(out.is_empty());
     }
 }
