@@ -148,7 +148,10 @@ impl SnapshotHeader {
 
     /// Total guest pages over all regions.
     pub fn total_pages(&self) -> u64 {
-        self.regions.iter().map(|r| r.size / u64::from(self.page_size)).sum()
+        self.regions
+            .iter()
+            .map(|r| r.size / u64::from(self.page_size))
+            .sum()
     }
 
     /// Encode the header, crc included.
@@ -157,7 +160,11 @@ impl SnapshotHeader {
         b.extend_from_slice(&MAGIC);
         put_u32(&mut b, FORMAT_VERSION);
         put_u32(&mut b, 0); // header_len, patched below
-        let flags = if self.parent.is_empty() { 0 } else { FLAG_HAS_PARENT };
+        let flags = if self.parent.is_empty() {
+            0
+        } else {
+            FLAG_HAS_PARENT
+        };
         put_u32(&mut b, flags);
         put_u32(&mut b, self.page_size);
         put_u32(&mut b, ARCH_X86_64);
@@ -258,12 +265,16 @@ impl SnapshotHeader {
                 what: format!("guest memory of {total} bytes"),
             });
         }
-        let vmm_config = c.blob().ok_or_else(|| corrupt("bad config length", c.pos))?;
-        let parent = c.blob().ok_or_else(|| corrupt("bad parent length", c.pos))?;
+        let vmm_config = c
+            .blob()
+            .ok_or_else(|| corrupt("bad config length", c.pos))?;
+        let parent = c
+            .blob()
+            .ok_or_else(|| corrupt("bad parent length", c.pos))?;
         if c.remaining() != 0 {
             return Err(corrupt("trailing bytes", c.pos));
         }
-        if (flags & FLAG_HAS_PARENT != 0) != !parent.is_empty() {
+        if (flags & FLAG_HAS_PARENT != 0) == parent.is_empty() {
             return Err(corrupt("parent flag disagrees with parent reference", 16));
         }
         Ok(SnapshotHeader {
@@ -412,7 +423,14 @@ impl Trailer {
         let mut b = Vec::with_capacity(TRAILER_FIXED_LEN + self.index.len() * INDEX_ENTRY_LEN);
         b.extend_from_slice(&TRAILER_TAG);
         let t = &self.totals;
-        for v in [t.pages, t.zero_pages, t.data_pages, t.records, t.raw_bytes, t.stored_bytes] {
+        for v in [
+            t.pages,
+            t.zero_pages,
+            t.data_pages,
+            t.records,
+            t.raw_bytes,
+            t.stored_bytes,
+        ] {
             put_u64(&mut b, v);
         }
         for e in &self.index {
@@ -455,7 +473,7 @@ impl Trailer {
             stored_bytes: v[5],
         };
         let n = c.remaining() / INDEX_ENTRY_LEN;
-        if c.remaining() % INDEX_ENTRY_LEN != 0 || n as u64 != totals.records {
+        if !c.remaining().is_multiple_of(INDEX_ENTRY_LEN) || n as u64 != totals.records {
             return Err(corrupt("index length disagrees with record count", c.pos));
         }
         let mut index = Vec::with_capacity(n);
@@ -681,7 +699,10 @@ mod tests {
     fn header() -> SnapshotHeader {
         let mut h = SnapshotHeader::new(
             vec![
-                MemRegion { gpa: 0, size: 1 << 20 },
+                MemRegion {
+                    gpa: 0,
+                    size: 1 << 20,
+                },
                 MemRegion {
                     gpa: 1 << 32,
                     size: 2 << 20,
@@ -708,7 +729,10 @@ mod tests {
         for i in 16..b.len() {
             let mut c = b.clone();
             c[i] ^= 0x40;
-            assert!(SnapshotHeader::decode(&c).is_err(), "flip at {i} undetected");
+            assert!(
+                SnapshotHeader::decode(&c).is_err(),
+                "flip at {i} undetected"
+            );
         }
     }
 

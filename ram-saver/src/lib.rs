@@ -1,1 +1,26 @@
 //! What to save when: linear scan, fault priority, zero pages, throttling, and the snapshot file format.
+//!
+//! - [`format`](mod@format): the on-disk layout (documented there, versioned by [`FORMAT_VERSION`]).
+//! - [`SnapshotWriter`] with an [`AtomicFileSink`] or [`StreamSink`]; [`SnapshotReader`] to
+//!   open, iterate, [`verify`](SnapshotReader::verify) and [`load_into`](SnapshotReader::load_into).
+//! - [`live_save`]: saves the RAM of a running guest whose memory was write-protected at the
+//!   freeze instant, racing a linear scan against write faults, one block at a time.
+#![forbid(unsafe_code)]
+
+pub mod format;
+pub mod pagemap;
+mod reader;
+mod save;
+mod writer;
+
+pub use format::{
+    Compression, ErrorKind, FormatError, IndexEntry, MemRegion, RecordKind, SnapshotHeader, Totals,
+    Trailer, FORMAT_VERSION,
+};
+pub use reader::{ReadProgress, Record, Records, SnapshotReader, VerifyReport};
+#[doc(hidden)]
+pub use save::InjectPoint;
+pub use save::{live_save, SaveError, SaveOptions, SaveProgress, SaveSummary};
+pub use writer::{
+    AtomicFileSink, EncodedBatch, RecordEncoder, SnapshotSink, SnapshotWriter, StreamSink,
+};

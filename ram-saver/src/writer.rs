@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::format::{
     encode_footer, put_u32, put_u64, Compression, FormatError, IndexEntry, RecordHeader,
-    RecordKind, SnapshotHeader, Totals, Trailer, CODEC_RAW, CODEC_ZSTD, MAX_RECORD_RAW,
-    STATE_TAG,
+    RecordKind, SnapshotHeader, Totals, Trailer, CODEC_RAW, CODEC_ZSTD, MAX_RECORD_RAW, STATE_TAG,
 };
 
 /// Large writes: records arrive in block-sized pieces anyway.
@@ -35,9 +34,9 @@ impl AtomicFileSink {
     /// Create the temporary file beside `target`.
     pub fn create(target: impl AsRef<Path>) -> io::Result<Self> {
         let target = target.as_ref().to_path_buf();
-        let name = target
-            .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "target has no file name"))?;
+        let name = target.file_name().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "target has no file name")
+        })?;
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(name);
         tmp_name.push(format!(".tmp-{}", std::process::id()));
@@ -140,7 +139,8 @@ impl<W: Write> SnapshotSink for StreamSink<W> {
     }
 }
 
-impl SnapshotSink for Vec<u8> {
+/// In-memory output, mostly for tests.
+impl SnapshotSink for &mut Vec<u8> {
     fn finish(self) -> io::Result<()> {
         Ok(())
     }
@@ -153,7 +153,7 @@ pub struct EncodedBatch {
     pub bytes: Vec<u8>,
     /// Index entries with `offset` relative to the start of `bytes`.
     pub entries: Vec<IndexEntry>,
-    /// Totals of these records.
+    /// Totals of these records (`raw_bytes` is left to the writer, which knows the page size).
     pub totals: Totals,
 }
 
@@ -167,11 +167,19 @@ impl EncodedBatch {
 }
 
 /// Splits page data into zero runs and data records, compressing and checksumming.
-#[derive(Debug)]
 pub struct RecordEncoder {
     page_size: usize,
     compressor: Option<zstd::bulk::Compressor<'static>>,
     scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for RecordEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordEncoder")
+            .field("page_size", &self.page_size)
+            .field("zstd", &self.compressor.is_some())
+            .finish()
+    }
 }
 
 impl RecordEncoder {
@@ -209,9 +217,14 @@ impl RecordEncoder {
     }
 
     /// Append records for `data` (whole pages) starting at guest page `first_page`.
-    pub fn encode(&mut self, first_page: u64, data: &[u8], out: &mut EncodedBatch) -> io::Result<()> {
+    pub fn encode(
+        &mut self,
+        first_page: u64,
+        data: &[u8],
+        out: &mut EncodedBatch,
+    ) -> io::Result<()> {
         let ps = self.page_size;
-        if data.len() % ps != 0 {
+        if !data.len().is_multiple_of(ps) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "data is not whole pages",
@@ -245,13 +258,18 @@ impl RecordEncoder {
         let mut codec = CODEC_RAW;
         if let Some(c) = &mut self.compressor {
             self.scratch.clear();
-            self.scratch.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+            self.scratch
+                .reserve(zstd::zstd_safe::compress_bound(raw.len()));
             c.compress_to_buffer(raw, &mut self.scratch)?;
             if self.scratch.len() < raw.len() {
                 codec = CODEC_ZSTD;
             }
         }
-        let payload: &[u8] = if codec == CODEC_ZSTD { &self.scratch } else { raw };
+        let payload: &[u8] = if codec == CODEC_ZSTD {
+            &self.scratch
+        } else {
+            raw
+        };
         let h = RecordHeader {
             kind: RecordKind::Data,
             codec,
@@ -282,19 +300,7 @@ fn push_record(mut h: RecordHeader, payload: &[u8], out: &mut EncodedBatch) {
     t.stored_bytes += payload.len() as u64;
     match h.kind {
         RecordKind::ZeroRun => t.zero_pages += n,
-        RecordKind::Data => {
-            t.data_pages += n;
-            t.raw_bytes += payload_raw_len(&h, payload);
-        }
-    }
-}
-
-fn payload_raw_len(h: &RecordHeader, payload: &[u8]) -> u64 {
-    if h.codec == CODEC_RAW {
-        payload.len() as u64
-    } else {
-        // Data pages are whole pages: raw size is implied by the page count.
-        0
+        RecordKind::Data => t.data_pages += n,
     }
 }
 
@@ -302,7 +308,9 @@ fn payload_raw_len(h: &RecordHeader, payload: &[u8]) -> u64 {
 pub(crate) fn is_zero(p: &[u8]) -> bool {
     let mut chunks = p.chunks_exact(64);
     // OR-folding fixed-size chunks vectorises; the early exit is per chunk.
-    let all = chunks.by_ref().all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0);
+    let all = chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0);
     all && chunks.remainder().iter().all(|&b| b == 0)
 }
 
@@ -320,7 +328,11 @@ pub struct SnapshotWriter<S: SnapshotSink> {
 
 impl<S: SnapshotSink> SnapshotWriter<S> {
     /// Write the header and the machine state to `sink`.
-    pub fn new(mut sink: S, header: &SnapshotHeader, machine_state: &[u8]) -> Result<Self, FormatError> {
+    pub fn new(
+        mut sink: S,
+        header: &SnapshotHeader,
+        machine_state: &[u8],
+    ) -> Result<Self, FormatError> {
         let h = header.encode();
         let mut st = Vec::with_capacity(16);
         st.extend_from_slice(&STATE_TAG);
@@ -328,7 +340,8 @@ impl<S: SnapshotSink> SnapshotWriter<S> {
         put_u32(&mut st, crc32fast::hash(machine_state));
         sink.write_all(&h).map_err(FormatError::Unwritable)?;
         sink.write_all(&st).map_err(FormatError::Unwritable)?;
-        sink.write_all(machine_state).map_err(FormatError::Unwritable)?;
+        sink.write_all(machine_state)
+            .map_err(FormatError::Unwritable)?;
         let encoder = RecordEncoder::new(header.page_size as usize, header.compression)
             .map_err(FormatError::Unwritable)?;
         Ok(SnapshotWriter {
