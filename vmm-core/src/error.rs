@@ -1,0 +1,136 @@
+//! The crate's error type.
+
+use std::io;
+
+/// Everything that can go wrong in vmm-core.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened (missing module, or no permission: run as root or join group kvm).
+    #[error("cannot open /dev/kvm (is KVM available and accessible to this user?)")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed; `op` names it.
+    #[error("KVM operation {op} failed")]
+    Kvm {
+        /// The ioctl or step that failed.
+        op: &'static str,
+        /// The errno returned by the kernel.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A per-vCPU KVM ioctl failed; `op` names it.
+    #[error("KVM operation {op} failed on vCPU {vcpu}")]
+    VcpuKvm {
+        /// The ioctl that failed.
+        op: &'static str,
+        /// Index of the vCPU.
+        vcpu: u8,
+        /// The errno returned by the kernel.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The host does not offer a KVM capability the VMM needs.
+    #[error("KVM capability {0} is not available on this host")]
+    MissingCapability(&'static str),
+    /// The VM configuration is invalid.
+    #[error("invalid VM configuration: {0}")]
+    InvalidConfig(String),
+    /// Creating or mapping guest memory failed.
+    #[error("cannot create guest memory ({what})")]
+    MemoryCreate {
+        /// Which step failed.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Not enough free huge pages for a hugetlbfs backend.
+    #[error(
+        "hugetlbfs backend needs {needed} free 2 MiB huge pages but only {free} are free \
+         (raise /proc/sys/vm/nr_hugepages)"
+    )]
+    NotEnoughHugepages {
+        /// Pages needed.
+        needed: u64,
+        /// Pages free.
+        free: u64,
+    },
+    /// vm-memory refused the regions.
+    #[error("cannot build guest memory map: {0}")]
+    MemoryMap(String),
+    /// The supplied memory does not match the configured layout.
+    #[error("guest memory does not match the configuration: {0}")]
+    MemoryMismatch(String),
+    /// Reading or writing guest memory failed.
+    #[error("guest memory access failed")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+    /// Assembling the built-in guest failed (a bug in the guest program generator).
+    #[error("cannot assemble the built-in guest: {0}")]
+    GuestAssembly(String),
+    /// Installing the vCPU kick signal handler failed.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// Creating the serial interrupt eventfd failed.
+    #[error("cannot create the serial interrupt eventfd")]
+    EventFd(#[source] io::Error),
+    /// Spawning a vCPU thread failed.
+    #[error("cannot spawn vCPU thread")]
+    ThreadSpawn(#[source] io::Error),
+    /// The operation requires all vCPUs to be paused.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// The VM has ended (shutdown, reset or error); see `Vm::exit_status`.
+    #[error("the VM is not running any more")]
+    NotRunning,
+    /// Not every vCPU parked within the deadline (a vCPU may be blocked in the kernel).
+    #[error("pause timed out: {parked} of {total} vCPUs parked")]
+    PauseTimeout {
+        /// vCPUs that parked.
+        parked: usize,
+        /// vCPUs in the VM.
+        total: usize,
+    },
+    /// KVM accepted only part of an MSR list.
+    #[error("vCPU {vcpu}: KVM {op} handled {done} of {total} MSRs (first failing index {first_failed:#x})")]
+    MsrsPartial {
+        /// KVM_GET_MSRS or KVM_SET_MSRS.
+        op: &'static str,
+        /// Index of the vCPU.
+        vcpu: u8,
+        /// MSRs handled.
+        done: usize,
+        /// MSRs requested.
+        total: usize,
+        /// Index of the first MSR not handled.
+        first_failed: u32,
+    },
+    /// The host's XSAVE area is larger than `KVM_GET_XSAVE` can carry.
+    #[error("XSAVE area of {0} bytes does not fit KVM_GET_XSAVE's 4096 bytes")]
+    XsaveTooLarge(i32),
+    /// A KVM structure did not fit its fixed-size container.
+    #[error("{0}")]
+    FamStruct(String),
+    /// A saved machine state could not be decoded.
+    #[error("cannot decode machine state")]
+    StateDecode(#[source] serde_json::Error),
+    /// A saved machine state has an unsupported format version.
+    #[error("machine state format version {found} is not supported (expected {expected})")]
+    StateVersion {
+        /// Version found.
+        found: u32,
+        /// Version supported.
+        expected: u32,
+    },
+    /// A saved machine state is inconsistent with itself or with the memory given.
+    #[error("machine state is inconsistent: {0}")]
+    StateInvalid(String),
+}
+
+impl VmError {
+    pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+        move |source| VmError::Kvm { op, source }
+    }
+
+    pub(crate) fn vcpu(op: &'static str, vcpu: u8) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+        move |source| VmError::VcpuKvm { op, vcpu, source }
+    }
+}

@@ -1,0 +1,157 @@
+//! Every guest-physical address the VMM and the built-in guest agree on, in one place.
+//!
+//! ```text
+//! GPA                      what
+//! 0x0000_0000              unused (null page)
+//! 0x0000_1000  GDT_START   GDT: null, kernel code/data, user data/code, one 16-byte TSS descriptor per vCPU
+//! 0x0000_2000  IDT_START   IDT: 256 interrupt gates (16 bytes each)
+//! 0x0000_3000  TSS_START   one 512-byte TSS slot per vCPU (RSP0 = kernel stack top, I/O bitmap)
+//! 0x0000_8000  CONTROL     control page shared by VMM and guest (params, ticks, per-vCPU slots)
+//! 0x0001_0000  CODE_START  built-in guest code (ring-0 entry + handlers, ring-3 program), <= 64 KiB
+//! 0x0002_0000  PML4_START  PML4, then PDPT at +0x1000, then one PD per GiB of guest-physical space
+//! 0x0010_0000  STACKS      per vCPU: 8 KiB kernel stack, then 16 KiB user stack
+//! 0x0020_0000  DATA_START  data area (written by the guest's write sequence) up to the end of RAM
+//! 0xC000_0000  LOW_RAM_END RAM below 4 GiB ends here (3 GiB); 3-4 GiB stays a hole (LAPIC/IOAPIC MMIO)
+//! 0x1_0000_0000 HIGH_RAM_START  RAM beyond 3 GiB continues here
+//! ```
+//! All guest RAM is identity mapped (virtual = physical) with 2 MiB pages marked user-accessible,
+//! so ring-3 guest code can reach its data and the control page directly.
+
+/// Size of a guest page as used by the built-in guest and the oracle.
+pub const PAGE_SIZE: u64 = 4096;
+/// Size of the huge pages used by the identity map (and the required memory-size granule).
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+/// Global descriptor table.
+pub const GDT_START: u64 = 0x1000;
+/// Interrupt descriptor table.
+pub const IDT_START: u64 = 0x2000;
+/// Number of IDT entries (all 256 vectors get a handler).
+pub const IDT_ENTRIES: u64 = 256;
+/// Array of per-vCPU task state segments.
+pub const TSS_START: u64 = 0x3000;
+/// Stride between per-vCPU TSS slots (104-byte TSS + I/O permission bitmap).
+pub const TSS_STRIDE: u64 = 0x200;
+/// Control page shared by the VMM and the built-in guest (see [`crate::guest::ctrl`]).
+pub const CONTROL_PAGE: u64 = 0x8000;
+/// Start of the built-in guest's code.
+pub const CODE_START: u64 = 0x1_0000;
+/// Maximum size of the built-in guest's code.
+pub const CODE_MAX_SIZE: u64 = 0x1_0000;
+/// Top-level page table.
+pub const PML4_START: u64 = 0x2_0000;
+/// Page-directory-pointer table (one, covering 512 GiB).
+pub const PDPT_START: u64 = 0x2_1000;
+/// First page directory; PD `i` (covering GiB `i`) is at `PD_START + i * 0x1000`.
+pub const PD_START: u64 = 0x2_2000;
+/// Number of page directories reserved, i.e. GiB of guest-physical space that can be mapped.
+pub const PD_COUNT: u64 = 64;
+/// Start of the per-vCPU stacks.
+pub const STACKS_START: u64 = 0x10_0000;
+/// Kernel (ring-0) stack size per vCPU.
+pub const KERNEL_STACK_SIZE: u64 = 0x2000;
+/// User (ring-3) stack size per vCPU.
+pub const USER_STACK_SIZE: u64 = 0x4000;
+/// Maximum number of vCPUs the layout has room for (TSS slots, stacks, control slots).
+pub const MAX_VCPUS: u8 = 32;
+/// Start of the data area (first 2 MiB are system area).
+pub const DATA_START: u64 = 0x20_0000;
+/// End of RAM below 4 GiB; the region at GPA 0 is at most this long.
+pub const LOW_RAM_END: u64 = 0xC000_0000;
+/// Start of the RAM region that holds memory beyond `LOW_RAM_END`.
+pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
+/// Smallest guest memory accepted (system area + at least one data huge page).
+pub const MIN_MEM_BYTES: u64 = 4 << 20;
+/// Largest guest memory accepted: whatever the reserved page directories can map.
+pub const MAX_MEM_BYTES: u64 = PD_COUNT * (1 << 30) - (HIGH_RAM_START - LOW_RAM_END);
+
+/// GDT selectors.
+pub mod selector {
+    /// Ring-0 64-bit code.
+    pub const KERNEL_CODE: u16 = 0x08;
+    /// Ring-0 data.
+    pub const KERNEL_DATA: u16 = 0x10;
+    /// Ring-3 data (RPL 3 added when loaded).
+    pub const USER_DATA: u16 = 0x18;
+    /// Ring-3 64-bit code (RPL 3 added when loaded).
+    pub const USER_CODE: u16 = 0x20;
+    /// TSS descriptor of vCPU 0; vCPU `i` uses `TSS_BASE + 16 * i`.
+    pub const TSS_BASE: u16 = 0x28;
+}
+
+/// Kernel stack top of `vcpu` (RSP at entry, and RSP0 in its TSS).
+pub fn kernel_stack_top(vcpu: u8) -> u64 {
+    STACKS_START + u64::from(vcpu) * (KERNEL_STACK_SIZE + USER_STACK_SIZE) + KERNEL_STACK_SIZE
+}
+
+/// User stack top of `vcpu`.
+pub fn user_stack_top(vcpu: u8) -> u64 {
+    kernel_stack_top(vcpu) + USER_STACK_SIZE
+}
+
+/// TSS address of `vcpu`.
+pub fn tss_addr(vcpu: u8) -> u64 {
+    TSS_START + u64::from(vcpu) * TSS_STRIDE
+}
+
+/// TSS selector of `vcpu`.
+pub fn tss_selector(vcpu: u8) -> u16 {
+    selector::TSS_BASE + 16 * u16::from(vcpu)
+}
+
+/// Guest RAM regions for `mem_bytes` of RAM: `(gpa, len)`; one below 3 GiB, the rest above 4 GiB.
+pub fn ram_regions(mem_bytes: u64) -> Vec<(u64, u64)> {
+    let low = mem_bytes.min(LOW_RAM_END);
+    let mut v = vec![(0, low)];
+    if mem_bytes > low {
+        v.push((HIGH_RAM_START, mem_bytes - low));
+    }
+    v
+}
+
+/// One past the highest guest-physical RAM address.
+pub fn ram_end(mem_bytes: u64) -> u64 {
+    ram_regions(mem_bytes)
+        .last()
+        .map(|&(gpa, len)| gpa + len)
+        .unwrap_or(0)
+}
+
+/// Guest-physical address of data-area page `index` (indices skip the 3-4 GiB hole).
+pub fn data_page_gpa(index: u64) -> u64 {
+    let gpa = DATA_START + index * PAGE_SIZE;
+    if gpa >= LOW_RAM_END {
+        gpa + (HIGH_RAM_START - LOW_RAM_END)
+    } else {
+        gpa
+    }
+}
+
+/// Number of data-area pages for `mem_bytes` of RAM.
+pub fn data_pages(mem_bytes: u64) -> u64 {
+    mem_bytes.saturating_sub(DATA_START) / PAGE_SIZE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn system_area_fits_below_data() {
+        assert!(kernel_stack_top(MAX_VCPUS - 1) + USER_STACK_SIZE <= DATA_START);
+        assert!(tss_addr(MAX_VCPUS) <= CONTROL_PAGE);
+        assert!(u64::from(tss_selector(MAX_VCPUS)) <= 0x1000);
+        const { assert!(CODE_START + CODE_MAX_SIZE <= PML4_START) };
+        const { assert!(PD_START + PD_COUNT * 0x1000 <= STACKS_START) };
+    }
+
+    #[test]
+    fn data_pages_skip_the_hole() {
+        let last_low = (LOW_RAM_END - DATA_START) / PAGE_SIZE - 1;
+        assert_eq!(data_page_gpa(last_low), LOW_RAM_END - PAGE_SIZE);
+        assert_eq!(data_page_gpa(last_low + 1), HIGH_RAM_START);
+        assert_eq!(ram_regions(4 << 30), vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
+        assert_eq!(ram_end(4 << 30), 5 << 30);
+        assert_eq!(data_pages(4 << 30), ((4 << 30) - DATA_START) / PAGE_SIZE);
+    }
+}

@@ -1,0 +1,575 @@
+//! The VM handle: building a VM (fresh boot or from a [`MachineState`]), pause/resume, capture,
+//! progress and self-check of the built-in guest, and orderly shutdown.
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch;
+use crate::guest::{self, ctrl, GuestLayout, GuestProgress, SelfCheckVerdict, VcpuVerdict};
+use crate::memory::{self, guest_u64};
+use crate::serial::{IrqLine, SerialDevice, COM1_GSI};
+use crate::state::{self, MachineState, STATE_FORMAT_VERSION};
+use crate::vcpu::{self, IoBus, Shared, VcpuRunner, VmExitStatus};
+use crate::{VmConfig, VmError};
+
+/// How long `pause` waits for every vCPU to park.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often `pause` re-kicks vCPUs that have not parked yet.
+const REKICK_INTERVAL: Duration = Duration::from_millis(10);
+/// Where KVM_SET_TSS_ADDR puts its three pages (only used by VMX real-mode emulation).
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+
+/// A running (or paused, or ended) VM with the built-in guest.
+pub struct Vm {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    vm_fd: VmFd,
+    _kvm: Kvm,
+    io: Arc<IoBus>,
+    cfg: VmConfig,
+    gl: GuestLayout,
+    msr_indices: Vec<u32>,
+    xsave_ok: bool,
+    quirks: Vec<String>,
+    control: Mutex<()>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("cfg", &self.cfg)
+            .field("paused", &self.is_paused())
+            .field("exit_status", &self.exit_status())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Machine {
+    kvm: Kvm,
+    vm_fd: VmFd,
+    quirks: Vec<String>,
+    xsave_ok: bool,
+}
+
+fn new_machine(mem: &GuestMemoryMmap) -> Result<Machine, VmError> {
+    vcpu::install_kick_handler()?;
+    let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::VcpuEvents, "KVM_CAP_VCPU_EVENTS"),
+        (Cap::Debugregs, "KVM_CAP_DEBUGREGS"),
+        (Cap::Xsave, "KVM_CAP_XSAVE"),
+        (Cap::Xcrs, "KVM_CAP_XCRS"),
+        (Cap::AdjustClock, "KVM_CAP_ADJUST_CLOCK"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCapability(name));
+        }
+    }
+    let vm_fd = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
+    let mut quirks = Vec::new();
+    let xsave2 = vm_fd.check_extension_int(Cap::Xsave2);
+    let xsave_ok = xsave2 <= 4096;
+    if !xsave_ok {
+        quirks.push(format!(
+            "XSAVE area is {xsave2} bytes; machine state capture will fail (KVM_GET_XSAVE carries 4096)"
+        ));
+    }
+    // Only VMX's real-mode emulation uses this; we never run real mode, so a refusal (e.g. on
+    // hosts without VMX) is noted rather than fatal.
+    if let Err(e) = vm_fd.set_tss_address(KVM_TSS_ADDR) {
+        quirks.push(format!(
+            "KVM_SET_TSS_ADDR refused ({e}); not needed in long mode"
+        ));
+    }
+    vm_fd
+        .create_irq_chip()
+        .map_err(VmError::kvm("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd
+        .create_pit2(pit)
+        .map_err(VmError::kvm("KVM_CREATE_PIT2"))?;
+    for (slot, r) in mem.iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: r.start_addr().0,
+            memory_size: r.len(),
+            userspace_addr: r.as_ptr() as u64,
+        };
+        // SAFETY: the host range is a live mapping owned by `mem`; the `Vm` keeps a clone of
+        // `mem` (in its IoBus) for at least as long as the VmFd, which is dropped first.
+        unsafe { vm_fd.set_user_memory_region(region) }
+            .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(Machine {
+        kvm,
+        vm_fd,
+        quirks,
+        xsave_ok,
+    })
+}
+
+fn new_serial(
+    vm_fd: &VmFd,
+    state: Option<&SerialState>,
+    out: Box<dyn Write + Send>,
+) -> Result<SerialDevice, VmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm_fd
+        .register_irqfd(&evt, COM1_GSI)
+        .map_err(VmError::kvm("KVM_IRQFD (serial)"))?;
+    let line = IrqLine(evt);
+    match state {
+        None => Ok(Serial::with_events(line, NoEvents, out)),
+        Some(s) => Serial::from_state(s, line, NoEvents, out)
+            .map_err(|e| VmError::StateInvalid(format!("serial state: {e:?}"))),
+    }
+}
+
+impl Vm {
+    /// Creates memory for `cfg` and boots the built-in guest; vCPUs are running on return.
+    pub fn boot(cfg: VmConfig, serial_out: Box<dyn Write + Send>) -> Result<Vm, VmError> {
+        let mem = memory::create_guest_memory(cfg.mem_bytes, cfg.backend)?;
+        Self::boot_with_memory(cfg, mem, serial_out)
+    }
+
+    /// Boots the built-in guest in caller-made memory (laid out as [`crate::layout`] says).
+    pub fn boot_with_memory(
+        cfg: VmConfig,
+        mem: GuestMemoryMmap,
+        serial_out: Box<dyn Write + Send>,
+    ) -> Result<Vm, VmError> {
+        memory::validate_mem_size(cfg.mem_bytes)?;
+        memory::check_layout(&mem, cfg.mem_bytes)?;
+        let gl = GuestLayout::new(cfg.mem_bytes, cfg.vcpus, &cfg.guest)?;
+        let prog = guest::program::assemble()?;
+        guest::write_boot_image(&mem, cfg.mem_bytes, &gl, &cfg.guest, &prog)?;
+        let m = new_machine(&mem)?;
+        let serial = new_serial(&m.vm_fd, None, serial_out)?;
+        let base_cpuid = arch::cpuid::supported(&m.kvm)?;
+        let mut quirks = m.quirks;
+        let mut msr_indices = Vec::new();
+        let mut fds = Vec::new();
+        for v in 0..cfg.vcpus {
+            let fd = m
+                .vm_fd
+                .create_vcpu(u64::from(v))
+                .map_err(VmError::vcpu("KVM_CREATE_VCPU", v))?;
+            fd.set_cpuid2(&arch::cpuid::for_vcpu(&base_cpuid, v))
+                .map_err(VmError::vcpu("KVM_SET_CPUID2", v))?;
+            if v == 0 {
+                let p = arch::msr::probe(&m.kvm, &fd)?;
+                if !p.dropped.is_empty() {
+                    quirks.push(format!(
+                        "{} MSRs listed by KVM cannot be read and set back and are not saved: {:x?}",
+                        p.dropped.len(),
+                        p.dropped
+                    ));
+                }
+                msr_indices = p.usable;
+            }
+            arch::regs::setup(&fd, v, cfg.vcpus, prog.kernel_entry)?;
+            arch::lapic::setup(&fd, v)?;
+            fds.push(fd);
+        }
+        Self::start(
+            m.kvm,
+            m.vm_fd,
+            fds,
+            mem,
+            serial,
+            cfg,
+            gl,
+            msr_indices,
+            m.xsave_ok,
+            quirks,
+            false,
+        )
+    }
+
+    /// Builds a fresh VM (new VM and vCPU fds) from `state` around `mem`, which must hold the
+    /// guest memory as of the capture. With `start_paused` the vCPUs park before running.
+    pub fn restore(
+        state: &MachineState,
+        mem: GuestMemoryMmap,
+        serial_out: Box<dyn Write + Send>,
+        start_paused: bool,
+    ) -> Result<Vm, VmError> {
+        if state.version != STATE_FORMAT_VERSION {
+            return Err(VmError::StateVersion {
+                found: state.version,
+                expected: STATE_FORMAT_VERSION,
+            });
+        }
+        state.validate()?;
+        let cfg = state.config.clone();
+        memory::check_layout(&mem, cfg.mem_bytes)?;
+        let gl = GuestLayout::new(cfg.mem_bytes, cfg.vcpus, &cfg.guest)?;
+        let m = new_machine(&mem)?;
+        let serial = new_serial(&m.vm_fd, Some(&(&state.serial).into()), serial_out)?;
+        if !m.xsave_ok {
+            return Err(VmError::XsaveTooLarge(
+                m.vm_fd.check_extension_int(Cap::Xsave2),
+            ));
+        }
+        let mut fds = Vec::new();
+        for s in &state.vcpus {
+            let fd = m
+                .vm_fd
+                .create_vcpu(u64::from(s.id))
+                .map_err(VmError::vcpu("KVM_CREATE_VCPU", s.id))?;
+            state::restore_vcpu(&fd, s, m.xsave_ok)?;
+            fds.push(fd);
+        }
+        state::restore_vm(&m.vm_fd, state)?;
+        state::restore_clock(&m.vm_fd, &state.clock)?;
+        let msr_indices = state
+            .vcpus
+            .first()
+            .map(|v| v.msrs.iter().map(|e| e.index).collect())
+            .unwrap_or_default();
+        Self::start(
+            m.kvm,
+            m.vm_fd,
+            fds,
+            mem,
+            serial,
+            cfg,
+            gl,
+            msr_indices,
+            m.xsave_ok,
+            m.quirks,
+            start_paused,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        kvm: Kvm,
+        vm_fd: VmFd,
+        fds: Vec<VcpuFd>,
+        mem: GuestMemoryMmap,
+        serial: SerialDevice,
+        cfg: VmConfig,
+        gl: GuestLayout,
+        msr_indices: Vec<u32>,
+        xsave_ok: bool,
+        quirks: Vec<String>,
+        start_paused: bool,
+    ) -> Result<Vm, VmError> {
+        let n = fds.len();
+        let shared = Arc::new(Shared::new(n, start_paused));
+        let io = Arc::new(IoBus {
+            serial: Mutex::new(serial),
+            mem,
+        });
+        let vcpus: Vec<Arc<Mutex<VcpuFd>>> =
+            fds.into_iter().map(|f| Arc::new(Mutex::new(f))).collect();
+        let vm = Vm {
+            shared,
+            threads: Mutex::new(Vec::new()),
+            vcpus,
+            vm_fd,
+            _kvm: kvm,
+            io,
+            cfg,
+            gl,
+            msr_indices,
+            xsave_ok,
+            quirks,
+            control: Mutex::new(()),
+        };
+        for (i, fd) in vm.vcpus.iter().enumerate() {
+            let runner = VcpuRunner {
+                id: i as u8,
+                fd: Arc::clone(fd),
+                shared: Arc::clone(&vm.shared),
+                io: Arc::clone(&vm.io),
+            };
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || runner.run())
+                .map_err(VmError::ThreadSpawn)?;
+            vm.threads.lock().unwrap_or_else(|e| e.into_inner()).push(h);
+        }
+        if start_paused {
+            vm.wait_parked(Instant::now())?;
+        }
+        Ok(vm)
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.io.mem
+    }
+
+    /// Configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+
+    /// Where each vCPU's data lives.
+    pub fn guest_layout(&self) -> &GuestLayout {
+        &self.gl
+    }
+
+    /// Host quirks noticed while building the VM (refused optional ioctls, dropped MSRs ...).
+    pub fn quirks(&self) -> &[String] {
+        &self.quirks
+    }
+
+    /// Number of failed writes to the serial output so far.
+    pub fn serial_errors(&self) -> u64 {
+        self.shared.serial_errors.load(Ordering::Relaxed)
+    }
+
+    fn ended(&self) -> bool {
+        self.shared.lock().exit_status.is_some()
+    }
+
+    fn wait_parked(&self, t0: Instant) -> Result<Duration, VmError> {
+        let n = self.vcpus.len();
+        let mut c = self.shared.lock();
+        let mut last_kick: Option<Instant> = None;
+        loop {
+            if c.exit_status.is_some() {
+                return Err(VmError::NotRunning);
+            }
+            let parked = c.parked.iter().filter(|&&p| p).count();
+            if parked == n {
+                return Ok(t0.elapsed());
+            }
+            if t0.elapsed() > PAUSE_TIMEOUT {
+                return Err(VmError::PauseTimeout { parked, total: n });
+            }
+            if last_kick.map_or(true, |k| k.elapsed() >= REKICK_INTERVAL) {
+                self.shared.kick_locked(&c);
+                last_kick = Some(Instant::now());
+            }
+            c = self
+                .shared
+                .cv
+                .wait_timeout(c, REKICK_INTERVAL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Pauses every vCPU; returns once all are parked, with the time it took.
+    pub fn pause(&self) -> Result<Duration, VmError> {
+        let _g = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let t0 = Instant::now();
+        if self.ended() {
+            return Err(VmError::NotRunning);
+        }
+        self.shared.pause_req.store(true, Ordering::SeqCst);
+        self.wait_parked(t0)
+    }
+
+    /// Resumes paused vCPUs; returns once all have left their parking spot.
+    pub fn resume(&self) -> Result<Duration, VmError> {
+        let _g = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let t0 = Instant::now();
+        let mut c = self.shared.lock();
+        if c.exit_status.is_some() {
+            return Err(VmError::NotRunning);
+        }
+        self.shared.pause_req.store(false, Ordering::SeqCst);
+        self.shared.cv.notify_all();
+        while c.parked.iter().any(|&p| p) && c.exit_status.is_none() {
+            c = self
+                .shared
+                .cv
+                .wait_timeout(c, REKICK_INTERVAL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(t0.elapsed())
+    }
+
+    /// True while every vCPU is parked by a pause.
+    pub fn is_paused(&self) -> bool {
+        let c = self.shared.lock();
+        self.shared.pause_req.load(Ordering::SeqCst)
+            && c.exit_status.is_none()
+            && c.parked.iter().all(|&p| p)
+    }
+
+    /// Captures the complete machine state; the VM must be paused. The vCPU ioctls run on the
+    /// calling thread (KVM allows that; parked vCPU threads have released their `VcpuFd`).
+    pub fn capture_state(&self) -> Result<MachineState, VmError> {
+        let _g = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.is_paused() {
+            return Err(VmError::NotPaused);
+        }
+        if !self.xsave_ok {
+            return Err(VmError::XsaveTooLarge(
+                self.vm_fd.check_extension_int(Cap::Xsave2),
+            ));
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for (i, fd) in self.vcpus.iter().enumerate() {
+            let fd = fd.lock().unwrap_or_else(|e| e.into_inner());
+            vcpus.push(state::capture_vcpu(&fd, i as u8, &self.msr_indices)?);
+        }
+        let w = state::capture_vm(&self.vm_fd)?;
+        let serial = self
+            .io
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state()
+            .into();
+        let slots = guest::read_slots(&self.io.mem, self.cfg.vcpus)?;
+        let ticks = guest_u64(&self.io.mem, ctrl::global(ctrl::TICKS))?.load(Ordering::Acquire);
+        Ok(MachineState {
+            version: STATE_FORMAT_VERSION,
+            config: self.cfg.clone(),
+            vcpus,
+            pic_master: w.pic_master,
+            pic_slave: w.pic_slave,
+            ioapic: w.ioapic,
+            pit: w.pit,
+            clock: w.clock,
+            serial,
+            slots,
+            ticks,
+            notes: self.quirks.clone(),
+        })
+    }
+
+    /// The built-in guest's progress, read from guest memory (cheap; any thread, any time).
+    pub fn progress(&self) -> GuestProgress {
+        let mut p = guest::read_progress(&self.io.mem, &self.gl).unwrap_or_default();
+        p.reports = self
+            .shared
+            .reports
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .collect();
+        p
+    }
+
+    /// Asks every vCPU of the built-in guest to verify its memory (served between steps).
+    pub fn request_self_check(&self) -> Result<(), VmError> {
+        if self.ended() {
+            return Err(VmError::NotRunning);
+        }
+        let req = guest_u64(&self.io.mem, ctrl::global(ctrl::CHECK_REQ))?;
+        req.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// The verdict of the latest self-check request, once every vCPU answered it.
+    pub fn self_check_result(&self) -> Option<SelfCheckVerdict> {
+        let mem = &self.io.mem;
+        let req = guest_u64(mem, ctrl::global(ctrl::CHECK_REQ))
+            .ok()?
+            .load(Ordering::Acquire);
+        if req == 0 {
+            return None;
+        }
+        let mut vcpus = Vec::new();
+        for v in 0..self.cfg.vcpus {
+            let ack = guest_u64(mem, ctrl::vcpu(v, ctrl::V_CHECK_ACK))
+                .ok()?
+                .load(Ordering::Acquire);
+            if ack != req {
+                return None;
+            }
+            let code = guest_u64(mem, ctrl::vcpu(v, ctrl::V_CHECK_STATUS))
+                .ok()?
+                .load(Ordering::Acquire);
+            let bad = guest_u64(mem, ctrl::vcpu(v, ctrl::V_CHECK_BAD))
+                .ok()?
+                .load(Ordering::Acquire);
+            vcpus.push(VcpuVerdict {
+                vcpu: v,
+                passed: code == ctrl::CHECK_PASS,
+                code,
+                first_bad_gpa: (code != ctrl::CHECK_PASS).then_some(bad),
+            });
+        }
+        Some(SelfCheckVerdict { vcpus })
+    }
+
+    /// Asks the built-in guest to power off (it writes the power-off port).
+    pub fn request_guest_poweroff(&self) -> Result<(), VmError> {
+        guest_u64(&self.io.mem, ctrl::global(ctrl::POWEROFF_REQ))?.store(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// How the VM ended, once it has.
+    pub fn exit_status(&self) -> Option<VmExitStatus> {
+        self.shared.lock().exit_status.clone()
+    }
+
+    /// Waits up to `timeout` for the VM to end.
+    pub fn wait(&self, timeout: Duration) -> Option<VmExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let mut c = self.shared.lock();
+        loop {
+            if let Some(s) = &c.exit_status {
+                return Some(s.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            c = self
+                .shared
+                .cv
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Stops the vCPUs and joins their threads (idempotent). The memory stays usable.
+    pub fn shutdown(&self) {
+        self.shared.end(VmExitStatus::Stopped);
+        let threads: Vec<JoinHandle<()>> = self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for t in threads {
+            // A panicking vCPU thread already recorded nothing useful; the VM is ending anyway.
+            let _ = t.join();
+        }
+        let _ = self
+            .io
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .writer_mut()
+            .flush();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
