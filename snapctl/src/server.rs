@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm_core::{GuestParams, MemBackend, Vm, VmConfig, WriteRate};
-use wp_tracker::{HostRange, WpTracker};
+use wp_tracker::WpTracker;
 
 /// Builds the VM configuration of `snapctl boot` from its flags.
 pub fn boot_config(
@@ -308,12 +308,8 @@ impl Vmm {
             return Ok(t.clone());
         }
         let t = WpTracker::new().context("opening userfaultfd")?;
-        for (_, host, len) in vmm_core::host_ranges(self.vm.memory()) {
-            // SAFETY-free: the ranges are the VM's guest memory mappings, which live as long as `self.vm`,
-            // and the tracker is dropped (unregistering them) before the VM in `Vmm`'s drop order.
-            t.register_guest(HostRange { start: host, len })
-                .context("registering guest memory with userfaultfd")?;
-        }
+        t.register_memory(self.vm.memory())
+            .context("registering guest memory with userfaultfd")?;
         let t = Arc::new(t);
         *g = Some(t.clone());
         Ok(t)
