@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vmm_core::{GuestParams, MemBackend, Vm, VmConfig, WriteRate};
+use vmm_core::{GuestParams, MemBackend, Vm, VmConfig, VmExitStatus, WriteRate};
 use wp_tracker::WpTracker;
 
 /// Builds the VM configuration of `snapctl boot` from its flags.
@@ -187,7 +187,11 @@ fn serve(vm: Vm, listener: UnixListener, sock: &Path) -> anyhow::Result<ExitCode
     match exit {
         Some(status) => {
             eprintln!("snapctl: VM ended: {status}");
-            Ok(if status.is_clean() {
+            let clean = matches!(
+                status,
+                VmExitStatus::PowerOff { .. } | VmExitStatus::Reset { .. } | VmExitStatus::Stopped
+            );
+            Ok(if clean {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -294,7 +298,9 @@ impl Vmm {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(120) {
             if let Some(v) = self.vm.self_check_result() {
-                return Reply::Ok(serde_json::to_value(&v).unwrap_or(Value::Null));
+                let mut out = serde_json::to_value(&v).unwrap_or(Value::Null);
+                out["pass"] = Value::Bool(v.passed());
+                return Reply::Ok(out);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
