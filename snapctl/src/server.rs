@@ -34,7 +34,7 @@ pub fn boot_config(
             anyhow::anyhow!("--write-rate must be `full`, `idle` or pages per second, not `{n}`")
         })?),
     };
-    if mem < 64 << 20 || mem % (2 << 20) != 0 {
+    if mem < 64 << 20 || !mem.is_multiple_of(2 << 20) {
         bail!("--mem must be a multiple of 2 MiB and at least 64 MiB");
     }
     Ok(VmConfig {
