@@ -48,6 +48,7 @@ pub fn build_snapctl() -> anyhow::Result<PathBuf> {
 }
 
 /// A VMM process started by a task; killed on drop.
+#[derive(Debug)]
 pub struct VmmProc {
     pub child: Child,
     pub sock: PathBuf,
@@ -168,6 +169,7 @@ pub fn snapctl(bin: &Path, args: &[&str]) -> anyhow::Result<(i32, String, String
     ))
 }
 
+#[derive(Debug)]
 struct Steps {
     passed: usize,
     failed: usize,
