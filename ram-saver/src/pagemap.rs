@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use uffd_sys::pagemap::ScanQuery;
-use uffd_sys::{PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
+use uffd_sys::{PAGE_IS_HUGE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
 
 const PAGE: usize = 4096;
 const PM_PRESENT: u64 = 1 << 63;
@@ -83,6 +83,20 @@ impl Pagemap {
             !any
         });
         r.is_err() || any
+    }
+
+    /// Runs `(start, end)` of the range mapped by huge pages (THP or hugetlb); empty if the
+    /// kernel cannot tell (no PAGEMAP_SCAN).
+    pub fn huge_ranges(&self, start: usize, len: usize) -> Vec<(usize, usize)> {
+        let q = ScanQuery {
+            inverted: 0,
+            required: PAGE_IS_HUGE | PAGE_IS_PRESENT,
+            anyof: 0,
+            return_mask: PAGE_IS_HUGE,
+        };
+        uffd_sys::pagemap::scan(start, len, q)
+            .map(|v| v.into_iter().map(|r| (r.start, r.end)).collect())
+            .unwrap_or_default()
     }
 
     /// Number of pages of the range that are still uffd write-protected.

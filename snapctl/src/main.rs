@@ -3,6 +3,7 @@
 
 mod api;
 mod client;
+mod monitor;
 mod offline;
 mod server;
 mod units;

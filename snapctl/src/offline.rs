@@ -251,7 +251,7 @@ pub fn oracle(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
 
 /// The VMM side of `save`: freeze (pause, capture, write-protect, resume), then the live save.
 pub fn live_save(
-    vm: &Vm,
+    vm: &std::sync::Arc<Vm>,
     tracker: &WpTracker,
     req: &SaveRequest,
     cancel: &AtomicBool,
@@ -299,6 +299,7 @@ pub fn live_save(
             return Err(anyhow::anyhow!("resuming vCPUs after the freeze: {e}"));
         }
     };
+    let monitor = crate::monitor::ProgressMonitor::start(vm);
     let cfg = state.config().clone();
     let header = SnapshotHeader::new(
         Vec::new(),
@@ -360,6 +361,7 @@ pub fn live_save(
             cancel,
         )
     };
+    let guest = monitor.finish();
     let summary = match res {
         Ok(s) => s,
         Err(ram_saver::SaveError::Cancelled) => bail!("cancelled; no file was written"),
@@ -387,5 +389,7 @@ pub fn live_save(
         "records": summary.records,
         "compression": compression,
         "freeze_steps": state.guest_slots(),
+        "guest_steps_per_s_during": guest.steps_per_s,
+        "guest_max_stall_ms": guest.max_stall_ms,
     }))
 }

@@ -129,7 +129,7 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
 
 /// State shared by the control threads.
 struct Vmm {
-    vm: Vm,
+    vm: Arc<Vm>,
     tracker: Mutex<Option<Arc<WpTracker>>>,
     save: Mutex<Option<Arc<AtomicBool>>>,
     started: Instant,
@@ -139,7 +139,7 @@ struct Vmm {
 
 fn serve(vm: Vm, listener: UnixListener, sock: &Path) -> anyhow::Result<ExitCode> {
     let vmm = Arc::new(Vmm {
-        vm,
+        vm: Arc::new(vm),
         tracker: Mutex::new(None),
         save: Mutex::new(None),
         started: Instant::now(),
@@ -285,6 +285,7 @@ impl Vmm {
             "mem_bytes": cfg.mem_bytes,
             "vcpus": cfg.vcpus,
             "ticks": p.ticks,
+            "fill_done": p.fill_done,
             "steps": p.steps,
             "steps_per_s": *self.rates.lock().expect("rates lock"),
             "save": self.save.lock().expect("save lock").is_some(),

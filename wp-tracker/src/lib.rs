@@ -200,6 +200,23 @@ pub enum WpError {
         #[source]
         source: io::Error,
     },
+    /// A copy destination does not have the length of the range copied.
+    #[error("cannot copy {range} into a buffer of {len} bytes")]
+    LengthMismatch {
+        /// The range to copy.
+        range: HostRange,
+        /// The buffer length.
+        len: usize,
+    },
+    /// MADV_COLLAPSE refused to back a range with huge pages again.
+    #[error("cannot collapse {range} into huge pages")]
+    Collapse {
+        /// The range.
+        range: HostRange,
+        /// The madvise error.
+        #[source]
+        source: io::Error,
+    },
     /// Reading fault events from the userfaultfd failed.
     #[error("reading userfaultfd events failed")]
     Read(#[source] io::Error),
@@ -332,7 +349,10 @@ impl WpTracker {
             }
             done.push(range);
         }
-        self.kept.lock().unwrap_or_else(|p| p.into_inner()).push(mem.clone());
+        self.kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(mem.clone());
         Ok(())
     }
 
@@ -463,6 +483,57 @@ impl WpTracker {
         self.uffd
             .wake(range.start, range.len)
             .map_err(|e| self.ioctl_error("UFFDIO_WAKE", range, e))
+    }
+
+    /// Copy the bytes of a write-protected range into `dst` (`dst.len()` must equal
+    /// `range.len`) with a plain memcpy, several times faster than volatile guest-memory copies.
+    ///
+    /// Contract: the caller write-protected `range` and has not released it yet, and does not
+    /// release it until this returns. Then nothing can change the bytes while they are copied:
+    /// every write, including KVM's kernel-mode writes, blocks on the write-protect fault. If the
+    /// contract is broken the copy may be torn, nothing worse: registered ranges stay mapped and
+    /// readable. Reading a never-touched page maps the shared zero page and keeps it protected.
+    pub fn copy_protected(&self, range: HostRange, dst: &mut [u8]) -> Result<(), WpError> {
+        self.check_covered(range)?;
+        if dst.len() != range.len {
+            return Err(WpError::LengthMismatch {
+                range,
+                len: dst.len(),
+            });
+        }
+        // SAFETY: `range` lies inside registered ranges, which stay mapped (and readable) while
+        // registered; `dst` is a distinct, exclusively borrowed buffer of the same length, so
+        // the two do not overlap. Under the documented contract no one writes the source during
+        // the copy (writers block on the write-protect fault), so the copy is not torn.
+        unsafe {
+            std::ptr::copy_nonoverlapping(range.start as *const u8, dst.as_mut_ptr(), range.len)
+        };
+        Ok(())
+    }
+
+    /// Ask the kernel to back `range` (2 MiB aligned, released) with transparent huge pages
+    /// again (MADV_COLLAPSE, Linux 6.1+): undoes the split caused by releasing 4 KiB pieces of a
+    /// huge page. Contents do not change. Fails (typically EAGAIN/EINVAL) if part of the range
+    /// is still write-protected, not populated, or not THP-eligible.
+    pub fn collapse_huge(&self, range: HostRange) -> Result<(), WpError> {
+        self.check_covered(range)?;
+        // SAFETY: MADV_COLLAPSE only changes how the range is backed, never its contents or
+        // mapping; the range lies inside registered (mapped) memory.
+        let r = unsafe {
+            libc::madvise(
+                range.start as *mut libc::c_void,
+                range.len,
+                libc::MADV_COLLAPSE,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(WpError::Collapse {
+                range,
+                source: io::Error::last_os_error(),
+            })
+        }
     }
 
     /// Read pending fault events without blocking; appends to `out`, returns how many.
@@ -795,6 +866,30 @@ mod tests {
         assert_eq!(t.registered()[0].start, m.0, "sorted by address");
         t.protect(m.range()).unwrap();
         t.unprotect(m.range(), true).unwrap();
+        t.unregister_all().unwrap();
+    }
+
+    #[test]
+    fn copy_protected_copies_registered_ranges_only() {
+        let t = WpTracker::new().unwrap();
+        let m = Map::anon(4 * 4096);
+        // SAFETY: fresh mapping of our own, written before registration.
+        unsafe { std::ptr::write_bytes(m.0 as *mut u8, 7, 4 * 4096) };
+        // SAFETY: unregistered explicitly before `m` is dropped.
+        unsafe { t.register(HostRange::new(m.0, 2 * 4096)) }.unwrap();
+        t.protect_all().unwrap();
+        let mut buf = vec![0u8; 2 * 4096];
+        t.copy_protected(HostRange::new(m.0, 2 * 4096), &mut buf)
+            .unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+        assert!(matches!(
+            t.copy_protected(HostRange::new(m.0, 4096), &mut buf),
+            Err(WpError::LengthMismatch { .. })
+        ));
+        assert!(matches!(
+            t.copy_protected(HostRange::new(m.0 + 4096, 2 * 4096), &mut buf),
+            Err(WpError::NotRegistered { .. })
+        ));
         t.unregister_all().unwrap();
     }
 
