@@ -1,29 +1,463 @@
-//! `cargo xtask bench`: performance figures on the built-in guest, written to `target/bench/`.
+//! `cargo xtask bench [--quick] [uffd]`: performance figures on the built-in guest, in one run, written as
+//! Markdown and JSON under `target/bench/`.
+//!
+//! Every figure is also given as a fraction of the machine's own limit measured in the same run (memcpy
+//! bandwidth, sequential file write with fsync, zstd level 1 on the guest's data), so runs on different or busy
+//! machines stay comparable. Nothing here asserts a wall-clock limit; it reports.
 
+use crate::{build_snapctl, root, VmmProc};
 use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// Entry point of `cargo xtask bench [uffd]`.
+/// Entry point of `cargo xtask bench`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
-    match args.first().map(String::as_str) {
-        Some("uffd") => uffd(),
-        _ => {
-            uffd()?;
-            Ok(())
-        }
+    if args.iter().any(|a| a == "uffd") {
+        return uffd();
     }
+    let quick = args.iter().any(|a| a == "--quick");
+    matrix(quick)
 }
 
 /// userfaultfd figures: fault service latency, write-protect time for 1 and 4 GiB.
 fn uffd() -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = Command::new(cargo)
-        .current_dir(crate::root())
-        .args(["run", "--release", "-p", "wp-tracker", "--example", "wp_bench"])
+        .current_dir(root())
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "wp-tracker",
+            "--example",
+            "wp_bench",
+        ])
         .status()
         .context("running wp_bench")?;
     if !st.success() {
         bail!("wp_bench failed");
     }
     Ok(())
+}
+
+/// One case of the matrix.
+#[derive(Debug, Clone)]
+struct Case {
+    mem_mib: u64,
+    full: bool,
+    vcpus: u8,
+    zstd: bool,
+}
+
+impl Case {
+    fn name(&self) -> String {
+        format!(
+            "{} {} {}vcpu {}",
+            if self.mem_mib >= 1024 {
+                format!("{}G", self.mem_mib / 1024)
+            } else {
+                format!("{}M", self.mem_mib)
+            },
+            if self.full { "full" } else { "idle" },
+            self.vcpus,
+            if self.zstd { "zstd" } else { "raw" }
+        )
+    }
+}
+
+/// The machine's own limits, measured in this run.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    memcpy_gbps: f64,
+    file_write_gbps: f64,
+    zstd1_gbps: f64,
+}
+
+fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64().max(1e-9) / 1e9
+}
+
+fn memcpy_limit() -> f64 {
+    let n = 512usize << 20;
+    let src: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
+    let mut dst = vec![0u8; n];
+    dst.copy_from_slice(&src); // fault the pages in first
+    let t0 = Instant::now();
+    for _ in 0..4 {
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&dst);
+    }
+    gbps(4 * n as u64, t0.elapsed())
+}
+
+fn file_write_limit(dir: &Path) -> anyhow::Result<f64> {
+    let p = dir.join("write-limit.tmp");
+    let buf: Vec<u8> = (0..(8usize << 20)).map(|i| (i * 7 % 253) as u8).collect();
+    let total = 2u64 << 30;
+    let t0 = Instant::now();
+    let mut f = std::fs::File::create(&p)?;
+    let mut done = 0;
+    while done < total {
+        f.write_all(&buf)?;
+        done += buf.len() as u64;
+    }
+    f.sync_all()?;
+    let d = t0.elapsed();
+    drop(f);
+    std::fs::remove_file(&p)?;
+    Ok(gbps(total, d))
+}
+
+/// zstd level 1 on all cores over `data` in 2 MiB chunks (as the saver compresses).
+fn zstd_limit(data: &[u8]) -> anyhow::Result<f64> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunks: Vec<&[u8]> = data.chunks(2 << 20).collect();
+    let next = AtomicU64::new(0);
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..cores {
+            s.spawn(|| {
+                let mut c = zstd::bulk::Compressor::new(1).expect("zstd");
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(ch) = chunks.get(i) else { break };
+                    std::hint::black_box(c.compress(ch).expect("compress"));
+                }
+            });
+        }
+    });
+    Ok(gbps(data.len() as u64, t0.elapsed()))
+}
+
+/// VmRSS of a process, bytes.
+fn rss(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS:") * 1024
+}
+
+fn status_kb(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// AnonHugePages of the largest mapping of a process (the guest RAM), bytes.
+fn guest_thp(pid: u32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut best_size, mut best_thp, mut size, mut thp) = (0u64, 0u64, 0u64, 0u64);
+    for l in smaps.lines() {
+        let mut it = l.split_whitespace();
+        match it.next() {
+            Some("Size:") => size = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+            Some("AnonHugePages:") => {
+                thp = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                if size > best_size {
+                    best_size = size;
+                    best_thp = thp;
+                }
+            }
+            _ => {}
+        }
+    }
+    let _ = thp;
+    best_thp * 1024
+}
+
+/// Guest steps per second over `window`.
+fn rate(vm: &VmmProc, window: Duration) -> anyhow::Result<f64> {
+    let a: u64 = vm.steps()?.iter().sum();
+    let t0 = Instant::now();
+    std::thread::sleep(window);
+    let b: u64 = vm.steps()?.iter().sum();
+    Ok(b.saturating_sub(a) as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn wait_fill(vm: &VmmProc) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    loop {
+        if vm.status()?["fill_done"] == Value::Bool(true) {
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(300) {
+            bail!("guest fill not done after 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn run_case(bin: &Path, dir: &Path, c: &Case, quick: bool) -> anyhow::Result<Value> {
+    let sock = dir.join("bench.sock");
+    let snap = dir.join("bench.snap");
+    let _ = std::fs::remove_file(&snap);
+    let mem = format!("{}M", c.mem_mib);
+    let vcpus = c.vcpus.to_string();
+    let vm = VmmProc::start(
+        bin,
+        &[
+            "boot",
+            "--mem",
+            &mem,
+            "--vcpus",
+            &vcpus,
+            "--write-rate",
+            if c.full { "full" } else { "idle" },
+        ],
+        &sock,
+        &dir.join("bench.serial"),
+    )?;
+    let pid = vm.child.id();
+    wait_fill(&vm)?;
+    let window = if quick {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_secs(5)
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let thp_before = guest_thp(pid);
+    let rate_before = if c.full { rate(&vm, window)? } else { 0.0 };
+    let rss_before = rss(pid);
+    let peak = Arc::new(AtomicU64::new(rss_before));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(rss(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let snap_s = snap.to_str().context("path")?;
+    let mut args = vec!["save", "--out", snap_s, "--json", "--force"];
+    if c.zstd {
+        args.push("--zstd");
+        args.push("--zstd-level");
+        args.push("1");
+    }
+    let summary: Value = serde_json::from_str(vm.ctl(&args)?.trim()).context("save summary")?;
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    let extra_rss = peak.load(Ordering::Relaxed).saturating_sub(rss_before);
+    std::thread::sleep(Duration::from_secs(2));
+    let rate_after = if c.full { rate(&vm, window)? } else { 0.0 };
+    let thp_after = guest_thp(pid);
+    vm.shutdown()?;
+
+    // Restore: time from process start to the guest's first progress past its freeze instant.
+    let freeze: Vec<u64> = summary["freeze_steps"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(0)).collect())
+        .unwrap_or_default();
+    let t0 = Instant::now();
+    let rvm = VmmProc::start(
+        bin,
+        &["restore", snap_s],
+        &sock,
+        &dir.join("restore.serial"),
+    )?;
+    let restore_s = if c.full {
+        rvm.wait_steps_beyond(&freeze, Duration::from_secs(120))?;
+        t0.elapsed().as_secs_f64()
+    } else {
+        let t = rvm.status()?["ticks"].as_u64().unwrap_or(0);
+        loop {
+            if rvm.status()?["ticks"].as_u64().unwrap_or(0) > t {
+                break t0.elapsed().as_secs_f64();
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                bail!("restored guest shows no timer ticks");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    rvm.shutdown()?;
+    let file_bytes = summary["file_bytes"].as_u64().unwrap_or(0);
+    let _ = std::fs::remove_file(&snap);
+    let guest_bytes = c.mem_mib << 20;
+    let dur = summary["duration_s"].as_f64().unwrap_or(0.0);
+    Ok(json!({
+        "case": c.name(), "mem_mib": c.mem_mib, "full": c.full, "vcpus": c.vcpus, "zstd": c.zstd,
+        "downtime_ms": summary["downtime_ms"], "duration_s": dur,
+        "save_gbps": guest_bytes as f64 / dur.max(1e-9) / 1e9,
+        "image_size_ratio": summary["image_size_ratio"], "file_bytes": file_bytes,
+        "rate_before": rate_before, "rate_during": summary["guest_steps_per_s_during"],
+        "rate_after": rate_after, "max_stall_ms": summary["guest_max_stall_ms"],
+        "faults": summary["faults_served"], "p50_us": summary["fault_latency_p50_us"],
+        "p99_us": summary["fault_latency_p99_us"], "max_us": summary["fault_latency_max_us"],
+        "extra_rss_mib": extra_rss as f64 / (1 << 20) as f64,
+        "restore_s": restore_s, "restore_gbps": guest_bytes as f64 / restore_s / 1e9,
+        "thp_before_mib": thp_before >> 20, "thp_after_mib": thp_after >> 20,
+    }))
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(0.0)
+}
+
+fn matrix(quick: bool) -> anyhow::Result<()> {
+    let bin = build_snapctl()?;
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let mut cases = Vec::new();
+    if quick {
+        for zstd in [false, true] {
+            cases.push(Case {
+                mem_mib: 1024,
+                full: true,
+                vcpus: 2,
+                zstd,
+            });
+        }
+        cases.push(Case {
+            mem_mib: 256,
+            full: false,
+            vcpus: 1,
+            zstd: false,
+        });
+    } else {
+        for mem_mib in [256, 1024, 4096] {
+            for full in [false, true] {
+                for vcpus in [1, 2] {
+                    for zstd in [false, true] {
+                        cases.push(Case {
+                            mem_mib,
+                            full,
+                            vcpus,
+                            zstd,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    eprintln!("bench: measuring the machine's limits");
+    let memcpy_gbps = memcpy_limit();
+    let file_write_gbps = file_write_limit(&dir)?;
+    // zstd on the guest's own data: a raw snapshot of a filled guest.
+    let sample = {
+        let vm = VmmProc::start(
+            &bin,
+            &["boot", "--mem", "256M", "--write-rate", "full"],
+            &dir.join("bench.sock"),
+            &dir.join("bench.serial"),
+        )?;
+        wait_fill(&vm)?;
+        let p = dir.join("sample.snap");
+        vm.ctl(&[
+            "save",
+            "--out",
+            p.to_str().context("path")?,
+            "--force",
+            "--json",
+        ])?;
+        vm.shutdown()?;
+        let mut data = Vec::new();
+        std::fs::File::open(&p)?.read_to_end(&mut data)?;
+        let _ = std::fs::remove_file(&p);
+        data
+    };
+    let zstd1_gbps = zstd_limit(&sample)?;
+    let limits = Limits {
+        memcpy_gbps,
+        file_write_gbps,
+        zstd1_gbps,
+    };
+    eprintln!("bench: limits {limits:?}");
+
+    let mut rows = Vec::new();
+    for c in &cases {
+        eprintln!("bench: {}", c.name());
+        match run_case(&bin, &dir, c, quick) {
+            Ok(r) => {
+                eprintln!("bench:   {r}");
+                rows.push(r);
+            }
+            Err(e) => {
+                eprintln!("bench:   FAILED: {e:#}");
+                rows.push(json!({"case": c.name(), "error": format!("{e:#}")}));
+            }
+        }
+    }
+    let out = json!({
+        "limits": {"memcpy_gbps": limits.memcpy_gbps, "file_write_gbps": limits.file_write_gbps,
+                   "zstd1_gbps": limits.zstd1_gbps},
+        "cases": rows,
+    });
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&out)?,
+    )?;
+    let md = markdown(&limits, &rows);
+    std::fs::write(dir.join("results.md"), &md)?;
+    println!("{md}");
+    println!("bench: wrote {}", dir.join("results.md").display());
+    if rows.iter().any(|r| r.get("error").is_some()) {
+        bail!("some bench cases failed");
+    }
+    Ok(())
+}
+
+fn markdown(l: &Limits, rows: &[Value]) -> String {
+    let mut s = String::new();
+    s += "# snapctl bench\n\n";
+    s += &format!(
+        "Machine limits (same run): memcpy {:.2} GB/s, file write+fsync {:.2} GB/s, zstd-1 on guest data (all cores) {:.2} GB/s\n\n",
+        l.memcpy_gbps, l.file_write_gbps, l.zstd1_gbps
+    );
+    s += "| case | downtime ms | save s | save GB/s (of limit) | ratio | guest rate during/before | worst stall ms | faults | fault p50/p99/max µs | extra RSS MiB | restore s (GB/s) | THP MiB before→after | rate after/before |\n";
+    s += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    for r in rows {
+        if let Some(e) = r.get("error") {
+            s += &format!(
+                "| {} | FAILED: {} |\n",
+                r["case"].as_str().unwrap_or("?"),
+                e
+            );
+            continue;
+        }
+        let limit = if r["zstd"] == Value::Bool(true) {
+            l.zstd1_gbps
+        } else {
+            l.file_write_gbps
+        };
+        let full = r["full"] == Value::Bool(true);
+        let frac = |a: f64, b: f64| {
+            if full && b > 0.0 {
+                format!("{:.0} %", 100.0 * a / b)
+            } else {
+                "–".into()
+            }
+        };
+        s += &format!(
+            "| {} | {:.2} | {:.2} | {:.2} ({:.0} %) | {:.4} | {} | {:.1} | {} | {}/{}/{} | {:.0} | {:.2} ({:.2}) | {}→{} | {} |\n",
+            r["case"].as_str().unwrap_or("?"),
+            f(r, "downtime_ms"),
+            f(r, "duration_s"),
+            f(r, "save_gbps"),
+            100.0 * f(r, "save_gbps") / limit.max(1e-9),
+            f(r, "image_size_ratio"),
+            frac(f(r, "rate_during"), f(r, "rate_before")),
+            f(r, "max_stall_ms"),
+            r["faults"],
+            r["p50_us"],
+            r["p99_us"],
+            r["max_us"],
+            f(r, "extra_rss_mib"),
+            f(r, "restore_s"),
+            f(r, "restore_gbps"),
+            r["thp_before_mib"],
+            r["thp_after_mib"],
+            frac(f(r, "rate_after"), f(r, "rate_before")),
+        );
+    }
+    s
 }

@@ -82,7 +82,10 @@ impl VmmProc {
                 return Ok(p);
             }
             if t0.elapsed() > Duration::from_secs(120) {
-                bail!("snapctl {} did not open its socket in 120 s", args.join(" "));
+                bail!(
+                    "snapctl {} did not open its socket in 120 s",
+                    args.join(" ")
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -207,7 +210,11 @@ fn save_verify_oracle(vm: &VmmProc, out: &Path, extra: &[&str]) -> anyhow::Resul
     }
     let (code, so, err) = snapctl(&vm.bin, &["oracle", out_s])?;
     if code != 0 {
-        bail!("oracle {out_s} failed ({code}): {} {}", so.trim(), err.trim());
+        bail!(
+            "oracle {out_s} failed ({code}): {} {}",
+            so.trim(),
+            err.trim()
+        );
     }
     Ok(summary)
 }
@@ -219,7 +226,12 @@ fn restore_and_check(
     serial: &Path,
     summary: &Value,
 ) -> anyhow::Result<VmmProc> {
-    let vm = VmmProc::start(bin, &["restore", snap.to_str().context("path")?], sock, serial)?;
+    let vm = VmmProc::start(
+        bin,
+        &["restore", snap.to_str().context("path")?],
+        sock,
+        serial,
+    )?;
     let freeze: Vec<u64> = summary["freeze_steps"]
         .as_array()
         .context("summary without freeze_steps")?
@@ -267,7 +279,15 @@ fn e2e() -> anyhow::Result<()> {
     st.run("1 boot built-in guest (2 vCPUs, 1 GiB, full speed)", || {
         let vm = VmmProc::start(
             &bin,
-            &["boot", "--mem", "1G", "--vcpus", "2", "--write-rate", "full"],
+            &[
+                "boot",
+                "--mem",
+                "1G",
+                "--vcpus",
+                "2",
+                "--write-rate",
+                "full",
+            ],
             &p("vm1.sock"),
             &p("vm1.serial"),
         )?;
@@ -302,61 +322,76 @@ fn e2e() -> anyhow::Result<()> {
         });
     }
     if let Some(vm2) = vm2 {
-        st.run("5 save the restored VM raw, verify, restore, self-check", || {
-            let s = save_verify_oracle(&vm2, &p("b.snap"), &[])?;
-            let vm3 = restore_and_check(&bin, &p("b.snap"), &p("vm3.sock"), &p("vm3.serial"), &s)?;
-            vm3.shutdown()?;
-            Ok(fmt_summary(&s))
-        });
+        st.run(
+            "5 save the restored VM raw, verify, restore, self-check",
+            || {
+                let s = save_verify_oracle(&vm2, &p("b.snap"), &[])?;
+                let vm3 =
+                    restore_and_check(&bin, &p("b.snap"), &p("vm3.sock"), &p("vm3.serial"), &s)?;
+                vm3.shutdown()?;
+                Ok(fmt_summary(&s))
+            },
+        );
         let _ = vm2.shutdown();
     } else {
-        st.run("5 save the restored VM raw, verify, restore, self-check", || {
-            bail!("not run: step 4 did not restore a VM")
-        });
+        st.run(
+            "5 save the restored VM raw, verify, restore, self-check",
+            || bail!("not run: step 4 did not restore a VM"),
+        );
     }
 
-    st.run("6 tight --max-bandwidth save (many faults) round-trips", || {
-        let s = save_verify_oracle(&vm1, &p("c.snap"), &["--max-bandwidth", "64M"])?;
-        if s["faults_served"].as_u64().unwrap_or(0) == 0 {
-            bail!("a throttled save of a full-speed guest served no faults: {s}");
-        }
-        let vm4 = restore_and_check(&bin, &p("c.snap"), &p("vm4.sock"), &p("vm4.serial"), &s)?;
-        vm4.shutdown()?;
-        Ok(fmt_summary(&s))
-    });
+    st.run(
+        "6 tight --max-bandwidth save (many faults) round-trips",
+        || {
+            let s = save_verify_oracle(&vm1, &p("c.snap"), &["--max-bandwidth", "64M"])?;
+            if s["faults_served"].as_u64().unwrap_or(0) == 0 {
+                bail!("a throttled save of a full-speed guest served no faults: {s}");
+            }
+            let vm4 = restore_and_check(&bin, &p("c.snap"), &p("vm4.sock"), &p("vm4.serial"), &s)?;
+            vm4.shutdown()?;
+            Ok(fmt_summary(&s))
+        },
+    );
 
-    st.run("7 a corrupted copy is refused by verify and restore", || {
-        let src = if p("a.snap").exists() { p("a.snap") } else { p("c.snap") };
-        let mut data = std::fs::read(&src)?;
-        let mid = data.len() / 2;
-        data[mid] ^= 0x5a;
-        std::fs::write(p("bad.snap"), &data)?;
-        let bad = p("bad.snap");
-        let bad_s = bad.to_str().context("path")?;
-        let (code, _, err) = snapctl(&bin, &["verify", bad_s])?;
-        if code == 0 {
-            bail!("verify accepted a corrupted file");
-        }
-        let (rcode, _, rerr) = snapctl(
-            &bin,
-            &[
-                "restore",
-                bad_s,
-                "--api-sock",
-                p("bad.sock").to_str().context("path")?,
-                "--serial-log",
-                p("bad.serial").to_str().context("path")?,
-            ],
-        )?;
-        if rcode == 0 {
-            bail!("restore accepted a corrupted file");
-        }
-        Ok(format!(
-            "verify exit {code}: {} / restore exit {rcode}: {}",
-            err.lines().last().unwrap_or("").trim(),
-            rerr.lines().last().unwrap_or("").trim()
-        ))
-    });
+    st.run(
+        "7 a corrupted copy is refused by verify and restore",
+        || {
+            let src = if p("a.snap").exists() {
+                p("a.snap")
+            } else {
+                p("c.snap")
+            };
+            let mut data = std::fs::read(&src)?;
+            let mid = data.len() / 2;
+            data[mid] ^= 0x5a;
+            std::fs::write(p("bad.snap"), &data)?;
+            let bad = p("bad.snap");
+            let bad_s = bad.to_str().context("path")?;
+            let (code, _, err) = snapctl(&bin, &["verify", bad_s])?;
+            if code == 0 {
+                bail!("verify accepted a corrupted file");
+            }
+            let (rcode, _, rerr) = snapctl(
+                &bin,
+                &[
+                    "restore",
+                    bad_s,
+                    "--api-sock",
+                    p("bad.sock").to_str().context("path")?,
+                    "--serial-log",
+                    p("bad.serial").to_str().context("path")?,
+                ],
+            )?;
+            if rcode == 0 {
+                bail!("restore accepted a corrupted file");
+            }
+            Ok(format!(
+                "verify exit {code}: {} / restore exit {rcode}: {}",
+                err.lines().last().unwrap_or("").trim(),
+                rerr.lines().last().unwrap_or("").trim()
+            ))
+        },
+    );
     let _ = vm1.shutdown();
     finish(st)
 }
