@@ -30,7 +30,8 @@
 //!   6  reserved         u16      0
 //!   8  first_page       u64      guest page number = gpa / page_size
 //!  16  page_count       u32      >= 1; Data: page_count * page_size <= MAX_RECORD_RAW
-//!  20  stored_len       u32      payload bytes (ZeroRun: 0; raw Data: page_count * page_size)
+//!  20  stored_len       u32      payload bytes (ZeroRun: 0; raw Data: page_count * page_size;
+//!                                zstd Data: at most ZSTD_compressBound(page_count * page_size))
 //!  24  crc32            u32      crc32 of bytes 0..24 of this header followed by the payload
 //!  28  payload          [stored_len bytes]
 //!
@@ -41,6 +42,9 @@
 //!   index:  `records` x { offset u64, first_page u64, page_count u32, kind u8, pad [u8; 3] }
 //!           in file order
 //!   trailer_crc u32  crc32 of every trailer byte before it
+//!   (the totals follow from the index: page counts by kind, `records` entries, raw_bytes =
+//!   data_pages * page_size, stored_bytes = trailer_offset - records start - 28 * records;
+//!   readers refuse a trailer whose totals disagree)
 //!
 //! FOOTER (last FOOTER_LEN = 32 bytes)
 //!   trailer_offset u64, trailer_len u64, footer_crc u32 (of the two u64), reserved u32 = 0,

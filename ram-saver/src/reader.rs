@@ -1,21 +1,42 @@
 //! Reading snapshot files: open (footer and trailer first), iterate records, verify, load.
+//!
+//! [`SnapshotReader::verify`] and [`SnapshotReader::load_into`] work on all cores. The trailer
+//! index splits the records into *units* of consecutive records (a few MiB of file each);
+//! workers claim units in file order and read each with positioned reads (`pread`) into a
+//! reusable window, checking every record header, bound, index entry and checksum on the way.
+//! The index is not trusted for anything but scheduling: a worker starts a unit at its first
+//! entry's offset, follows the chain of record lengths from there, and checks that the unit ends
+//! exactly where the next one starts (or at the trailer), so the units together prove the same
+//! back-to-back chain a sequential read would. Errors are reported for the lowest record index
+//! (every unit below a failing one was claimed before it and is finished), so the error is the
+//! one a sequential read would have stopped at. Readers built with
+//! [`SnapshotReader::from_reader`] (no file to `pread`) run the same code on the calling thread.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::sync_channel;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::format::{
-    decode_footer, u32_at, u64_at, FormatError, RecordHeader, RecordKind, SnapshotHeader, Totals,
-    Trailer, CODEC_RAW, FOOTER_LEN, FORMAT_VERSION, MAGIC, MAX_HEADER_LEN, MAX_RECORD_RAW,
-    RECORD_HEADER_LEN, STATE_TAG, TRAILER_FIXED_LEN,
+    decode_footer, u32_at, u64_at, Compression, FormatError, IndexEntry, RecordHeader, RecordKind,
+    SnapshotHeader, Totals, Trailer, CODEC_RAW, FOOTER_LEN, FORMAT_VERSION, MAGIC, MAX_HEADER_LEN,
+    MAX_RECORD_RAW, RECORD_HEADER_LEN, STATE_TAG, TRAILER_FIXED_LEN,
 };
 use crate::pagemap::Pagemap;
 use crate::writer::is_zero;
+
+/// Bytes read ahead per positioned read when streaming records (fits in L2 with room to spare).
+const WINDOW: usize = 1 << 20;
+/// Target file bytes of one unit of work.
+const UNIT_BYTES: u64 = 4 << 20;
+/// Most records in one unit.
+const UNIT_RECORDS: usize = 4096;
+/// Pages compared per read when clearing a zero run in memory that may hold data.
+const ZERO_CHUNK_PAGES: u64 = 64;
 
 /// One RAM record as read from the file, payload decompressed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,11 +81,16 @@ pub struct VerifyReport {
     pub machine_state_bytes: u64,
 }
 
-/// A snapshot file opened for reading. Opening checks magic, version, footer, trailer, header
-/// and machine state; records are checked as they are read.
+/// A snapshot file opened for reading. Opening checks magic, version, footer, trailer (and that
+/// its totals agree with its index), header and machine state; records are checked as they are
+/// read.
 #[derive(Debug)]
 pub struct SnapshotReader<R> {
     r: R,
+    /// Position of `r` when known (after our own read), to skip needless seeks.
+    cur: Option<u64>,
+    /// The same file for positioned reads from worker threads (files opened by path).
+    file: Option<File>,
     file_len: u64,
     header: SnapshotHeader,
     machine_state: Vec<u8>,
@@ -85,22 +111,82 @@ fn corrupt(what: impl Into<String>, record: Option<u64>, offset: u64) -> FormatE
     }
 }
 
+/// A read error at `pos`: running out of file means the file is incomplete.
+fn read_error(e: io::Error, pos: u64, len: usize) -> FormatError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        FormatError::Incomplete {
+            reason: format!("file ends before offset {}", pos + len as u64),
+        }
+    } else {
+        unreadable(e)
+    }
+}
+
+/// Something to read exact byte ranges from.
+trait Source {
+    fn read_exact_at(&mut self, buf: &mut [u8], pos: u64) -> Result<(), FormatError>;
+}
+
+/// Positioned reads on a file (any number of threads at once).
+struct Pread<'a>(&'a File);
+
+impl Source for Pread<'_> {
+    fn read_exact_at(&mut self, buf: &mut [u8], pos: u64) -> Result<(), FormatError> {
+        self.0
+            .read_exact_at(buf, pos)
+            .map_err(|e| read_error(e, pos, buf.len()))
+    }
+}
+
+/// Seek + read on any reader, skipping the seek when already there (keeps a `BufReader`'s
+/// buffer across back-to-back reads).
+struct Seq<'a, R> {
+    r: &'a mut R,
+    cur: &'a mut Option<u64>,
+}
+
+impl<R: Read + Seek> Source for Seq<'_, R> {
+    fn read_exact_at(&mut self, buf: &mut [u8], pos: u64) -> Result<(), FormatError> {
+        if *self.cur != Some(pos) {
+            *self.cur = None;
+            self.r.seek(SeekFrom::Start(pos)).map_err(unreadable)?;
+        }
+        *self.cur = None;
+        self.r
+            .read_exact(buf)
+            .map_err(|e| read_error(e, pos, buf.len()))?;
+        *self.cur = Some(pos + buf.len() as u64);
+        Ok(())
+    }
+}
+
 impl SnapshotReader<BufReader<File>> {
     /// Open and check the snapshot file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, FormatError> {
         let f = File::open(path).map_err(unreadable)?;
-        Self::from_reader(BufReader::with_capacity(1 << 20, f))
+        // Without a second handle everything still works, on one thread.
+        let file = f.try_clone().ok();
+        Self::check(BufReader::with_capacity(1 << 20, f), file)
     }
 }
 
 impl<R: Read + Seek> SnapshotReader<R> {
     /// Check a snapshot readable from `r` (any `Read + Seek`).
-    pub fn from_reader(mut r: R) -> Result<Self, FormatError> {
+    pub fn from_reader(r: R) -> Result<Self, FormatError> {
+        Self::check(r, None)
+    }
+
+    fn check(mut r: R, file: Option<File>) -> Result<Self, FormatError> {
         let file_len = r.seek(SeekFrom::End(0)).map_err(unreadable)?;
+        let mut cur = None;
+        let mut src = Seq {
+            r: &mut r,
+            cur: &mut cur,
+        };
         // Magic and version first, so that a foreign file is named as such.
         let mut fixed = [0u8; 16];
         let n = (file_len.min(16)) as usize;
-        read_at(&mut r, 0, &mut fixed[..n])?;
+        src.read_exact_at(&mut fixed[..n], 0)?;
         if n < 8 {
             return if fixed[..n] == MAGIC[..n] {
                 Err(FormatError::Incomplete {
@@ -132,7 +218,7 @@ impl<R: Read + Seek> SnapshotReader<R> {
             });
         }
         let mut footer = [0u8; FOOTER_LEN];
-        read_at(&mut r, file_len - FOOTER_LEN as u64, &mut footer)?;
+        src.read_exact_at(&mut footer, file_len - FOOTER_LEN as u64)?;
         let (trailer_offset, trailer_len) =
             decode_footer(&footer).ok_or_else(|| FormatError::Incomplete {
                 reason: "no valid end marker (truncated or unfinished save)".into(),
@@ -146,7 +232,7 @@ impl<R: Read + Seek> SnapshotReader<R> {
             });
         }
         let mut tbuf = vec![0u8; trailer_len as usize];
-        read_at(&mut r, trailer_offset, &mut tbuf)?;
+        src.read_exact_at(&mut tbuf, trailer_offset)?;
         let trailer = Trailer::decode(&tbuf, trailer_offset)?;
         drop(tbuf);
 
@@ -155,7 +241,7 @@ impl<R: Read + Seek> SnapshotReader<R> {
             return Err(corrupt("header: length out of range", None, 12));
         }
         let mut hbuf = vec![0u8; header_len as usize];
-        read_at(&mut r, 0, &mut hbuf)?;
+        src.read_exact_at(&mut hbuf, 0)?;
         let header = SnapshotHeader::decode(&hbuf)?;
 
         let st_at = u64::from(header_len);
@@ -163,7 +249,7 @@ impl<R: Read + Seek> SnapshotReader<R> {
         if st_at + 16 > trailer_offset {
             return Err(corrupt("machine state: missing", None, st_at));
         }
-        read_at(&mut r, st_at, &mut st)?;
+        src.read_exact_at(&mut st, st_at)?;
         if st[0..4] != STATE_TAG {
             return Err(corrupt("machine state: bad tag", None, st_at));
         }
@@ -176,7 +262,7 @@ impl<R: Read + Seek> SnapshotReader<R> {
             ));
         }
         let mut machine_state = vec![0u8; st_len as usize];
-        read_at(&mut r, st_at + 16, &mut machine_state)?;
+        src.read_exact_at(&mut machine_state, st_at + 16)?;
         if crc32fast::hash(&machine_state) != u32_at(&st, 12) {
             return Err(corrupt(
                 "machine state: checksum mismatch",
@@ -185,16 +271,91 @@ impl<R: Read + Seek> SnapshotReader<R> {
             ));
         }
         let records_start = st_at + 16 + st_len;
-        r.seek(SeekFrom::Start(records_start)).map_err(unreadable)?;
-        Ok(SnapshotReader {
+        let mut rd = SnapshotReader {
             r,
+            cur,
+            file,
             file_len,
             header,
             machine_state,
             records_start,
             trailer_offset,
             trailer,
-        })
+        };
+        // The totals are what `load_into` returns and what tools print: they must follow from
+        // the (checksummed) index, or the trailer is not a valid trailer.
+        if rd.index_totals() != Some(rd.trailer.totals) {
+            return Err(rd.diagnose_totals());
+        }
+        Ok(rd)
+    }
+
+    /// The totals the index implies: page counts by kind, records, raw bytes, and the stored
+    /// bytes of records lying back to back from `records_start` to the trailer. `None` when
+    /// they cannot be (records do not fit, overflow).
+    fn index_totals(&self) -> Option<Totals> {
+        let ps = u64::from(self.header.page_size);
+        let mut t = Totals {
+            records: self.trailer.index.len() as u64,
+            ..Totals::default()
+        };
+        for e in &self.trailer.index {
+            let n = u64::from(e.page_count);
+            t.pages = t.pages.checked_add(n)?;
+            match e.kind {
+                RecordKind::ZeroRun => t.zero_pages += n,
+                RecordKind::Data => t.data_pages += n,
+            }
+        }
+        t.raw_bytes = t.data_pages.checked_mul(ps)?;
+        let headers = t.records.checked_mul(RECORD_HEADER_LEN as u64)?;
+        t.stored_bytes = (self.trailer_offset - self.records_start).checked_sub(headers)?;
+        Some(t)
+    }
+
+    /// The trailer's totals disagree with its index: name the first record whose header
+    /// disagrees with the index (reading record headers only), or else the totals.
+    fn diagnose_totals(&mut self) -> FormatError {
+        let chk = Checker::new(
+            &self.header,
+            &self.trailer,
+            self.records_start,
+            self.trailer_offset,
+        );
+        let mut cur = self.cur;
+        let mut seq = Seq {
+            r: &mut self.r,
+            cur: &mut cur,
+        };
+        let mut pread;
+        let src: &mut dyn Source = match &self.file {
+            Some(f) => {
+                pread = Pread(f);
+                &mut pread
+            }
+            None => &mut seq,
+        };
+        let mut pos = self.records_start;
+        let mut i = 0;
+        while pos < self.trailer_offset {
+            let r = chk.bounds(pos, i).and_then(|()| {
+                let mut hb = [0u8; RECORD_HEADER_LEN];
+                src.read_exact_at(&mut hb, pos)?;
+                let h = chk.header(&hb, pos, i)?;
+                chk.against_index(&h, pos, i)?;
+                Ok(h)
+            });
+            match r {
+                Ok(h) => pos += RECORD_HEADER_LEN as u64 + u64::from(h.stored_len),
+                Err(e) => return e,
+            }
+            i += 1;
+        }
+        corrupt(
+            "trailer totals disagree with records",
+            None,
+            self.trailer_offset,
+        )
     }
 
     /// The header.
@@ -237,105 +398,50 @@ impl<R: Read + Seek> SnapshotReader<R> {
         i: u64,
         payload: &mut Vec<u8>,
     ) -> Result<RecordHeader, FormatError> {
-        let end = self.trailer_offset;
-        let entry = *self
-            .trailer
-            .index
-            .get(i as usize)
-            .ok_or_else(|| corrupt("record not listed in trailer index", Some(i), pos))?;
-        if pos + RECORD_HEADER_LEN as u64 > end {
-            return Err(corrupt("record header runs into trailer", Some(i), pos));
-        }
-        let mut hb = [0u8; RECORD_HEADER_LEN];
-        read_at(&mut self.r, pos, &mut hb)?;
-        let h =
-            RecordHeader::decode(&hb).ok_or_else(|| corrupt("bad record header", Some(i), pos))?;
-        if u64::from(h.stored_len) > end - pos - RECORD_HEADER_LEN as u64 {
-            return Err(corrupt("record payload runs into trailer", Some(i), pos));
-        }
-        let ps = u64::from(self.header.page_size);
-        let raw = u64::from(h.page_count) * ps;
-        let bad_len = match h.kind {
-            RecordKind::ZeroRun => h.stored_len != 0,
-            RecordKind::Data => {
-                raw > MAX_RECORD_RAW
-                    || (h.codec == CODEC_RAW && u64::from(h.stored_len) != raw)
-                    || h.stored_len == 0
-            }
+        let chk = Checker::new(
+            &self.header,
+            &self.trailer,
+            self.records_start,
+            self.trailer_offset,
+        );
+        let mut src = Seq {
+            r: &mut self.r,
+            cur: &mut self.cur,
         };
-        if h.page_count == 0 || bad_len {
-            return Err(corrupt("record length fields invalid", Some(i), pos));
-        }
+        chk.bounds(pos, i)?;
+        let mut hb = [0u8; RECORD_HEADER_LEN];
+        src.read_exact_at(&mut hb, pos)?;
+        let h = chk.header(&hb, pos, i)?;
+        chk.against_index(&h, pos, i)?;
         payload.clear();
         payload.resize(h.stored_len as usize, 0);
-        self.r.read_exact(payload).map_err(unreadable)?;
+        src.read_exact_at(payload, pos + RECORD_HEADER_LEN as u64)?;
         if h.compute_crc(payload) != h.crc {
             return Err(corrupt("record checksum mismatch", Some(i), pos));
-        }
-        if entry.offset != pos
-            || entry.first_page != h.first_page
-            || entry.page_count != h.page_count
-            || entry.kind != h.kind
-        {
-            return Err(corrupt("record disagrees with trailer index", Some(i), pos));
         }
         Ok(h)
     }
 
     /// Check everything: structure, every checksum (decompressing), that every guest page
     /// appears exactly once, and that the trailer's index and totals agree with the records.
+    /// Runs on all cores.
     pub fn verify(
         &mut self,
         progress: &mut dyn FnMut(&ReadProgress),
     ) -> Result<VerifyReport, FormatError> {
+        // Coverage from the index; a record that disagrees with its entry is named by the
+        // record pass, which runs up to (not beyond) the first coverage error.
         let mut cover = Coverage::new(&self.header);
-        let mut totals = Totals::default();
-        let mut prog = ReadProgress {
-            total_records: self.trailer.totals.records,
-            total_pages: self.trailer.totals.pages,
-            ..Default::default()
-        };
-        let mut pos = self.records_start;
-        let mut i: u64 = 0;
-        let mut payload = Vec::new();
-        let mut out = Vec::new();
-        let mut dec = zstd::bulk::Decompressor::new().map_err(unreadable)?;
-        let ps = u64::from(self.header.page_size);
-        while pos < self.trailer_offset {
-            let h = self.read_raw(pos, i, &mut payload)?;
-            if h.kind == RecordKind::Data && h.codec != CODEC_RAW {
-                decompress(&mut dec, &h, &payload, &mut out, ps, i, pos)?;
-            }
-            cover.mark(h.first_page, u64::from(h.page_count), Some(i))?;
-            let n = u64::from(h.page_count);
-            totals.pages += n;
-            totals.records += 1;
-            totals.stored_bytes += u64::from(h.stored_len);
-            match h.kind {
-                RecordKind::ZeroRun => totals.zero_pages += n,
-                RecordKind::Data => {
-                    totals.data_pages += n;
-                    totals.raw_bytes += n * ps;
-                }
-            }
-            pos += (RECORD_HEADER_LEN as u64) + u64::from(h.stored_len);
-            i += 1;
-            prog.records = i;
-            prog.pages = totals.pages;
-            if i.is_multiple_of(256) {
-                progress(&prog);
+        let mut cover_err = None;
+        for (i, e) in self.trailer.index.iter().enumerate() {
+            if let Err(err) = cover.mark(e.first_page, u64::from(e.page_count), Some(i as u64)) {
+                cover_err = Some((i as u64, err));
+                break;
             }
         }
-        if i != self.trailer.index.len() as u64 {
-            return Err(corrupt(
-                format!(
-                    "trailer index lists {} records, file holds {i}",
-                    self.trailer.index.len()
-                ),
-                None,
-                self.trailer_offset,
-            ));
-        }
+        let totals = self.run(Mode::Verify, cover_err, progress)?;
+        cover.complete()?;
+        drop(cover);
         if totals != self.trailer.totals {
             return Err(corrupt(
                 "trailer totals disagree with records",
@@ -343,8 +449,6 @@ impl<R: Read + Seek> SnapshotReader<R> {
                 self.trailer_offset,
             ));
         }
-        cover.complete()?;
-        progress(&prog);
         Ok(VerifyReport {
             totals,
             guest_pages: self.header.total_pages(),
@@ -353,10 +457,13 @@ impl<R: Read + Seek> SnapshotReader<R> {
         })
     }
 
-    /// Restore RAM into `mem` eagerly, verifying checksums on the way, decompressing on all
-    /// cores. The layout must match the header. Coverage is proved from the (checksummed)
-    /// index before memory is touched; incomplete files were already refused by `open`.
-    /// Zero runs only write pages that are not already zero (fresh memory stays unpopulated).
+    /// Restore RAM into `mem` eagerly, verifying checksums on the way, on all cores. The layout
+    /// must match the header. Coverage is proved from the (checksummed) index, whose totals
+    /// `open` checked, before memory is touched, and a record is written only to the pages its
+    /// index entry names; incomplete files were already refused by `open`. Zero runs are
+    /// skipped when the guest memory held no data to begin with (fresh memory stays
+    /// unpopulated), else only pages that are not zero are cleared. On error the contents of
+    /// `mem` are unspecified.
     pub fn load_into(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -370,96 +477,106 @@ impl<R: Read + Seek> SnapshotReader<R> {
         cover.complete()?;
         drop(cover);
 
-        let ps = u64::from(self.header.page_size);
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let failed = AtomicBool::new(false);
-        let first_err: Mutex<Option<(u64, FormatError)>> = Mutex::new(None);
-        let pages_done = AtomicU64::new(0);
-        let fail = |i: u64, e: FormatError| {
-            failed.store(true, Ordering::Relaxed);
-            let mut g = first_err.lock().unwrap_or_else(|p| p.into_inner());
-            if g.as_ref().is_none_or(|(j, _)| i < *j) {
-                *g = Some((i, e));
-            }
-        };
-        let (tx, rx) = sync_channel::<(u64, u64, RecordHeader, Vec<u8>)>(workers * 2);
-        let rx = Arc::new(Mutex::new(rx));
         let pagemap = Pagemap::open();
+        let mut fresh = true;
+        for r in mem.iter() {
+            let host =
+                mem.get_host_address(r.start_addr())
+                    .map_err(|e| FormatError::LayoutMismatch {
+                        what: format!("region at {:#x}: {e}", r.start_addr().0),
+                    })?;
+            if pagemap.may_have_data(host as usize, r.len() as usize) {
+                fresh = false;
+                break;
+            }
+        }
+        let mode = Mode::Load {
+            mem,
+            pagemap: &pagemap,
+            fresh,
+        };
+        self.run(mode, None, progress)?;
+        Ok(self.trailer.totals)
+    }
+
+    /// Check (and in load mode place) every record on all cores; returns the totals recomputed
+    /// from the records. `pre` is an error already known for a record (coverage).
+    fn run(
+        &mut self,
+        mode: Mode<'_>,
+        pre: Option<(u64, FormatError)>,
+        progress: &mut dyn FnMut(&ReadProgress),
+    ) -> Result<Totals, FormatError> {
+        let chk = Checker::new(
+            &self.header,
+            &self.trailer,
+            self.records_start,
+            self.trailer_offset,
+        );
+        let index = &self.trailer.index;
+        if index.is_empty() && self.records_start != self.trailer_offset {
+            return Err(corrupt(
+                "record not listed in trailer index",
+                Some(0),
+                self.records_start,
+            ));
+        }
+        let units = plan_units(index);
+        let shared = Shared {
+            next: AtomicUsize::new(0),
+            stop_at: AtomicU64::new(pre.as_ref().map_or(u64::MAX, |p| p.0)),
+            err: Mutex::new(pre),
+            records: AtomicU64::new(0),
+            pages: AtomicU64::new(0),
+            totals: Mutex::new(Totals::default()),
+        };
         let mut prog = ReadProgress {
             total_records: self.trailer.totals.records,
             total_pages: self.trailer.totals.pages,
             ..Default::default()
         };
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                let rx = Arc::clone(&rx);
-                let (fail, pages_done, pagemap) = (&fail, &pages_done, &pagemap);
-                s.spawn(move || {
-                    let mut dec = match zstd::bulk::Decompressor::new() {
-                        Ok(d) => d,
-                        Err(e) => return fail(0, unreadable(e)),
-                    };
-                    let mut out = Vec::new();
-                    loop {
-                        let msg = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                        let Ok((i, pos, h, payload)) = msg else {
-                            return;
-                        };
-                        let r = place_record(
-                            mem, pagemap, &mut dec, &h, &payload, &mut out, ps, i, pos,
-                        );
-                        match r {
-                            Ok(()) => {
-                                pages_done.fetch_add(u64::from(h.page_count), Ordering::Relaxed);
-                            }
-                            Err(e) => fail(i, e),
-                        }
-                    }
-                });
-            }
-            let mut pos = self.records_start;
-            let mut i = 0u64;
-            while pos < self.trailer_offset && !failed.load(Ordering::Relaxed) {
-                let mut payload = Vec::new();
-                match self.read_raw(pos, i, &mut payload) {
-                    Ok(h) => {
-                        let next = pos + RECORD_HEADER_LEN as u64 + u64::from(h.stored_len);
-                        if tx.send((i, pos, h, payload)).is_err() {
-                            break;
-                        }
-                        pos = next;
-                        i += 1;
-                    }
-                    Err(e) => {
-                        fail(i, e);
-                        break;
-                    }
+        let mut report = |shared: &Shared| {
+            prog.records = shared.records.load(Ordering::Relaxed);
+            prog.pages = shared.pages.load(Ordering::Relaxed);
+            progress(&prog);
+        };
+        let threads = match &self.file {
+            Some(_) => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(units.len()),
+            None => 1,
+        };
+        let job = Job {
+            chk: &chk,
+            units: &units,
+            shared: &shared,
+            mode,
+        };
+        match &self.file {
+            Some(f) if threads > 1 => std::thread::scope(|s| {
+                for _ in 1..threads {
+                    let job = &job;
+                    s.spawn(move || job.work(&mut Pread(f), &mut |_| {}));
                 }
-                if i.is_multiple_of(256) {
-                    prog.records = i;
-                    prog.pages = pages_done.load(Ordering::Relaxed);
-                    progress(&prog);
-                }
+                job.work(&mut Pread(f), &mut report);
+            }),
+            Some(f) => job.work(&mut Pread(f), &mut report),
+            None => {
+                let mut src = Seq {
+                    r: &mut self.r,
+                    cur: &mut self.cur,
+                };
+                job.work(&mut src, &mut report);
             }
-            drop(tx);
-            if !failed.load(Ordering::Relaxed) && i != self.trailer.index.len() as u64 {
-                fail(
-                    i,
-                    corrupt(
-                        "trailer index lists more records than the file holds",
-                        None,
-                        pos,
-                    ),
-                );
-            }
-            prog.records = i;
-        });
-        if let Some((_, e)) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        }
+        report(&shared);
+        if let Some((_, e)) = shared.err.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
         }
-        prog.pages = pages_done.load(Ordering::Relaxed);
-        progress(&prog);
-        Ok(self.trailer.totals)
+        Ok(shared
+            .totals
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner()))
     }
 
     fn check_layout(&self, mem: &GuestMemoryMmap) -> Result<(), FormatError> {
@@ -479,50 +596,440 @@ impl<R: Read + Seek> SnapshotReader<R> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn place_record(
-    mem: &GuestMemoryMmap,
-    pagemap: &Pagemap,
-    dec: &mut zstd::bulk::Decompressor<'static>,
-    h: &RecordHeader,
-    payload: &[u8],
-    out: &mut Vec<u8>,
+/// The record checks that need only the file's layout and index.
+#[derive(Debug)]
+struct Checker<'a> {
+    index: &'a [IndexEntry],
+    records_start: u64,
+    trailer_offset: u64,
     ps: u64,
-    i: u64,
-    pos: u64,
-) -> Result<(), FormatError> {
-    let gpa = GuestAddress(h.first_page * ps);
-    let mem_err = |e: vm_memory::GuestMemoryError| FormatError::LayoutMismatch {
-        what: format!("record {i} at {:#x}: {e}", gpa.0),
-    };
-    match h.kind {
-        RecordKind::Data => {
-            let data: &[u8] = if h.codec == CODEC_RAW {
-                payload
-            } else {
-                decompress(dec, h, payload, out, ps, i, pos)?;
-                out
-            };
-            mem.write_slice(data, gpa).map_err(mem_err)?;
+    zstd: bool,
+}
+
+impl<'a> Checker<'a> {
+    fn new(
+        header: &SnapshotHeader,
+        trailer: &'a Trailer,
+        records_start: u64,
+        trailer_offset: u64,
+    ) -> Self {
+        Checker {
+            index: &trailer.index,
+            records_start,
+            trailer_offset,
+            ps: u64::from(header.page_size),
+            zstd: matches!(header.compression, Compression::Zstd { .. }),
         }
-        RecordKind::ZeroRun => {
-            let len = u64::from(h.page_count) * ps;
-            let host = mem.get_host_address(gpa).map_err(mem_err)? as usize;
-            if !pagemap.may_have_data(host, len as usize) {
+    }
+
+    /// The `i`-th record may start at `pos`: it is listed and its header lies in the record area.
+    fn bounds(&self, pos: u64, i: u64) -> Result<(), FormatError> {
+        if i >= self.index.len() as u64 {
+            return Err(corrupt("record not listed in trailer index", Some(i), pos));
+        }
+        if pos < self.records_start {
+            return Err(corrupt(
+                "record offset lies before the records",
+                Some(i),
+                pos,
+            ));
+        }
+        if pos > self.trailer_offset || self.trailer_offset - pos < RECORD_HEADER_LEN as u64 {
+            return Err(corrupt("record header runs into trailer", Some(i), pos));
+        }
+        Ok(())
+    }
+
+    /// Decode and check a record header read at `pos` (within bounds): fields, lengths, and that
+    /// the payload ends before the trailer.
+    fn header(
+        &self,
+        hb: &[u8; RECORD_HEADER_LEN],
+        pos: u64,
+        i: u64,
+    ) -> Result<RecordHeader, FormatError> {
+        let h =
+            RecordHeader::decode(hb).ok_or_else(|| corrupt("bad record header", Some(i), pos))?;
+        if u64::from(h.stored_len) > self.trailer_offset - pos - RECORD_HEADER_LEN as u64 {
+            return Err(corrupt("record payload runs into trailer", Some(i), pos));
+        }
+        let raw = u64::from(h.page_count) * self.ps;
+        let stored = u64::from(h.stored_len);
+        let bad_len = match h.kind {
+            RecordKind::ZeroRun => stored != 0,
+            RecordKind::Data => {
+                raw > MAX_RECORD_RAW
+                    || stored == 0
+                    || if h.codec == CODEC_RAW {
+                        stored != raw
+                    } else {
+                        // No zstd frame of `raw` bytes is longer (bounds the read buffer).
+                        stored > zstd::zstd_safe::compress_bound(raw as usize) as u64
+                    }
+            }
+        };
+        if h.page_count == 0 || bad_len {
+            return Err(corrupt("record length fields invalid", Some(i), pos));
+        }
+        Ok(h)
+    }
+
+    /// The record agrees with its (listed) index entry.
+    fn against_index(&self, h: &RecordHeader, pos: u64, i: u64) -> Result<(), FormatError> {
+        let e = &self.index[i as usize];
+        if e.offset != pos
+            || e.first_page != h.first_page
+            || e.page_count != h.page_count
+            || e.kind != h.kind
+        {
+            return Err(corrupt("record disagrees with trailer index", Some(i), pos));
+        }
+        Ok(())
+    }
+
+    /// Where the index says the record after the `i`-th starts (the trailer after the last).
+    fn next_offset(&self, i: usize) -> u64 {
+        self.index
+            .get(i + 1)
+            .map_or(self.trailer_offset, |e| e.offset)
+    }
+}
+
+/// Split the index into runs of consecutive records of about `UNIT_BYTES` of file each. Only
+/// scheduling depends on this: the offsets are checked as the units are read.
+fn plan_units(index: &[IndexEntry]) -> Vec<(usize, usize)> {
+    let mut units = Vec::new();
+    let mut a = 0;
+    for i in 1..=index.len() {
+        let full = i == index.len()
+            || i - a >= UNIT_RECORDS
+            || index[i].offset.saturating_sub(index[a].offset) >= UNIT_BYTES;
+        if full {
+            units.push((a, i));
+            a = i;
+        }
+    }
+    units
+}
+
+#[derive(Clone, Copy)]
+enum Mode<'m> {
+    /// Check only.
+    Verify,
+    /// Check and write into `mem`; zero runs are skipped when the memory was `fresh`.
+    Load {
+        mem: &'m GuestMemoryMmap,
+        pagemap: &'m Pagemap,
+        fresh: bool,
+    },
+}
+
+/// State shared by the workers of one `run`.
+struct Shared {
+    /// Next unit to claim.
+    next: AtomicUsize,
+    /// Lowest failing record index so far (`u64::MAX`: none); work at or past it is skipped.
+    stop_at: AtomicU64,
+    /// The error of the lowest failing record.
+    err: Mutex<Option<(u64, FormatError)>>,
+    records: AtomicU64,
+    pages: AtomicU64,
+    totals: Mutex<Totals>,
+}
+
+impl Shared {
+    fn fail(&self, i: u64, e: FormatError) {
+        let mut g = self.err.lock().unwrap_or_else(|p| p.into_inner());
+        if g.as_ref().is_none_or(|(j, _)| i < *j) {
+            *g = Some((i, e));
+            self.stop_at.fetch_min(i, Ordering::Relaxed);
+        }
+    }
+}
+
+struct Job<'a, 'm> {
+    chk: &'a Checker<'a>,
+    units: &'a [(usize, usize)],
+    shared: &'a Shared,
+    mode: Mode<'m>,
+}
+
+impl Job<'_, '_> {
+    /// Claim and process units until none are left (or a lower record failed).
+    fn work(&self, src: &mut dyn Source, tick: &mut dyn FnMut(&Shared)) {
+        let mut w = Worker {
+            win: Window::default(),
+            dec: None,
+            out: Vec::new(),
+            totals: Totals::default(),
+        };
+        let sh = self.shared;
+        loop {
+            let u = sh.next.fetch_add(1, Ordering::Relaxed);
+            let Some(&(a, b)) = self.units.get(u) else {
+                break;
+            };
+            if a as u64 >= sh.stop_at.load(Ordering::Relaxed) {
+                break;
+            }
+            let (records, pages) = (w.totals.records, w.totals.pages);
+            if let Err((i, e)) = self.unit(&mut w, src, a, b) {
+                sh.fail(i, e);
+            }
+            sh.records
+                .fetch_add(w.totals.records - records, Ordering::Relaxed);
+            sh.pages
+                .fetch_add(w.totals.pages - pages, Ordering::Relaxed);
+            tick(sh);
+        }
+        let mut t = sh.totals.lock().unwrap_or_else(|p| p.into_inner());
+        let w = w.totals;
+        t.pages += w.pages;
+        t.zero_pages += w.zero_pages;
+        t.data_pages += w.data_pages;
+        t.records += w.records;
+        t.raw_bytes += w.raw_bytes;
+        t.stored_bytes += w.stored_bytes;
+    }
+
+    /// Records `a..b`: the first at its index offset (at the start of the records for record
+    /// 0), each next one where the previous ends; the last must end where record `b` starts.
+    fn unit(
+        &self,
+        w: &mut Worker,
+        src: &mut dyn Source,
+        a: usize,
+        b: usize,
+    ) -> Result<(), (u64, FormatError)> {
+        let chk = self.chk;
+        let mut pos = if a == 0 {
+            chk.records_start
+        } else {
+            chk.index[a].offset
+        };
+        // Read-ahead stops at the claimed end of the unit.
+        let limit = chk.next_offset(b - 1).min(chk.trailer_offset);
+        for i in a..b {
+            if i as u64 >= self.shared.stop_at.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            let mut page = vec![0u8; ps as usize];
-            for p in 0..u64::from(h.page_count) {
-                let at = GuestAddress(gpa.0 + p * ps);
-                mem.read_slice(&mut page, at).map_err(mem_err)?;
-                if !is_zero(&page) {
-                    page.fill(0);
-                    mem.write_slice(&page, at).map_err(mem_err)?;
+            let h = w
+                .record(chk, self.mode, src, pos, i, limit)
+                .map_err(|e| (i as u64, e))?;
+            pos += RECORD_HEADER_LEN as u64 + u64::from(h.stored_len);
+        }
+        let next = chk.next_offset(b - 1);
+        if pos != next {
+            let what = if b == chk.index.len() {
+                "record not listed in trailer index"
+            } else {
+                "record disagrees with trailer index"
+            };
+            return Err((b as u64, corrupt(what, Some(b as u64), pos)));
+        }
+        Ok(())
+    }
+}
+
+/// Per-thread buffers.
+struct Worker {
+    win: Window,
+    dec: Option<zstd::bulk::Decompressor<'static>>,
+    out: Vec<u8>,
+    totals: Totals,
+}
+
+impl Worker {
+    /// Check the `i`-th record at `pos` and (load) place it; returns its header.
+    fn record(
+        &mut self,
+        chk: &Checker<'_>,
+        mode: Mode<'_>,
+        src: &mut dyn Source,
+        pos: u64,
+        i: usize,
+        limit: u64,
+    ) -> Result<RecordHeader, FormatError> {
+        let ri = i as u64;
+        chk.bounds(pos, ri)?;
+        // With zstd a record's payload is needed whole: read the record as the index sizes it
+        // in one go (when that is sane; the header decides what is used).
+        let hint = chk.next_offset(i).saturating_sub(pos);
+        let want = if chk.zstd && hint <= MAX_RECORD_RAW + (1 << 20) {
+            WINDOW.max(hint as usize)
+        } else {
+            WINDOW
+        };
+        let mut hb = [0u8; RECORD_HEADER_LEN];
+        hb.copy_from_slice(self.win.get(src, pos, RECORD_HEADER_LEN, want, limit)?);
+        let h = chk.header(&hb, pos, ri)?;
+        // Before any payload is used: the record is the one the index (whose coverage was
+        // proved) lists here, so it writes only pages it owns.
+        chk.against_index(&h, pos, ri)?;
+        let ps = chk.ps;
+        let n = u64::from(h.page_count);
+        let stored = h.stored_len as usize;
+        let at = pos + RECORD_HEADER_LEN as u64;
+        let gpa = h.first_page * ps;
+        let mem_err = |e: vm_memory::GuestMemoryError| FormatError::LayoutMismatch {
+            what: format!("record {i} at {gpa:#x}: {e}"),
+        };
+        match (h.kind, h.codec) {
+            (RecordKind::ZeroRun, _) => {
+                if h.compute_crc(&[]) != h.crc {
+                    return Err(corrupt("record checksum mismatch", Some(ri), pos));
+                }
+                if let Mode::Load {
+                    mem,
+                    pagemap,
+                    fresh: false,
+                } = mode
+                {
+                    clear_pages(mem, pagemap, gpa, n * ps, ps, &mut self.out).map_err(mem_err)?;
+                }
+            }
+            (RecordKind::Data, CODEC_RAW) => {
+                // Streamed through the window: checksummed and (load) copied piece by piece;
+                // a mismatch fails the load after the pages were written.
+                let mut crc = crc32fast::Hasher::new();
+                crc.update(&h.prefix());
+                let mut off = 0;
+                while off < stored {
+                    let p = at + off as u64;
+                    let s = self.win.get_some(src, p, stored - off, limit)?;
+                    crc.update(s);
+                    if let Mode::Load { mem, .. } = mode {
+                        mem.write_slice(s, GuestAddress(gpa + off as u64))
+                            .map_err(mem_err)?;
+                    }
+                    off += s.len();
+                }
+                if crc.finalize() != h.crc {
+                    return Err(corrupt("record checksum mismatch", Some(ri), pos));
+                }
+            }
+            (RecordKind::Data, _) => {
+                let payload = self.win.get(src, at, stored, stored, limit)?;
+                if h.compute_crc(payload) != h.crc {
+                    return Err(corrupt("record checksum mismatch", Some(ri), pos));
+                }
+                if self.dec.is_none() {
+                    self.dec = Some(zstd::bulk::Decompressor::new().map_err(unreadable)?);
+                }
+                if let Some(dec) = &mut self.dec {
+                    decompress(dec, &h, payload, &mut self.out, ps, ri, pos)?;
+                }
+                if let Mode::Load { mem, .. } = mode {
+                    mem.write_slice(&self.out, GuestAddress(gpa))
+                        .map_err(mem_err)?;
                 }
             }
         }
+        let t = &mut self.totals;
+        t.pages += n;
+        t.records += 1;
+        t.stored_bytes += stored as u64;
+        match h.kind {
+            RecordKind::ZeroRun => t.zero_pages += n,
+            RecordKind::Data => {
+                t.data_pages += n;
+                t.raw_bytes += n * ps;
+            }
+        }
+        Ok(h)
+    }
+}
+
+/// Zero the pages of `[gpa, gpa + len)` that are not zero, leaving untouched memory (which
+/// reads as zeros) unpopulated.
+fn clear_pages(
+    mem: &GuestMemoryMmap,
+    pagemap: &Pagemap,
+    gpa: u64,
+    len: u64,
+    ps: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let host = mem.get_host_address(GuestAddress(gpa))? as usize;
+    if !pagemap.may_have_data(host, len as usize) {
+        return Ok(());
+    }
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(ZERO_CHUNK_PAGES * ps);
+        buf.clear();
+        buf.resize(n as usize, 0);
+        mem.read_slice(buf, GuestAddress(gpa + off))?;
+        for (k, page) in buf.chunks_exact_mut(ps as usize).enumerate() {
+            if !is_zero(page) {
+                page.fill(0);
+                mem.write_slice(page, GuestAddress(gpa + off + k as u64 * ps))?;
+            }
+        }
+        off += n;
     }
     Ok(())
+}
+
+/// A reusable read-ahead buffer over `[start, start + len)` of the file.
+#[derive(Default)]
+struct Window {
+    buf: Vec<u8>,
+    start: u64,
+    len: usize,
+}
+
+impl Window {
+    /// Bytes of the window from `pos` on (0 when `pos` is outside it).
+    fn avail(&self, pos: u64) -> usize {
+        if pos >= self.start && pos - self.start < self.len as u64 {
+            self.len - (pos - self.start) as usize
+        } else {
+            0
+        }
+    }
+
+    /// Exactly `need` bytes at `pos`. When they are not in the window, refill it from `pos`
+    /// with `want` bytes (at least `need`, not past `limit` unless `need` is).
+    fn get(
+        &mut self,
+        src: &mut dyn Source,
+        pos: u64,
+        need: usize,
+        want: usize,
+        limit: u64,
+    ) -> Result<&[u8], FormatError> {
+        if self.avail(pos) < need {
+            let room = usize::try_from(limit.saturating_sub(pos)).unwrap_or(usize::MAX);
+            let n = want.min(room).max(need);
+            if self.buf.len() < n {
+                self.buf.clear();
+                self.buf.reserve_exact(n);
+                self.buf.resize(n, 0);
+            }
+            self.len = 0;
+            src.read_exact_at(&mut self.buf[..n], pos)?;
+            self.start = pos;
+            self.len = n;
+        }
+        let off = (pos - self.start) as usize;
+        Ok(&self.buf[off..off + need])
+    }
+
+    /// Between 1 and `max` bytes at `pos` (`max` > 0, `pos + max` <= `limit`).
+    fn get_some(
+        &mut self,
+        src: &mut dyn Source,
+        pos: u64,
+        max: usize,
+        limit: u64,
+    ) -> Result<&[u8], FormatError> {
+        let n = match self.avail(pos) {
+            0 => max.min(WINDOW),
+            a => a.min(max),
+        };
+        self.get(src, pos, n, WINDOW, limit)
+    }
 }
 
 fn decompress(
@@ -547,19 +1054,6 @@ fn decompress(
         )),
         Err(_) => Err(corrupt("record does not decompress", Some(i), pos)),
     }
-}
-
-fn read_at<R: Read + Seek>(r: &mut R, pos: u64, buf: &mut [u8]) -> Result<(), FormatError> {
-    r.seek(SeekFrom::Start(pos)).map_err(unreadable)?;
-    r.read_exact(buf).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            FormatError::Incomplete {
-                reason: format!("file ends before offset {}", pos + buf.len() as u64),
-            }
-        } else {
-            unreadable(e)
-        }
-    })
 }
 
 /// Sequential iterator over records; see [`SnapshotReader::records`].

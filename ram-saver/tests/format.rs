@@ -430,3 +430,72 @@ fn atomic_file_sink_round_trip() {
     assert!(!tmp2.exists() && !target2.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Re-seal the trailer of `bytes` after `f` changed it (recompute its crc).
+fn reseal_trailer(bytes: &mut [u8], f: impl FnOnce(&mut [u8], usize)) {
+    let n = bytes.len();
+    let at = u64::from_le_bytes(bytes[n - 32..n - 24].try_into().unwrap()) as usize;
+    let len = u64::from_le_bytes(bytes[n - 24..n - 16].try_into().unwrap()) as usize;
+    f(bytes, at);
+    let crc = crc32fast::hash(&bytes[at..at + len - 4]);
+    bytes[at + len - 4..at + len].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[test]
+fn lying_trailer_totals_are_refused_before_load() {
+    let dir = std::env::temp_dir().join(format!("ram-saver-totals-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ranges: Vec<(GuestAddress, usize)> = regions()
+        .iter()
+        .map(|r| (GuestAddress(r.gpa), r.size as usize))
+        .collect();
+    for c in [Compression::None, Compression::Zstd { level: 3 }] {
+        let (good, oracle) = build(c, 5);
+        // The good file loads through both paths (file: all cores; cursor: calling thread).
+        let path = dir.join("good.snap");
+        std::fs::write(&path, &good).unwrap();
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+        let totals = SnapshotReader::open(&path)
+            .unwrap()
+            .load_into(&mem, &mut |_| {})
+            .unwrap();
+        assert_eq!(totals, open(&good).unwrap().trailer().totals);
+        let mut buf = vec![0u8; PS];
+        for (p, d) in &oracle {
+            mem.read_slice(&mut buf, GuestAddress(p * PS as u64))
+                .unwrap();
+            assert_eq!(&buf, d, "page {p}");
+        }
+        let rep = SnapshotReader::open(&path)
+            .unwrap()
+            .verify(&mut |_| {})
+            .unwrap();
+        assert_eq!(rep.totals, totals);
+
+        // Each total + 1 (records excluded: the index length must match it), crc recomputed.
+        for field in [0usize, 1, 2, 4, 5] {
+            let mut b = good.clone();
+            reseal_trailer(&mut b, |b, at| {
+                let o = at + 4 + 8 * field;
+                let v = u64::from_le_bytes(b[o..o + 8].try_into().unwrap()) + 1;
+                b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+            });
+            let err = open(&b).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Corrupt, "field {field}: {err}");
+            assert!(err.to_string().contains("totals"), "field {field}: {err}");
+            std::fs::write(&path, &b).unwrap();
+            let err = SnapshotReader::open(&path).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Corrupt, "field {field}: {err}");
+        }
+
+        // An index entry whose kind disagrees with its record: named by record.
+        let e = open(&good).unwrap().trailer().index.clone();
+        let k = e.iter().position(|e| e.kind == RecordKind::Data).unwrap();
+        let mut b = good.clone();
+        reseal_trailer(&mut b, |b, at| b[at + 4 + 48 + 24 * k + 20] ^= 1);
+        let err = open(&b).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        assert_eq!(err.record(), Some(k as u64), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
