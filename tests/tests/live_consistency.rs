@@ -19,6 +19,7 @@ fn boot(mem_mib: u64) -> Vm {
             working_set_pages: None,
             seed: 7,
         },
+        kernel: None,
     };
     let vm = Vm::boot(cfg, Box::new(std::io::sink())).expect("boot the built-in guest");
     wait_progress(&vm, &[0, 0]);

@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             working_set_pages: None,
             seed: 9,
         },
+        kernel: None,
     };
     let vm = Vm::boot(cfg.clone(), Box::new(std::io::sink()))?;
     let t = Instant::now();

@@ -22,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             working_set_pages: None,
             seed: 7,
         },
+        kernel: None,
     };
     let t = Instant::now();
     let vm = Vm::boot(cfg.clone(), Box::new(std::io::sink()))?;

@@ -1,6 +1,7 @@
 //! The crate's error type.
 
 use std::io;
+use std::path::PathBuf;
 
 /// Everything that can go wrong in vmm-core.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +124,44 @@ pub enum VmError {
     /// A saved machine state is inconsistent with itself or with the memory given.
     #[error("machine state is inconsistent: {0}")]
     StateInvalid(String),
+    /// A kernel or initrd file could not be opened or read.
+    #[error("cannot read the {what} file {}", path.display())]
+    KernelFile {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel file is not an image vmm-core can boot (not a 64-bit ELF, not a bzImage with
+    /// boot protocol >= 2.12 and a 64-bit entry).
+    #[error("{} is not a bootable kernel: {reason}", path.display())]
+    KernelFormat {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// linux-loader failed to load the kernel image into guest memory.
+    #[error("cannot load the kernel {}", path.display())]
+    KernelLoad {
+        /// The file.
+        path: PathBuf,
+        /// linux-loader's error.
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    /// Kernel, initrd and command line do not fit the VM (memory too small, command line too long).
+    #[error("cannot lay out the kernel boot: {0}")]
+    KernelPlacement(String),
+    /// Queuing serial input failed (the UART's interrupt could not be raised).
+    #[error("cannot queue serial input: {0}")]
+    SerialInput(String),
+    /// The operation only exists for the built-in guest, and this VM boots a kernel.
+    #[error("this VM runs a kernel, not the built-in guest")]
+    NotBuiltinGuest,
 }
 
 impl VmError {

@@ -7,12 +7,19 @@
 //! and rebuilds a VM from it around existing memory ([`Vm::restore`]). The [`oracle`] checks that
 //! memory holds exactly what the built-in guest's deterministic write sequence says.
 //!
+//! Instead of the built-in guest a VM can boot a kernel ([`VmConfig::kernel`], [`KernelConfig`]):
+//! an ELF or bzImage with the Linux x86 64-bit boot protocol ([`kernel`]), with an MP table for
+//! its vCPUs and COM1 in both directions ([`Vm::send_serial_input`], [`Vm::serial_input`]).
+//! Kernel VMs follow a lenient device policy (see [`vcpu`]); their snapshots work exactly like
+//! the built-in guest's, minus the guest-specific progress, self-check and oracle.
+//!
 //! Guest addresses are all in [`layout`]. Under PVM (KVM without VMX/SVM), ring-0 guest code is
 //! emulated instruction by instruction, so the built-in guest runs its hot loops in ring 3.
 
 pub mod arch;
 mod error;
 pub mod guest;
+pub mod kernel;
 pub mod layout;
 pub mod memory;
 pub mod oracle;
@@ -23,12 +30,13 @@ mod vm;
 
 pub use error::VmError;
 pub use guest::{GuestParams, GuestProgress, SelfCheckVerdict, VcpuVerdict, WriteRate};
+pub use kernel::{KernelConfig, KernelFormat, LoadedKernel};
 pub use memory::{create_guest_memory, host_ranges, MemBackend};
 pub use oracle::{OracleMismatch, OracleReport};
 pub use serial::SharedBuffer;
 pub use state::MachineState;
-pub use vcpu::{CpuReport, VmExitStatus};
-pub use vm::Vm;
+pub use vcpu::{CpuReport, UnhandledAccesses, VmExitStatus};
+pub use vm::{SerialInput, Vm};
 
 use serde::{Deserialize, Serialize};
 
@@ -41,8 +49,19 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Where guest RAM comes from.
     pub backend: MemBackend,
-    /// Built-in guest parameters.
+    /// Built-in guest parameters (ignored when `kernel` is set).
     pub guest: GuestParams,
+    /// A kernel to boot instead of the built-in guest. Absent in configurations and machine
+    /// states written before kernel boot existed, which keeps them readable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelConfig>,
+}
+
+impl VmConfig {
+    /// True if this VM runs the built-in guest (no kernel configured).
+    pub fn is_builtin_guest(&self) -> bool {
+        self.kernel.is_none()
+    }
 }
 
 impl Default for VmConfig {
@@ -52,6 +71,7 @@ impl Default for VmConfig {
             vcpus: 2,
             backend: MemBackend::Anon,
             guest: GuestParams::default(),
+            kernel: None,
         }
     }
 }
@@ -61,6 +81,29 @@ mod tests {
     use super::*;
 
     fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn configs_without_a_kernel_field_still_parse() {
+        let mut v = serde_json::to_value(VmConfig::default()).unwrap();
+        assert!(
+            v.get("kernel").is_none(),
+            "no kernel, no field: old readers stay happy"
+        );
+        v.as_object_mut().unwrap().remove("kernel");
+        let c: VmConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(c, VmConfig::default());
+        let k = VmConfig {
+            kernel: Some(KernelConfig {
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: "console=ttyS0".into(),
+            }),
+            ..Default::default()
+        };
+        let back: VmConfig = serde_json::from_slice(&serde_json::to_vec(&k).unwrap()).unwrap();
+        assert_eq!(back, k);
+        assert!(!back.is_builtin_guest());
+    }
 
     #[test]
     fn vm_is_send_and_sync() {

@@ -159,6 +159,9 @@ pub fn check(
     cfg: &VmConfig,
     expected_slots: Option<&[u64]>,
 ) -> Result<OracleReport, OracleMismatch> {
+    if !cfg.is_builtin_guest() {
+        return Err(OracleMismatch::from(VmError::NotBuiltinGuest));
+    }
     let gl = GuestLayout::new(cfg.mem_bytes, cfg.vcpus, &cfg.guest)?;
     check_control_page(mem, &gl)?;
     let results: Vec<Result<VcpuOracle, OracleMismatch>> = std::thread::scope(|sc| {
@@ -360,6 +363,7 @@ mod tests {
                 working_set_pages: Some(100),
                 seed: 3,
             },
+            kernel: None,
         }
     }
 

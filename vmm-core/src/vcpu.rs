@@ -9,8 +9,24 @@
 //! condition variable. `pause` returns once every thread has parked (re-kicking every 10 ms in case
 //! a thread was busy in the VMM). Pause is only checked after EINTR, never between an I/O exit and
 //! the next KVM_RUN, so a parked vCPU never has a half-completed instruction.
+//!
+//! # Device policy (which I/O the VMM answers)
+//! Both guest kinds: COM1 (0x3f8-0x3ff, vm-superio 16550), port 0x80 (POST code, ignored),
+//! reset requests (0xFE to 0x64, the keyboard controller; bit 2 to 0xCF9) end the VM as `Reset`.
+//! PIC, PIT and IOAPIC/LAPIC are in the kernel and never reach the VMM.
+//!
+//! - Built-in guest: its own ports ([`crate::guest::ctrl::port`]) as documented there; any other
+//!   port and any MMIO access to an unbacked address ends the VM with an error, because the
+//!   built-in guest never does that unless it is broken.
+//! - Kernel VMs: a kernel probes hardware that is not there (other UARTs, the RTC, PCI config
+//!   space, the i8042, VGA ...). Reads of any other port return all ones (0xff per byte, what an
+//!   absent ISA device reads as), writes are ignored; MMIO reads of unbacked addresses return all
+//!   ones and writes are dropped. Every such access is counted ([`UnhandledAccesses`], exposed by
+//!   `Vm::unhandled_accesses`) with the first distinct ports, so nothing is silently hidden. The
+//!   built-in guest's private ports have no meaning for a kernel and fall under the same policy.
 
 use std::cell::Cell;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -212,10 +228,66 @@ impl Shared {
     }
 }
 
+/// Kernel VMs: accesses answered by the lenient device policy (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct UnhandledAccesses {
+    /// Port reads answered with all ones.
+    pub port_reads: u64,
+    /// Port writes ignored.
+    pub port_writes: u64,
+    /// MMIO reads of unbacked addresses answered with all ones.
+    pub mmio_reads: u64,
+    /// MMIO writes to unbacked addresses dropped.
+    pub mmio_writes: u64,
+    /// The first distinct ports involved (at most [`UNHANDLED_PORTS_KEPT`]), ascending.
+    pub ports: Vec<u16>,
+}
+
+/// How many distinct unhandled ports [`UnhandledAccesses`] lists.
+pub const UNHANDLED_PORTS_KEPT: usize = 64;
+
+/// Counters behind [`UnhandledAccesses`].
+#[derive(Debug, Default)]
+pub(crate) struct UnhandledCounters {
+    port_reads: AtomicU64,
+    port_writes: AtomicU64,
+    mmio_reads: AtomicU64,
+    mmio_writes: AtomicU64,
+    ports: Mutex<BTreeSet<u16>>,
+}
+
+impl UnhandledCounters {
+    fn port(&self, p: u16) {
+        let mut s = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+        if s.len() < UNHANDLED_PORTS_KEPT {
+            s.insert(p);
+        }
+    }
+
+    pub fn snapshot(&self) -> UnhandledAccesses {
+        UnhandledAccesses {
+            port_reads: self.port_reads.load(Ordering::Relaxed),
+            port_writes: self.port_writes.load(Ordering::Relaxed),
+            mmio_reads: self.mmio_reads.load(Ordering::Relaxed),
+            mmio_writes: self.mmio_writes.load(Ordering::Relaxed),
+            ports: self
+                .ports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .copied()
+                .collect(),
+        }
+    }
+}
+
 /// Devices a vCPU thread needs for exits handled in user space.
 pub(crate) struct IoBus {
     pub serial: Mutex<SerialDevice>,
     pub mem: GuestMemoryMmap,
+    /// True for kernel VMs: the lenient device policy applies.
+    pub kernel_vm: bool,
+    pub unhandled: UnhandledCounters,
 }
 
 impl std::fmt::Debug for IoBus {
@@ -381,6 +453,10 @@ impl VcpuRunner {
                     .enumerate()
                     .fold(0u32, |a, (i, b)| a | (u32::from(*b) << (8 * i)));
                 match p {
+                    // POST diagnostic port: a delay idiom, nothing to do.
+                    0x80 => Handled::Continue,
+                    0x64 if v32 & 0xFF == 0xFE => Handled::End(EndKind::Reset),
+                    0xCF9 if v32 & 0x4 != 0 => Handled::End(EndKind::Reset),
                     _ if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&p) => {
                         let mut s = self.io.serial.lock().unwrap_or_else(|e| e.into_inner());
                         for b in data {
@@ -390,6 +466,14 @@ impl VcpuRunner {
                                 self.shared.serial_errors.fetch_add(1, Ordering::Relaxed);
                             }
                         }
+                        Handled::Continue
+                    }
+                    _ if self.io.kernel_vm => {
+                        self.io
+                            .unhandled
+                            .port_writes
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.io.unhandled.port(p);
                         Handled::Continue
                     }
                     port::IDLE => {
@@ -411,10 +495,6 @@ impl VcpuRunner {
                     port::PANIC => Handled::End(EndKind::Panic(format!(
                         "unexpected exception/interrupt vector {v32}"
                     ))),
-                    // POST diagnostic port: a delay idiom, nothing to do.
-                    0x80 => Handled::Continue,
-                    0x64 if v32 & 0xFF == 0xFE => Handled::End(EndKind::Reset),
-                    0xCF9 if v32 & 0x4 != 0 => Handled::End(EndKind::Reset),
                     _ => Handled::End(EndKind::Error(format!(
                         "write of {v32:#x} ({} bytes) to unhandled I/O port {p:#x}",
                         data.len()
@@ -428,12 +508,29 @@ impl VcpuRunner {
                         *b = s.read((p - COM1_BASE) as u8);
                     }
                     Handled::Continue
+                } else if self.io.kernel_vm {
+                    data.fill(0xff);
+                    self.io.unhandled.port_reads.fetch_add(1, Ordering::Relaxed);
+                    self.io.unhandled.port(p);
+                    Handled::Continue
                 } else {
                     Handled::End(EndKind::Error(format!(
                         "read of {} bytes from unhandled I/O port {p:#x}",
                         data.len()
                     )))
                 }
+            }
+            VcpuExit::MmioRead(_, d) if self.io.kernel_vm => {
+                d.fill(0xff);
+                self.io.unhandled.mmio_reads.fetch_add(1, Ordering::Relaxed);
+                Handled::Continue
+            }
+            VcpuExit::MmioWrite(..) if self.io.kernel_vm => {
+                self.io
+                    .unhandled
+                    .mmio_writes
+                    .fetch_add(1, Ordering::Relaxed);
+                Handled::Continue
             }
             VcpuExit::MmioRead(a, d) => Handled::End(EndKind::Error(format!(
                 "MMIO read of {} bytes at unbacked GPA {a:#x}",

@@ -1,5 +1,6 @@
-//! The VM handle: building a VM (fresh boot or from a [`MachineState`]), pause/resume, capture,
-//! progress and self-check of the built-in guest, and orderly shutdown.
+//! The VM handle: building a VM (fresh boot of the built-in guest or of a kernel, or from a
+//! [`MachineState`]), pause/resume, capture, progress and self-check of the built-in guest, the
+//! serial console's input side, and orderly shutdown.
 
 use std::io::Write;
 use std::sync::atomic::Ordering;
@@ -16,10 +17,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch;
 use crate::guest::{self, ctrl, GuestLayout, GuestProgress, SelfCheckVerdict, VcpuVerdict};
+use crate::kernel::{self, KernelConfig, LoadedKernel};
 use crate::memory::{self, guest_u64};
 use crate::serial::{IrqLine, SerialDevice, COM1_GSI};
 use crate::state::{self, MachineState, STATE_FORMAT_VERSION};
-use crate::vcpu::{self, IoBus, Shared, VcpuRunner, VmExitStatus};
+use crate::vcpu::{self, IoBus, Shared, UnhandledAccesses, VcpuRunner, VmExitStatus};
 use crate::{VmConfig, VmError};
 
 /// How long `pause` waits for every vCPU to park.
@@ -29,7 +31,7 @@ const REKICK_INTERVAL: Duration = Duration::from_millis(10);
 /// Where KVM_SET_TSS_ADDR puts its three pages (only used by VMX real-mode emulation).
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
-/// A running (or paused, or ended) VM with the built-in guest.
+/// A running (or paused, or ended) VM: the built-in guest or a kernel.
 pub struct Vm {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -43,6 +45,7 @@ pub struct Vm {
     xsave_ok: bool,
     quirks: Vec<String>,
     control: Mutex<()>,
+    loaded_kernel: Option<LoadedKernel>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -153,7 +156,8 @@ impl Vm {
         Self::boot_with_memory(cfg, mem, serial_out)
     }
 
-    /// Boots the built-in guest in caller-made memory (laid out as [`crate::layout`] says).
+    /// Boots the built-in guest, or `cfg.kernel` if set, in caller-made memory (laid out as
+    /// [`crate::layout`] says).
     pub fn boot_with_memory(
         cfg: VmConfig,
         mem: GuestMemoryMmap,
@@ -162,6 +166,9 @@ impl Vm {
         memory::validate_mem_size(cfg.mem_bytes)?;
         memory::check_layout(&mem, cfg.mem_bytes)?;
         let gl = GuestLayout::new(cfg.mem_bytes, cfg.vcpus, &cfg.guest)?;
+        if let Some(k) = cfg.kernel.clone() {
+            return Self::boot_kernel(cfg, &k, gl, mem, serial_out);
+        }
         let prog = guest::program::assemble()?;
         guest::write_boot_image(&mem, cfg.mem_bytes, &gl, &cfg.guest, &prog)?;
         let m = new_machine(&mem)?;
@@ -204,6 +211,69 @@ impl Vm {
             m.xsave_ok,
             quirks,
             false,
+            None,
+        )
+    }
+
+    /// Kernel VMs: boot tables, MP table, ACPI MADT, kernel/initrd/command line/zero page, then vCPUs
+    /// (CPUID, boot MSRs, LAPIC; only vCPU 0 gets entry registers, the others wait for SIPI).
+    fn boot_kernel(
+        cfg: VmConfig,
+        k: &KernelConfig,
+        gl: GuestLayout,
+        mem: GuestMemoryMmap,
+        serial_out: Box<dyn Write + Send>,
+    ) -> Result<Vm, VmError> {
+        arch::paging::write_identity_map(&mem, cfg.mem_bytes)?;
+        arch::gdt::write_boot_tables(&mem)?;
+        arch::mptable::write(&mem, cfg.vcpus)?;
+        arch::acpi::write(&mem, cfg.vcpus)?;
+        let loaded = kernel::load(&mem, cfg.mem_bytes, k)?;
+        let m = new_machine(&mem)?;
+        let serial = new_serial(&m.vm_fd, None, serial_out)?;
+        let base_cpuid = arch::cpuid::supported(&m.kvm)?;
+        let mut quirks = m.quirks;
+        let mut msr_indices = Vec::new();
+        let mut fds = Vec::new();
+        for v in 0..cfg.vcpus {
+            let fd = m
+                .vm_fd
+                .create_vcpu(u64::from(v))
+                .map_err(VmError::vcpu("KVM_CREATE_VCPU", v))?;
+            fd.set_cpuid2(&arch::cpuid::for_vcpu(&base_cpuid, v))
+                .map_err(VmError::vcpu("KVM_SET_CPUID2", v))?;
+            if v == 0 {
+                let p = arch::msr::probe(&m.kvm, &fd)?;
+                if !p.dropped.is_empty() {
+                    quirks.push(format!(
+                        "{} MSRs listed by KVM cannot be read and set back and are not saved: {:x?}",
+                        p.dropped.len(),
+                        p.dropped
+                    ));
+                }
+                msr_indices = p.usable;
+                arch::regs::setup_kernel_entry(&fd, loaded.entry)?;
+            }
+            let refused = arch::msr::set_boot(&fd)?;
+            if v == 0 && !refused.is_empty() {
+                quirks.push(format!("KVM refused boot MSR values for {refused:x?}"));
+            }
+            arch::lapic::setup(&fd, v)?;
+            fds.push(fd);
+        }
+        Self::start(
+            m.kvm,
+            m.vm_fd,
+            fds,
+            mem,
+            serial,
+            cfg,
+            gl,
+            msr_indices,
+            m.xsave_ok,
+            quirks,
+            false,
+            Some(loaded),
         )
     }
 
@@ -260,6 +330,7 @@ impl Vm {
             m.xsave_ok,
             m.quirks,
             start_paused,
+            None,
         )
     }
 
@@ -276,12 +347,15 @@ impl Vm {
         xsave_ok: bool,
         quirks: Vec<String>,
         start_paused: bool,
+        loaded_kernel: Option<LoadedKernel>,
     ) -> Result<Vm, VmError> {
         let n = fds.len();
         let shared = Arc::new(Shared::new(n, start_paused));
         let io = Arc::new(IoBus {
             serial: Mutex::new(serial),
             mem,
+            kernel_vm: !cfg.is_builtin_guest(),
+            unhandled: Default::default(),
         });
         let vcpus: Vec<Arc<Mutex<VcpuFd>>> =
             fds.into_iter().map(|f| Arc::new(Mutex::new(f))).collect();
@@ -298,6 +372,7 @@ impl Vm {
             xsave_ok,
             quirks,
             control: Mutex::new(()),
+            loaded_kernel,
         };
         for (i, fd) in vm.vcpus.iter().enumerate() {
             let runner = VcpuRunner {
@@ -331,6 +406,37 @@ impl Vm {
     /// Where each vCPU's data lives.
     pub fn guest_layout(&self) -> &GuestLayout {
         &self.gl
+    }
+
+    /// Kernel VMs booted by this process: where the kernel went (None for the built-in guest
+    /// and for restored VMs, whose memory already holds the kernel).
+    pub fn loaded_kernel(&self) -> Option<&LoadedKernel> {
+        self.loaded_kernel.as_ref()
+    }
+
+    /// Kernel VMs: accesses answered by the lenient device policy so far (see [`crate::vcpu`]).
+    pub fn unhandled_accesses(&self) -> UnhandledAccesses {
+        self.io.unhandled.snapshot()
+    }
+
+    /// Queues `bytes` as input on COM1 (what the guest reads from the UART); returns how many
+    /// were accepted, which is fewer when the 64-byte receive FIFO is full (retry the rest later,
+    /// or use [`Vm::serial_input`], which does).
+    pub fn send_serial_input(&self, bytes: &[u8]) -> Result<usize, VmError> {
+        if self.ended() {
+            return Err(VmError::NotRunning);
+        }
+        enqueue(&self.io, bytes)
+    }
+
+    /// A `Write` handle feeding COM1's input, for forwarding a terminal's stdin: it blocks
+    /// (polling every millisecond) while the guest has not drained the FIFO, and fails with
+    /// `BrokenPipe` once the VM has ended. Owned and `Send`, so it can move to a thread.
+    pub fn serial_input(&self) -> SerialInput {
+        SerialInput {
+            io: Arc::clone(&self.io),
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// Host quirks noticed while building the VM (refused optional ioctls, dropped MSRs ...).
@@ -440,8 +546,14 @@ impl Vm {
             .unwrap_or_else(|e| e.into_inner())
             .state()
             .into();
-        let slots = guest::read_slots(&self.io.mem, self.cfg.vcpus)?;
-        let ticks = guest_u64(&self.io.mem, ctrl::global(ctrl::TICKS))?.load(Ordering::Acquire);
+        let (slots, ticks) = if self.cfg.is_builtin_guest() {
+            (
+                guest::read_slots(&self.io.mem, self.cfg.vcpus)?,
+                guest_u64(&self.io.mem, ctrl::global(ctrl::TICKS))?.load(Ordering::Acquire),
+            )
+        } else {
+            (Vec::new(), 0)
+        };
         Ok(MachineState {
             version: STATE_FORMAT_VERSION,
             config: self.cfg.clone(),
@@ -459,7 +571,11 @@ impl Vm {
     }
 
     /// The built-in guest's progress, read from guest memory (cheap; any thread, any time).
+    /// Kernel VMs have no such progress: all fields are empty.
     pub fn progress(&self) -> GuestProgress {
+        if !self.cfg.is_builtin_guest() {
+            return GuestProgress::default();
+        }
         let mut p = guest::read_progress(&self.io.mem, &self.gl).unwrap_or_default();
         p.reports = self
             .shared
@@ -472,6 +588,9 @@ impl Vm {
 
     /// Asks every vCPU of the built-in guest to verify its memory (served between steps).
     pub fn request_self_check(&self) -> Result<(), VmError> {
+        if !self.cfg.is_builtin_guest() {
+            return Err(VmError::NotBuiltinGuest);
+        }
         if self.ended() {
             return Err(VmError::NotRunning);
         }
@@ -482,6 +601,9 @@ impl Vm {
 
     /// The verdict of the latest self-check request, once every vCPU answered it.
     pub fn self_check_result(&self) -> Option<SelfCheckVerdict> {
+        if !self.cfg.is_builtin_guest() {
+            return None;
+        }
         let mem = &self.io.mem;
         let req = guest_u64(mem, ctrl::global(ctrl::CHECK_REQ))
             .ok()?
@@ -515,6 +637,9 @@ impl Vm {
 
     /// Asks the built-in guest to power off (it writes the power-off port).
     pub fn request_guest_poweroff(&self) -> Result<(), VmError> {
+        if !self.cfg.is_builtin_guest() {
+            return Err(VmError::NotBuiltinGuest);
+        }
         guest_u64(&self.io.mem, ctrl::global(ctrl::POWEROFF_REQ))?.store(1, Ordering::Release);
         Ok(())
     }
@@ -565,6 +690,52 @@ impl Vm {
             .unwrap_or_else(|e| e.into_inner())
             .writer_mut()
             .flush();
+    }
+}
+
+fn enqueue(io: &IoBus, bytes: &[u8]) -> Result<usize, VmError> {
+    let mut s = io.serial.lock().unwrap_or_else(|e| e.into_inner());
+    let n = bytes.len().min(s.fifo_capacity());
+    // vm-superio accepts everything that fits and raises the receive interrupt if enabled; the
+    // only error is a failed irqfd write.
+    s.enqueue_raw_bytes(&bytes[..n])
+        .map_err(|e| VmError::SerialInput(format!("{e:?}")))
+}
+
+/// Owned writer into COM1's receive FIFO (see [`Vm::serial_input`]).
+pub struct SerialInput {
+    io: Arc<IoBus>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SerialInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialInput").finish_non_exhaustive()
+    }
+}
+
+impl Write for SerialInput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.shared.lock().exit_status.is_some() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the VM has ended",
+                ));
+            }
+            let n = enqueue(&self.io, buf).map_err(std::io::Error::other)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -3,7 +3,7 @@
 use kvm_bindings::kvm_segment;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{self, selector};
+use crate::layout::{self, boot_selector, selector};
 use crate::VmError;
 
 /// 64-bit ring-0 code: present, DPL 0, code exec/read, L=1, G=1.
@@ -23,7 +23,11 @@ pub const TSS_TOTAL: u64 = TSS_SIZE + IO_BITMAP_PORTS / 8 + 1;
 
 /// The 16-byte descriptor of an available 64-bit TSS at `base`.
 fn tss_descriptor(base: u64) -> [u64; 2] {
-    let limit = TSS_TOTAL - 1;
+    descriptor_of_tss(base, TSS_TOTAL - 1)
+}
+
+/// The 16-byte descriptor of an available 64-bit TSS at `base` with `limit`.
+fn descriptor_of_tss(base: u64, limit: u64) -> [u64; 2] {
     let low = (limit & 0xFFFF)
         | ((base & 0xFF_FFFF) << 16)
         | (0x89 << 40) // present, type 9 (available 64-bit TSS)
@@ -79,6 +83,58 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8, vectors: &[u64]) -> Result
         w(at + 8, handler >> 32)?;
     }
     Ok(())
+}
+
+/// Kernel VMs: writes the boot GDT (null, null, __BOOT_CS, __BOOT_DS, TSS), a zeroed boot TSS
+/// and a boot IDT holding one null gate.
+pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    let w = |gpa: u64, v: u64| {
+        mem.write_obj(v, GuestAddress(gpa))
+            .map_err(VmError::GuestMemory)
+    };
+    w(layout::BOOT_GDT_START, 0)?;
+    w(layout::BOOT_GDT_START + 8, 0)?;
+    w(
+        layout::BOOT_GDT_START + u64::from(boot_selector::CODE),
+        KERNEL_CODE,
+    )?;
+    w(
+        layout::BOOT_GDT_START + u64::from(boot_selector::DATA),
+        KERNEL_DATA,
+    )?;
+    let [lo, hi] = descriptor_of_tss(layout::BOOT_TSS_START, TSS_SIZE - 1);
+    w(layout::BOOT_GDT_START + u64::from(boot_selector::TSS), lo)?;
+    w(
+        layout::BOOT_GDT_START + u64::from(boot_selector::TSS) + 8,
+        hi,
+    )?;
+    mem.write_slice(
+        &[0u8; TSS_SIZE as usize],
+        GuestAddress(layout::BOOT_TSS_START),
+    )
+    .map_err(VmError::GuestMemory)?;
+    w(layout::BOOT_IDT_START, 0)?;
+    w(layout::BOOT_IDT_START + 8, 0)
+}
+
+/// Kernel VMs: limit of the boot GDT.
+pub const BOOT_GDT_LIMIT: u16 = boot_selector::TSS + 16 - 1;
+/// Kernel VMs: limit of the boot IDT (one 16-byte gate).
+pub const BOOT_IDT_LIMIT: u16 = 15;
+
+/// Kernel VMs: the boot code, data and TSS segments for KVM_SET_SREGS.
+pub fn boot_segments() -> (kvm_segment, kvm_segment, kvm_segment) {
+    let mut cs = kernel_code_segment();
+    cs.selector = boot_selector::CODE;
+    let mut ds = kernel_data_segment();
+    ds.selector = boot_selector::DATA;
+    let tr = kvm_segment {
+        base: layout::BOOT_TSS_START,
+        limit: (TSS_SIZE - 1) as u32,
+        selector: boot_selector::TSS,
+        ..tss_segment(0)
+    };
+    (cs, ds, tr)
 }
 
 /// Flat 64-bit ring-0 code segment.

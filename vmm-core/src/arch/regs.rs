@@ -1,4 +1,5 @@
-//! Boot register state of a vCPU: long mode, ring 0, at the guest's kernel entry.
+//! Boot register state of a vCPU: long mode, ring 0, at the guest's kernel entry — the built-in
+//! guest's ([`setup`]) or a kernel's 64-bit boot protocol entry ([`setup_kernel_entry`]).
 
 use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuFd;
@@ -69,4 +70,46 @@ pub fn setup(fd: &VcpuFd, vcpu: u8, vcpus: u8, kernel_entry: u64) -> Result<(), 
     fd.set_mp_state(mp)
         .map_err(VmError::vcpu("KVM_SET_MP_STATE", vcpu))?;
     Ok(())
+}
+
+/// Kernel VMs: puts the bootstrap vCPU at a kernel's 64-bit entry as the Linux boot protocol
+/// asks: long mode with paging (identity map), CS = __BOOT_CS, DS/ES/SS = __BOOT_DS (flat),
+/// interrupts disabled, RSI = the zero page. Application processors are left alone: with the
+/// in-kernel irqchip they wait for INIT/SIPI, which is how the kernel starts them.
+pub fn setup_kernel_entry(fd: &VcpuFd, entry: u64) -> Result<(), VmError> {
+    let mut sregs: kvm_sregs = fd.get_sregs().map_err(VmError::vcpu("KVM_GET_SREGS", 0))?;
+    let (cs, ds, tr) = gdt::boot_segments();
+    sregs.cs = cs;
+    sregs.ds = ds;
+    sregs.es = ds;
+    sregs.fs = ds;
+    sregs.gs = ds;
+    sregs.ss = ds;
+    sregs.tr = tr;
+    sregs.gdt.base = layout::BOOT_GDT_START;
+    sregs.gdt.limit = gdt::BOOT_GDT_LIMIT;
+    sregs.idt.base = layout::BOOT_IDT_START;
+    sregs.idt.limit = gdt::BOOT_IDT_LIMIT;
+    sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
+    sregs.cr3 = layout::PML4_START;
+    sregs.cr4 = CR4_PAE;
+    sregs.efer = EFER_LME | EFER_LMA;
+    fd.set_sregs(&sregs)
+        .map_err(VmError::vcpu("KVM_SET_SREGS", 0))?;
+    let regs = kvm_regs {
+        rip: entry,
+        rsp: layout::BOOT_STACK_TOP,
+        rbp: layout::BOOT_STACK_TOP,
+        rsi: layout::ZERO_PAGE_START,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    fd.set_regs(&regs)
+        .map_err(VmError::vcpu("KVM_SET_REGS", 0))?;
+    let fpu = kvm_fpu {
+        fcw: 0x37F,
+        mxcsr: 0x1F80,
+        ..Default::default()
+    };
+    fd.set_fpu(&fpu).map_err(VmError::vcpu("KVM_SET_FPU", 0))
 }

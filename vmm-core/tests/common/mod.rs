@@ -1,6 +1,8 @@
 //! Helpers shared by the KVM integration tests.
 #![allow(dead_code)]
 
+pub mod testkernel;
+
 use std::time::{Duration, Instant};
 
 use vmm_core::{GuestParams, MemBackend, SharedBuffer, Vm, VmConfig, WriteRate};
@@ -28,6 +30,7 @@ pub fn small_cfg(rate: WriteRate) -> VmConfig {
             working_set_pages: None,
             seed: 42,
         },
+        kernel: None,
     }
 }
 
