@@ -14,9 +14,10 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("e2e") => e2e(),
+        Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <e2e | bench [--quick] [uffd]>");
+            eprintln!("usage: cargo xtask <test | e2e | bench [--quick] [uffd]>");
             std::process::exit(2);
         }
     }
@@ -28,6 +29,31 @@ pub fn root() -> PathBuf {
         .parent()
         .expect("xtask is inside the workspace")
         .to_path_buf()
+}
+
+/// `cargo xtask test`: fetches what the tests need (Debian's stock kernel, cached) and runs every test of the
+/// workspace in release mode. Extra arguments go to `cargo test`.
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    if std::env::var_os("SNAPCTL_SKIP_DEBIAN_KERNEL").is_none() {
+        let st = Command::new("bash")
+            .arg(root().join("scripts/fetch-debian-kernel.sh"))
+            .status()
+            .context("running scripts/fetch-debian-kernel.sh")?;
+        if !st.success() {
+            bail!("fetching the Debian kernel for the kernel-boot test failed (see above)");
+        }
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .current_dir(root())
+        .args(["test", "--workspace", "--release"])
+        .args(extra)
+        .status()
+        .context("running cargo test")?;
+    if !st.success() {
+        bail!("tests failed");
+    }
+    Ok(())
 }
 
 /// Builds the release `snapctl` binary and returns its path.
