@@ -3,7 +3,9 @@
 //! the guest's oracle against the control slots captured at the freeze instant. After every save (success,
 //! failure, cancel) no guest page remains write-protected and the guest keeps running.
 
-use ram_saver::{Compression, InjectPoint, SaveOptions, SnapshotHeader, SnapshotReader, StreamSink};
+use ram_saver::{
+    Compression, InjectPoint, SaveOptions, SnapshotHeader, SnapshotReader, StreamSink,
+};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use vmm_core::{GuestParams, MemBackend, Vm, VmConfig, WriteRate};
@@ -39,7 +41,11 @@ fn wait_progress(vm: &Vm, min: &[u64]) -> Vec<u64> {
             "guest made no progress past {min:?}: {:?}",
             p.steps
         );
-        assert!(vm.exit_status().is_none(), "VM ended: {:?}", vm.exit_status());
+        assert!(
+            vm.exit_status().is_none(),
+            "VM ended: {:?}",
+            vm.exit_status()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -71,7 +77,12 @@ struct Saved {
 }
 
 /// Freeze, save into memory, and return the image with the freeze-instant slots.
-fn save(vm: &Vm, t: &WpTracker, opts: &SaveOptions, cancel: &AtomicBool) -> Result<Saved, ram_saver::SaveError> {
+fn save(
+    vm: &Vm,
+    t: &WpTracker,
+    opts: &SaveOptions,
+    cancel: &AtomicBool,
+) -> Result<Saved, ram_saver::SaveError> {
     vm.pause().unwrap();
     let state = vm.capture_state().unwrap();
     t.protect_all().unwrap();
@@ -97,14 +108,19 @@ fn save(vm: &Vm, t: &WpTracker, opts: &SaveOptions, cancel: &AtomicBool) -> Resu
 }
 
 fn check_image(vm: &Vm, saved: &Saved) {
-    let mut r = SnapshotReader::from_reader(std::io::Cursor::new(&saved.image)).expect("open image");
+    let mut r =
+        SnapshotReader::from_reader(std::io::Cursor::new(&saved.image)).expect("open image");
     r.verify(&mut |_| {}).expect("verify");
     let state = vmm_core::MachineState::from_bytes(r.machine_state()).expect("state");
     assert_eq!(state.guest_slots(), saved.slots);
     let mem = vmm_core::create_guest_memory(vm.config().mem_bytes, MemBackend::Anon).unwrap();
     r.load_into(&mem, &mut |_| {}).expect("load");
     let rep = vmm_core::oracle::check(&mem, state.config(), Some(&saved.slots));
-    assert!(rep.is_ok(), "image is not the memory at the freeze instant: {}", rep.unwrap_err());
+    assert!(
+        rep.is_ok(),
+        "image is not the memory at the freeze instant: {}",
+        rep.unwrap_err()
+    );
 }
 
 #[test]
@@ -115,7 +131,11 @@ fn live_saves_are_exact_under_full_speed_writes() {
         ("raw", Compression::None, None),
         ("zstd", Compression::Zstd { level: 1 }, None),
         ("raw, 32 MiB/s scan", Compression::None, Some(32 << 20)),
-        ("zstd, 32 MiB/s scan", Compression::Zstd { level: 3 }, Some(32 << 20)),
+        (
+            "zstd, 32 MiB/s scan",
+            Compression::Zstd { level: 3 },
+            Some(32 << 20),
+        ),
     ];
     for (name, compression, bw) in cases {
         let before = wait_progress(&vm, &[0, 0]);
@@ -136,7 +156,10 @@ fn live_saves_are_exact_under_full_speed_writes() {
             );
         }
         check_image(&vm, &saved);
-        eprintln!("{name}: {:?} steps {:?} -> {:?}", saved.summary, saved.slots, after);
+        eprintln!(
+            "{name}: {:?} steps {:?} -> {:?}",
+            saved.summary, saved.slots, after
+        );
     }
     vm.shutdown();
 }
@@ -175,12 +198,76 @@ fn failed_and_cancelled_saves_release_everything() {
         });
         save(&vm, &t, &opts, &cancel)
     });
-    assert!(matches!(res, Err(ram_saver::SaveError::Cancelled)), "{:?}", res.err());
+    assert!(
+        matches!(res, Err(ram_saver::SaveError::Cancelled)),
+        "{:?}",
+        res.err()
+    );
     assert_eq!(protected_pages(&vm), 0, "cancel: pages left protected");
     let now = vm.progress().steps.clone();
     wait_progress(&vm, &now);
     // And a save right after works.
-    let saved = save(&vm, &t, &SaveOptions::default(), &AtomicBool::new(false)).expect("save after failures");
+    let saved = save(&vm, &t, &SaveOptions::default(), &AtomicBool::new(false))
+        .expect("save after failures");
     check_image(&vm, &saved);
+    vm.shutdown();
+}
+
+/// AnonHugePages (bytes) of the mapping of this process that contains `addr`.
+fn anon_huge_bytes_at(addr: usize) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = a <= addr && addr < b;
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(v) = line.strip_prefix("AnonHugePages:") {
+                let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+                return kb * 1024;
+            }
+        }
+    }
+    0
+}
+
+#[test]
+fn a_save_keeps_thp_backed_guest_ram_huge() {
+    let vm = boot(256);
+    let t0 = Instant::now();
+    while !vm.progress().fill_done {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "guest fill not done"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let host = vmm_core::host_ranges(vm.memory())[0].1;
+    let before = anon_huge_bytes_at(host);
+    assert!(
+        before >= 128 << 20,
+        "guest RAM is not THP-backed before the save ({before} bytes): is THP enabled (madvise)?"
+    );
+    let t = tracker(&vm);
+    let saved = save(&vm, &t, &SaveOptions::default(), &AtomicBool::new(false)).expect("save");
+    wait_progress(&vm, &saved.slots);
+    let after = anon_huge_bytes_at(host);
+    eprintln!(
+        "AnonHugePages of guest RAM: {} MiB before, {} MiB after the save",
+        before >> 20,
+        after >> 20
+    );
+    assert!(
+        after * 100 >= before * 95,
+        "huge-page backing collapsed: {} MiB before, {} MiB after",
+        before >> 20,
+        after >> 20
+    );
     vm.shutdown();
 }
