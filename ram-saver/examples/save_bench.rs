@@ -9,9 +9,18 @@
 //! throughput before / during / after the save, writer stalls, and AnonHugePages of the mapping
 //! before and after.
 //!
+//! Each writer step rewrites one whole random page of its share, like the built-in guest's
+//! write sequence (`--word-writes`: one u64 per step instead; "writes/s" counts steps).
+//!
 //! Options: `--size-mib N` (1024), `--mem thp|4k|both` (both), `--writers N` (1),
 //! `--block-kib K` (save default), `--fault-block-kib K` (save default), `--spin` /
-//! `--no-spin`, `--no-collapse`, `--out file|null|both` (both), `--zstd LEVEL` (raw), `--repeat N` (1).
+//! `--no-spin`, `--no-collapse`, `--out file|null|both` (both), `--zstd LEVEL` (raw), `--repeat N` (1),
+//! `--fill random|pattern|text` (random: incompressible like the built-in guest; text: compresses
+//! about 3:1), `--workers N` (save default), `--path FILE` (target/save_bench.snap; same disk as
+//! the product's snapshots, not tmpfs).
+//!
+//! Also prints the guest rate during the save relative to before, and the extra RSS of the
+//! process during the save (peak minus before, sampled every 5 ms: staging, queues, buffers).
 
 use std::fs;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -39,6 +48,19 @@ struct Args {
     compression: Compression,
     repeat: usize,
     collapse: bool,
+    fill: Fill,
+    word_writes: bool,
+    limits: bool,
+    workers: Option<usize>,
+    fault_staging: Option<usize>,
+    path: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    Random,
+    Pattern,
+    Text,
 }
 
 fn parse_args() -> Args {
@@ -53,6 +75,15 @@ fn parse_args() -> Args {
         compression: Compression::None,
         repeat: 1,
         collapse: true,
+        fill: Fill::Random,
+        word_writes: false,
+        limits: false,
+        workers: None,
+        fault_staging: None,
+        path: std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/save_bench.snap"
+        )),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -85,6 +116,18 @@ fn parse_args() -> Args {
                 }
             }
             "--repeat" => a.repeat = val().parse().unwrap(),
+            "--limits" => a.limits = true,
+            "--word-writes" => a.word_writes = true,
+            "--workers" => a.workers = Some(val().parse().unwrap()),
+            "--fault-staging-mib" => a.fault_staging = Some(val().parse::<usize>().unwrap() << 20),
+            "--path" => a.path = val().into(),
+            "--fill" => {
+                a.fill = match val().as_str() {
+                    "pattern" => Fill::Pattern,
+                    "text" => Fill::Text,
+                    _ => Fill::Random,
+                }
+            }
             other => panic!("unknown option {other}"),
         }
     }
@@ -120,10 +163,15 @@ struct Writers {
     pause: AtomicBool,
     parked: AtomicUsize,
     quit: AtomicBool,
+    /// Each step writes a whole page (default) instead of one u64.
+    whole_pages: bool,
     writes: AtomicU64,
     /// Recording stalls (only during the save).
     record: AtomicBool,
     max_gap_ns: AtomicU64,
+    /// End of the worst gap, µs after `t0` (the thaw).
+    worst_at_us: AtomicU64,
+    t0: Instant,
     /// Histogram of gaps between consecutive writes: bucket k counts gaps in [2^k, 2^(k+1)) µs
     /// (bucket 0: < 2 µs).
     hist: [AtomicU64; 24],
@@ -152,9 +200,24 @@ impl Writers {
             x ^= x >> 7;
             x ^= x << 17;
             let page = first + (x % share as u64) as usize;
-            let off = ((x >> 40) as usize % (PAGE / 8)) * 8;
-            // SAFETY: inside the mapping, which outlives the writers (they are scoped).
-            unsafe { std::ptr::write_volatile((self.base + page * PAGE + off) as *mut u64, x) };
+            if self.whole_pages {
+                // Like the built-in guest: every step rewrites one whole page.
+                let mut v = x | 1;
+                for k in 0..PAGE / 8 {
+                    // Pseudo-random content (incompressible, like the built-in guest's).
+                    v ^= v << 13;
+                    v ^= v >> 7;
+                    v ^= v << 17;
+                    // SAFETY: inside the mapping, which outlives the writers (they are scoped).
+                    unsafe {
+                        std::ptr::write_volatile((self.base + page * PAGE + k * 8) as *mut u64, v)
+                    };
+                }
+            } else {
+                let off = ((x >> 40) as usize % (PAGE / 8)) * 8;
+                // SAFETY: inside the mapping, which outlives the writers (they are scoped).
+                unsafe { std::ptr::write_volatile((self.base + page * PAGE + off) as *mut u64, x) };
+            }
             local += 1;
             if local & 0xff == 0 {
                 self.writes.fetch_add(local, Ordering::Relaxed);
@@ -165,7 +228,10 @@ impl Writers {
                 let gap = now.duration_since(prev);
                 prev = now;
                 let ns = gap.as_nanos() as u64;
-                self.max_gap_ns.fetch_max(ns, Ordering::Relaxed);
+                if self.max_gap_ns.fetch_max(ns, Ordering::Relaxed) < ns {
+                    let at = now.duration_since(self.t0).as_micros() as u64;
+                    self.worst_at_us.store(at, Ordering::Relaxed);
+                }
                 let us = (ns / 1000).max(1);
                 let k = (63 - us.leading_zeros() as usize).min(self.hist.len() - 1);
                 self.hist[k].fetch_add(1, Ordering::Relaxed);
@@ -200,12 +266,43 @@ impl Writers {
     }
 }
 
-fn fill(base: usize, size: usize) {
+fn fill(base: usize, size: usize, kind: Fill) {
     // SAFETY: the whole mapping is ours and nothing else touches it yet.
     let words = unsafe { std::slice::from_raw_parts_mut(base as *mut u64, size / 8) };
+    let mut x = 0x2545_f491_4f6c_dd1du64;
     for (i, w) in words.iter_mut().enumerate() {
-        *w = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        *w = match kind {
+            Fill::Pattern => (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            Fill::Random => {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            }
+            Fill::Text => {
+                // Eight "letters" out of 16 per word, with a repeated word now and then.
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if x.is_multiple_of(4) {
+                    0x2065_6874_2061_6d20
+                } else {
+                    (x & 0x0f0f_0f0f_0f0f_0f0f) | 0x6060_6060_6060_6060
+                }
+            }
+        };
     }
+}
+
+/// Resident set size of this process in bytes.
+fn rss_bytes() -> u64 {
+    let s = fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * PAGE as u64
 }
 
 fn one(args: &Args, thp: bool, to_file: bool, mem: &GuestMemoryMmap, tracker: &WpTracker) {
@@ -217,9 +314,12 @@ fn one(args: &Args, thp: bool, to_file: bool, mem: &GuestMemoryMmap, tracker: &W
         pause: AtomicBool::new(false),
         parked: AtomicUsize::new(0),
         quit: AtomicBool::new(false),
+        whole_pages: !args.word_writes,
         writes: AtomicU64::new(0),
         record: AtomicBool::new(false),
         max_gap_ns: AtomicU64::new(0),
+        worst_at_us: AtomicU64::new(0),
+        t0: Instant::now(),
         hist: Default::default(),
     };
     let huge_before = anon_huge_bytes(base);
@@ -237,12 +337,27 @@ fn one(args: &Args, thp: bool, to_file: bool, mem: &GuestMemoryMmap, tracker: &W
     if let Some(s) = args.spin {
         opts.fault_spin = Some(s);
     }
+    if let Some(k) = args.workers {
+        opts.workers = k;
+    }
+    opts.fault_staging = args.fault_staging;
+    let rss_before = rss_bytes();
+    let rss_peak = AtomicU64::new(rss_before);
+    let sampling = AtomicBool::new(true);
+    let thaw_us = AtomicU64::new(0);
     let (summary, rate_before, rate_during, rate_after): (SaveSummary, f64, f64, f64) =
         thread::scope(|s| {
             for id in 0..n {
                 let w = &w;
                 s.spawn(move || w.run(id, n));
             }
+            let (rss_peak, sampling) = (&rss_peak, &sampling);
+            s.spawn(move || {
+                while sampling.load(Ordering::Relaxed) {
+                    rss_peak.fetch_max(rss_bytes(), Ordering::Relaxed);
+                    thread::sleep(Duration::from_millis(5));
+                }
+            });
             thread::sleep(Duration::from_millis(200));
             let rate_before = w.rate(Duration::from_secs(1));
             if n > 0 {
@@ -251,12 +366,13 @@ fn one(args: &Args, thp: bool, to_file: bool, mem: &GuestMemoryMmap, tracker: &W
             tracker.protect_all().unwrap();
             let w0 = w.writes.load(Ordering::Relaxed);
             w.record.store(true, Ordering::Relaxed);
+            thaw_us.store(w.t0.elapsed().as_micros() as u64, Ordering::Relaxed);
             w.pause.store(false, Ordering::Release);
             let header = SnapshotHeader::new(Vec::new(), n as u32, Vec::new());
             let cancel = AtomicBool::new(false);
             let t = Instant::now();
             let summary = if to_file {
-                let path = std::path::Path::new("/tmp/save_bench.snap");
+                let path = args.path.as_path();
                 let sink = AtomicFileSink::create(path).unwrap();
                 let r = live_save(mem, tracker, sink, header, b"", &opts, &|_| {}, &cancel);
                 let _ = fs::remove_file(path);
@@ -268,6 +384,7 @@ fn one(args: &Args, thp: bool, to_file: bool, mem: &GuestMemoryMmap, tracker: &W
             let el = t.elapsed().as_secs_f64();
             w.record.store(false, Ordering::Relaxed);
             let rate_during = (w.writes.load(Ordering::Relaxed) - w0) as f64 / el;
+            sampling.store(false, Ordering::Relaxed);
             let summary = summary.expect("save failed");
             thread::sleep(Duration::from_millis(100));
             let rate_after = w.rate(Duration::from_secs(1));
@@ -294,6 +411,16 @@ fn one(args: &Args, thp: bool, to_file: bool, mem: &GuestMemoryMmap, tracker: &W
         w.max_gap_ns.load(Ordering::Relaxed) as f64 / 1e6,
         huge_before >> 20,
         huge_after >> 20,
+    );
+    println!(
+        "      guest rate during/before {:.0} %, extra RSS {} MiB, file {} MiB, ratio {:.3}, \
+         worst stall ended {:.1} ms after the thaw",
+        rate_during / rate_before.max(1.0) * 100.0,
+        rss_peak.load(Ordering::Relaxed).saturating_sub(rss_before) >> 20,
+        summary.file_bytes >> 20,
+        summary.image_size_ratio,
+        (w.worst_at_us.load(Ordering::Relaxed) as f64 - thaw_us.load(Ordering::Relaxed) as f64)
+            / 1e3,
     );
     println!(
         "      fault block {} KiB, huge pages restored {} in {:.3} s; stalls:{}",
@@ -334,9 +461,61 @@ fn copy_speed(thp: bool, mem: &GuestMemoryMmap, tracker: &WpTracker, size: usize
     tracker.unprotect_all().unwrap();
 }
 
+/// Machine limits: file write + fsync bandwidth in 4 MiB writes, zstd-1 on all cores.
+fn limits(args: &Args) {
+    use std::io::Write;
+    let chunk = vec![0x5au8; 4 << 20];
+    let path = args.path.with_extension("probe");
+    let t = Instant::now();
+    let mut f = fs::File::create(&path).unwrap();
+    for _ in 0..256 {
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+    let disk = (1u64 << 30) as f64 / t.elapsed().as_secs_f64() / 1e9;
+    drop(f);
+    let _ = fs::remove_file(&path);
+    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    let mut data = vec![0u8; 2 << 20];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for b in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        b.copy_from_slice(&x.to_le_bytes());
+    }
+    let t = Instant::now();
+    let total: usize = thread::scope(|s| {
+        let hs: Vec<_> = (0..cores)
+            .map(|_| {
+                let data = &data;
+                s.spawn(move || {
+                    let mut c = zstd::bulk::Compressor::new(1).unwrap();
+                    let mut out = Vec::with_capacity(3 << 20);
+                    let mut n = 0;
+                    for _ in 0..128 {
+                        out.clear();
+                        c.compress_to_buffer(data, &mut out).unwrap();
+                        n += data.len();
+                    }
+                    n
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    let z = total as f64 / t.elapsed().as_secs_f64() / 1e9;
+    println!(
+        "limits: file write+fsync {disk:.2} GB/s, zstd-1 random data {z:.2} GB/s on {cores} cores"
+    );
+}
+
 fn main() {
     let args = parse_args();
     println!("{args:?}");
+    if args.limits {
+        limits(&args);
+    }
     for &thp in &args.mems {
         let mem: GuestMemoryMmap =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), args.size)]).unwrap();
@@ -352,7 +531,7 @@ fn main() {
         // SAFETY: advice on our own fresh mapping; contents unchanged.
         let r = unsafe { libc::madvise(base as *mut _, args.size, advice) };
         assert_eq!(r, 0, "madvise");
-        fill(base, args.size);
+        fill(base, args.size, args.fill);
         let tracker = WpTracker::new().expect("tracker");
         tracker.register_memory(&mem).expect("register");
         copy_speed(thp, &mem, &tracker, args.size);

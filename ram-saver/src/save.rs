@@ -5,12 +5,15 @@
 //! Threads (all scoped, borrowing guest memory and the tracker):
 //! - fault thread: reads write faults, claims the faulting sub-block, copies it to staging,
 //!   unprotects it (waking the vCPU) and queues it ahead of scan output. No compression, no I/O.
+//!   A batch of faults read together is served first (copy + release each), bookkeeping after.
+//!   It is the first thread started: vCPUs already run and block on their first write.
 //! - scanner: walks units ([`SaveOptions::block_size`], 2 MiB) in address order, claims every
 //!   sub-block still protected, skips the copy for units the kernel says hold no page, copies,
 //!   releases each run of claimed sub-blocks in one call, queues; throttled by `max_bandwidth`.
-//! - compression workers: turn staged runs into zero runs and (compressed) data records.
-//! - the calling thread: writes records in arrival order, reports progress, finishes the file,
-//!   and at the end collapses huge pages that faults split (see below).
+//! - compression workers: turn staged runs into zero runs and (compressed) data records; all
+//!   queued fault pieces (up to 1 MiB) become one batch; fault work always goes first.
+//! - the calling thread: writes encoded batches, fault batches first, reports progress,
+//!   finishes the file; huge pages that faults split are collapsed back meanwhile (see below).
 //!
 //! Sub-block states only move forward: PROTECTED → CLAIMED (one thread copies) → RELEASED.
 //! Whatever goes wrong, [`ReleaseGuard`] and `abort` unprotect every range.
@@ -41,13 +44,58 @@
 //! - The fault thread blocks in poll by default: with 2 cores a spinning thread takes the CPU
 //!   the vCPU and the workers need, and p99 got worse. [`SaveOptions::fault_spin`] turns it on
 //!   for hosts with cores to spare.
-//! - Fault and scan staging are separate pools (32 MiB each), so faults never wait for the
-//!   scan's buffers. Staging stays bounded: when the sink is slower than the guest dirties
-//!   pages (a file on this shared disk: 0.1–0.3 GB/s), the fault pool fills and faults wait
-//!   for I/O after all (max 127 ms measured with a 1 GiB random writer).
+//! - Fault and scan staging are separate pools (scan: 32 MiB; fault: see below), so faults
+//!   never wait for the scan's buffers. Staging stays bounded independent of guest size.
 //! - Larger scan units release more per call: on 4 KiB-page memory 32 MiB units saved 1 GiB in
 //!   0.36–0.45 s instead of 0.6–1.2 s, but a vCPU faulting inside a claimed unit waits for its
 //!   whole copy (~5 ms for 32 MiB), so the default stays 2 MiB.
+//!
+//! ## Stalls, staging, compression, threads (2-core VM, disk 0.26–0.33 GB/s)
+//! `save_bench --mem thp --out file --writers 2 [--zstd 1]`: two writer threads rewriting whole
+//! random pages with random data (~0.9–1.1 M pages/s together, like the built-in guest), output
+//! to `target/` (same disk as the product's snapshots; page-cache writes are throttled to disk
+//! speed, so the save is disk-bound). Ranges over runs; the VM is noisy.
+//!
+//! | lever | before | after |
+//! |---|---|---|
+//! | start-up before the fault thread serves | 69–133 ms (= the worst stall, right after the thaw) | 1–8 ms |
+//! | worst stall, raw | 42–83 ms | 20–63 ms (rare outliers ~100+ ms) |
+//! | adaptive zstd, random data: save | 9.9–11.4 s (0.09–0.11 GB/s) | 4.2–5.4 s (0.20–0.26 GB/s), like raw |
+//! | adaptive zstd, random data: worst stall | 66–79 ms, pool waits 983 ms in total | 20–23 ms typical, no pool waits |
+//! | raw save duration | 5.4–7.2 s | 3.6–5.4 s (fsync overlaps the huge-page collapse) |
+//!
+//! - Where the stalls came from: (1) the 30–90 ms of zeroing 8192 fault buffers and 7–40 ms of
+//!   building a 262 K-entry block table before the fault thread existed, while the vCPUs were
+//!   already blocked on their first writes; fixed by lazy pools and sub-blocks computed from their
+//!   unit. (2) With zstd on incompressible data the fault pool (32 MiB) ran dry and faults
+//!   waited for compression (160 waits > 1 ms per save); fixed by adaptive compression. (3) What
+//!   is left is CPU contention: 2 vCPUs + saver threads on 2 cores; the scanner, once it has
+//!   claimed a unit, can be preempted for up to 40–100 ms while a vCPU waits on that unit, and a
+//!   single unprotect call was seen taking 8–38 ms. Thread priorities would need `unsafe`
+//!   (setpriority) outside this crate.
+//! - Guest rate during the save stays at 20–30 % of before, raw or zstd: a full-speed guest on
+//!   a 2-core host loses a core's worth to the saver's copies, and every first write to a page
+//!   costs a fault (20–130 K per save). Not fixed here.
+//! - Fault staging: guest / 8 within 4–128 MiB ([`SaveOptions::fault_staging`]), allocated
+//!   as used. With adaptive compression the pool never ran dry in these runs (0 waits), so the
+//!   larger reserve costs nothing unless needed; peak extra RSS 54–108 MiB (before: 40–100).
+//!   [`SaveSummary::fault_buffer_waits`] reports whether it did. While more than half of the
+//!   fault pool is in use, the scanner pauses (claiming nothing) until it drains below a
+//!   quarter, so workers and the writer serve fault data only.
+//! - Writer priority: encoded fault batches go to the writer before scan batches (separate
+//!   bounded queues). Batches are kept for reuse, never dropped and regrown: freeing and
+//!   growing 2 MiB vectors is munmap/mremap, which takes the mmap lock fault handling needs.
+//! - Adaptive compression: a batch that zstd leaves above 97 % of its size makes the workers
+//!   store the next 64 MiB raw without trying, then probe again; separately for fault data and
+//!   scan data. Compressible memory (`--fill text`, no writers) still compresses (ratio 0.43).
+//! - Workers default to cores − 1 (at least 1): raw and incompressible data need little CPU
+//!   there, and on 2 cores workers take CPU from the vCPUs. The cost: compressible memory
+//!   saves at 0.13 GB/s with 1 worker vs 0.19 GB/s with 2 (zstd-1 through `RecordEncoder`
+//!   runs far below the `zstd` CLI's 0.5 GB/s per core on the same data; not investigated).
+//! - Output: the file sink writes through a 4 MiB `BufWriter` (records of up to 2 MiB per
+//!   batch), so writes are ≥ 1 MiB. Records end at 73–95 % of the machine's write+fsync limit
+//!   (3.1–4.4 s for 1 GiB vs 3.2 s); the final fsync runs concurrently with the huge-page
+//!   collapse (0.5–1.3 s), which now ends most saves.
 //! - Left as is: never-touched pages protected with WP_UNPOPULATED markers look "swapped" to
 //!   pagemap and are copied (as zeros); telling markers from real swap entries needs the swap
 //!   type, which PAGEMAP_SCAN does not report.
@@ -55,7 +103,6 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, RecvTimeoutError};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -75,12 +122,26 @@ const RELEASED: u8 = 2;
 /// Staging memory budget of the scanner (bounded independent of guest size).
 const SCAN_STAGING: usize = 32 << 20;
 /// Staging memory budget of the fault thread, separate so that a burst of faults right after
-/// the freeze instant finds buffers without waiting for the scan's compression and I/O.
-const FAULT_STAGING: usize = 32 << 20;
+/// the freeze instant finds buffers without waiting for the scan's compression and I/O:
+/// guest size / [`FAULT_STAGING_SHARE`] within [`FAULT_STAGING_MIN`]..=[`FAULT_STAGING_MAX`],
+/// allocated as faults need it.
+const FAULT_STAGING_SHARE: usize = 8;
+const FAULT_STAGING_MIN: usize = 4 << 20;
+const FAULT_STAGING_MAX: usize = 128 << 20;
 /// At most this many scan staging buffers (tiny blocks).
 const MAX_BUFFERS: usize = 1024;
-/// At most this many fault staging buffers.
-const MAX_FAULT_BUFFERS: usize = 8192;
+/// Fault items a worker encodes into one batch, at most (bytes).
+const FAULT_BATCH_BYTES: usize = 1 << 20;
+/// Encoded fault batches waiting for the writer, at most.
+const OUT_FAULT_CAP: usize = 16;
+/// The scanner pauses while more than this share of the fault pool is in use …
+const SCAN_PAUSE_AT: (usize, usize) = (1, 2);
+/// … until less than this share is.
+const SCAN_RESUME_AT: (usize, usize) = (1, 4);
+/// Adaptive compression: a zstd batch stored at more than this share of its input …
+const RAW_RATIO: f64 = 0.97;
+/// … makes the next this many bytes go raw without trying zstd.
+const RAW_SKIP: u64 = 64 << 20;
 /// Transparent huge page size (x86-64 PMD).
 const HUGE_PAGE: usize = 2 << 20;
 /// Huge pages collapsed per MADV_COLLAPSE call at most.
@@ -104,7 +165,7 @@ pub struct SaveOptions {
     pub max_bandwidth: Option<u64>,
     /// Unit of copy and release in bytes, a multiple of 4 KiB (default 2 MiB).
     pub block_size: usize,
-    /// Compression threads (default: the number of cores).
+    /// Compression threads (default: the number of cores minus one, at least one).
     pub workers: usize,
     /// Unit the fault thread copies and releases; `None` chooses from the memory's backing.
     pub fault_block_size: Option<usize>,
@@ -113,6 +174,8 @@ pub struct SaveOptions {
     /// After the save, collapse huge pages that 4 KiB releases split back into huge pages
     /// (MADV_COLLAPSE; default true).
     pub restore_huge_pages: bool,
+    /// Fault staging budget in bytes; `None`: guest size / 8 within 4..=128 MiB.
+    pub fault_staging: Option<usize>,
     /// Test-only failure injection.
     #[doc(hidden)]
     pub inject_failure: Option<InjectPoint>,
@@ -124,10 +187,13 @@ impl Default for SaveOptions {
             compression: Compression::None,
             max_bandwidth: None,
             block_size: 2 << 20,
-            workers: thread::available_parallelism().map_or(1, |n| n.get()),
+            // One core is left to the vCPUs and the fault thread (see the module docs).
+            workers: thread::available_parallelism()
+                .map_or(1, |n| n.get().saturating_sub(1).max(1)),
             fault_block_size: None,
             fault_spin: None,
             restore_huge_pages: true,
+            fault_staging: None,
             inject_failure: None,
         }
     }
@@ -201,8 +267,12 @@ pub struct SaveSummary {
     pub fault_block_size: usize,
     /// Huge pages split by 4 KiB releases and collapsed back (MADV_COLLAPSE) after saving.
     pub huge_pages_restored: u64,
-    /// Wall time of restoring huge pages, in seconds (part of `duration_secs`).
+    /// Wall time of restoring huge pages, in seconds (overlaps the final flush and fsync).
     pub huge_restore_secs: f64,
+    /// Faults that had to wait for a fault staging buffer (the pool was exhausted).
+    pub fault_buffer_waits: u64,
+    /// Longest such wait, µs.
+    pub fault_buffer_wait_max_us: u64,
 }
 
 /// Errors of [`live_save`]. Whatever the error, guest RAM is left unprotected.
@@ -250,13 +320,15 @@ struct Unit {
     first: usize,
     count: usize,
     host: usize,
+    gpa: u64,
     len: usize,
 }
 
-/// All sub-blocks, their states, scan units, and host address lookup.
+/// All sub-blocks, their states, scan units, and host address lookup. Sub-blocks are computed
+/// from their unit rather than stored: building the map is on the critical path of the first
+/// faults (vCPUs already run), and a 262 K-entry table took 7–40 ms.
 #[derive(Debug)]
 struct BlockMap {
-    blocks: Vec<Block>,
     state: Vec<AtomicU8>,
     units: Vec<Unit>,
     /// Unit was backed by a transparent huge page when the save started.
@@ -271,7 +343,7 @@ struct BlockMap {
 
 impl BlockMap {
     fn new(mem: &GuestMemoryMmap, unit_size: usize, fault_block: usize) -> Result<Self, SaveError> {
-        let mut blocks = Vec::new();
+        let mut nblocks = 0;
         let mut units = Vec::new();
         let mut by_host = Vec::new();
         for r in mem.iter() {
@@ -289,36 +361,27 @@ impl BlockMap {
                     "region at {gpa:#x} is not page aligned"
                 )));
             }
-            by_host.push((host, len, blocks.len(), units.len()));
+            by_host.push((host, len, nblocks, units.len()));
             let mut off = 0;
             while off < len {
                 let n = unit_size.min(len - off);
-                let first = blocks.len();
-                let mut sub = 0;
-                while sub < n {
-                    let m = fault_block.min(n - sub);
-                    blocks.push(Block {
-                        gpa: gpa + (off + sub) as u64,
-                        host: host + off + sub,
-                        len: m,
-                    });
-                    sub += m;
-                }
+                let count = n.div_ceil(fault_block);
                 units.push(Unit {
-                    first,
-                    count: blocks.len() - first,
+                    first: nblocks,
+                    count,
                     host: host + off,
+                    gpa: gpa + off as u64,
                     len: n,
                 });
+                nblocks += count;
                 off += n;
             }
         }
         by_host.sort_unstable();
-        let state = blocks.iter().map(|_| AtomicU8::new(PROTECTED)).collect();
+        let state = (0..nblocks).map(|_| AtomicU8::new(PROTECTED)).collect();
         let split = units.iter().map(|_| AtomicBool::new(false)).collect();
         Ok(BlockMap {
             huge: vec![false; units.len()],
-            blocks,
             state,
             units,
             split,
@@ -326,6 +389,22 @@ impl BlockMap {
             fault_block,
             unit_size,
         })
+    }
+
+    fn n_blocks(&self) -> usize {
+        self.state.len()
+    }
+
+    /// Sub-block `i`.
+    fn block(&self, i: usize) -> Block {
+        let u = self.units.partition_point(|x| x.first <= i) - 1;
+        let unit = self.units[u];
+        let off = (i - unit.first) * self.fault_block;
+        Block {
+            gpa: unit.gpa + off as u64,
+            host: unit.host + off,
+            len: self.fault_block.min(unit.len - off),
+        }
     }
 
     /// Sub-block and unit holding host address `addr`.
@@ -392,25 +471,67 @@ enum Work {
 }
 
 #[derive(Debug, Default)]
+struct OutQueues {
+    fault: VecDeque<EncodedBatch>,
+    scan: VecDeque<EncodedBatch>,
+    workers_left: usize,
+    writer_gone: bool,
+}
+
+#[derive(Debug, Default)]
 struct Queues {
     fault: VecDeque<Work>,
     scan: VecDeque<Work>,
     producers_done: usize,
 }
 
-/// A bounded set of equally sized staging buffers.
+/// A bounded set of equally sized staging buffers, allocated on first use: allocating (and
+/// zeroing) 32 MiB of fault buffers up front kept the first faults waiting 30–90 ms.
 #[derive(Debug)]
 struct Pool {
-    free: Mutex<Vec<Vec<u8>>>,
+    state: Mutex<PoolState>,
     cv: Condvar,
+    cap: usize,
+    size: usize,
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    free: Vec<Vec<u8>>,
+    allocated: usize,
+    /// Acquisitions that had to wait for a buffer, and the longest wait (µs).
+    waits: u64,
+    wait_max_us: u64,
 }
 
 impl Pool {
-    fn new(count: usize, size: usize) -> Self {
+    fn new(cap: usize, size: usize) -> Self {
         Pool {
-            free: Mutex::new((0..count).map(|_| vec![0u8; size]).collect()),
+            state: Mutex::new(PoolState::default()),
             cv: Condvar::new(),
+            cap,
+            size,
         }
+    }
+
+    /// Buffers handed out and not yet returned.
+    fn in_use(&self) -> usize {
+        let g = lock(&self.state);
+        g.allocated - g.free.len()
+    }
+
+    /// A buffer if one is free or may still be allocated, without waiting.
+    fn try_acquire(&self) -> Option<Vec<u8>> {
+        let mut g = lock(&self.state);
+        if let Some(b) = g.free.pop() {
+            return Some(b);
+        }
+        if g.allocated < self.cap {
+            g.allocated += 1;
+            drop(g);
+            return Some(vec![0u8; self.size]);
+        }
+        None
     }
 }
 
@@ -424,7 +545,16 @@ struct Shared<'a> {
     scan_pool: Pool,
     fault_pool: Pool,
     queues: Mutex<Queues>,
-    queues_cv: Condvar,
+    /// Workers wait here for work.
+    work_cv: Condvar,
+    /// The scanner waits here for room in its queue (or for the fault pool to drain).
+    space_cv: Condvar,
+    /// Encoded batches on their way to the writer, fault batches first.
+    out: Mutex<OutQueues>,
+    out_cv: Condvar,
+    /// Bytes left to store raw without trying zstd (adaptive compression), for scan data and
+    /// for fault data (what the guest writes now may compress differently from the rest).
+    raw_skip: [AtomicU64; 2],
     scan_queue_cap: usize,
     spare_batches: Mutex<Vec<EncodedBatch>>,
     scan_done: AtomicBool,
@@ -460,7 +590,9 @@ impl Shared<'_> {
         for p in [&self.scan_pool, &self.fault_pool] {
             p.cv.notify_all();
         }
-        self.queues_cv.notify_all();
+        self.work_cv.notify_all();
+        self.space_cv.notify_all();
+        self.out_cv.notify_all();
     }
 
     fn pool(&self, fault: bool) -> &Pool {
@@ -473,9 +605,15 @@ impl Shared<'_> {
 
     fn acquire_buffer(&self, fault: bool) -> Option<Vec<u8>> {
         let pool = self.pool(fault);
-        let mut g = lock(&pool.free);
+        if let Some(b) = pool.try_acquire() {
+            return Some(b);
+        }
+        let t = Instant::now();
+        let mut g = lock(&pool.state);
         loop {
-            if let Some(b) = g.pop() {
+            if let Some(b) = g.free.pop() {
+                g.waits += 1;
+                g.wait_max_us = g.wait_max_us.max(t.elapsed().as_micros() as u64);
                 return Some(b);
             }
             if self.stopped() {
@@ -490,61 +628,149 @@ impl Shared<'_> {
 
     fn release_buffer(&self, b: Vec<u8>, fault: bool) {
         let pool = self.pool(fault);
-        lock(&pool.free).push(b);
+        lock(&pool.state).free.push(b);
+        // One waiter per pool at most (the fault thread, or the scanner), and the scanner may
+        // wait for the fault pool to drain.
         pool.cv.notify_all();
     }
 
-    fn push_work(&self, w: Work, fault: bool) {
-        let mut q = lock(&self.queues);
-        if fault {
-            q.fault.push_back(w);
-        } else {
-            while q.scan.len() >= self.scan_queue_cap && !self.stopped() {
-                q = self
-                    .queues_cv
-                    .wait_timeout(q, POLL)
-                    .map_or_else(|p| p.into_inner().0, |r| r.0);
-            }
-            q.scan.push_back(w);
+    /// Queue fault work (never waits: fault staging is bounded by its pool).
+    fn push_fault_work(&self, w: &mut Vec<Work>) {
+        if w.is_empty() {
+            return;
         }
+        let n = w.len();
+        lock(&self.queues).fault.extend(w.drain(..));
+        if n == 1 {
+            self.work_cv.notify_one();
+        } else {
+            self.work_cv.notify_all();
+        }
+    }
+
+    /// Queue scan work, waiting while the scan queue is full.
+    fn push_scan_work(&self, w: Work) {
+        let mut q = lock(&self.queues);
+        while q.scan.len() >= self.scan_queue_cap && !self.stopped() {
+            q = self
+                .space_cv
+                .wait_timeout(q, POLL)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
+        }
+        q.scan.push_back(w);
         drop(q);
-        self.queues_cv.notify_all();
+        self.work_cv.notify_one();
     }
 
     fn producer_done(&self) {
         lock(&self.queues).producers_done += 1;
-        self.queues_cv.notify_all();
+        self.work_cv.notify_all();
     }
 
-    /// Next work item, faults first; `None` when both producers are done and queues are empty.
-    fn pop_work(&self) -> Option<Work> {
+    /// Next work into `out`: every queued fault item up to [`FAULT_BATCH_BYTES`] (they are
+    /// encoded into one batch), else one scan item. False when both producers are done and
+    /// the queues are empty, or the save stops.
+    fn pop_work(&self, out: &mut Vec<Work>) -> bool {
         let mut q = lock(&self.queues);
         loop {
             if self.stopped() {
-                return None;
+                return false;
             }
-            if let Some(w) = q.fault.pop_front().or_else(|| q.scan.pop_front()) {
+            if !q.fault.is_empty() {
+                let mut bytes = 0;
+                while let Some(w) = q.fault.pop_front() {
+                    if let Work::Data { runs, .. } = &w {
+                        bytes += runs.iter().map(|r| r.len).sum::<usize>();
+                    }
+                    out.push(w);
+                    if bytes >= FAULT_BATCH_BYTES {
+                        break;
+                    }
+                }
+                return true;
+            }
+            if let Some(w) = q.scan.pop_front() {
                 drop(q);
-                self.queues_cv.notify_all();
-                return Some(w);
+                self.space_cv.notify_one();
+                out.push(w);
+                return true;
             }
             if q.producers_done == 2 {
-                return None;
+                return false;
             }
             q = self
-                .queues_cv
+                .work_cv
                 .wait_timeout(q, POLL)
                 .map_or_else(|p| p.into_inner().0, |r| r.0);
         }
     }
 
+    /// Hand an encoded batch to the writer; waits while that kind's output queue is full.
+    fn send_batch(&self, b: EncodedBatch, fault: bool) -> bool {
+        let mut q = lock(&self.out);
+        loop {
+            if self.stopped() || q.writer_gone {
+                return false;
+            }
+            let (len, cap) = if fault {
+                (q.fault.len(), OUT_FAULT_CAP)
+            } else {
+                (q.scan.len(), self.scan_queue_cap)
+            };
+            if len < cap {
+                break;
+            }
+            q = self
+                .out_cv
+                .wait_timeout(q, POLL)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
+        }
+        if fault {
+            q.fault.push_back(b);
+        } else {
+            q.scan.push_back(b);
+        }
+        drop(q);
+        self.out_cv.notify_all();
+        true
+    }
+
+    /// Next encoded batch for the writer, fault batches first; `Ok(None)` when all workers are
+    /// done and nothing is left; `Err(())` on timeout.
+    fn recv_batch(&self, timeout: Duration) -> Result<Option<EncodedBatch>, ()> {
+        let mut q = lock(&self.out);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(b) = q.fault.pop_front().or_else(|| q.scan.pop_front()) {
+                drop(q);
+                self.out_cv.notify_all();
+                return Ok(Some(b));
+            }
+            if q.workers_left == 0 {
+                return Ok(None);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(());
+            }
+            q = self
+                .out_cv
+                .wait_timeout(q, deadline - now)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
+        }
+    }
+
+    fn worker_done(&self) {
+        lock(&self.out).workers_left -= 1;
+        self.out_cv.notify_all();
+    }
+
     /// Host range of `n` sub-blocks from `first` (consecutive in one region).
     fn range_of(&self, first: usize, n: usize) -> HostRange {
-        let b = &self.blocks.blocks;
-        let last = &b[first + n - 1];
+        let (b, last) = (self.blocks.block(first), self.blocks.block(first + n - 1));
         HostRange {
-            start: b[first].host,
-            len: last.host + last.len - b[first].host,
+            start: b.host,
+            len: last.host + last.len - b.host,
         }
     }
 
@@ -569,12 +795,14 @@ impl Shared<'_> {
     }
 
     fn all_released(&self) -> bool {
-        self.released.load(Ordering::Acquire) == self.blocks.blocks.len()
+        self.released.load(Ordering::Acquire) == self.blocks.n_blocks()
     }
 
     /// Fault thread: serve faults until every block is released (or the save stops).
     fn fault_loop(&self) -> Result<(), SaveError> {
         let mut faults = Vec::with_capacity(256);
+        let mut pending = Vec::with_capacity(256);
+        let mut lat = Vec::with_capacity(256);
         let mut idle_since = Instant::now();
         loop {
             if self.stopped() {
@@ -614,7 +842,14 @@ impl Shared<'_> {
             }
             let read_at = Instant::now();
             for f in &faults {
-                self.serve_fault(f.addr, read_at)?;
+                self.serve_fault(f.addr, read_at, &mut pending, &mut lat)?;
+            }
+            // Bookkeeping once per batch, after every vCPU of the batch was released.
+            self.push_fault_work(&mut pending);
+            if !lat.is_empty() {
+                self.faults_served
+                    .fetch_add(lat.len() as u64, Ordering::Relaxed);
+                lock(&self.latencies_us).append(&mut lat);
             }
         }
     }
@@ -632,7 +867,15 @@ impl Shared<'_> {
             .map_err(SaveError::Tracker)
     }
 
-    fn serve_fault(&self, addr: usize, read_at: Instant) -> Result<(), SaveError> {
+    /// Claim, copy and release the sub-block at `addr`; its work goes to `pending` and its
+    /// service latency to `lat` (both handed on once per batch of faults).
+    fn serve_fault(
+        &self,
+        addr: usize,
+        read_at: Instant,
+        pending: &mut Vec<Work>,
+        lat: &mut Vec<u64>,
+    ) -> Result<(), SaveError> {
         let Some((i, u)) = self.blocks.find(addr) else {
             return Ok(());
         };
@@ -641,34 +884,37 @@ impl Shared<'_> {
                 if self.inject == Some(InjectPoint::FaultPanic) {
                     panic!("injected fault thread failure");
                 }
-                let Some(mut buf) = self.acquire_buffer(true) else {
+                let buf = match self.fault_pool.try_acquire() {
+                    Some(b) => Some(b),
+                    None => {
+                        // The pool is dry: what we hold back must reach the workers first,
+                        // or nothing would ever come back.
+                        self.push_fault_work(pending);
+                        self.acquire_buffer(true)
+                    }
+                };
+                let Some(mut buf) = buf else {
                     return Ok(());
                 };
-                let b = self.blocks.blocks[i];
+                let b = self.blocks.block(i);
                 self.copy_claimed(self.range_of(i, 1), &mut buf[..b.len])?;
                 if self.blocks.huge[u] && b.len < self.blocks.units[u].len {
                     // Set before the release, so whoever sees RELEASED also sees the split.
                     self.blocks.split[u].store(true, Ordering::Release);
                 }
                 self.release_run(i, 1)?;
-                let us = read_at.elapsed().as_micros() as u64;
-                lock(&self.latencies_us).push(us);
-                self.faults_served.fetch_add(1, Ordering::Relaxed);
+                lat.push(read_at.elapsed().as_micros() as u64);
                 self.bytes_scanned
                     .fetch_add(b.len as u64, Ordering::Relaxed);
-                let runs = vec![Run {
-                    first_page: b.gpa / PAGE_SIZE as u64,
-                    off: 0,
-                    len: b.len,
-                }];
-                self.push_work(
-                    Work::Data {
-                        buf,
-                        runs,
-                        fault: true,
-                    },
-                    true,
-                );
+                pending.push(Work::Data {
+                    buf,
+                    runs: vec![Run {
+                        first_page: b.gpa / PAGE_SIZE as u64,
+                        off: 0,
+                        len: b.len,
+                    }],
+                    fault: true,
+                });
                 Ok(())
             }
             // The scanner holds it: its release wakes the faulting thread.
@@ -744,6 +990,27 @@ impl Shared<'_> {
         Ok(())
     }
 
+    /// While the fault pool is more than [`SCAN_PAUSE_AT`] in use, the scanner waits (holding
+    /// nothing claimed) until it drains below [`SCAN_RESUME_AT`]: the workers and the writer
+    /// then serve fault data only, so the guest gets its buffers back before the scan's.
+    fn yield_to_faults(&self) {
+        let pool = &self.fault_pool;
+        let (pause, resume) = (
+            pool.cap * SCAN_PAUSE_AT.0 / SCAN_PAUSE_AT.1,
+            pool.cap * SCAN_RESUME_AT.0 / SCAN_RESUME_AT.1,
+        );
+        if pool.in_use() <= pause {
+            return;
+        }
+        let mut g = lock(&pool.state);
+        while g.allocated - g.free.len() > resume && !self.stopped() {
+            g = pool
+                .cv
+                .wait_timeout(g, POLL)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
+        }
+    }
+
     /// Save what is still protected of unit `u`; returns the bytes copied.
     fn scan_unit(
         &self,
@@ -767,6 +1034,9 @@ impl Shared<'_> {
                 let wait = (copied + unit.len as u64 - allowed) as f64 / rate.max(1) as f64;
                 thread::sleep(Duration::from_secs_f64(wait).min(POLL));
             }
+        }
+        if likely_data {
+            self.yield_to_faults();
         }
         let Some(mut buf) = self.acquire_buffer(false) else {
             return Ok(0);
@@ -793,9 +1063,9 @@ impl Shared<'_> {
                 let r = self.range_of(first, n);
                 self.bytes_scanned
                     .fetch_add(r.len as u64, Ordering::Relaxed);
-                let first_page = self.blocks.blocks[first].gpa / PAGE_SIZE as u64;
+                let first_page = self.blocks.block(first).gpa / PAGE_SIZE as u64;
                 let pages = (r.len / PAGE_SIZE) as u64;
-                self.push_work(Work::Zero { first_page, pages }, false);
+                self.push_scan_work(Work::Zero { first_page, pages });
             }
             return Ok(0);
         }
@@ -806,7 +1076,7 @@ impl Shared<'_> {
             let off = r.start - unit.host;
             self.copy_claimed(r, &mut buf[off..off + r.len])?;
             staged.push(Run {
-                first_page: self.blocks.blocks[first].gpa / PAGE_SIZE as u64,
+                first_page: self.blocks.block(first).gpa / PAGE_SIZE as u64,
                 off,
                 len: r.len,
             });
@@ -817,54 +1087,83 @@ impl Shared<'_> {
         }
         self.bytes_scanned
             .fetch_add(bytes as u64, Ordering::Relaxed);
-        self.push_work(
-            Work::Data {
-                buf,
-                runs: staged,
-                fault: false,
-            },
-            false,
-        );
+        self.push_scan_work(Work::Data {
+            buf,
+            runs: staged,
+            fault: false,
+        });
         Ok(bytes as u64)
     }
 
     /// Compression worker: staged blocks → encoded batches for the writer.
-    fn worker_loop(
-        &self,
-        compression: Compression,
-        tx: std::sync::mpsc::SyncSender<EncodedBatch>,
-    ) -> Result<(), SaveError> {
-        let mut enc = RecordEncoder::new(PAGE_SIZE, compression)
+    ///
+    /// Adaptive compression: a batch that zstd does not shrink below [`RAW_RATIO`] makes the
+    /// workers store the next [`RAW_SKIP`] bytes raw without trying (records stored raw under
+    /// zstd are part of the format), then probe again.
+    fn worker_loop(&self, compression: Compression) -> Result<(), SaveError> {
+        let mut zstd = RecordEncoder::new(PAGE_SIZE, compression)
             .map_err(|e| SaveError::Write(FormatError::Unwritable(e)))?;
-        while let Some(work) = self.pop_work() {
+        let mut raw = RecordEncoder::new(PAGE_SIZE, Compression::None)
+            .map_err(|e| SaveError::Write(FormatError::Unwritable(e)))?;
+        let compressing = !matches!(compression, Compression::None);
+        let mut work = Vec::new();
+        while self.pop_work(&mut work) {
             if self.inject == Some(InjectPoint::WorkerPanic) {
                 panic!("injected worker failure");
             }
             let mut batch = lock(&self.spare_batches).pop().unwrap_or_default();
             batch.clear();
-            match work {
-                Work::Data { buf, runs, fault } => {
-                    let mut r = Ok(());
-                    for run in &runs {
-                        r = enc.encode(
-                            run.first_page,
-                            &buf[run.off..run.off + run.len],
-                            &mut batch,
-                        );
-                        if r.is_err() {
-                            break;
+            let data_bytes: usize = work
+                .iter()
+                .map(|w| match w {
+                    Work::Data { runs, .. } => runs.iter().map(|r| r.len).sum(),
+                    Work::Zero { .. } => 0,
+                })
+                .sum();
+            let kind = usize::from(matches!(work.first(), Some(Work::Data { fault: true, .. })));
+            let skip = compressing && self.take_raw_skip(kind, data_bytes as u64);
+            let enc = if skip { &mut raw } else { &mut zstd };
+            let mut fault_batch = false;
+            let mut r = Ok(());
+            for w in work.drain(..) {
+                match w {
+                    Work::Data { buf, runs, fault } => {
+                        fault_batch |= fault;
+                        for run in &runs {
+                            if r.is_ok() {
+                                r = enc.encode(
+                                    run.first_page,
+                                    &buf[run.off..run.off + run.len],
+                                    &mut batch,
+                                );
+                            }
                         }
+                        self.release_buffer(buf, fault);
                     }
-                    self.release_buffer(buf, fault);
-                    r.map_err(|e| SaveError::Write(FormatError::Unwritable(e)))?;
+                    Work::Zero { first_page, pages } => enc.zero_run(first_page, pages, &mut batch),
                 }
-                Work::Zero { first_page, pages } => enc.zero_run(first_page, pages, &mut batch),
             }
-            if tx.send(batch).is_err() {
+            r.map_err(|e| SaveError::Write(FormatError::Unwritable(e)))?;
+            if compressing && !skip && batch.totals.data_pages > 0 {
+                let input = batch.totals.data_pages * PAGE_SIZE as u64;
+                if batch.totals.stored_bytes as f64 > input as f64 * RAW_RATIO {
+                    self.raw_skip[kind].store(RAW_SKIP, Ordering::Relaxed);
+                }
+            }
+            if !self.send_batch(batch, fault_batch) {
                 return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// True if the next `bytes` are to be stored raw without trying zstd.
+    fn take_raw_skip(&self, kind: usize, bytes: u64) -> bool {
+        self.raw_skip[kind]
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                (left > 0).then(|| left.saturating_sub(bytes.max(1)))
+            })
+            .is_ok()
     }
 }
 
@@ -916,6 +1215,16 @@ impl Drop for PanicAbort<'_, '_> {
         if thread::panicking() {
             self.shared.abort(SaveError::ThreadPanicked(self.name));
         }
+    }
+}
+
+/// Marks a compression worker finished when dropped, also on panic, so the writer never waits
+/// forever.
+struct WorkerDone<'s, 'a>(&'s Shared<'a>);
+
+impl Drop for WorkerDone<'_, '_> {
+    fn drop(&mut self) {
+        self.0.worker_done();
     }
 }
 
@@ -999,7 +1308,11 @@ pub fn live_save<S: SnapshotSink>(
 
     let min_pool = workers * 2 + 4;
     let scan_pool = (SCAN_STAGING / opts.block_size).clamp(min_pool, MAX_BUFFERS.max(min_pool));
-    let fault_pool = (FAULT_STAGING / fault_block).clamp(min_pool, MAX_FAULT_BUFFERS);
+    let guest_bytes = total_pages as usize * PAGE_SIZE;
+    let fault_staging = opts
+        .fault_staging
+        .unwrap_or((guest_bytes / FAULT_STAGING_SHARE).clamp(FAULT_STAGING_MIN, FAULT_STAGING_MAX));
+    let fault_pool = (fault_staging / fault_block).max(min_pool);
     let shared = Shared {
         tracker,
         blocks,
@@ -1009,7 +1322,14 @@ pub fn live_save<S: SnapshotSink>(
         scan_pool: Pool::new(scan_pool, opts.block_size),
         fault_pool: Pool::new(fault_pool, fault_block),
         queues: Mutex::new(Queues::default()),
-        queues_cv: Condvar::new(),
+        work_cv: Condvar::new(),
+        space_cv: Condvar::new(),
+        out: Mutex::new(OutQueues {
+            workers_left: workers,
+            ..OutQueues::default()
+        }),
+        out_cv: Condvar::new(),
+        raw_skip: [AtomicU64::new(0), AtomicU64::new(0)],
         scan_queue_cap: workers * 2 + 2,
         spare_batches: Mutex::new(Vec::new()),
         scan_done: AtomicBool::new(false),
@@ -1022,7 +1342,6 @@ pub fn live_save<S: SnapshotSink>(
         inject: opts.inject_failure,
     };
     let shared = &shared;
-    let (tx, rx) = sync_channel::<EncodedBatch>(workers * 2);
 
     thread::scope(|s| {
         let _main_panic = PanicAbort {
@@ -1050,13 +1369,17 @@ pub fn live_save<S: SnapshotSink>(
             }
         }
         for _ in 0..workers {
-            let tx = tx.clone();
-            match spawn_saver(s, shared, "compression", move || shared.worker_loop(c, tx)) {
+            match spawn_saver(s, shared, "compression", move || {
+                let _d = WorkerDone(shared);
+                shared.worker_loop(c)
+            }) {
                 Ok(h) => handles.push(h),
-                Err(e) => spawn_err = Some(e),
+                Err(e) => {
+                    shared.worker_done();
+                    spawn_err = Some(e)
+                }
             }
         }
-        drop(tx);
         if let Some(e) = spawn_err {
             shared.abort(SaveError::Internal(format!(
                 "cannot start saver thread: {e}"
@@ -1084,8 +1407,8 @@ pub fn live_save<S: SnapshotSink>(
             if shared.stopped() {
                 break;
             }
-            match rx.recv_timeout(POLL) {
-                Ok(batch) => {
+            match shared.recv_batch(POLL) {
+                Ok(Some(batch)) => {
                     if let Some(InjectPoint::WriteError { after_batches }) = shared.inject {
                         if batches >= after_batches {
                             let e = io::Error::other("injected write error");
@@ -1099,19 +1422,23 @@ pub fn live_save<S: SnapshotSink>(
                     }
                     batches += 1;
                     let mut spare = lock(&shared.spare_batches);
-                    if spare.len() < workers * 2 + 2 {
+                    // Keep every batch ever made (a bounded number): dropping and regrowing
+                    // 2 MiB buffers means munmap/mremap, which take the mmap lock that fault
+                    // handling and release need.
+                    if spare.len() < OUT_FAULT_CAP + shared.scan_queue_cap + workers {
                         spare.push(batch);
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+                Err(()) => {}
+                Ok(None) => break,
             }
             if last.elapsed() >= PROGRESS_EVERY {
                 report(&writer);
                 last = Instant::now();
             }
         }
-        drop(rx);
+        lock(&shared.out).writer_gone = true;
+        shared.out_cv.notify_all();
         for h in handles {
             // Panics were turned into aborts by PanicAbort; the payload adds nothing.
             let _ = h.join();
@@ -1120,23 +1447,30 @@ pub fn live_save<S: SnapshotSink>(
     });
 
     // Nothing is protected any more (every block released, or `abort` released everything).
-    let restore_started = Instant::now();
-    if opts.restore_huge_pages {
-        shared.restore_huge_pages();
+    // Huge pages are collapsed back while the file is flushed and synced (CPU vs. I/O).
+    let restore = |shared: &Shared<'_>| {
+        let t = Instant::now();
+        if opts.restore_huge_pages {
+            shared.restore_huge_pages();
+        }
+        t.elapsed().as_secs_f64()
+    };
+    let failed = lock(&shared.error).is_some() || cancel.load(Ordering::Relaxed);
+    if failed {
+        restore(shared);
     }
-    let huge_restore_secs = restore_started.elapsed().as_secs_f64();
     if let Some(e) = lock(&shared.error).take() {
         return Err(e);
     }
     if cancel.load(Ordering::Relaxed) {
         return Err(SaveError::Cancelled);
     }
-    if let Some(i) = (0..shared.blocks.blocks.len())
+    if let Some(i) = (0..shared.blocks.n_blocks())
         .find(|&i| shared.blocks.state[i].load(Ordering::Acquire) != RELEASED)
     {
         return Err(SaveError::Internal(format!(
             "block at {:#x} was never released",
-            shared.blocks.blocks[i].gpa
+            shared.blocks.block(i).gpa
         )));
     }
     let totals = writer.totals();
@@ -1146,8 +1480,23 @@ pub fn live_save<S: SnapshotSink>(
             totals.pages
         )));
     }
-    let file_bytes = writer.finish().map_err(SaveError::Write)?;
+    let (finished, huge_restore_secs) = thread::scope(|s| {
+        let h = thread::Builder::new()
+            .name("saver-collapse".into())
+            .spawn_scoped(s, || restore(shared));
+        let f = writer.finish();
+        let secs = match h {
+            Ok(h) => h.join().unwrap_or(0.0),
+            Err(_) => restore(shared),
+        };
+        (f, secs)
+    });
+    let file_bytes = finished.map_err(SaveError::Write)?;
     guard.armed = false;
+    let fp = {
+        let g = lock(&shared.fault_pool.state);
+        (g.waits, g.wait_max_us)
+    };
 
     let mut lat = std::mem::take(&mut *lock(&shared.latencies_us));
     lat.sort_unstable();
@@ -1175,5 +1524,7 @@ pub fn live_save<S: SnapshotSink>(
         fault_block_size: fault_block,
         huge_pages_restored: shared.huge_restored.load(Ordering::Relaxed),
         huge_restore_secs,
+        fault_buffer_waits: fp.0,
+        fault_buffer_wait_max_us: fp.1,
     })
 }
