@@ -57,6 +57,35 @@ pub struct SaveRequest {
     pub force: bool,
 }
 
+/// Lowest accepted `max_bandwidth`: pages stay write-protected until the scan reaches them, so a crawling
+/// scan would keep the guest's memory protected (and its writes faulting) for hours.
+pub const MIN_BANDWIDTH: u64 = 1 << 20;
+
+impl SaveRequest {
+    /// Checks the parameters; the error says what is wrong (a `bad_request`).
+    pub fn validate(&self) -> Result<(), String> {
+        if !Path::new(&self.path).is_absolute() {
+            return Err(format!(
+                "the save path must be absolute, not `{}`",
+                self.path
+            ));
+        }
+        if let Some(l) = self.level {
+            if !(1..=19).contains(&l) {
+                return Err(format!("zstd level must be 1..=19, not {l}"));
+            }
+        }
+        if let Some(b) = self.max_bandwidth {
+            if b < MIN_BANDWIDTH {
+                return Err(format!(
+                    "max_bandwidth must be at least {MIN_BANDWIDTH} bytes/s (1 MiB/s), not {b}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One line from the VMM.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "reply", rename_all = "snake_case")]
@@ -173,16 +202,24 @@ mod tests {
             assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         }
         let s = r#"{"cmd":"save","path":"/a","zstd":true}"#;
-        assert!(matches!(serde_json::from_str::<Request>(s).unwrap(), Request::Save(_)));
+        assert!(matches!(
+            serde_json::from_str::<Request>(s).unwrap(),
+            Request::Save(_)
+        ));
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"save","path":"/a","bogus":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"cmd":"save","path":"/a","bogus":1}"#).is_err()
+        );
     }
 
     #[test]
     fn bounded_lines() {
         let data = b"short\nxxxxxxxxxxxxxxxxxxxxxxxx\n";
         let mut r = std::io::BufReader::with_capacity(4, &data[..]);
-        assert_eq!(read_line_bounded(&mut r, 10).unwrap().as_deref(), Some("short"));
+        assert_eq!(
+            read_line_bounded(&mut r, 10).unwrap().as_deref(),
+            Some("short")
+        );
         assert!(read_line_bounded(&mut r, 10).is_err());
     }
 }

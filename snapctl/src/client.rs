@@ -8,29 +8,46 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
 use serde_json::Value;
 use std::io::{BufReader, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Exit code when the VMM refused or failed the request.
 const EXIT_FAILED: u8 = 1;
 /// Exit code when the save was cancelled (Ctrl-C or `snapctl cancel`).
 const EXIT_CANCELLED: u8 = 130;
+/// How long a cancelled `save` waits for the VMM's confirmation before exiting anyway.
+const CANCEL_CONFIRM_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Sends one request and returns the final reply, passing progress lines to `on_progress`.
-fn request(
-    sock: &Path,
+fn request(sock: &Path, req: &Request, on_progress: impl FnMut(&Value)) -> anyhow::Result<Reply> {
+    exchange(api::connect(sock)?, req, on_progress)
+}
+
+/// [`request`] on an open connection.
+fn exchange(
+    stream: UnixStream,
     req: &Request,
     mut on_progress: impl FnMut(&Value),
 ) -> anyhow::Result<Reply> {
-    let stream = api::connect(sock)?;
     let mut w = stream.try_clone()?;
-    api::write_line(&mut w, req).context("sending the request")?;
+    // The VMM may refuse a connection (`denied`, too many connections) with a reply before reading anything:
+    // if sending fails, that reply is still the best answer.
+    let sent = api::write_line(&mut w, req);
     let mut r = BufReader::new(stream);
     loop {
-        let line = api::read_line_bounded(&mut r, 16 << 20)
-            .context("reading the VMM's reply")?
-            .ok_or_else(|| anyhow::anyhow!("the VMM closed the connection without a reply"))?;
+        let line = match api::read_line_bounded(&mut r, 16 << 20) {
+            Ok(Some(line)) => line,
+            Ok(None) | Err(_) if sent.is_err() => {
+                return Err(sent.expect_err("checked")).context("sending the request");
+            }
+            Ok(None) => bail!("the VMM closed the connection without a reply"),
+            Err(e) => return Err(e).context("reading the VMM's reply"),
+        };
         let reply: Reply = serde_json::from_str(&line)
             .with_context(|| format!("malformed reply from the VMM: {line}"))?;
         match reply {
@@ -64,7 +81,10 @@ pub fn status(sock: &Path, json: bool) -> anyhow::Result<ExitCode> {
     }
     let g = |k: &str| v.get(k).cloned().unwrap_or(Value::Null);
     println!("state:        {}", g("state").as_str().unwrap_or("?"));
-    println!("uptime:       {:.1} s", g("uptime_s").as_f64().unwrap_or(0.0));
+    println!(
+        "uptime:       {:.1} s",
+        g("uptime_s").as_f64().unwrap_or(0.0)
+    );
     println!(
         "memory:       {} ({} vCPUs)",
         fmt_bytes(g("mem_bytes").as_u64().unwrap_or(0)),
@@ -79,8 +99,8 @@ pub fn status(sock: &Path, json: bool) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    if let Some(save) = v.get("save").filter(|s| !s.is_null()) {
-        println!("save:         in progress {save}");
+    if v.get("save").and_then(Value::as_bool) == Some(true) {
+        println!("save:         in progress");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -110,12 +130,26 @@ struct StreamFifo {
 }
 
 impl StreamFifo {
+    fn dir_of_this_process() -> PathBuf {
+        std::env::temp_dir().join(format!("snapctl-out-{}", std::process::id()))
+    }
+
+    /// Removes this process's FIFO, if any (before exiting without unwinding).
+    fn remove_mine() {
+        let dir = Self::dir_of_this_process();
+        let _ = std::fs::remove_file(dir.join("stream"));
+        let _ = std::fs::remove_dir(dir);
+    }
+
     fn new() -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("snapctl-out-{}", std::process::id()));
+        let dir = Self::dir_of_this_process();
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("stream");
-        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR)
-            .with_context(|| format!("creating FIFO {}", path.display()))?;
+        nix::unistd::mkfifo(
+            &path,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .with_context(|| format!("creating FIFO {}", path.display()))?;
         Ok(Self { dir, path })
     }
 }
@@ -129,9 +163,12 @@ impl Drop for StreamFifo {
 
 /// `snapctl save`: asks the VMM for a live snapshot, shows progress, prints the summary.
 ///
-/// Ctrl-C sends `cancel` to the VMM, which releases every page and removes the partial file. If this client is
-/// killed outright, the VMM notices the closed connection and cancels the save the same way (documented in
-/// PROTOCOL.md): a save nobody waits for is not finished behind the user's back.
+/// Cancelling (documented in PROTOCOL.md): Ctrl-C (SIGINT) or SIGTERM shuts down the sending side of this
+/// client's own connection; the VMM takes that as "the client is leaving", cancels *this* save (never another
+/// client's), releases every page, removes the partial file and replies `cancelled`; the client exits with 130.
+/// If this client is killed outright, the VMM notices the closed connection and cancels the same way: a save
+/// nobody waits for is not finished behind the user's back. With `--out -`, a standard output that fails
+/// (e.g. the reader of a pipe exits) cancels the save the same way, and the client exits with 1.
 pub fn save(
     sock: &Path,
     out: &Path,
@@ -142,19 +179,40 @@ pub fn save(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     // Block SIGINT/SIGTERM before any thread starts, so that every thread inherits the mask and a signalfd
-    // thread turns Ctrl-C into a clean cancel request.
+    // thread turns Ctrl-C into a clean cancel.
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGINT);
     mask.add(Signal::SIGTERM);
     mask.thread_block().context("blocking SIGINT")?;
     let sfd = SignalFd::new(&mask).context("signalfd")?;
-    let sock_for_cancel = sock.to_path_buf();
-    std::thread::spawn(move || {
-        if let Ok(Some(_)) = sfd.read_signal() {
-            eprintln!("\nsnapctl: cancelling the save…");
-            let _ = request(&sock_for_cancel, &Request::Cancel, |_| {});
-        }
-    });
+    // The save connection, once there is one: cancelling shuts down its sending side.
+    let conn_slot: Arc<Mutex<Option<UnixStream>>> = Arc::default();
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let conn_slot = conn_slot.clone();
+        let interrupted = interrupted.clone();
+        std::thread::spawn(move || {
+            if let Ok(Some(_)) = sfd.read_signal() {
+                interrupted.store(true, Ordering::SeqCst);
+                eprintln!("\nsnapctl: cancelling the save…");
+                match conn_slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    Some(c) => {
+                        let _ = c.shutdown(Shutdown::Write);
+                    }
+                    None => {
+                        eprintln!("snapctl: save cancelled before it started");
+                        StreamFifo::remove_mine();
+                        std::process::exit(i32::from(EXIT_CANCELLED));
+                    }
+                }
+                // The VMM confirms within milliseconds; do not hang if it cannot.
+                std::thread::sleep(CANCEL_CONFIRM_TIMEOUT);
+                eprintln!("snapctl: the VMM did not confirm the cancel; giving up");
+                StreamFifo::remove_mine();
+                std::process::exit(i32::from(EXIT_CANCELLED));
+            }
+        });
+    }
 
     let streaming = out == Path::new("-");
     let fifo = if streaming {
@@ -164,8 +222,7 @@ pub fn save(
     };
     let path = match &fifo {
         Some(f) => f.path.clone(),
-        None => std::path::absolute(out)
-            .with_context(|| format!("resolving {}", out.display()))?,
+        None => std::path::absolute(out).with_context(|| format!("resolving {}", out.display()))?,
     };
     if !streaming && path.exists() && !force {
         bail!(
@@ -173,17 +230,35 @@ pub fn save(
             path.display()
         );
     }
-    let copier = fifo.as_ref().map(|f| {
-        let p = f.path.clone();
-        std::thread::spawn(move || -> std::io::Result<u64> {
-            let mut src = std::fs::File::open(p)?;
-            let stdout = std::io::stdout();
-            let mut lock = stdout.lock();
-            let n = std::io::copy(&mut src, &mut lock)?;
-            lock.flush()?;
-            Ok(n)
-        })
-    });
+    let stream = api::connect(sock)?;
+    *conn_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.try_clone()?);
+
+    // `--out -`: the VMM writes into a private FIFO, copied here to standard output. If standard output
+    // fails, the save is cancelled (see above) and the error kept for the final message.
+    let stdout_error: Arc<Mutex<Option<std::io::Error>>> = Arc::default();
+    let copier = match &fifo {
+        Some(f) => {
+            let p = f.path.clone();
+            let conn = stream.try_clone()?;
+            let stdout_error = stdout_error.clone();
+            Some(std::thread::spawn(move || -> std::io::Result<u64> {
+                let mut src = std::fs::File::open(&p)?;
+                // Both ends are open now: the name is no longer needed, and nothing is left behind even if
+                // this process is killed.
+                StreamFifo::remove_mine();
+                let stdout = std::io::stdout();
+                let mut lock = stdout.lock();
+                let res = std::io::copy(&mut src, &mut lock).and_then(|n| lock.flush().map(|()| n));
+                if let Err(e) = &res {
+                    *stdout_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(std::io::Error::new(e.kind(), e.to_string()));
+                    let _ = conn.shutdown(Shutdown::Write);
+                }
+                res
+            }))
+        }
+        None => None,
+    };
 
     let req = Request::Save(SaveRequest {
         path: path.to_string_lossy().into_owned(),
@@ -202,7 +277,7 @@ pub fn save(
         .progress_chars("=> "),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
-    let reply = request(sock, &req, |p| {
+    let reply = exchange(stream, &req, |p| {
         let get = |k: &str| p.get(k).and_then(Value::as_u64).unwrap_or(0);
         bar.set_length(get("total_bytes"));
         bar.set_position(get("bytes_scanned"));
@@ -215,24 +290,46 @@ pub fn save(
         ));
     });
     bar.finish_and_clear();
+    let cancelled_by_user = interrupted.load(Ordering::SeqCst);
     let reply = match reply {
         Ok(r) => r,
-        Err(e) => {
-            // The VMM vanished mid-save; the FIFO reader would block forever.
-            drop(fifo);
-            return Err(e);
+        Err(_) if cancelled_by_user => {
+            eprintln!("snapctl: save cancelled");
+            return Ok(ExitCode::from(EXIT_CANCELLED));
         }
+        // The VMM vanished mid-save. (The FIFO reader may block forever: it is not waited for.)
+        Err(e) => return Err(e),
     };
-    if let Some(c) = copier {
-        let res = c.join().map_err(|_| anyhow::anyhow!("stdout copier panicked"))?;
-        if let (Err(e), Reply::Ok(_)) = (&res, &reply) {
-            bail!("writing the snapshot to standard output failed: {e}");
-        }
+    // The copier ends by itself once the VMM closed the stream after a complete save; otherwise it may be
+    // blocked opening a FIFO the VMM never opened, and is not waited for.
+    let copied = match (copier, &reply) {
+        (Some(c), Reply::Ok(_)) => Some(
+            c.join()
+                .map_err(|_| anyhow::anyhow!("stdout copier panicked"))?,
+        ),
+        _ => None,
+    };
+    if let Some(e) = stdout_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        eprintln!(
+            "snapctl: save failed: writing the snapshot to standard output failed: {e}; the save was cancelled"
+        );
+        return Ok(ExitCode::from(EXIT_FAILED));
+    }
+    if let Some(Err(e)) = copied {
+        eprintln!("snapctl: save failed: reading the snapshot stream failed: {e}");
+        return Ok(ExitCode::from(EXIT_FAILED));
     }
     match reply {
         Reply::Ok(summary) => {
-            if json {
+            if json && !streaming {
                 println!("{summary}");
+            } else if json {
+                // Standard output carries the snapshot itself.
+                eprintln!("{summary}");
             } else {
                 print_summary(&summary, if streaming { None } else { Some(&path) });
             }

@@ -5,8 +5,8 @@ use crate::units::fmt_bytes;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use ram_saver::{
-    AtomicFileSink, Compression, ErrorKind, FormatError, SaveOptions, SnapshotHeader, SnapshotReader,
-    StreamSink,
+    AtomicFileSink, Compression, ErrorKind, FormatError, SaveOptions, SnapshotHeader,
+    SnapshotReader, StreamSink,
 };
 use serde_json::{json, Value};
 use std::io::Write;
@@ -59,7 +59,11 @@ fn report_bad(file: &Path, e: &FormatError, json: bool) -> ExitCode {
             json!({"ok": false, "kind": kind_word(e), "error": msg, "record": e.record()})
         );
     }
-    eprintln!("snapctl: {}: {} snapshot: {msg}", file.display(), kind_word(e));
+    eprintln!(
+        "snapctl: {}: {} snapshot: {msg}",
+        file.display(),
+        kind_word(e)
+    );
     ExitCode::from(exit_code(e))
 }
 
@@ -148,8 +152,16 @@ pub fn info(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    println!("file:         {} ({})", file.display(), fmt_bytes(r.file_len()));
-    println!("guest memory: {} in {} region(s)", fmt_bytes(guest_bytes), h.regions.len());
+    println!(
+        "file:         {} ({})",
+        file.display(),
+        fmt_bytes(r.file_len())
+    );
+    println!(
+        "guest memory: {} in {} region(s)",
+        fmt_bytes(guest_bytes),
+        h.regions.len()
+    );
     for reg in &h.regions {
         println!("              {:#x}..{:#x}", reg.gpa, reg.gpa + reg.size);
     }
@@ -230,7 +242,10 @@ pub fn oracle(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
     match vmm_core::oracle::check(&mem, state.config(), Some(&slots)) {
         Ok(rep) => {
             if json {
-                println!("{}", json!({"ok": true, "slots": slots, "report": format!("{rep:?}")}));
+                println!(
+                    "{}",
+                    json!({"ok": true, "slots": slots, "report": format!("{rep:?}")})
+                );
             } else {
                 println!(
                     "{}: oracle PASS — guest memory is exactly the memory at the freeze instant (steps {slots:?})",
@@ -241,7 +256,10 @@ pub fn oracle(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
         }
         Err(m) => {
             if json {
-                println!("{}", json!({"ok": false, "slots": slots, "mismatch": m.to_string()}));
+                println!(
+                    "{}",
+                    json!({"ok": false, "slots": slots, "mismatch": m.to_string()})
+                );
             }
             eprintln!("snapctl: {}: oracle FAIL — {m}", file.display());
             Ok(ExitCode::from(exit::INCONSISTENT))
@@ -249,7 +267,11 @@ pub fn oracle(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The VMM side of `save`: freeze (pause, capture, write-protect, resume), then the live save.
+/// The VMM side of `save`: open the output, freeze (pause, capture, write-protect, resume), then the live save.
+///
+/// The output is opened before the freeze, so that a target that cannot be written (read-only or missing
+/// directory, existing file without `force`, nobody reading the stream) fails without touching the guest.
+/// Whatever fails later, ram-saver releases every protected page and the file sink removes its temporary file.
 pub fn live_save(
     vm: &std::sync::Arc<Vm>,
     tracker: &WpTracker,
@@ -273,20 +295,175 @@ pub fn live_save(
         max_bandwidth: req.max_bandwidth,
         ..SaveOptions::default()
     };
-    if !req.stream && target.exists() && !req.force {
-        bail!("{} already exists; pass --force to replace it", target.display());
+    if req.stream {
+        let f = open_stream(target, cancel)?;
+        save_into(
+            vm,
+            tracker,
+            StreamSink::new(CancellableWriter { f, cancel }),
+            req,
+            &opts,
+            cancel,
+            progress,
+        )
+    } else {
+        match std::fs::metadata(target) {
+            Ok(m) if m.is_dir() => bail!(
+                "{} is a directory; name a file to save to",
+                target.display()
+            ),
+            Ok(_) if !req.force => {
+                bail!(
+                    "{} already exists; pass --force to replace it",
+                    target.display()
+                )
+            }
+            _ => {}
+        }
+        let sink = AtomicFileSink::create(target).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create a file beside {}: {e}{}",
+                target.display(),
+                io_hint(&e)
+            )
+        })?;
+        save_into(vm, tracker, sink, req, &opts, cancel, progress)
+    }
+}
+
+/// Opens a stream target (a FIFO the client reads) for writing without ever blocking on it: the open waits at
+/// most [`STREAM_OPEN_TIMEOUT`] for a reader, and writes go through [`CancellableWriter`].
+fn open_stream(target: &Path, cancel: &AtomicBool) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let meta =
+        std::fs::metadata(target).with_context(|| format!("stream target {}", target.display()))?;
+    let ft = meta.file_type();
+    if !(ft.is_fifo() || ft.is_socket() || ft.is_char_device()) {
+        bail!(
+            "stream target {} is not a FIFO, socket or character device",
+            target.display()
+        );
+    }
+    let deadline = Instant::now() + STREAM_OPEN_TIMEOUT;
+    loop {
+        let res = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(target);
+        match res {
+            Ok(f) => return Ok(f),
+            // A FIFO without a reader (yet).
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                if cancel.load(Ordering::SeqCst) {
+                    bail!("cancelled before the stream was opened");
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "nobody opened the stream {} for reading within {} s",
+                        target.display(),
+                        STREAM_OPEN_TIMEOUT.as_secs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => bail!("opening stream {}: {e}", target.display()),
+        }
+    }
+}
+
+/// How long the VMM waits for the reader of a stream target to open it.
+const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A non-blocking stream output whose writes wait for room in bounded slices and give up when the save is
+/// cancelled: a reader that stops reading can stall the save (back pressure), but never keeps it from being
+/// cancelled.
+struct CancellableWriter<'a> {
+    f: std::fs::File,
+    cancel: &'a AtomicBool,
+}
+
+impl Write for CancellableWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsFd;
+        loop {
+            match self.f.write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.cancel.load(Ordering::SeqCst) {
+                        return Err(std::io::Error::other("save cancelled"));
+                    }
+                    let mut fds = [nix::poll::PollFd::new(
+                        self.f.as_fd(),
+                        nix::poll::PollFlags::POLLOUT,
+                    )];
+                    match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16)) {
+                        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
     }
 
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A plain-words hint for common I/O failures while writing a snapshot.
+fn io_hint(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) => {
+            " (no space left on the target's file system: free some, or save elsewhere)"
+        }
+        Some(libc::EDQUOT) => " (disk quota exceeded: free some space, or save elsewhere)",
+        Some(libc::EROFS) => " (the target's file system is read-only: save elsewhere)",
+        Some(libc::EACCES) | Some(libc::EPERM) => " (is the directory writable?)",
+        Some(libc::ENOENT) => " (does the directory exist?)",
+        Some(libc::EPIPE) => " (the reader of the stream went away)",
+        _ => "",
+    }
+}
+
+/// The first I/O error in an error's chain, for [`io_hint`].
+fn find_io_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        cur = c.source();
+    }
+    None
+}
+
+/// Freeze, save into `sink`, and build the summary.
+fn save_into<S: ram_saver::SnapshotSink>(
+    vm: &std::sync::Arc<Vm>,
+    tracker: &WpTracker,
+    sink: S,
+    req: &SaveRequest,
+    opts: &SaveOptions,
+    cancel: &AtomicBool,
+    progress: &mut (dyn FnMut(Value) + Send),
+) -> anyhow::Result<Value> {
     // Freeze instant: vCPUs parked, machine state captured, all RAM write-protected, vCPUs resumed.
     let was_paused = vm.is_paused();
     let t0 = Instant::now();
     vm.pause().context("pausing vCPUs")?;
     let frozen = (|| -> anyhow::Result<MachineState> {
         let state = vm.capture_state().context("capturing machine state")?;
-        tracker.protect_all().context("write-protecting guest RAM")?;
+        tracker
+            .protect_all()
+            .context("write-protecting guest RAM")?;
         Ok(state)
     })();
-    let resumed = if was_paused { Ok(Duration::ZERO) } else { vm.resume() };
+    let resumed = if was_paused {
+        Ok(Duration::ZERO)
+    } else {
+        vm.resume()
+    };
     let downtime = t0.elapsed();
     let state = match (frozen, resumed) {
         (Ok(s), Ok(_)) => s,
@@ -316,60 +493,26 @@ pub fn live_save(
             (*f)(v);
         }
     };
-    let res = if req.stream {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(target)
-            .with_context(|| format!("opening stream {}", target.display()));
-        match f {
-            Ok(f) => ram_saver::live_save(
-                vm.memory(),
-                tracker,
-                StreamSink::new(f),
-                header,
-                &state_bytes,
-                &opts,
-                &report,
-                cancel,
-            ),
-            Err(e) => {
-                let _ = tracker.unprotect_all();
-                return Err(e);
-            }
-        }
-    } else {
-        let sink = match AtomicFileSink::create(target) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = tracker.unprotect_all();
-                let hint = match e.kind() {
-                    std::io::ErrorKind::PermissionDenied => " (is the directory writable?)",
-                    std::io::ErrorKind::NotFound => " (does the directory exist?)",
-                    _ => "",
-                };
-                bail!("cannot create a file beside {}: {e}{hint}", target.display());
-            }
-        };
-        ram_saver::live_save(
-            vm.memory(),
-            tracker,
-            sink,
-            header,
-            &state_bytes,
-            &opts,
-            &report,
-            cancel,
-        )
-    };
+    let res = ram_saver::live_save(
+        vm.memory(),
+        tracker,
+        sink,
+        header,
+        &state_bytes,
+        opts,
+        &report,
+        cancel,
+    );
     let guest = monitor.finish();
     let summary = match res {
         Ok(s) => s,
         Err(ram_saver::SaveError::Cancelled) => bail!("cancelled; no file was written"),
         Err(e) => {
+            let hint = find_io_error(&e).map_or("", io_hint);
             if cancel.load(Ordering::SeqCst) {
                 bail!("cancelled: {}", ErrorChain(&e));
             }
-            bail!("{}", ErrorChain(&e));
+            bail!("{}{hint}", ErrorChain(&e));
         }
     };
     Ok(json!({
@@ -387,9 +530,11 @@ pub fn live_save(
         "file_bytes": summary.file_bytes,
         "image_size_ratio": summary.image_size_ratio,
         "records": summary.records,
-        "compression": compression,
+        "compression": opts.compression,
         "freeze_steps": state.guest_slots(),
         "guest_steps_per_s_during": guest.steps_per_s,
         "guest_max_stall_ms": guest.max_stall_ms,
+        "fault_buffer_waits": summary.fault_buffer_waits,
+        "huge_pages_restored": summary.huge_pages_restored,
     }))
 }

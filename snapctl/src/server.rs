@@ -4,15 +4,15 @@
 //! progress and can cancel. One save at a time; a second one gets a `busy` error.
 
 use crate::api::{self, Reply, Request, SaveRequest};
-use crate::{VmmArgs, units::fmt_bytes};
+use crate::{units::fmt_bytes, VmmArgs};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
-use std::io::{BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::io::{BufReader, ErrorKind, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm_core::{GuestParams, MemBackend, Vm, VmConfig, VmExitStatus, WriteRate};
@@ -46,6 +46,7 @@ pub fn boot_config(
             working_set_pages: working_set.map(|b| b / 4096),
             seed,
         },
+        kernel: None,
     })
 }
 
@@ -60,9 +61,9 @@ fn backend(vmm: &VmmArgs) -> anyhow::Result<MemBackend> {
 
 fn serial_out(vmm: &VmmArgs) -> anyhow::Result<Box<dyn Write + Send>> {
     Ok(match &vmm.serial_log {
-        Some(p) => Box::new(
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-        ),
+        Some(p) => {
+            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
         None => Box::new(std::io::stdout()),
     })
 }
@@ -70,7 +71,11 @@ fn serial_out(vmm: &VmmArgs) -> anyhow::Result<Box<dyn Write + Send>> {
 /// `snapctl boot`.
 pub fn run_boot(cfg: VmConfig, vmm: &VmmArgs, sock: &Path) -> anyhow::Result<ExitCode> {
     let listener = bind_socket(sock)?;
-    let vm = Vm::boot(cfg.clone(), serial_out(vmm)?).context("booting the built-in guest")?;
+    let vm = Vm::boot(cfg.clone(), serial_out(vmm)?)
+        .context("booting the built-in guest")
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(sock);
+        })?;
     eprintln!(
         "snapctl: built-in guest running: {} , {} vCPUs; control socket {}",
         fmt_bytes(cfg.mem_bytes),
@@ -81,15 +86,28 @@ pub fn run_boot(cfg: VmConfig, vmm: &VmmArgs, sock: &Path) -> anyhow::Result<Exi
 }
 
 /// `snapctl restore`.
-pub fn run_restore(file: &Path, paused: bool, vmm: &VmmArgs, sock: &Path) -> anyhow::Result<ExitCode> {
+pub fn run_restore(
+    file: &Path,
+    paused: bool,
+    vmm: &VmmArgs,
+    sock: &Path,
+) -> anyhow::Result<ExitCode> {
     let listener = bind_socket(sock)?;
     let t0 = Instant::now();
-    let vm = crate::offline::restore_vm(file, paused, backend_override(vmm)?, serial_out(vmm)?)?;
+    let vm =
+        (|| crate::offline::restore_vm(file, paused, backend_override(vmm)?, serial_out(vmm)?))()
+            .inspect_err(|_| {
+            let _ = std::fs::remove_file(sock);
+        })?;
     eprintln!(
         "snapctl: restored {} in {:.3} s{}; control socket {}",
         file.display(),
         t0.elapsed().as_secs_f64(),
-        if paused { " (paused: `snapctl resume` to run)" } else { "" },
+        if paused {
+            " (paused: `snapctl resume` to run)"
+        } else {
+            ""
+        },
         sock.display()
     );
     serve(vm, listener, sock)
@@ -107,7 +125,13 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!(
+                "{} exists and is not a socket; not replacing it (choose another --api-sock)",
+                path.display()
+            );
+        }
         match UnixStream::connect(path) {
             Ok(_) => bail!(
                 "another VM is already serving {} (stop it with `snapctl shutdown`, or use --name/--api-sock)",
@@ -151,12 +175,35 @@ fn serve(vm: Vm, listener: UnixListener, sock: &Path) -> anyhow::Result<ExitCode
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                let active = Arc::new(AtomicUsize::new(0));
                 for conn in listener.incoming() {
-                    let Ok(conn) = conn else { continue };
+                    let conn = match conn {
+                        Ok(c) => c,
+                        Err(_) => {
+                            // E.g. out of file descriptors: do not spin; clients retry.
+                            std::thread::sleep(Duration::from_millis(20));
+                            continue;
+                        }
+                    };
+                    // One thread per connection, so that no client can block another; bounded, so that a
+                    // flood of connections cannot exhaust the VMM.
+                    let slot = ConnSlot::take(&active);
+                    let Some(slot) = slot else {
+                        let mut conn = conn;
+                        let _ = conn.set_write_timeout(Some(Duration::from_millis(100)));
+                        let _ = api::write_line(
+                            &mut conn,
+                            &error("busy", "too many control connections at once; try again"),
+                        );
+                        continue;
+                    };
                     let vmm = vmm.clone();
                     let _ = std::thread::Builder::new()
                         .name("control-conn".into())
-                        .spawn(move || vmm.handle_conn(conn));
+                        .spawn(move || {
+                            let _slot = slot;
+                            vmm.handle_conn(conn);
+                        });
                 }
             })?;
     }
@@ -204,6 +251,32 @@ fn serve(vm: Vm, listener: UnixListener, sock: &Path) -> anyhow::Result<ExitCode
     }
 }
 
+/// Most control connections served at once; more get a `busy` error.
+const MAX_CONNECTIONS: usize = 64;
+/// How long the VMM waits for a client's request line before closing the connection.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long writing a (small, final) reply may block on a client that does not read.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A counted place among the [`MAX_CONNECTIONS`]; released on drop.
+struct ConnSlot(Arc<AtomicUsize>);
+
+impl ConnSlot {
+    fn take(active: &Arc<AtomicUsize>) -> Option<Self> {
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Self(active.clone()))
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn error(kind: &str, message: impl Into<String>) -> Reply {
     Reply::Error {
         kind: kind.into(),
@@ -213,36 +286,62 @@ fn error(kind: &str, message: impl Into<String>) -> Reply {
 
 impl Vmm {
     fn handle_conn(self: &Arc<Self>, conn: UnixStream) {
+        // Replies are small; a client that does not read them must not pin this thread for long. (Save
+        // progress goes through its own thread and is dropped rather than waited for; see `save`.)
+        let _ = conn.set_write_timeout(Some(REPLY_TIMEOUT));
         let mut w = match conn.try_clone() {
             Ok(w) => w,
             Err(_) => return,
         };
         // Only the VMM's own user (or root) may control it.
+        let me = nix::unistd::getuid().as_raw();
         match nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials) {
-            Ok(c) if c.uid() == nix::unistd::getuid().as_raw() || c.uid() == 0 => {}
-            _ => {
-                let _ = api::write_line(&mut w, &error("denied", "peer is not the VMM's user"));
+            Ok(c) if c.uid() == me || c.uid() == 0 => {}
+            Ok(c) => {
+                let msg = format!(
+                    "user {} may not control this VM: only its owner (uid {me}) or root may",
+                    c.uid()
+                );
+                let _ = api::write_line(&mut w, &error("denied", msg));
+                return;
+            }
+            Err(e) => {
+                let msg = format!("cannot check the peer's credentials: {e}");
+                let _ = api::write_line(&mut w, &error("denied", msg));
                 return;
             }
         }
         // A client that connects and never sends anything must not pin a thread forever.
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+        let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
         let mut r = BufReader::new(conn);
         let line = match api::read_line_bounded(&mut r, api::MAX_REQUEST_LINE) {
             Ok(Some(l)) => l,
             Ok(None) => return,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                let msg = format!(
+                    "no request within {} s; closing the connection",
+                    REQUEST_TIMEOUT.as_secs()
+                );
+                let _ = api::write_line(&mut w, &error("timeout", msg));
+                return;
+            }
             Err(e) => {
-                let _ = api::write_line(&mut w, &error("bad_request", e.to_string()));
+                let msg = format!(
+                    "{e}: a request is one JSON object on one line of at most {} KiB",
+                    api::MAX_REQUEST_LINE / 1024
+                );
+                let _ = api::write_line(&mut w, &error("bad_request", msg));
                 return;
             }
         };
         let req: Request = match serde_json::from_str(&line) {
             Ok(r) => r,
             Err(e) => {
-                let _ = api::write_line(
-                    &mut w,
-                    &error("bad_request", format!("malformed request: {e}")),
+                let msg = format!(
+                    "malformed request: {e} (commands: status, save, cancel, pause, resume, self_check, shutdown; \
+                     see PROTOCOL.md)"
                 );
+                let _ = api::write_line(&mut w, &error("bad_request", msg));
                 return;
             }
         };
@@ -270,7 +369,7 @@ impl Vmm {
             }
             Request::Save(req) => {
                 let _ = r.get_ref().set_read_timeout(None);
-                self.save(req, r, &mut w)
+                self.save(req, r.into_inner(), &w)
             }
         };
         let _ = api::write_line(&mut w, &reply);
@@ -289,6 +388,11 @@ impl Vmm {
             "steps": p.steps,
             "steps_per_s": *self.rates.lock().expect("rates lock"),
             "save": self.save.lock().expect("save lock").is_some(),
+            // For diagnostics and tests (e.g. reading /proc/PID/pagemap): where guest RAM is in this process.
+            "memory_map": vmm_core::host_ranges(self.vm.memory())
+                .into_iter()
+                .map(|(gpa, host, len)| json!({"gpa": gpa, "host": host, "len": len}))
+                .collect::<Vec<_>>(),
         })
     }
 
@@ -305,7 +409,10 @@ impl Vmm {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        error("timeout", "the guest did not answer the self-check within 120 s")
+        error(
+            "timeout",
+            "the guest did not answer the self-check within 120 s",
+        )
     }
 
     /// The userfaultfd tracker over all guest RAM, created at the first save and kept.
@@ -322,12 +429,14 @@ impl Vmm {
         Ok(t)
     }
 
-    fn save(
-        self: &Arc<Self>,
-        req: SaveRequest,
-        conn: BufReader<UnixStream>,
-        w: &mut UnixStream,
-    ) -> Reply {
+    /// Runs a save for the client on `conn`. The client's connection is watched: if it closes (the client was
+    /// killed, or shut down its sending side on Ctrl-C), the save is cancelled. Progress lines go through a
+    /// separate thread and are dropped while the client does not read them: a slow or stopped client never
+    /// slows the save, and so never stalls the guest.
+    fn save(self: &Arc<Self>, req: SaveRequest, conn: UnixStream, w: &UnixStream) -> Reply {
+        if let Err(msg) = req.validate() {
+            return error("bad_request", msg);
+        }
         let cancel = Arc::new(AtomicBool::new(false));
         {
             let mut g = self.save.lock().expect("save lock");
@@ -346,51 +455,76 @@ impl Vmm {
                 *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
         }
-        let _clear = Clear(&self.save);
+        let clear = Clear(&self.save);
 
         // A client that goes away cancels the save (documented in PROTOCOL.md).
-        {
+        let done = Arc::new(AtomicBool::new(false));
+        let watcher = {
             let cancel = cancel.clone();
+            let done = done.clone();
             let mut conn = conn;
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 256];
-                loop {
-                    match std::io::Read::read(conn.get_mut(), &mut buf) {
-                        Ok(0) | Err(_) => {
-                            cancel.store(true, Ordering::SeqCst);
-                            return;
+            std::thread::Builder::new()
+                .name("save-watch".into())
+                .spawn(move || {
+                    let mut buf = [0u8; 256];
+                    loop {
+                        match std::io::Read::read(&mut conn, &mut buf) {
+                            Ok(0) => break,
+                            Ok(_) => {}
+                            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                            Err(_) => break,
                         }
-                        Ok(_) => {}
                     }
-                }
-            });
+                    if !done.load(Ordering::SeqCst) {
+                        cancel.store(true, Ordering::SeqCst);
+                    }
+                })
+        };
+        if watcher.is_err() {
+            return error("save_failed", "cannot start a thread to watch the client");
         }
-        let res = self.run_save(&req, &cancel, w);
-        // Stop the watcher without cancelling anything further.
+        // Progress: the saver only ever `try_send`s; the forwarder may block on the client, nothing else does.
+        let (ptx, prx) = std::sync::mpsc::sync_channel::<Value>(1);
+        let forwarder = w.try_clone().ok().and_then(|mut w| {
+            let _ = w.set_write_timeout(None);
+            let cancel = cancel.clone();
+            std::thread::Builder::new()
+                .name("save-progress".into())
+                .spawn(move || {
+                    for p in prx {
+                        if let Err(e) = api::write_line(&mut w, &Reply::Progress(p)) {
+                            if matches!(
+                                e.kind(),
+                                ErrorKind::BrokenPipe | ErrorKind::ConnectionReset
+                            ) {
+                                cancel.store(true, Ordering::SeqCst);
+                            }
+                            break;
+                        }
+                    }
+                })
+                .ok()
+        });
+        let res = match self.tracker() {
+            Ok(t) => crate::offline::live_save(&self.vm, &t, &req, &cancel, &mut |p| {
+                let _ = ptx.try_send(p);
+            }),
+            Err(e) => Err(e),
+        };
+        drop(ptx);
+        // Decide before stopping the watcher (whose end would otherwise look like a client leaving).
+        let cancelled = cancel.load(Ordering::SeqCst);
+        done.store(true, Ordering::SeqCst);
         let _ = w.shutdown(std::net::Shutdown::Read);
+        drop(clear);
+        if let Some(f) = forwarder {
+            // Ends after its current line; only this connection's thread waits for a client that reads slowly.
+            let _ = f.join();
+        }
         match res {
             Ok(summary) => Reply::Ok(summary),
-            Err(e) if cancel.load(Ordering::SeqCst) => error("cancelled", format!("{e:#}")),
+            Err(e) if cancelled => error("cancelled", format!("{e:#}")),
             Err(e) => error("save_failed", format!("{e:#}")),
         }
     }
-
-    fn run_save(
-        &self,
-        req: &SaveRequest,
-        cancel: &Arc<AtomicBool>,
-        w: &mut UnixStream,
-    ) -> anyhow::Result<Value> {
-        crate::offline::live_save(&self.vm, &*self.tracker()?, req, cancel, &mut |p| {
-            if api::write_line(w, &Reply::Progress(p)).is_err() {
-                cancel.store(true, Ordering::SeqCst);
-            }
-        })
-    }
-}
-
-/// Where a path's temporary sibling would go; used in error hints.
-#[allow(dead_code)]
-fn parent_dir(p: &Path) -> PathBuf {
-    p.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }

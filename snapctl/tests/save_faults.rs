@@ -1,0 +1,450 @@
+//! Faults during a save. For each one: the guest keeps making progress (it never stops for more than
+//! [`MAX_STALL`]), no page stays write-protected (no uffd-wp bit in /proc/PID/pagemap over guest RAM), no file
+//! is left under the target name (nor its temporary), the client gets a clear error, and the VM can be saved
+//! again successfully right after.
+//!
+//! Runs as root (mounts tmpfs) on a machine with /dev/kvm and /dev/userfaultfd.
+
+mod common;
+
+use common::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A small guest that keeps writing at a modest rate (so that saves can be slowed down and faults still
+/// happen), with a working set of its own.
+const GUEST: &[&str] = &[
+    "--mem",
+    "128M",
+    "--write-rate",
+    "500",
+    "--working-set",
+    "8M",
+];
+/// Scan limit that makes a save of [`GUEST`] last ~30 s: time to act on it.
+const SLOW: &str = "4M";
+const T: Duration = Duration::from_secs(10);
+
+/// Everything the issue asks after a faulty save.
+fn assert_recovered(
+    vmm: &Vmm,
+    target_dir: &Path,
+    name: &str,
+    watch: ProgressWatch,
+    spare: &TempDir,
+) {
+    vmm.wait_save(false, T);
+    assert_eq!(
+        vmm.wp_pages(),
+        0,
+        "guest pages still write-protected after the save ended"
+    );
+    let left = leftovers(target_dir, name);
+    assert!(
+        left.is_empty(),
+        "files left under the target name: {left:?}"
+    );
+    vmm.assert_progress(Duration::from_secs(2));
+    let stall = watch.finish();
+    eprintln!("worst guest stall: {stall:?}");
+    assert!(
+        stall < MAX_STALL,
+        "the guest made no progress for {stall:?}"
+    );
+    // The VM can be saved again right away.
+    let again = spare.join("again.snap");
+    vmm.save_and_verify(&again, &[]);
+    std::fs::remove_file(&again).unwrap();
+    assert_eq!(
+        vmm.wp_pages(),
+        0,
+        "pages write-protected after a successful save"
+    );
+}
+
+/// Starts a slow save to `target` and waits until it runs (its temporary file exists, pages are protected).
+fn start_slow_save(vmm: &Vmm, target: &Path) -> Proc {
+    let client = vmm.spawn_save(&["--out", target.to_str().unwrap(), "--max-bandwidth", SLOW]);
+    vmm.wait_save(true, T);
+    let dir = target.parent().unwrap();
+    let name = target.file_name().unwrap().to_str().unwrap();
+    let t0 = Instant::now();
+    while leftovers(dir, name).is_empty() {
+        assert!(
+            t0.elapsed() < T,
+            "no temporary file appeared for {}",
+            target.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Positive control for the pagemap check: during a save, most of guest RAM is protected.
+    let wp = vmm.wp_pages();
+    assert!(
+        wp > 1000,
+        "mid-save, only {wp} pages carry the uffd-wp bit: the check would prove nothing"
+    );
+    client
+}
+
+#[test]
+fn disk_full_fails_cleanly() {
+    let _s = serial();
+    let dir = TempDir::new("full");
+    let vmm = Vmm::boot(dir.path(), GUEST);
+    let watch = ProgressWatch::start(&vmm.sock);
+    let full = dir.join("full");
+    let _m = Mount::tmpfs(&full, "size=32M");
+    let target = full.join("vm.snap");
+    let out = vmm.ctl(
+        &["save", "--out", target.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("No space left on device"),
+        "unclear error: {}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("no space left"),
+        "no hint: {}",
+        out.stderr
+    );
+    // Nothing at all is left on the full file system.
+    let entries: Vec<_> = std::fs::read_dir(&full).unwrap().collect();
+    assert!(entries.is_empty(), "left on the tmpfs: {entries:?}");
+    assert_recovered(&vmm, &full, "vm.snap", watch, &dir);
+}
+
+#[test]
+fn unwritable_directory_fails_cleanly() {
+    let _s = serial();
+    let dir = TempDir::new("ro");
+    let vmm = Vmm::boot(dir.path(), GUEST);
+    let watch = ProgressWatch::start(&vmm.sock);
+    let ro = dir.join("ro");
+    let _m = Mount::tmpfs(&ro, "ro,size=8M");
+    let target = ro.join("vm.snap");
+    let out = vmm.ctl(&["save", "--out", target.to_str().unwrap()], T);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("Read-only file system"),
+        "unclear error: {}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("[save_failed]"), "{}", out.stderr);
+    // A directory that does not exist.
+    let missing = dir.join("no/such/dir/vm.snap");
+    let out = vmm.ctl(&["save", "--out", missing.to_str().unwrap()], T);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("does the directory exist"),
+        "unclear error: {}",
+        out.stderr
+    );
+    assert_recovered(&vmm, &ro, "vm.snap", watch, &dir);
+}
+
+#[test]
+fn existing_target_is_refused_unless_force() {
+    let _s = serial();
+    let dir = TempDir::new("exists");
+    let vmm = Vmm::boot(dir.path(), GUEST);
+    let watch = ProgressWatch::start(&vmm.sock);
+    let target = dir.join("vm.snap");
+    std::fs::write(&target, b"precious").unwrap();
+    let out = vmm.ctl(&["save", "--out", target.to_str().unwrap()], T);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("already exists") && out.stderr.contains("--force"),
+        "unclear error: {}",
+        out.stderr
+    );
+    // The VMM refuses too (a client that skips its own check).
+    let req = format!(r#"{{"cmd":"save","path":"{}"}}"#, target.display());
+    let r = request(&vmm.sock, &req);
+    assert_eq!(r["reply"], "error", "{r}");
+    assert!(
+        r["message"].as_str().unwrap().contains("already exists"),
+        "{r}"
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+    let tmp = leftovers(dir.path(), "vm.snap");
+    assert_eq!(tmp, vec!["vm.snap".to_string()], "temporary files left");
+    assert_eq!(vmm.wp_pages(), 0);
+    // With --force the file is replaced by a complete snapshot.
+    vmm.save_and_verify(&target, &["--force"]);
+    std::fs::remove_file(&target).unwrap();
+    assert_recovered(&vmm, dir.path(), "vm.snap", watch, &dir);
+}
+
+#[test]
+fn closed_stdout_pipe_cancels_the_save() {
+    let _s = serial();
+    let dir = TempDir::new("pipe");
+    let vmm = Vmm::boot(dir.path(), GUEST);
+    let watch = ProgressWatch::start(&vmm.sock);
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "save",
+        "--out",
+        "-",
+        "--max-bandwidth",
+        SLOW,
+        "--api-sock",
+        vmm.sock_arg(),
+    ]);
+    let mut client = Proc::spawn_cmd(&mut cmd, false);
+    // Like `| head -c 1000`: read a little, then close the pipe.
+    let mut stdout = client.child.stdout.take().unwrap();
+    let mut first = [0u8; 1000];
+    stdout
+        .read_exact(&mut first)
+        .expect("reading the start of the stream");
+    vmm.wait_save(true, T);
+    drop(stdout);
+    let fifo_dir = std::env::temp_dir().join(format!("snapctl-out-{}", client.pid()));
+    let out = client.wait(T, "save --out - with a closed pipe");
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("standard output") && out.stderr.contains("Broken pipe"),
+        "unclear error: {}",
+        out.stderr
+    );
+    assert!(
+        !fifo_dir.exists(),
+        "the client's FIFO directory was left behind"
+    );
+    assert_recovered(&vmm, dir.path(), "nothing", watch, &dir);
+}
+
+#[test]
+fn killed_client_cancels_the_save() {
+    let _s = serial();
+    let dir = TempDir::new("kill");
+    let vmm = Vmm::boot(dir.path(), GUEST);
+    let watch = ProgressWatch::start(&vmm.sock);
+    let target = dir.join("vm.snap");
+    let client = start_slow_save(&vmm, &target);
+    client.signal(Signal::SIGKILL);
+    let _ = client.wait(T, "killed client");
+    // The VMM noticed the closed connection and cancelled (documented in PROTOCOL.md).
+    assert_recovered(&vmm, dir.path(), "vm.snap", watch, &dir);
+}
+
+#[test]
+fn sigint_cancels_the_save() {
+    let _s = serial();
+    let dir = TempDir::new("sigint");
+    let vmm = Vmm::boot(dir.path(), GUEST);
+    let watch = ProgressWatch::start(&vmm.sock);
+    let target = dir.join("vm.snap");
+    let client = start_slow_save(&vmm, &target);
+    client.signal(Signal::SIGINT);
+    let out = client.wait(T, "client after SIGINT");
+    assert_eq!(out.code(), Some(130), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("save cancelled"),
+        "unclear message: {}",
+        out.stderr
+    );
+    assert_recovered(&vmm, dir.path(), "vm.snap", watch, &dir);
+}
+
+#[test]
+fn sigint_cancels_a_stream_save() {
+    let _s = serial();
+    let dir = TempDir::new("sigint-stream");
+    let vmm = Vmm::boot(dir.path(), GUEST);
+    let watch = ProgressWatch::start(&vmm.sock);
+    let client = vmm.spawn_save(&["--out", "-", "--max-bandwidth", SLOW]);
+    vmm.wait_save(true, T);
+    std::thread::sleep(Duration::from_millis(300));
+    client.signal(Signal::SIGINT);
+    let out = client.wait(T, "stream client after SIGINT");
+    assert_eq!(out.code(), Some(130), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("save cancelled"),
+        "unclear message: {}",
+        out.stderr
+    );
+    assert_recovered(&vmm, dir.path(), "nothing", watch, &dir);
+}
+
+#[test]
+fn snapctl_cancel_cancels_the_save() {
+    let _s = serial();
+    let dir = TempDir::new("cancel");
+    let vmm = Vmm::boot(dir.path(), GUEST);
+    let watch = ProgressWatch::start(&vmm.sock);
+    let target = dir.join("vm.snap");
+    let client = start_slow_save(&vmm, &target);
+    let c = vmm.ctl(&["cancel"], T);
+    assert_eq!(c.code(), Some(0), "{}", c.stderr);
+    let out = client.wait(T, "client after `snapctl cancel`");
+    assert_eq!(out.code(), Some(130), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("save cancelled"),
+        "unclear message: {}",
+        out.stderr
+    );
+    // Nothing to cancel any more.
+    let c = vmm.ctl(&["cancel"], T);
+    assert_eq!(c.code(), Some(1), "{}", c.stderr);
+    assert!(c.stderr.contains("no save is in progress"), "{}", c.stderr);
+    assert_recovered(&vmm, dir.path(), "vm.snap", watch, &dir);
+}
+
+#[test]
+fn second_save_gets_busy() {
+    let _s = serial();
+    let dir = TempDir::new("busy");
+    let vmm = Vmm::boot(dir.path(), GUEST);
+    let watch = ProgressWatch::start(&vmm.sock);
+    let first = dir.join("first.snap");
+    // ~8 s: long enough to try the others, short enough to wait for.
+    let client = vmm.spawn_save(&[
+        "--out",
+        first.to_str().unwrap(),
+        "--max-bandwidth",
+        "16M",
+        "--json",
+    ]);
+    vmm.wait_save(true, T);
+    let second = dir.join("second.snap");
+    let out = vmm.ctl(&["save", "--out", second.to_str().unwrap()], T);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("[busy]") && out.stderr.contains("already in progress"),
+        "{}",
+        out.stderr
+    );
+    // A streaming client must not hang waiting for a stream that never comes.
+    let out = vmm.ctl(&["save", "--out", "-"], T);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("[busy]"), "{}", out.stderr);
+    let r = request(
+        &vmm.sock,
+        &format!(r#"{{"cmd":"save","path":"{}"}}"#, second.display()),
+    );
+    assert_eq!(r["kind"], "busy", "{r}");
+    assert!(leftovers(dir.path(), "second.snap").is_empty());
+    // The busy client's leaving did not cancel the first save: it completes and verifies.
+    let out = client.wait(Duration::from_secs(60), "first save");
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["guest_bytes"], vmm.mem_bytes);
+    verify(&first);
+    std::fs::remove_file(&first).unwrap();
+    assert_recovered(&vmm, dir.path(), "second.snap", watch, &dir);
+}
+
+#[test]
+fn stream_save_to_stdout_is_complete() {
+    let _s = serial();
+    let dir = TempDir::new("stream");
+    let vmm = Vmm::boot(dir.path(), GUEST);
+    let watch = ProgressWatch::start(&vmm.sock);
+    let file = std::fs::File::create(dir.join("streamed.snap")).unwrap();
+    let mut child = Command::new(bin())
+        .args([
+            "save",
+            "--out",
+            "-",
+            "--zstd",
+            "--json",
+            "--api-sock",
+            vmm.sock_arg(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("stream save did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(st.success(), "{err}");
+    // --json with --out -: the summary goes to stderr, stdout carries only the snapshot.
+    assert!(err.contains("\"guest_bytes\""), "{err}");
+    verify(&dir.join("streamed.snap"));
+    assert_recovered(&vmm, dir.path(), "nothing", watch, &dir);
+}
+
+/// A client that asks for a save and then never reads: progress lines pile up in the socket, which must
+/// not slow the save (nor the guest) down. The save completes, and the client gets its reply when it reads.
+#[test]
+fn save_client_that_never_reads_does_not_block_the_save() {
+    let _s = serial();
+    let dir = TempDir::new("noread");
+    let vmm = Vmm::boot(dir.path(), GUEST);
+    let watch = ProgressWatch::start(&vmm.sock);
+    let target = dir.join("vm.snap");
+    let s = std::os::unix::net::UnixStream::connect(&vmm.sock).unwrap();
+    let req = format!(
+        "{{\"cmd\":\"save\",\"path\":\"{}\",\"max_bandwidth\":{}}}\n",
+        target.display(),
+        4 << 20
+    );
+    std::io::Write::write_all(&mut &s, req.as_bytes()).unwrap();
+    vmm.wait_save(true, T);
+    // The save takes ~30 s at 4 MiB/s, long enough for ~300 progress lines to fill the socket buffer.
+    let t0 = Instant::now();
+    while vmm.status()["save"] == true {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "the save never finished while its client did not read"
+        );
+        let t = Instant::now();
+        let _ = vmm.status();
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "status took {:?} during the save",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("save with a non-reading client took {:?}", t0.elapsed());
+    let replies = read_replies(s, T);
+    let last = replies.last().unwrap();
+    assert_eq!(last["reply"], "ok", "{last}");
+    verify(&target);
+    std::fs::remove_file(&target).unwrap();
+    assert_recovered(&vmm, dir.path(), "vm.snap", watch, &dir);
+}
+
+#[test]
+fn killed_stream_client_cancels_the_save() {
+    let _s = serial();
+    let dir = TempDir::new("kill-stream");
+    let vmm = Vmm::boot(dir.path(), GUEST);
+    let watch = ProgressWatch::start(&vmm.sock);
+    let client = vmm.spawn_save(&["--out", "-", "--max-bandwidth", SLOW]);
+    vmm.wait_save(true, T);
+    std::thread::sleep(Duration::from_millis(300));
+    let fifo_dir = std::env::temp_dir().join(format!("snapctl-out-{}", client.pid()));
+    client.signal(Signal::SIGKILL);
+    let _ = client.wait(T, "killed stream client");
+    assert_recovered(&vmm, dir.path(), "nothing", watch, &dir);
+    assert!(!fifo_dir.exists(), "a killed client left its FIFO behind");
+}
