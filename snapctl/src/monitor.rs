@@ -82,7 +82,11 @@ fn watch(vm: &Vm, stop: &AtomicBool) -> GuestDuringSave {
             max_stall = max_stall.max(end.duration_since(last_change[i]));
         }
     }
-    let done: u64 = last.iter().zip(&first).map(|(a, b)| a.saturating_sub(*b)).sum();
+    let done: u64 = last
+        .iter()
+        .zip(&first)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .sum();
     GuestDuringSave {
         steps_per_s: done as f64 / end.duration_since(t0).as_secs_f64().max(1e-9),
         max_stall_ms: max_stall.as_secs_f64() * 1e3,
