@@ -13,6 +13,8 @@
 
 pub mod abi;
 pub mod pagemap;
+#[cfg(test)]
+mod test_util;
 mod uffd;
 
 pub use abi::*;

@@ -215,36 +215,8 @@ pub fn pagemap_entries(start: usize, len: usize) -> io::Result<Vec<PagemapEntry>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::Map;
     use crate::Userfaultfd;
-
-    struct Map(usize, usize);
-    impl Map {
-        fn new(len: usize) -> Self {
-            // SAFETY: fresh anonymous mapping at a kernel-chosen address.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED);
-            Map(p as usize, len)
-        }
-        fn write(&self, page: usize, v: u8) {
-            // SAFETY: in bounds of our own mapping; volatile so the write really happens.
-            unsafe { std::ptr::write_volatile((self.0 + page * 4096) as *mut u8, v) }
-        }
-    }
-    impl Drop for Map {
-        fn drop(&mut self) {
-            // SAFETY: unmapping our own mapping, nothing references it any more.
-            unsafe { libc::munmap(self.0 as *mut _, self.1) };
-        }
-    }
 
     #[test]
     fn present_regions_show_touched_pages_only() {

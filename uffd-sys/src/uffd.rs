@@ -528,22 +528,7 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map_anon(len: usize) -> *mut u8 {
-        // SAFETY: anonymous private mapping at a kernel-chosen address; no existing memory touched.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        p.cast()
-    }
+    use crate::test_util::Map;
 
     #[test]
     fn probe_reports_write_protect_support() {
@@ -563,8 +548,8 @@ mod tests {
         let want = UFFD_FEATURE_WP_UNPOPULATED & avail.0;
         let uffd = Userfaultfd::open(want).unwrap();
         assert_eq!(uffd.features().0, want);
-        let len = 16 * 4096;
-        let p = map_anon(len) as usize;
+        let m = Map::new(16 * 4096);
+        let (p, len) = (m.0, m.1);
         let ioctls = uffd.register(p, len, UFFDIO_REGISTER_MODE_WP).unwrap();
         assert_ne!(
             ioctls & (1 << _UFFDIO_WRITEPROTECT),
@@ -579,8 +564,6 @@ mod tests {
         let mut buf = [uffd_msg::default(); 4];
         assert_eq!(uffd.read_events(&mut buf).unwrap(), 0);
         assert!(!uffd.wait_readable(Some(Duration::from_millis(10))).unwrap());
-        // SAFETY: `p` was mapped above with `len` and nothing references it.
-        unsafe { libc::munmap(p as *mut _, len) };
     }
 
     #[test]
@@ -592,13 +575,12 @@ mod tests {
     #[test]
     fn writeprotect_on_unregistered_memory_fails() {
         let uffd = Userfaultfd::open(0).unwrap();
-        let p = map_anon(4096) as usize;
+        let m = Map::new(4096);
+        let p = m.0;
         let err = uffd
             .writeprotect(p, 4096, UFFDIO_WRITEPROTECT_MODE_WP)
             .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
-        // SAFETY: mapped above, unused.
-        unsafe { libc::munmap(p as *mut _, 4096) };
     }
 
     #[test]

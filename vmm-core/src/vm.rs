@@ -149,6 +149,44 @@ fn new_serial(
     }
 }
 
+/// Creates vCPUs `0..vcpus` for a fresh boot: each gets its CPUID, then `per_vcpu` (the boot
+/// kind's registers/MSRs; it may add quirks), then its LAPIC setup. vCPU 0 also probes which MSRs
+/// can be saved (before `per_vcpu`); the unusable ones are noted in `quirks`. Returns the vCPU fds
+/// and the usable MSR indices.
+fn create_boot_vcpus(
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    vcpus: u8,
+    quirks: &mut Vec<String>,
+    mut per_vcpu: impl FnMut(&VcpuFd, u8, &mut Vec<String>) -> Result<(), VmError>,
+) -> Result<(Vec<VcpuFd>, Vec<u32>), VmError> {
+    let base_cpuid = arch::cpuid::supported(kvm)?;
+    let mut msr_indices = Vec::new();
+    let mut fds = Vec::new();
+    for v in 0..vcpus {
+        let fd = vm_fd
+            .create_vcpu(u64::from(v))
+            .map_err(VmError::vcpu("KVM_CREATE_VCPU", v))?;
+        fd.set_cpuid2(&arch::cpuid::for_vcpu(&base_cpuid, v))
+            .map_err(VmError::vcpu("KVM_SET_CPUID2", v))?;
+        if v == 0 {
+            let p = arch::msr::probe(kvm, &fd)?;
+            if !p.dropped.is_empty() {
+                quirks.push(format!(
+                    "{} MSRs listed by KVM cannot be read and set back and are not saved: {:x?}",
+                    p.dropped.len(),
+                    p.dropped
+                ));
+            }
+            msr_indices = p.usable;
+        }
+        per_vcpu(&fd, v, quirks)?;
+        arch::lapic::setup(&fd, v)?;
+        fds.push(fd);
+    }
+    Ok((fds, msr_indices))
+}
+
 impl Vm {
     /// Creates memory for `cfg` and boots the built-in guest; vCPUs are running on return.
     pub fn boot(cfg: VmConfig, serial_out: Box<dyn Write + Send>) -> Result<Vm, VmError> {
@@ -171,48 +209,10 @@ impl Vm {
         }
         let prog = guest::program::assemble()?;
         guest::write_boot_image(&mem, cfg.mem_bytes, &gl, &cfg.guest, &prog)?;
-        let m = new_machine(&mem)?;
-        let serial = new_serial(&m.vm_fd, None, serial_out)?;
-        let base_cpuid = arch::cpuid::supported(&m.kvm)?;
-        let mut quirks = m.quirks;
-        let mut msr_indices = Vec::new();
-        let mut fds = Vec::new();
-        for v in 0..cfg.vcpus {
-            let fd = m
-                .vm_fd
-                .create_vcpu(u64::from(v))
-                .map_err(VmError::vcpu("KVM_CREATE_VCPU", v))?;
-            fd.set_cpuid2(&arch::cpuid::for_vcpu(&base_cpuid, v))
-                .map_err(VmError::vcpu("KVM_SET_CPUID2", v))?;
-            if v == 0 {
-                let p = arch::msr::probe(&m.kvm, &fd)?;
-                if !p.dropped.is_empty() {
-                    quirks.push(format!(
-                        "{} MSRs listed by KVM cannot be read and set back and are not saved: {:x?}",
-                        p.dropped.len(),
-                        p.dropped
-                    ));
-                }
-                msr_indices = p.usable;
-            }
-            arch::regs::setup(&fd, v, cfg.vcpus, prog.kernel_entry)?;
-            arch::lapic::setup(&fd, v)?;
-            fds.push(fd);
-        }
-        Self::start(
-            m.kvm,
-            m.vm_fd,
-            fds,
-            mem,
-            serial,
-            cfg,
-            gl,
-            msr_indices,
-            m.xsave_ok,
-            quirks,
-            false,
-            None,
-        )
+        let (vcpus, entry) = (cfg.vcpus, prog.kernel_entry);
+        Self::boot_fresh(cfg, gl, mem, serial_out, None, move |fd, v, _| {
+            arch::regs::setup(fd, v, vcpus, entry)
+        })
     }
 
     /// Kernel VMs: boot tables, MP table, ACPI MADT, kernel/initrd/command line/zero page, then vCPUs
@@ -229,51 +229,50 @@ impl Vm {
         arch::mptable::write(&mem, cfg.vcpus)?;
         arch::acpi::write(&mem, cfg.vcpus)?;
         let loaded = kernel::load(&mem, cfg.mem_bytes, k)?;
-        let m = new_machine(&mem)?;
-        let serial = new_serial(&m.vm_fd, None, serial_out)?;
-        let base_cpuid = arch::cpuid::supported(&m.kvm)?;
-        let mut quirks = m.quirks;
-        let mut msr_indices = Vec::new();
-        let mut fds = Vec::new();
-        for v in 0..cfg.vcpus {
-            let fd = m
-                .vm_fd
-                .create_vcpu(u64::from(v))
-                .map_err(VmError::vcpu("KVM_CREATE_VCPU", v))?;
-            fd.set_cpuid2(&arch::cpuid::for_vcpu(&base_cpuid, v))
-                .map_err(VmError::vcpu("KVM_SET_CPUID2", v))?;
-            if v == 0 {
-                let p = arch::msr::probe(&m.kvm, &fd)?;
-                if !p.dropped.is_empty() {
-                    quirks.push(format!(
-                        "{} MSRs listed by KVM cannot be read and set back and are not saved: {:x?}",
-                        p.dropped.len(),
-                        p.dropped
-                    ));
+        let entry = loaded.entry;
+        Self::boot_fresh(
+            cfg,
+            gl,
+            mem,
+            serial_out,
+            Some(loaded),
+            move |fd, v, quirks| {
+                if v == 0 {
+                    arch::regs::setup_kernel_entry(fd, entry)?;
                 }
-                msr_indices = p.usable;
-                arch::regs::setup_kernel_entry(&fd, loaded.entry)?;
-            }
-            let refused = arch::msr::set_boot(&fd)?;
-            if v == 0 && !refused.is_empty() {
-                quirks.push(format!("KVM refused boot MSR values for {refused:x?}"));
-            }
-            arch::lapic::setup(&fd, v)?;
-            fds.push(fd);
-        }
+                let refused = arch::msr::set_boot(fd)?;
+                if v == 0 && !refused.is_empty() {
+                    quirks.push(format!("KVM refused boot MSR values for {refused:x?}"));
+                }
+                Ok(())
+            },
+        )
+    }
+
+    /// Fresh boots, once the boot image is in `mem`: a new VM and serial port, vCPUs made by
+    /// [`create_boot_vcpus`] (with `per_vcpu` for the boot kind's registers/MSRs), running.
+    fn boot_fresh(
+        cfg: VmConfig,
+        gl: GuestLayout,
+        mem: GuestMemoryMmap,
+        serial_out: Box<dyn Write + Send>,
+        loaded_kernel: Option<LoadedKernel>,
+        per_vcpu: impl FnMut(&VcpuFd, u8, &mut Vec<String>) -> Result<(), VmError>,
+    ) -> Result<Vm, VmError> {
+        let mut m = new_machine(&mem)?;
+        let serial = new_serial(&m.vm_fd, None, serial_out)?;
+        let (fds, msr_indices) =
+            create_boot_vcpus(&m.kvm, &m.vm_fd, cfg.vcpus, &mut m.quirks, per_vcpu)?;
         Self::start(
-            m.kvm,
-            m.vm_fd,
+            m,
             fds,
             mem,
             serial,
             cfg,
             gl,
             msr_indices,
-            m.xsave_ok,
-            quirks,
             false,
-            Some(loaded),
+            loaded_kernel,
         )
     }
 
@@ -319,16 +318,13 @@ impl Vm {
             .map(|v| v.msrs.iter().map(|e| e.index).collect())
             .unwrap_or_default();
         Self::start(
-            m.kvm,
-            m.vm_fd,
+            m,
             fds,
             mem,
             serial,
             cfg,
             gl,
             msr_indices,
-            m.xsave_ok,
-            m.quirks,
             start_paused,
             None,
         )
@@ -336,19 +332,22 @@ impl Vm {
 
     #[allow(clippy::too_many_arguments)]
     fn start(
-        kvm: Kvm,
-        vm_fd: VmFd,
+        m: Machine,
         fds: Vec<VcpuFd>,
         mem: GuestMemoryMmap,
         serial: SerialDevice,
         cfg: VmConfig,
         gl: GuestLayout,
         msr_indices: Vec<u32>,
-        xsave_ok: bool,
-        quirks: Vec<String>,
         start_paused: bool,
         loaded_kernel: Option<LoadedKernel>,
     ) -> Result<Vm, VmError> {
+        let Machine {
+            kvm,
+            vm_fd,
+            quirks,
+            xsave_ok,
+        } = m;
         let n = fds.len();
         let shared = Arc::new(Shared::new(n, start_paused));
         let io = Arc::new(IoBus {

@@ -408,14 +408,7 @@ impl WpTracker {
         let Some(at) = ranges.iter().position(|r| *r == range) else {
             return Err(WpError::NotRegistered { range });
         };
-        self.writeprotect(range, 0)?;
-        self.uffd
-            .unregister(range.start, range.len)
-            .map_err(|e| WpError::Ioctl {
-                op: "UFFDIO_UNREGISTER",
-                range,
-                source: e,
-            })?;
+        self.release(range)?;
         ranges.remove(at);
         Ok(())
     }
@@ -426,16 +419,7 @@ impl WpTracker {
         let mut first_err = None;
         let mut kept = Vec::new();
         for range in ranges.drain(..) {
-            let res = self.writeprotect(range, 0).and_then(|()| {
-                self.uffd
-                    .unregister(range.start, range.len)
-                    .map_err(|e| WpError::Ioctl {
-                        op: "UFFDIO_UNREGISTER",
-                        range,
-                        source: e,
-                    })
-            });
-            if let Err(e) = res {
+            if let Err(e) = self.release(range) {
                 kept.push(range);
                 first_err.get_or_insert(e);
             }
@@ -517,23 +501,8 @@ impl WpTracker {
     /// is still write-protected, not populated, or not THP-eligible.
     pub fn collapse_huge(&self, range: HostRange) -> Result<(), WpError> {
         self.check_covered(range)?;
-        // SAFETY: MADV_COLLAPSE only changes how the range is backed, never its contents or
-        // mapping; the range lies inside registered (mapped) memory.
-        let r = unsafe {
-            libc::madvise(
-                range.start as *mut libc::c_void,
-                range.len,
-                libc::MADV_COLLAPSE,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(WpError::Collapse {
-                range,
-                source: io::Error::last_os_error(),
-            })
-        }
+        advise_backing(range, BackingAdvice::Collapse)
+            .map_err(|source| WpError::Collapse { range, source })
     }
 
     /// Read pending fault events without blocking; appends to `out`, returns how many.
@@ -616,6 +585,19 @@ impl WpTracker {
         Err(WpError::NotRegistered { range })
     }
 
+    /// Unprotect (waking writers) and unregister `range` with the kernel; the caller updates the
+    /// list of registered ranges.
+    fn release(&self, range: HostRange) -> Result<(), WpError> {
+        self.writeprotect(range, 0)?;
+        self.uffd
+            .unregister(range.start, range.len)
+            .map_err(|e| WpError::Ioctl {
+                op: "UFFDIO_UNREGISTER",
+                range,
+                source: e,
+            })
+    }
+
     fn protect_checked(&self, range: HostRange) -> Result<(), WpError> {
         if !self.is_wp_unpopulated() {
             populate_read(range)?;
@@ -691,21 +673,38 @@ fn is_mapped(range: HostRange) -> bool {
 
 fn populate_read(range: HostRange) -> Result<(), WpError> {
     loop {
-        // SAFETY: MADV_POPULATE_READ only faults pages in for reading; it never changes contents.
-        let r = unsafe {
-            libc::madvise(
-                range.start as *mut libc::c_void,
-                range.len,
-                libc::MADV_POPULATE_READ,
-            )
-        };
-        if r == 0 {
-            return Ok(());
+        match advise_backing(range, BackingAdvice::PopulateRead) {
+            Ok(()) => return Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
+            Err(e) => return Err(WpError::Populate { range, source: e }),
         }
-        let e = io::Error::last_os_error();
-        if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) {
-            return Err(WpError::Populate { range, source: e });
-        }
+    }
+}
+
+/// The madvise advice this crate gives: each changes only how pages are backed, never their
+/// contents or the mapping.
+#[derive(Debug, Clone, Copy)]
+enum BackingAdvice {
+    /// MADV_POPULATE_READ: fault pages in for reading.
+    PopulateRead,
+    /// MADV_COLLAPSE: back the range with transparent huge pages again.
+    Collapse,
+}
+
+/// One madvise call on `range` (no retry).
+fn advise_backing(range: HostRange, advice: BackingAdvice) -> io::Result<()> {
+    let advice = match advice {
+        BackingAdvice::PopulateRead => libc::MADV_POPULATE_READ,
+        BackingAdvice::Collapse => libc::MADV_COLLAPSE,
+    };
+    // SAFETY: both advice values only change how the range is backed (fault pages in for
+    // reading, or collapse them into huge pages), never its contents or mapping, so no memory
+    // Rust can see changes; on an unmapped range madvise just fails.
+    let r = unsafe { libc::madvise(range.start as *mut libc::c_void, range.len, advice) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
