@@ -67,6 +67,19 @@ enum Command {
         /// Seed of the guest's deterministic write sequence.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Boot this kernel (ELF vmlinux or bzImage) instead of the built-in guest.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Initial ramdisk for --kernel.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
+        /// Kernel command line for --kernel.
+        #[arg(
+            long,
+            requires = "kernel",
+            default_value = "console=ttyS0 earlyprintk=serial,ttyS0"
+        )]
+        cmdline: String,
         #[command(flatten)]
         vmm: VmmArgs,
         #[command(flatten)]
@@ -188,10 +201,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             write_rate,
             working_set,
             seed,
+            kernel,
+            initrd,
+            cmdline,
             vmm,
             sock,
         } => {
-            let cfg = server::boot_config(mem, vcpus, &write_rate, working_set, seed, &vmm)?;
+            let kernel = kernel.map(|kernel| vmm_core::KernelConfig {
+                kernel,
+                initrd,
+                cmdline,
+            });
+            let cfg =
+                server::boot_config(mem, vcpus, &write_rate, working_set, seed, kernel, &vmm)?;
             server::run_boot(cfg, &vmm, &sock.path())
         }
         Command::Restore {

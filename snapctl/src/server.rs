@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vmm_core::{GuestParams, MemBackend, Vm, VmConfig, VmExitStatus, WriteRate};
+use vmm_core::{GuestParams, KernelConfig, MemBackend, Vm, VmConfig, VmExitStatus, WriteRate};
 use wp_tracker::WpTracker;
 
 /// Builds the VM configuration of `snapctl boot` from its flags.
@@ -25,6 +25,7 @@ pub fn boot_config(
     write_rate: &str,
     working_set: Option<u64>,
     seed: u64,
+    kernel: Option<KernelConfig>,
     vmm: &VmmArgs,
 ) -> anyhow::Result<VmConfig> {
     let write_rate = match write_rate {
@@ -46,7 +47,7 @@ pub fn boot_config(
             working_set_pages: working_set.map(|b| b / 4096),
             seed,
         },
-        kernel: None,
+        kernel,
     })
 }
 
@@ -71,18 +72,37 @@ fn serial_out(vmm: &VmmArgs) -> anyhow::Result<Box<dyn Write + Send>> {
 /// `snapctl boot`.
 pub fn run_boot(cfg: VmConfig, vmm: &VmmArgs, sock: &Path) -> anyhow::Result<ExitCode> {
     let listener = bind_socket(sock)?;
+    let what = match &cfg.kernel {
+        Some(k) => format!("kernel {}", k.kernel.display()),
+        None => "the built-in guest".to_string(),
+    };
     let vm = Vm::boot(cfg.clone(), serial_out(vmm)?)
-        .context("booting the built-in guest")
+        .with_context(|| format!("booting {what}"))
         .inspect_err(|_| {
             let _ = std::fs::remove_file(sock);
         })?;
     eprintln!(
-        "snapctl: built-in guest running: {} , {} vCPUs; control socket {}",
+        "snapctl: {what} running: {}, {} vCPUs; control socket {}",
         fmt_bytes(cfg.mem_bytes),
         cfg.vcpus,
         sock.display()
     );
+    forward_stdin(&vm);
     serve(vm, listener, sock)
+}
+
+/// A kernel's serial console works in both directions: standard input goes to the guest's COM1.
+/// (The built-in guest does not read its serial port.)
+fn forward_stdin(vm: &Vm) {
+    if vm.config().is_builtin_guest() {
+        return;
+    }
+    let mut input = vm.serial_input();
+    let _ = std::thread::Builder::new()
+        .name("serial-stdin".into())
+        .spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut input);
+        });
 }
 
 /// `snapctl restore`.
@@ -110,6 +130,7 @@ pub fn run_restore(
         },
         sock.display()
     );
+    forward_stdin(&vm);
     serve(vm, listener, sock)
 }
 
