@@ -1282,6 +1282,11 @@ pub fn live_save<S: SnapshotSink>(
         armed: true,
     };
     let started = Instant::now();
+    if opts.max_bandwidth == Some(0) {
+        return Err(SaveError::InvalidOptions(
+            "max_bandwidth 0 would never finish the scan (and keep pages protected)".into(),
+        ));
+    }
     if opts.block_size == 0 || !opts.block_size.is_multiple_of(PAGE_SIZE) {
         return Err(SaveError::InvalidOptions(format!(
             "block size {} is not a multiple of {PAGE_SIZE}",

@@ -28,10 +28,19 @@ pub struct AtomicFileSink {
     file: Option<BufWriter<File>>,
     tmp: PathBuf,
     target: PathBuf,
+    replace: bool,
 }
 
 impl AtomicFileSink {
-    /// Create the temporary file beside `target`.
+    /// Create the temporary file beside `target`; `finish` refuses to replace a file that appeared
+    /// at `target` meanwhile (the commit is a hard link, which fails with `AlreadyExists`).
+    pub fn create_new(target: impl AsRef<Path>) -> io::Result<Self> {
+        let mut s = Self::create(target)?;
+        s.replace = false;
+        Ok(s)
+    }
+
+    /// Create the temporary file beside `target`; `finish` replaces `target` if it exists.
     pub fn create(target: impl AsRef<Path>) -> io::Result<Self> {
         let target = target.as_ref().to_path_buf();
         let name = target.file_name().ok_or_else(|| {
@@ -50,6 +59,7 @@ impl AtomicFileSink {
             file: Some(BufWriter::with_capacity(WRITE_BUFFER, file)),
             tmp,
             target,
+            replace: true,
         })
     }
 
@@ -89,7 +99,18 @@ impl SnapshotSink for AtomicFileSink {
         let file = writer.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         drop(file);
-        fs::rename(&self.tmp, &self.target)?;
+        if self.replace {
+            fs::rename(&self.tmp, &self.target)?;
+        } else {
+            // link(2) never replaces: a file created at the target during the save is kept.
+            match fs::hard_link(&self.tmp, &self.target) {
+                Ok(()) => fs::remove_file(&self.tmp)?,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(e),
+                // File systems without hard links: check, then rename (a small window remains).
+                Err(_) if !self.target.exists() => fs::rename(&self.tmp, &self.target)?,
+                Err(e) => return Err(e),
+            }
+        }
         // The rename is durable only once the directory is synced.
         let dir = match self.target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -499,3 +499,37 @@ fn lying_trailer_totals_are_refused_before_load() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn create_new_sink_never_replaces_a_file_that_appeared_meanwhile() {
+    use ram_saver::{AtomicFileSink, SnapshotSink};
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("ram-saver-noreplace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let target = dir.join("vm.snap");
+    let _ = std::fs::remove_file(&target);
+    let mut sink = AtomicFileSink::create_new(&target).unwrap();
+    sink.write_all(b"new contents").unwrap();
+    std::fs::write(&target, b"user's file").unwrap();
+    let err = sink
+        .finish()
+        .expect_err("finish replaced a file created meanwhile");
+    assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+    assert_eq!(std::fs::read(&target).unwrap(), b"user's file");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        1,
+        "temporary file left behind: {leftovers:?}"
+    );
+    // Without a competing file it commits.
+    std::fs::remove_file(&target).unwrap();
+    let mut sink = AtomicFileSink::create_new(&target).unwrap();
+    sink.write_all(b"new contents").unwrap();
+    sink.finish().unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"new contents");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

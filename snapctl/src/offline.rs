@@ -320,7 +320,12 @@ pub fn live_save(
             }
             _ => {}
         }
-        let sink = AtomicFileSink::create(target).map_err(|e| {
+        let sink = if req.force {
+            AtomicFileSink::create(target)
+        } else {
+            AtomicFileSink::create_new(target)
+        };
+        let sink = sink.map_err(|e| {
             anyhow::anyhow!(
                 "cannot create a file beside {}: {e}{}",
                 target.display(),
