@@ -21,7 +21,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         return uffd();
     }
     let quick = args.iter().any(|a| a == "--quick");
-    matrix(quick)
+    // `--mem 512,2048` (MiB) replaces the matrix's memory sizes, e.g. for a figure at other sizes.
+    let mems = match args.iter().position(|a| a == "--mem") {
+        Some(i) => Some(
+            args.get(i + 1)
+                .context("--mem needs a list of MiB, e.g. --mem 512,2048")?
+                .split(',')
+                .map(|m| m.trim().parse::<u64>().context("--mem takes MiB numbers"))
+                .collect::<anyhow::Result<Vec<u64>>>()?,
+        ),
+        None => None,
+    };
+    matrix(quick, mems)
 }
 
 /// userfaultfd figures: fault service latency, write-protect time for 1 and 4 GiB.
@@ -302,12 +313,30 @@ fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(0.0)
 }
 
-fn matrix(quick: bool) -> anyhow::Result<()> {
+fn matrix(quick: bool, mems: Option<Vec<u64>>) -> anyhow::Result<()> {
+    let stem = match (&mems, quick) {
+        (Some(_), _) => "results-custom",
+        (None, true) => "results-quick",
+        (None, false) => "results",
+    };
     let bin = build_snapctl()?;
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let mut cases = Vec::new();
-    if quick {
+    if let Some(mems) = mems {
+        for mem_mib in mems {
+            for full in [false, true] {
+                for zstd in [false, true] {
+                    cases.push(Case {
+                        mem_mib,
+                        full,
+                        vcpus: 2,
+                        zstd,
+                    });
+                }
+            }
+        }
+    } else if quick {
         for zstd in [false, true] {
             cases.push(Case {
                 mem_mib: 1024,

@@ -17,7 +17,7 @@ fn main() -> anyhow::Result<()> {
         Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test | e2e | bench [--quick] [uffd]>");
+            eprintln!("usage: cargo xtask <test | e2e | bench [--quick] [--mem MIB,MIB…] [uffd]>");
             std::process::exit(2);
         }
     }
