@@ -422,13 +422,13 @@ fn matrix(quick: bool, mems: Option<Vec<u64>>) -> anyhow::Result<()> {
         "cases": rows,
     });
     std::fs::write(
-        dir.join("results.json"),
+        dir.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&out)?,
     )?;
     let md = markdown(&limits, &rows);
-    std::fs::write(dir.join("results.md"), &md)?;
+    std::fs::write(dir.join(format!("{stem}.md")), &md)?;
     println!("{md}");
-    println!("bench: wrote {}", dir.join("results.md").display());
+    println!("bench: wrote {}", dir.join(format!("{stem}.md")).display());
     if rows.iter().any(|r| r.get("error").is_some()) {
         bail!("some bench cases failed");
     }
