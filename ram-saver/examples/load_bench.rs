@@ -13,6 +13,8 @@
 //! bounds record size), `--repeat N` (3), `--zstd LEVEL` (3), `--only raw|zstd`, `--keep`
 //! (reuse existing files in /tmp instead of rewriting them).
 
+#![forbid(unsafe_code)]
+
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -22,6 +22,8 @@
 //! Also prints the guest rate during the save relative to before, and the extra RSS of the
 //! process during the save (peak minus before, sampled every 5 ms: staging, queues, buffers).
 
+#![forbid(unsafe_code)]
+
 use std::fs;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
@@ -30,7 +32,7 @@ use std::time::{Duration, Instant};
 use ram_saver::{
     live_save, AtomicFileSink, Compression, SaveOptions, SaveSummary, SnapshotHeader, StreamSink,
 };
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory};
 use wp_tracker::WpTracker;
 
 const PAGE: usize = 4096;
@@ -156,9 +158,10 @@ fn anon_huge_bytes(addr: usize) -> u64 {
     0
 }
 
-/// Writer threads: each writes one u64 into a random page of its share, as fast as it can.
-struct Writers {
-    base: usize,
+/// Writer threads: each rewrites a random page (or one u64 of it) of its share, as fast as it
+/// can, through vm-memory's volatile accessors.
+struct Writers<'a> {
+    mem: &'a GuestMemoryMmap,
     size: usize,
     pause: AtomicBool,
     parked: AtomicUsize,
@@ -177,8 +180,12 @@ struct Writers {
     hist: [AtomicU64; 24],
 }
 
-impl Writers {
+impl Writers<'_> {
     fn run(&self, id: usize, n: usize) {
+        // The whole (single-region) guest memory as one array of u64 with volatile, bounds-checked
+        // element stores (vm-memory's safe stand-in for `ptr::write_volatile`).
+        let ram = self.mem.get_slice(GuestAddress(0), self.size).unwrap();
+        let words = ram.get_array_ref::<u64>(0, self.size / 8).unwrap();
         let pages = self.size / PAGE;
         let share = pages / n;
         let first = id * share;
@@ -208,15 +215,13 @@ impl Writers {
                     v ^= v << 13;
                     v ^= v >> 7;
                     v ^= v << 17;
-                    // SAFETY: inside the mapping, which outlives the writers (they are scoped).
-                    unsafe {
-                        std::ptr::write_volatile((self.base + page * PAGE + k * 8) as *mut u64, v)
-                    };
+                    // Volatile u64 store; the first one into a protected page blocks (in the
+                    // kernel) until the page is released.
+                    words.store(page * (PAGE / 8) + k, v);
                 }
             } else {
                 let off = ((x >> 40) as usize % (PAGE / 8)) * 8;
-                // SAFETY: inside the mapping, which outlives the writers (they are scoped).
-                unsafe { std::ptr::write_volatile((self.base + page * PAGE + off) as *mut u64, x) };
+                words.store((page * PAGE + off) / 8, x);
             }
             local += 1;
             if local & 0xff == 0 {
@@ -266,31 +271,44 @@ impl Writers {
     }
 }
 
-fn fill(base: usize, size: usize, kind: Fill) {
-    // SAFETY: the whole mapping is ours and nothing else touches it yet.
-    let words = unsafe { std::slice::from_raw_parts_mut(base as *mut u64, size / 8) };
+/// Fill the first `size` bytes of guest memory (one u64 stream, generated 2 MiB at a time).
+fn fill(mem: &GuestMemoryMmap, size: usize, kind: Fill) {
+    let mut chunk = vec![0u64; HUGE / 8];
     let mut x = 0x2545_f491_4f6c_dd1du64;
-    for (i, w) in words.iter_mut().enumerate() {
-        *w = match kind {
-            Fill::Pattern => (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
-            Fill::Random => {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x
+    for start in (0..size).step_by(HUGE) {
+        let len = HUGE.min(size - start);
+        let words = &mut chunk[..len / 8];
+        let first = start / 8;
+        for (j, w) in words.iter_mut().enumerate() {
+            *w = next_fill_word(kind, first + j, &mut x);
+        }
+        mem.get_slice(GuestAddress(start as u64), len)
+            .unwrap()
+            .copy_from(words);
+    }
+}
+
+/// Word `i` of the fill; `x` is the generator state carried from word to word.
+fn next_fill_word(kind: Fill, i: usize, x: &mut u64) -> u64 {
+    match kind {
+        Fill::Pattern => (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+        Fill::Random => {
+            *x ^= *x << 13;
+            *x ^= *x >> 7;
+            *x ^= *x << 17;
+            *x
+        }
+        Fill::Text => {
+            // Eight "letters" out of 16 per word, with a repeated word now and then.
+            *x ^= *x << 13;
+            *x ^= *x >> 7;
+            *x ^= *x << 17;
+            if x.is_multiple_of(4) {
+                0x2065_6874_2061_6d20
+            } else {
+                (*x & 0x0f0f_0f0f_0f0f_0f0f) | 0x6060_6060_6060_6060
             }
-            Fill::Text => {
-                // Eight "letters" out of 16 per word, with a repeated word now and then.
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                if x.is_multiple_of(4) {
-                    0x2065_6874_2061_6d20
-                } else {
-                    (x & 0x0f0f_0f0f_0f0f_0f0f) | 0x6060_6060_6060_6060
-                }
-            }
-        };
+        }
     }
 }
 
@@ -309,7 +327,7 @@ fn one(args: &Args, thp: bool, to_file: bool, mem: &GuestMemoryMmap, tracker: &W
     let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
     let n = args.writers;
     let w = Writers {
-        base,
+        mem,
         size: args.size,
         pause: AtomicBool::new(false),
         parked: AtomicUsize::new(0),
@@ -523,15 +541,8 @@ fn main() {
         if !base.is_multiple_of(HUGE) {
             println!("warning: mapping at {base:#x} is not 2 MiB aligned");
         }
-        let advice = if thp {
-            libc::MADV_HUGEPAGE
-        } else {
-            libc::MADV_NOHUGEPAGE
-        };
-        // SAFETY: advice on our own fresh mapping; contents unchanged.
-        let r = unsafe { libc::madvise(base as *mut _, args.size, advice) };
-        assert_eq!(r, 0, "madvise");
-        fill(base, args.size, args.fill);
+        wp_tracker::advise_huge_pages(&mem, thp).expect("madvise");
+        fill(&mem, args.size, args.fill);
         let tracker = WpTracker::new().expect("tracker");
         tracker.register_memory(&mem).expect("register");
         copy_speed(thp, &mem, &tracker, args.size);

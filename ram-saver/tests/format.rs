@@ -1,5 +1,7 @@
 //! Snapshot file format: round trips, corruption, truncation, coverage and bounds.
 
+#![forbid(unsafe_code)]
+
 use std::io::Cursor;
 
 use ram_saver::{

@@ -1,6 +1,8 @@
 //! Live save with real userfaultfd write protection and real memory (no KVM): writer threads
 //! play the vCPUs and are blocked by the kernel exactly like vCPUs would be.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::io::Cursor;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -120,11 +122,8 @@ fn host_ranges(mem: &GuestMemoryMmap) -> Vec<HostRange> {
 
 fn tracker_for(mem: &GuestMemoryMmap) -> WpTracker {
     let t = WpTracker::new().expect("userfaultfd with write-protect is needed for these tests");
-    for r in host_ranges(mem) {
-        // SAFETY: `mem` is declared before the tracker in every test, so it outlives it and
-        // the range stays mapped for the tracker's whole life.
-        unsafe { t.register(r) }.unwrap();
-    }
+    // The tracker keeps a handle on `mem`, so the ranges stay mapped while registered.
+    t.register_memory(mem).unwrap();
     t
 }
 
@@ -563,9 +562,7 @@ fn live_save_keeps_thp_memory_huge() {
     let mem: GuestMemoryMmap =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * MIB)]).unwrap();
     let host = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
-    // SAFETY: advice on the fresh mapping `mem` owns; contents unchanged.
-    let r = unsafe { libc::madvise(host as *mut libc::c_void, 64 * MIB, libc::MADV_HUGEPAGE) };
-    assert_eq!(r, 0, "madvise(MADV_HUGEPAGE)");
+    wp_tracker::advise_huge_pages(&mem, true).expect("madvise(MADV_HUGEPAGE)");
     fill(&mem);
     let before = anon_huge_bytes(host);
     if before < (32 * MIB) as u64 {

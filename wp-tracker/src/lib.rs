@@ -208,6 +208,18 @@ pub enum WpError {
         /// The buffer length.
         len: usize,
     },
+    /// MADV_HUGEPAGE or MADV_NOHUGEPAGE was refused (typically EINVAL: the kernel has no
+    /// transparent huge page support).
+    #[error("cannot advise {range} to {} huge pages", if *.huge { "use" } else { "avoid" })]
+    HugePageAdvice {
+        /// The range.
+        range: HostRange,
+        /// True for MADV_HUGEPAGE, false for MADV_NOHUGEPAGE.
+        huge: bool,
+        /// The madvise error.
+        #[source]
+        source: io::Error,
+    },
     /// MADV_COLLAPSE refused to back a range with huge pages again.
     #[error("cannot collapse {range} into huge pages")]
     Collapse {
@@ -671,6 +683,38 @@ fn is_mapped(range: HostRange) -> bool {
     r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENOMEM)
 }
 
+/// Ask the kernel to back every region of `mem` with transparent huge pages (`huge`:
+/// MADV_HUGEPAGE) or never with them (`!huge`: MADV_NOHUGEPAGE).
+///
+/// Only how the memory is backed changes, never its contents or the mapping, so this is safe on
+/// memory that is in use (also while registered with a [`WpTracker`]). The advice applies to
+/// pages faulted in afterwards and to khugepaged; already populated memory is not collapsed or
+/// split right away. Fails with [`WpError::HugePageAdvice`] on the first region the kernel
+/// refuses (EINVAL for MADV_HUGEPAGE on a kernel without transparent huge pages); regions
+/// advised before it keep their advice.
+pub fn advise_huge_pages(mem: &vm_memory::GuestMemoryMmap, huge: bool) -> Result<(), WpError> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let advice = if huge {
+        BackingAdvice::HugePage
+    } else {
+        BackingAdvice::NoHugePage
+    };
+    for region in mem.iter() {
+        let range = HostRange {
+            start: region.as_ptr() as usize,
+            // usize is 64-bit on every host snapctl supports.
+            len: region.len() as usize,
+        };
+        // `mem` borrows the region, so it stays mapped for the call.
+        advise_backing(range, advice).map_err(|source| WpError::HugePageAdvice {
+            range,
+            huge,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 fn populate_read(range: HostRange) -> Result<(), WpError> {
     loop {
         match advise_backing(range, BackingAdvice::PopulateRead) {
@@ -689,6 +733,10 @@ enum BackingAdvice {
     PopulateRead,
     /// MADV_COLLAPSE: back the range with transparent huge pages again.
     Collapse,
+    /// MADV_HUGEPAGE: allow (and prefer) transparent huge pages for the range.
+    HugePage,
+    /// MADV_NOHUGEPAGE: never use transparent huge pages for the range.
+    NoHugePage,
 }
 
 /// One madvise call on `range` (no retry).
@@ -696,10 +744,13 @@ fn advise_backing(range: HostRange, advice: BackingAdvice) -> io::Result<()> {
     let advice = match advice {
         BackingAdvice::PopulateRead => libc::MADV_POPULATE_READ,
         BackingAdvice::Collapse => libc::MADV_COLLAPSE,
+        BackingAdvice::HugePage => libc::MADV_HUGEPAGE,
+        BackingAdvice::NoHugePage => libc::MADV_NOHUGEPAGE,
     };
-    // SAFETY: both advice values only change how the range is backed (fault pages in for
-    // reading, or collapse them into huge pages), never its contents or mapping, so no memory
-    // Rust can see changes; on an unmapped range madvise just fails.
+    // SAFETY: every advice value here only changes how the range is backed (fault pages in for
+    // reading, collapse them into huge pages, or set/clear the VMA's huge page preference),
+    // never its contents or mapping, so no memory Rust can see changes; on an unmapped range
+    // madvise just fails.
     let r = unsafe { libc::madvise(range.start as *mut libc::c_void, range.len, advice) };
     if r == 0 {
         Ok(())
@@ -889,6 +940,80 @@ mod tests {
             t.copy_protected(HostRange::new(m.0 + 4096, 2 * 4096), &mut buf),
             Err(WpError::NotRegistered { .. })
         ));
+        t.unregister_all().unwrap();
+    }
+
+    /// The VmFlags of the mapping holding `addr`, from /proc/self/smaps.
+    fn vm_flags(addr: usize) -> Vec<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((s, e)) = first.split_once('-') {
+                if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16))
+                {
+                    inside = s <= addr && addr < e;
+                    continue;
+                }
+            }
+            if inside {
+                if let Some(v) = line.strip_prefix("VmFlags:") {
+                    return v.split_whitespace().map(str::to_owned).collect();
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    #[test]
+    fn advise_huge_pages_sets_the_advice_and_keeps_contents() {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+        const MIB: usize = 1 << 20;
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            eprintln!("skipped: this kernel has no transparent huge pages");
+            return;
+        }
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 4 * MIB),
+            (GuestAddress(1 << 32), 4 * MIB),
+        ])
+        .unwrap();
+        let gpas = [
+            0u64,
+            3 * MIB as u64 + 8,
+            1 << 32,
+            (1 << 32) + 4 * MIB as u64 - 8,
+        ];
+        for (i, &gpa) in gpas.iter().enumerate() {
+            mem.write_obj(0x1234_5678_9abc_def0u64 ^ i as u64, GuestAddress(gpa))
+                .unwrap();
+        }
+        let hosts: Vec<usize> = gpas
+            .iter()
+            .map(|&g| mem.get_host_address(GuestAddress(g)).unwrap() as usize)
+            .collect();
+        for huge in [true, false, true] {
+            advise_huge_pages(&mem, huge).unwrap();
+            let (set, clear) = if huge { ("hg", "nh") } else { ("nh", "hg") };
+            for &h in &hosts {
+                let flags = vm_flags(h);
+                assert!(flags.iter().any(|f| f == set), "{huge}: {flags:?}");
+                assert!(!flags.iter().any(|f| f == clear), "{huge}: {flags:?}");
+            }
+            for (i, &gpa) in gpas.iter().enumerate() {
+                let v: u64 = mem.read_obj(GuestAddress(gpa)).unwrap();
+                assert_eq!(v, 0x1234_5678_9abc_def0u64 ^ i as u64);
+            }
+        }
+        // Also while registered and protected: the advice neither fails nor unprotects.
+        let t = WpTracker::new().unwrap();
+        t.register_memory(&mem).unwrap();
+        t.protect_all().unwrap();
+        advise_huge_pages(&mem, false).unwrap();
+        for r in t.registered() {
+            let left = uffd_sys::pagemap::wp_protected_regions(r.start, r.len).unwrap();
+            assert!(!left.is_empty(), "protection lost on {r}");
+        }
         t.unregister_all().unwrap();
     }
 
