@@ -26,19 +26,46 @@
 //! | lever | before | after |
 //! |---|---|---|
 //! | staging copy, 2 MiB pieces | vm-memory volatile `read_slice` 1.8–6.4 GB/s | [`WpTracker::copy_protected`] memcpy 5.0–7.4 GB/s |
-//! | fault unit on THP memory | 2 MiB: p50 0.3–1.0 ms, p99 3–37 ms | 4 KiB: p50 3–29 µs, p99 63–180 µs |
+//! | fault unit on THP memory (host threads; see below for a KVM guest) | 2 MiB: p50 0.3–1.0 ms, p99 3–37 ms | 4 KiB: p50 3–29 µs, p99 63–180 µs |
 //! | fault unit on 4 KiB-page memory | 2 MiB: p50 0.32 ms, p99 3–12 ms | 4 KiB: p50 3–22 µs, p99 48–210 µs |
 //! | THP after save, 4 KiB fault unit | no restore: 1024 → 36 MiB | MADV_COLLAPSE afterwards: 1024 → 1024 MiB, +0.3 s |
 //! | busy-polling fault thread | blocking poll: p50 3–10 µs | spin: p50 6–21 µs, p99 up to 0.9 ms |
 //!
-//! - The fault unit ([`SaveOptions::fault_block_size`]) defaults to 4 KiB: a fault copies and
-//!   releases one page (64 KiB measured p50 14–42 µs, 2 MiB 0.3–1 ms). On THP memory releasing
-//!   a 4 KiB piece splits the huge page, so units that were huge when the save started and got
-//!   split are collapsed back with MADV_COLLAPSE once nothing is protected any more (adjacent
-//!   units in one call: about 0.6 ms per huge page, 0.3 s for a fully split 1 GiB). Collapsing
-//!   inline in the scanner instead made faults wait behind the mmap lock (max 13 ms) and
-//!   tripled the save. On hugetlbfs memory (which cannot release less than a huge page) the
-//!   fault unit is the whole block.
+//! - The fault unit ([`SaveOptions::fault_block_size`]) depends on the backing. On memory mostly
+//!   mapped by transparent huge pages (≥ half, one PAGEMAP_SCAN at the start) it is the whole
+//!   unit (2 MiB): a fault copies and releases the whole huge page, which stays huge, so nothing
+//!   is split and nothing needs collapsing. On 4 KiB-page memory it is 4 KiB (a fault copies and
+//!   releases one page; 64 KiB measured p50 14–42 µs, 2 MiB 0.3–1 ms). On hugetlbfs memory (which
+//!   cannot release less than a huge page) it is the whole block. Why not 4 KiB on THP (the
+//!   first choice, from the host-thread table above): with a real KVM guest under PVM (shadow
+//!   paging) every change to the host mapping of guest RAM invalidates KVM's shadow MMU for that
+//!   range. 4 KiB releases split the huge page, so the guest re-faults its shadow entries 4 KiB at
+//!   a time until the MADV_COLLAPSE after the save (and again then). Measured with the built-in
+//!   guest (`snapctl boot --mem 1G --write-rate full`, 2 vCPUs, 2 cores, `snapctl save` with the
+//!   hidden `--fault-block`/`--scan-block`/`--no-huge-restore` flags; guest rate during the save
+//!   as a share of before, worst vCPU stall; ranges over runs):
+//!
+//!   | fault unit (THP guest) | runs | guest rate during/before | worst stall ms | fault p50 / p99 |
+//!   |---|---|---|---|---|
+//!   | 4 KiB (old default) | 9 raw + 2 zstd | 11–29 % (mean 19 %) | 13–531 (median ~110) | 15–45 µs / 0.2–0.9 ms |
+//!   | 64 KiB | 6 raw + 2 zstd | 11–41 % (mean 24 %) | 30–369 | 36–108 µs / 0.3–2.8 ms |
+//!   | 2 MiB (new default) | 9 raw + 2 zstd | 27–69 % (mean 49 %) | 14–600 (median ~20) | 0.7–5.8 ms / 6–17 ms |
+//!   | 4 KiB, no collapse after | 3 raw | 11–50 % | 868–1376 | 20–89 µs / 0.3–0.6 ms |
+//!   | 4 KiB, 512 KiB scan units | 3 raw | 25–27 % | 771–1424 | 20–26 µs / 0.2–0.3 ms |
+//!
+//!   Faults drop from 9–20 K to ~500 per 1 GiB save; each takes milliseconds, but the guest loses
+//!   far less, and the save ends sooner (1.6–4.3 s vs 2.7–5.4 s raw). The price: fault staging
+//!   fills in 2 MiB buffers, extra RSS 185–187 MiB instead of 43–47 MiB (`cargo xtask bench
+//!   --quick`, 1 GiB; bounded by the fault staging budget). On 4 KiB-page memory (`--mem-backend memfd`) the guest keeps only ~2 % of its rate
+//!   whatever the fault unit (nothing to keep huge; every write-protected page costs a shadow
+//!   re-fault), so 4 KiB stays there. The worst stalls (hundreds of ms) do not come from fault
+//!   service (fault max 5–21 ms): vCPUs go without progress that long, most likely CPU
+//!   contention with the saver threads on 2 cores plus shadow-MMU rebuilds; not fixed here.
+//!   With 4 KiB units on THP memory, units that were huge when the save started and got split
+//!   are collapsed back with MADV_COLLAPSE once nothing is protected any more
+//!   ([`SaveOptions::restore_huge_pages`]; adjacent units in one call: about 0.6 ms per huge page,
+//!   0.3 s for a fully split 1 GiB). Collapsing inline in the scanner instead made faults wait
+//!   behind the mmap lock (max 13 ms) and tripled the save.
 //! - The scanner releases a 2 MiB unit in one call (one TLB flush per 2 MiB; whole huge pages
 //!   stay huge).
 //! - The fault thread blocks in poll by default: with 2 cores a spinning thread takes the CPU
@@ -146,7 +173,8 @@ const RAW_SKIP: u64 = 64 << 20;
 const HUGE_PAGE: usize = 2 << 20;
 /// Huge pages collapsed per MADV_COLLAPSE call at most.
 const COLLAPSE_BATCH: usize = 32;
-/// Default unit of the fault thread on memory it may split (see the crate docs).
+/// Default unit of the fault thread on 4 KiB-page memory (see the crate docs; THP-backed memory
+/// uses the whole unit).
 const DEFAULT_FAULT_BLOCK: usize = 4096;
 /// Default of [`SaveOptions::fault_spin`].
 const DEFAULT_SPIN: bool = false;
@@ -167,7 +195,8 @@ pub struct SaveOptions {
     pub block_size: usize,
     /// Compression threads (default: the number of cores minus one, at least one).
     pub workers: usize,
-    /// Unit the fault thread copies and releases; `None` chooses from the memory's backing.
+    /// Unit the fault thread copies and releases; `None` chooses from the memory's backing: the
+    /// whole unit on hugetlbfs and mostly-THP memory, else 4 KiB (see the crate docs).
     pub fault_block_size: Option<usize>,
     /// Busy-poll the userfaultfd while a save runs (default: false, see the crate docs).
     pub fault_spin: Option<bool>,
@@ -1168,12 +1197,15 @@ impl Shared<'_> {
 }
 
 /// The fault thread's unit: the caller's choice, else the whole unit on hugetlbfs (which cannot
-/// release less than a huge page), else [`DEFAULT_FAULT_BLOCK`].
+/// release less than a huge page) and on memory mostly backed by transparent huge pages (see the
+/// crate docs: splitting them costs the guest far more than the longer copy), else
+/// [`DEFAULT_FAULT_BLOCK`].
 fn fault_block_size(mem: &GuestMemoryMmap, opts: &SaveOptions) -> Result<usize, SaveError> {
     let hugetlb = mem.iter().any(|r| r.is_hugetlbfs() == Some(true));
     let fb = match opts.fault_block_size {
         Some(fb) => fb,
         None if hugetlb => opts.block_size,
+        None if opts.block_size.is_multiple_of(HUGE_PAGE) && mostly_thp(mem) => opts.block_size,
         None => DEFAULT_FAULT_BLOCK.min(opts.block_size),
     };
     if fb == 0 || !fb.is_multiple_of(PAGE_SIZE) || !opts.block_size.is_multiple_of(fb) {
@@ -1183,6 +1215,28 @@ fn fault_block_size(mem: &GuestMemoryMmap, opts: &SaveOptions) -> Result<usize, 
         )));
     }
     Ok(fb)
+}
+
+/// At least half of guest memory is mapped by transparent huge pages now (one PAGEMAP_SCAN per
+/// region, as [`BlockMap::find_huge`]).
+fn mostly_thp(mem: &GuestMemoryMmap) -> bool {
+    let pagemap = Pagemap::open();
+    let (mut total, mut huge) = (0usize, 0usize);
+    for r in mem.iter() {
+        let Ok(len) = usize::try_from(r.len()) else {
+            continue;
+        };
+        let Ok(host) = mem.get_host_address(r.start_addr()) else {
+            continue;
+        };
+        total += len;
+        huge += pagemap
+            .huge_ranges(host as usize, len)
+            .iter()
+            .map(|(s, e)| e - s)
+            .sum::<usize>();
+    }
+    total > 0 && huge * 2 >= total
 }
 
 /// Uses the uffd-sys pagemap scan when available; the fallback reads /proc/self/pagemap.

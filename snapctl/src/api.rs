@@ -55,6 +55,34 @@ pub struct SaveRequest {
     /// Replace an existing file at `path`.
     #[serde(default)]
     pub force: bool,
+    /// Tuning knob: bytes the fault handler copies and releases per write fault (default: chosen by
+    /// ram-saver from the memory's backing). A power of two, a multiple of 4096, at most 64 MiB, dividing
+    /// the scan block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault_block: Option<usize>,
+    /// Tuning knob: bytes the linear scan copies and releases per unit (default 2 MiB). A power of two, a
+    /// multiple of 4096, at most 64 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan_block: Option<usize>,
+    /// Tuning knob: do not collapse huge pages that small releases split back after the save.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_huge_restore: bool,
+}
+
+/// ram-saver's default scan unit (`SaveOptions::block_size`), used when `scan_block` is not given.
+const DEFAULT_SCAN_BLOCK: usize = 2 << 20;
+
+/// Largest accepted `fault_block` / `scan_block`.
+pub const MAX_TUNING_BLOCK: usize = 64 << 20;
+
+/// Checks a tuning block size: a power of two, a multiple of 4096, at most [`MAX_TUNING_BLOCK`].
+fn check_block(name: &str, b: usize) -> Result<(), String> {
+    if b < 4096 || !b.is_power_of_two() || b > MAX_TUNING_BLOCK {
+        return Err(format!(
+            "{name} must be a power of two from 4096 to {MAX_TUNING_BLOCK} bytes, not {b}"
+        ));
+    }
+    Ok(())
 }
 
 /// Lowest accepted `max_bandwidth`: pages stay write-protected until the scan reaches them, so a crawling
@@ -79,6 +107,20 @@ impl SaveRequest {
             if b < MIN_BANDWIDTH {
                 return Err(format!(
                     "max_bandwidth must be at least {MIN_BANDWIDTH} bytes/s (1 MiB/s), not {b}"
+                ));
+            }
+        }
+        if let Some(b) = self.fault_block {
+            check_block("fault_block", b)?;
+        }
+        if let Some(b) = self.scan_block {
+            check_block("scan_block", b)?;
+        }
+        if let Some(f) = self.fault_block {
+            let s = self.scan_block.unwrap_or(DEFAULT_SCAN_BLOCK);
+            if f > s {
+                return Err(format!(
+                    "fault_block ({f}) must not be larger than scan_block ({s})"
                 ));
             }
         }
@@ -193,6 +235,9 @@ mod tests {
                 level: Some(3),
                 max_bandwidth: Some(1 << 20),
                 force: false,
+                fault_block: Some(2 << 20),
+                scan_block: None,
+                no_huge_restore: true,
             }),
             Request::Cancel,
         ];

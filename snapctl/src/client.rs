@@ -161,6 +161,17 @@ impl Drop for StreamFifo {
     }
 }
 
+/// Hidden tuning knobs of `snapctl save` (see `SaveRequest`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SaveTuning {
+    /// Bytes per write fault.
+    pub fault_block: Option<usize>,
+    /// Bytes per scan unit.
+    pub scan_block: Option<usize>,
+    /// Leave split huge pages split.
+    pub no_huge_restore: bool,
+}
+
 /// `snapctl save`: asks the VMM for a live snapshot, shows progress, prints the summary.
 ///
 /// Cancelling (documented in PROTOCOL.md): Ctrl-C (SIGINT) or SIGTERM shuts down the sending side of this
@@ -169,6 +180,7 @@ impl Drop for StreamFifo {
 /// If this client is killed outright, the VMM notices the closed connection and cancels the same way: a save
 /// nobody waits for is not finished behind the user's back. With `--out -`, a standard output that fails
 /// (e.g. the reader of a pipe exits) cancels the save the same way, and the client exits with 1.
+#[allow(clippy::too_many_arguments)]
 pub fn save(
     sock: &Path,
     out: &Path,
@@ -177,6 +189,7 @@ pub fn save(
     max_bandwidth: Option<u64>,
     force: bool,
     json: bool,
+    tuning: SaveTuning,
 ) -> anyhow::Result<ExitCode> {
     // Block SIGINT/SIGTERM before any thread starts, so that every thread inherits the mask and a signalfd
     // thread turns Ctrl-C into a clean cancel.
@@ -267,6 +280,9 @@ pub fn save(
         level,
         max_bandwidth,
         force,
+        fault_block: tuning.fault_block,
+        scan_block: tuning.scan_block,
+        no_huge_restore: tuning.no_huge_restore,
     });
     let bar = ProgressBar::new(0);
     bar.set_style(

@@ -117,6 +117,15 @@ enum Command {
         /// Print the summary as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Tuning: bytes copied and released per write fault (e.g. 4K, 64K, 2M).
+        #[arg(long, hide = true, value_parser = units::parse_size)]
+        fault_block: Option<u64>,
+        /// Tuning: bytes copied and released per scan unit (e.g. 512K, 2M).
+        #[arg(long, hide = true, value_parser = units::parse_size)]
+        scan_block: Option<u64>,
+        /// Tuning: do not collapse split huge pages back after the save.
+        #[arg(long, hide = true)]
+        no_huge_restore: bool,
         #[command(flatten)]
         sock: SockArgs,
     },
@@ -229,6 +238,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_bandwidth,
             force,
             json,
+            fault_block,
+            scan_block,
+            no_huge_restore,
             sock,
         } => client::save(
             &sock.path(),
@@ -238,6 +250,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_bandwidth,
             force,
             json,
+            client::SaveTuning {
+                fault_block: fault_block.map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+                scan_block: scan_block.map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+                no_huge_restore,
+            },
         ),
         Command::Verify { file, json } => offline::verify(&file, json),
         Command::Info { file, json } => offline::info(&file, json),

@@ -293,7 +293,13 @@ pub fn live_save(
     let opts = SaveOptions {
         compression,
         max_bandwidth: req.max_bandwidth,
+        fault_block_size: req.fault_block,
         ..SaveOptions::default()
+    };
+    let opts = SaveOptions {
+        block_size: req.scan_block.unwrap_or(opts.block_size),
+        restore_huge_pages: opts.restore_huge_pages && !req.no_huge_restore,
+        ..opts
     };
     if req.stream {
         let f = open_stream(target, cancel)?;

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick] [uffd]`: performance figures on the built-in guest, in one run, written as
+//! `cargo xtask bench [--quick] [--mem MIB,…] [--save-args ARGS] [uffd]`: performance figures on the built-in guest, in one run, written as
 //! Markdown and JSON under `target/bench/`.
 //!
 //! Every figure is also given as a fraction of the machine's own limit measured in the same run (memcpy
@@ -32,7 +32,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    matrix(quick, mems)
+    // `--save-args '--fault-block 2M --no-huge-restore'`: extra arguments for every `snapctl save` of the
+    // matrix (the hidden tuning flags), to compare settings on the real guest.
+    let save_args: Vec<String> = match args.iter().position(|a| a == "--save-args") {
+        Some(i) => args
+            .get(i + 1)
+            .context("--save-args needs a quoted list of snapctl save arguments")?
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+        None => Vec::new(),
+    };
+    matrix(quick, mems, &save_args)
 }
 
 /// userfaultfd figures: fault service latency, write-protect time for 1 and 4 GiB.
@@ -204,7 +215,13 @@ fn wait_fill(vm: &VmmProc) -> anyhow::Result<()> {
     }
 }
 
-fn run_case(bin: &Path, dir: &Path, c: &Case, quick: bool) -> anyhow::Result<Value> {
+fn run_case(
+    bin: &Path,
+    dir: &Path,
+    c: &Case,
+    quick: bool,
+    save_args: &[String],
+) -> anyhow::Result<Value> {
     let sock = dir.join("bench.sock");
     let snap = dir.join("bench.snap");
     let _ = std::fs::remove_file(&snap);
@@ -253,6 +270,7 @@ fn run_case(bin: &Path, dir: &Path, c: &Case, quick: bool) -> anyhow::Result<Val
         args.push("--zstd-level");
         args.push("1");
     }
+    args.extend(save_args.iter().map(String::as_str));
     let summary: Value = serde_json::from_str(vm.ctl(&args)?.trim()).context("save summary")?;
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
@@ -313,8 +331,9 @@ fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(0.0)
 }
 
-fn matrix(quick: bool, mems: Option<Vec<u64>>) -> anyhow::Result<()> {
+fn matrix(quick: bool, mems: Option<Vec<u64>>, save_args: &[String]) -> anyhow::Result<()> {
     let stem = match (&mems, quick) {
+        _ if !save_args.is_empty() => "results-custom",
         (Some(_), _) => "results-custom",
         (None, true) => "results-quick",
         (None, false) => "results",
@@ -405,7 +424,7 @@ fn matrix(quick: bool, mems: Option<Vec<u64>>) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for c in &cases {
         eprintln!("bench: {}", c.name());
-        match run_case(&bin, &dir, c, quick) {
+        match run_case(&bin, &dir, c, quick, save_args) {
             Ok(r) => {
                 eprintln!("bench:   {r}");
                 rows.push(r);
@@ -425,7 +444,7 @@ fn matrix(quick: bool, mems: Option<Vec<u64>>) -> anyhow::Result<()> {
         dir.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&out)?,
     )?;
-    let md = markdown(&limits, &rows);
+    let md = markdown(&limits, &rows, save_args);
     std::fs::write(dir.join(format!("{stem}.md")), &md)?;
     println!("{md}");
     println!("bench: wrote {}", dir.join(format!("{stem}.md")).display());
@@ -435,9 +454,12 @@ fn matrix(quick: bool, mems: Option<Vec<u64>>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn markdown(l: &Limits, rows: &[Value]) -> String {
+fn markdown(l: &Limits, rows: &[Value], save_args: &[String]) -> String {
     let mut s = String::new();
     s += "# snapctl bench\n\n";
+    if !save_args.is_empty() {
+        s += &format!("Save arguments: `{}`\n\n", save_args.join(" "));
+    }
     s += &format!(
         "Machine limits (same run): memcpy {:.2} GB/s, file write+fsync {:.2} GB/s, zstd-1 on guest data (all cores) {:.2} GB/s\n\n",
         l.memcpy_gbps, l.file_write_gbps, l.zstd1_gbps
