@@ -174,8 +174,11 @@ fn failed_and_cancelled_saves_release_everything() {
         InjectPoint::WriteError { after_batches: 2 },
     ];
     for inject in cases {
+        // 4 KiB fault pieces: a full-speed guest then cannot finish the save through faults alone
+        // (whole 2 MiB units would, before the throttled scanner reaches its injected failure).
         let opts = SaveOptions {
             max_bandwidth: Some(16 << 20),
+            fault_block_size: Some(4096),
             inject_failure: Some(inject),
             ..SaveOptions::default()
         };
@@ -189,6 +192,7 @@ fn failed_and_cancelled_saves_release_everything() {
     let cancel = AtomicBool::new(false);
     let opts = SaveOptions {
         max_bandwidth: Some(8 << 20),
+        fault_block_size: Some(4096),
         ..SaveOptions::default()
     };
     let res = std::thread::scope(|s| {
