@@ -457,10 +457,10 @@ impl BlockMap {
             .map(|_| ())
     }
 
-    /// Mark the units that are THP-backed now (one PAGEMAP_SCAN per region).
-    fn find_huge(&mut self, pagemap: &Pagemap) {
+    /// Mark the units inside the THP-backed `huge` ranges (from [`huge_ranges`]).
+    fn find_huge(&mut self, huge: &[(usize, usize)]) {
         for &(host, len, _, first_unit) in &self.by_host {
-            for (start, end) in pagemap.huge_ranges(host, len) {
+            for &(start, end) in huge.iter().filter(|(s, _)| (host..host + len).contains(s)) {
                 let first = first_unit + (start - host) / self.unit_size;
                 let last = first_unit + (end - 1 - host) / self.unit_size;
                 for u in first..=last {
@@ -1052,7 +1052,7 @@ impl Shared<'_> {
     ) -> Result<u64, SaveError> {
         let unit = self.blocks.units[u];
         // Throttle before claiming: a claimed block must never wait on the throttle.
-        let likely_data = has_data(pagemap, unit.host, unit.len);
+        let likely_data = pagemap.may_have_data(unit.host, unit.len);
         if let (Some(rate), true) = (max_bandwidth, likely_data) {
             let burst = self.blocks.unit_size as u64;
             loop {
@@ -1085,7 +1085,7 @@ impl Shared<'_> {
             return Ok(0);
         }
         // Authoritative check while claimed and protected: nothing can appear unseen.
-        if !has_data(pagemap, unit.host, unit.len) {
+        if !pagemap.may_have_data(unit.host, unit.len) {
             self.release_buffer(buf, false);
             for &(first, n) in runs.iter() {
                 self.release_run(first, n)?;
@@ -1200,12 +1200,18 @@ impl Shared<'_> {
 /// release less than a huge page) and on memory mostly backed by transparent huge pages (see the
 /// crate docs: splitting them costs the guest far more than the longer copy), else
 /// [`DEFAULT_FAULT_BLOCK`].
-fn fault_block_size(mem: &GuestMemoryMmap, opts: &SaveOptions) -> Result<usize, SaveError> {
+fn fault_block_size(
+    mem: &GuestMemoryMmap,
+    opts: &SaveOptions,
+    huge: &[(usize, usize)],
+) -> Result<usize, SaveError> {
     let hugetlb = mem.iter().any(|r| r.is_hugetlbfs() == Some(true));
     let fb = match opts.fault_block_size {
         Some(fb) => fb,
         None if hugetlb => opts.block_size,
-        None if opts.block_size.is_multiple_of(HUGE_PAGE) && mostly_thp(mem) => opts.block_size,
+        None if opts.block_size.is_multiple_of(HUGE_PAGE) && mostly_thp(mem, huge) => {
+            opts.block_size
+        }
         None => DEFAULT_FAULT_BLOCK.min(opts.block_size),
     };
     if fb == 0 || !fb.is_multiple_of(PAGE_SIZE) || !opts.block_size.is_multiple_of(fb) {
@@ -1217,31 +1223,24 @@ fn fault_block_size(mem: &GuestMemoryMmap, opts: &SaveOptions) -> Result<usize, 
     Ok(fb)
 }
 
-/// At least half of guest memory is mapped by transparent huge pages now (one PAGEMAP_SCAN per
-/// region, as [`BlockMap::find_huge`]).
-fn mostly_thp(mem: &GuestMemoryMmap) -> bool {
-    let pagemap = Pagemap::open();
-    let (mut total, mut huge) = (0usize, 0usize);
-    for r in mem.iter() {
-        let Ok(len) = usize::try_from(r.len()) else {
-            continue;
-        };
-        let Ok(host) = mem.get_host_address(r.start_addr()) else {
-            continue;
-        };
-        total += len;
-        huge += pagemap
-            .huge_ranges(host as usize, len)
-            .iter()
-            .map(|(s, e)| e - s)
-            .sum::<usize>();
-    }
-    total > 0 && huge * 2 >= total
+/// The host ranges of guest memory mapped by transparent huge pages now (one PAGEMAP_SCAN per
+/// region); read once per save, for the fault unit and for [`BlockMap::find_huge`].
+fn huge_ranges(mem: &GuestMemoryMmap, pagemap: &Pagemap) -> Vec<(usize, usize)> {
+    mem.iter()
+        .filter_map(|r| {
+            let len = usize::try_from(r.len()).ok()?;
+            let host = mem.get_host_address(r.start_addr()).ok()? as usize;
+            Some(pagemap.huge_ranges(host, len))
+        })
+        .flatten()
+        .collect()
 }
 
-/// Uses the uffd-sys pagemap scan when available; the fallback reads /proc/self/pagemap.
-fn has_data(pagemap: &Pagemap, host: usize, len: usize) -> bool {
-    pagemap.may_have_data(host, len)
+/// At least half of guest memory lies in the `huge` ranges.
+fn mostly_thp(mem: &GuestMemoryMmap, huge: &[(usize, usize)]) -> bool {
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    let huge: usize = huge.iter().map(|(s, e)| e - s).sum();
+    total > 0 && huge as u64 * 2 >= total
 }
 
 /// Unprotects every range when dropped armed: the guest must never stay write-protected.
@@ -1358,10 +1357,11 @@ pub fn live_save<S: SnapshotSink>(
         })
         .collect();
     let total_pages = header.total_pages();
-    let fault_block = fault_block_size(mem, opts)?;
+    let huge = huge_ranges(mem, &Pagemap::open());
+    let fault_block = fault_block_size(mem, opts, &huge)?;
     let mut blocks = BlockMap::new(mem, opts.block_size, fault_block)?;
     if fault_block < opts.block_size {
-        blocks.find_huge(&Pagemap::open());
+        blocks.find_huge(&huge);
     }
     let mut writer = SnapshotWriter::new(sink, &header, machine_state).map_err(SaveError::Write)?;
 
