@@ -554,21 +554,43 @@ fn anon_huge_bytes(addr: usize) -> u64 {
     panic!("no mapping holds {addr:#x}");
 }
 
-/// THP-backed guest RAM, written by faulting writers during the save, is still backed by huge
-/// pages afterwards: with 4 KiB fault pieces (not the default on THP memory) faults split huge
-/// pages, and the saver collapses them back.
-#[test]
-fn live_save_keeps_thp_memory_huge() {
+/// Held by the THP tests: two THP-advised mappings made at once may be merged by the kernel into
+/// one VMA, and AnonHugePages of "the" mapping would then count both.
+static THP_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// 64 MiB of filled guest RAM advised for THP, with its host address and AnonHugePages, and the
+/// THP test lock; `None` (the test says why) when the kernel backs less than `need` bytes with
+/// huge pages.
+fn filled_thp_memory(
+    need: usize,
+) -> Option<(
+    std::sync::MutexGuard<'static, ()>,
+    GuestMemoryMmap,
+    usize,
+    u64,
+)> {
+    let lock = THP_TESTS.lock().unwrap_or_else(|p| p.into_inner());
     let mem: GuestMemoryMmap =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * MIB)]).unwrap();
     let host = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
     wp_tracker::advise_huge_pages(&mem, true).expect("madvise(MADV_HUGEPAGE)");
     fill(&mem);
     let before = anon_huge_bytes(host);
-    if before < (32 * MIB) as u64 {
+    if before < need as u64 {
         eprintln!("skipped: only {before} bytes of THP backing (THP disabled or unaligned)");
-        return;
+        return None;
     }
+    Some((lock, mem, host, before))
+}
+
+/// THP-backed guest RAM, written by faulting writers during the save, is still backed by huge
+/// pages afterwards: with 4 KiB fault pieces (not the default on THP memory) faults split huge
+/// pages, and the saver collapses them back.
+#[test]
+fn live_save_keeps_thp_memory_huge() {
+    let Some((_lock, mem, host, before)) = filled_thp_memory(32 * MIB) else {
+        return;
+    };
     let tracker = tracker_for(&mem);
     let mut file = Vec::new();
     let opts = SaveOptions {
@@ -597,16 +619,9 @@ fn live_save_keeps_thp_memory_huge() {
 /// release whole huge pages, nothing is split, nothing needs collapsing.
 #[test]
 fn live_save_default_fault_unit_on_thp_is_the_huge_page() {
-    let mem: GuestMemoryMmap =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * MIB)]).unwrap();
-    let host = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
-    wp_tracker::advise_huge_pages(&mem, true).expect("madvise(MADV_HUGEPAGE)");
-    fill(&mem);
-    let before = anon_huge_bytes(host);
-    if before < (48 * MIB) as u64 {
-        eprintln!("skipped: only {before} bytes of THP backing (THP disabled or unaligned)");
+    let Some((_lock, mem, host, before)) = filled_thp_memory(48 * MIB) else {
         return;
-    }
+    };
     let tracker = tracker_for(&mem);
     let mut file = Vec::new();
     let opts = SaveOptions {

@@ -11,6 +11,14 @@ use std::time::{Duration, Instant};
 use vmm_core::{GuestParams, MemBackend, Vm, VmConfig, WriteRate};
 use wp_tracker::WpTracker;
 
+/// Held by every test here: guests booted at once would share the 2 cores, and their THP-advised
+/// RAM mappings may be merged by the kernel into one VMA, which would blur the AnonHugePages check.
+static ONE_VM_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_vm_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_VM_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn boot(mem_mib: u64) -> Vm {
     let cfg = VmConfig {
         mem_bytes: mem_mib << 20,
@@ -125,6 +133,7 @@ fn check_image(vm: &Vm, saved: &Saved) {
 
 #[test]
 fn live_saves_are_exact_under_full_speed_writes() {
+    let _serial = one_vm_at_a_time();
     let vm = boot(256);
     let t = tracker(&vm);
     let cases = [
@@ -166,6 +175,7 @@ fn live_saves_are_exact_under_full_speed_writes() {
 
 #[test]
 fn failed_and_cancelled_saves_release_everything() {
+    let _serial = one_vm_at_a_time();
     let vm = boot(128);
     let t = tracker(&vm);
     let cases = [
@@ -243,6 +253,7 @@ fn anon_huge_bytes_at(addr: usize) -> u64 {
 
 #[test]
 fn a_save_keeps_thp_backed_guest_ram_huge() {
+    let _serial = one_vm_at_a_time();
     let vm = boot(256);
     let t0 = Instant::now();
     while !vm.progress().fill_done {
