@@ -2,7 +2,13 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 
 use crate::format::{
     encode_footer, put_u32, put_u64, Compression, FormatError, IndexEntry, RecordHeader,
@@ -23,12 +29,22 @@ pub trait SnapshotSink: Write {
 /// A file written under a temporary name beside the target and renamed on `finish`.
 ///
 /// The temporary `.<name>.tmp-<pid>` is removed on drop unless `finish` succeeded.
+///
+/// Data goes to the disk with direct I/O (`O_DIRECT`) where the file system takes it: see
+/// [`DirectWriter`]. Elsewhere (tmpfs on older kernels, some network file systems) it falls back
+/// to buffered writes through the page cache.
 #[derive(Debug)]
 pub struct AtomicFileSink {
-    file: Option<BufWriter<File>>,
+    out: Option<FileOut>,
     tmp: PathBuf,
     target: PathBuf,
     replace: bool,
+}
+
+#[derive(Debug)]
+enum FileOut {
+    Direct(DirectWriter),
+    Buffered(BufWriter<File>),
 }
 
 impl AtomicFileSink {
@@ -42,6 +58,15 @@ impl AtomicFileSink {
 
     /// Create the temporary file beside `target`; `finish` replaces `target` if it exists.
     pub fn create(target: impl AsRef<Path>) -> io::Result<Self> {
+        Self::create_with(target, true)
+    }
+
+    /// Like [`create`](Self::create), but always through the page cache (no direct I/O).
+    pub fn create_buffered(target: impl AsRef<Path>) -> io::Result<Self> {
+        Self::create_with(target, false)
+    }
+
+    fn create_with(target: impl AsRef<Path>, direct: bool) -> io::Result<Self> {
         let target = target.as_ref().to_path_buf();
         let name = target.file_name().ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, "target has no file name")
@@ -50,13 +75,28 @@ impl AtomicFileSink {
         tmp_name.push(name);
         tmp_name.push(format!(".tmp-{}", std::process::id()));
         let tmp = target.with_file_name(tmp_name);
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        let open = |flags: i32| {
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(flags)
+                .open(&tmp)
+        };
+        let out = if direct {
+            match open(OFlag::O_DIRECT.bits()) {
+                Ok(f) => FileOut::Direct(DirectWriter::new(f)?),
+                // EINVAL: this file system does not do O_DIRECT.
+                Err(e) if e.raw_os_error() == Some(Errno::EINVAL as i32) => {
+                    FileOut::Buffered(BufWriter::with_capacity(WRITE_BUFFER, open(0)?))
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            FileOut::Buffered(BufWriter::with_capacity(WRITE_BUFFER, open(0)?))
+        };
         Ok(AtomicFileSink {
-            file: Some(BufWriter::with_capacity(WRITE_BUFFER, file)),
+            out: Some(out),
             tmp,
             target,
             replace: true,
@@ -67,36 +107,44 @@ impl AtomicFileSink {
     pub fn temp_path(&self) -> &Path {
         &self.tmp
     }
+
+    /// Whether data goes out with direct I/O (false: through the page cache).
+    pub fn is_direct(&self) -> bool {
+        matches!(self.out, Some(FileOut::Direct(_)))
+    }
+
+    fn out(&mut self) -> io::Result<&mut dyn Write> {
+        match &mut self.out {
+            Some(FileOut::Direct(d)) => Ok(d),
+            Some(FileOut::Buffered(b)) => Ok(b),
+            None => Err(io::Error::other("sink already finished")),
+        }
+    }
 }
 
 impl Write for AtomicFileSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match &mut self.file {
-            Some(f) => f.write(buf),
-            None => Err(io::Error::other("sink already finished")),
-        }
+        self.out()?.write(buf)
     }
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        match &mut self.file {
-            Some(f) => f.write_all(buf),
-            None => Err(io::Error::other("sink already finished")),
-        }
+        self.out()?.write_all(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
-        match &mut self.file {
-            Some(f) => f.flush(),
-            None => Ok(()),
+        match &mut self.out {
+            Some(FileOut::Buffered(b)) => b.flush(),
+            // Direct output is flushed (padded to a block) only by `finish`.
+            _ => Ok(()),
         }
     }
 }
 
 impl SnapshotSink for AtomicFileSink {
     fn finish(mut self) -> io::Result<()> {
-        let writer = self
-            .file
-            .take()
-            .ok_or_else(|| io::Error::other("sink already finished"))?;
-        let file = writer.into_inner().map_err(|e| e.into_error())?;
+        let file = match self.out.take() {
+            Some(FileOut::Direct(d)) => d.finish()?,
+            Some(FileOut::Buffered(b)) => b.into_inner().map_err(|e| e.into_error())?,
+            None => return Err(io::Error::other("sink already finished")),
+        };
         file.sync_all()?;
         drop(file);
         if self.replace {
@@ -125,10 +173,221 @@ impl SnapshotSink for AtomicFileSink {
 impl Drop for AtomicFileSink {
     fn drop(&mut self) {
         if !self.tmp.as_os_str().is_empty() {
-            drop(self.file.take());
+            // Dropping a DirectWriter joins its I/O thread: nothing writes once the file is gone.
+            drop(self.out.take());
             let _ = fs::remove_file(&self.tmp);
         }
     }
+}
+
+/// Alignment of direct I/O buffers, file offsets and lengths (covers 512 and 4096-byte sectors).
+const DIRECT_ALIGN: usize = 4096;
+/// Size of one direct write.
+const DIRECT_CHUNK: usize = 8 << 20;
+/// Buffers in flight or being filled (one filling, the rest queued for or in the I/O thread).
+const DIRECT_BUFFERS: usize = 3;
+
+/// A buffer whose usable part starts at a [`DIRECT_ALIGN`]-aligned address.
+struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new() -> Self {
+        let raw = vec![0u8; DIRECT_CHUNK + DIRECT_ALIGN];
+        let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
+        AlignedBuf { raw, start, len: 0 }
+    }
+    fn data(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+    fn spare(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start + self.len..self.start + DIRECT_CHUNK]
+    }
+}
+
+/// Direct-I/O output: the writing thread copies records into aligned 8 MiB buffers; a separate
+/// I/O thread writes full buffers with `O_DIRECT` while the next one fills (up to
+/// [`DIRECT_BUFFERS`] allocated, so memory stays bounded and a slow disk pushes back).
+///
+/// Why: through the page cache, the kernel's copy into page-cache pages took about half of a
+/// 2-core machine during a 4 GiB save (`perf record -a`: 49 % of all samples in
+/// `copy_folio_from_iter_atomic`, 0.5 GB/s), CPU the guest and the fault thread need. Direct writes
+/// skip that copy and the page cache; the disk takes 8 MiB `O_DIRECT` writes at 1.6–1.9 GB/s
+/// here (`dd oflag=direct`), more than buffered write + fsync (1.5 GB/s at best, 0.4 GB/s at
+/// worst).
+///
+/// The end of the file is padded to a block for the last direct write and cut back with
+/// `ftruncate`. Should the file system refuse a direct write (`EINVAL`), the I/O thread clears
+/// `O_DIRECT` and goes on with buffered writes (offsets so far are all aligned, so nothing is lost).
+struct DirectWriter {
+    cur: AlignedBuf,
+    /// Bytes accepted so far (the file's final length).
+    total: u64,
+    to_io: Option<mpsc::SyncSender<AlignedBuf>>,
+    from_io: mpsc::Receiver<AlignedBuf>,
+    allocated: usize,
+    io: Option<thread::JoinHandle<io::Result<File>>>,
+}
+
+impl std::fmt::Debug for DirectWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectWriter")
+            .field("total", &self.total)
+            .field("allocated", &self.allocated)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DirectWriter {
+    fn new(file: File) -> io::Result<Self> {
+        let (to_io, rx) = mpsc::sync_channel::<AlignedBuf>(DIRECT_BUFFERS);
+        let (back, from_io) = mpsc::sync_channel::<AlignedBuf>(DIRECT_BUFFERS);
+        let io = thread::Builder::new()
+            .name("saver-io".into())
+            .spawn(move || {
+                let mut file = file;
+                for mut buf in rx {
+                    direct_write_all(&mut file, buf.data())?;
+                    buf.len = 0;
+                    // The writer may be gone (drop): then the buffer is just freed.
+                    let _ = back.send(buf);
+                }
+                Ok(file)
+            })?;
+        Ok(DirectWriter {
+            cur: AlignedBuf::new(),
+            total: 0,
+            to_io: Some(to_io),
+            from_io,
+            allocated: 1,
+            io: Some(io),
+        })
+    }
+
+    /// The I/O thread's error once it has stopped (it only stops early on an error).
+    fn io_error(&mut self) -> io::Error {
+        self.to_io = None;
+        match self.io.take().map(|h| h.join()) {
+            Some(Ok(Err(e))) => e,
+            Some(Err(_)) => io::Error::other("snapshot I/O thread panicked"),
+            _ => io::Error::other("snapshot I/O thread stopped"),
+        }
+    }
+
+    /// Hand the current buffer to the I/O thread and take an empty one.
+    fn submit(&mut self) -> io::Result<()> {
+        let next = match self.from_io.try_recv() {
+            Ok(b) => b,
+            Err(_) if self.allocated < DIRECT_BUFFERS => {
+                self.allocated += 1;
+                AlignedBuf::new()
+            }
+            Err(_) => {
+                // All buffers are queued: push the full one first, then wait for an empty one.
+                let full = std::mem::replace(
+                    &mut self.cur,
+                    AlignedBuf {
+                        raw: Vec::new(),
+                        start: 0,
+                        len: 0,
+                    },
+                );
+                self.send(full)?;
+                self.cur = self.from_io.recv().map_err(|_| self.io_error())?;
+                return Ok(());
+            }
+        };
+        let full = std::mem::replace(&mut self.cur, next);
+        self.send(full)
+    }
+
+    fn send(&mut self, buf: AlignedBuf) -> io::Result<()> {
+        let sent = match &self.to_io {
+            Some(tx) => tx.send(buf).is_ok(),
+            None => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            Err(self.io_error())
+        }
+    }
+
+    /// Write what is left (padded to a block), wait for the I/O thread, cut the padding off.
+    fn finish(mut self) -> io::Result<File> {
+        let tail = self.cur.len;
+        if tail > 0 {
+            let padded = tail.next_multiple_of(DIRECT_ALIGN);
+            self.cur.spare()[..padded - tail].fill(0);
+            self.cur.len = padded;
+            let full = std::mem::replace(
+                &mut self.cur,
+                AlignedBuf {
+                    raw: Vec::new(),
+                    start: 0,
+                    len: 0,
+                },
+            );
+            self.send(full)?;
+        }
+        self.to_io = None;
+        let file = match self.io.take().map(|h| h.join()) {
+            Some(Ok(r)) => r?,
+            _ => return Err(io::Error::other("snapshot I/O thread panicked")),
+        };
+        file.set_len(self.total)?;
+        Ok(file)
+    }
+}
+
+impl Write for DirectWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let spare = self.cur.spare();
+        let n = spare.len().min(buf.len());
+        spare[..n].copy_from_slice(&buf[..n]);
+        self.cur.len += n;
+        self.total += n as u64;
+        if self.cur.len == DIRECT_CHUNK {
+            self.submit()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for DirectWriter {
+    fn drop(&mut self) {
+        self.to_io = None;
+        if let Some(h) = self.io.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// `write_all` for a file opened with `O_DIRECT`, falling back to buffered writes if the file
+/// system refuses direct I/O after all.
+fn direct_write_all(file: &mut File, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match file.write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.raw_os_error() == Some(Errno::EINVAL as i32) => {
+                let flags = OFlag::from_bits_truncate(fcntl(&*file, FcntlArg::F_GETFL)?);
+                if !flags.contains(OFlag::O_DIRECT) {
+                    return Err(e);
+                }
+                fcntl(&*file, FcntlArg::F_SETFL(flags - OFlag::O_DIRECT))?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A stream sink (stdout, a pipe, a socket, a `Vec<u8>`); `finish` only flushes.
@@ -507,5 +766,69 @@ mod tests {
         s.finish().unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"whole");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Bytes of every length class go out unchanged through direct I/O: whole chunks, more chunks
+    /// than buffers (the writer waits for the I/O thread), and a tail that is not a block multiple
+    /// (padded for the last write, then cut off). Both sinks must produce identical files.
+    #[test]
+    fn direct_sink_round_trips() {
+        let dir = std::env::temp_dir().join(format!("ram-saver-direct-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let len = DIRECT_CHUNK * (DIRECT_BUFFERS + 2) + 12_345;
+        let mut data = vec![0u8; len];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in data.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        for direct in [true, false] {
+            let target = dir.join(format!("d-{direct}.snap"));
+            let mut s = if direct {
+                AtomicFileSink::create(&target).unwrap()
+            } else {
+                AtomicFileSink::create_buffered(&target).unwrap()
+            };
+            if !direct {
+                assert!(!s.is_direct());
+            }
+            // Odd-sized pieces, as records arrive.
+            for piece in data.chunks(1_000_003) {
+                s.write_all(piece).unwrap();
+            }
+            s.finish().unwrap();
+            let back = fs::read(&target).unwrap();
+            assert_eq!(back.len(), len);
+            assert!(
+                back == data,
+                "direct={direct}: file differs from what was written"
+            );
+        }
+        // Tiny files (shorter than one block) too.
+        let target = dir.join("tiny.snap");
+        let mut s = AtomicFileSink::create(&target).unwrap();
+        s.write_all(b"abc").unwrap();
+        s.finish().unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"abc");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The temporary directory of this machine (ext4 here) takes direct I/O; if this fails on a
+    /// machine whose /tmp refuses O_DIRECT, the fallback is what runs there.
+    #[test]
+    fn direct_sink_is_used_on_disk() {
+        let dir = std::env::temp_dir().join(format!("ram-saver-isdirect-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let s = AtomicFileSink::create(dir.join("x.snap")).unwrap();
+        let direct = s.is_direct();
+        drop(s);
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            direct,
+            "O_DIRECT refused by the file system of {}",
+            dir.display()
+        );
     }
 }

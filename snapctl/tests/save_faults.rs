@@ -82,11 +82,19 @@ fn start_slow_save(vmm: &Vmm, target: &Path) -> Proc {
         std::thread::sleep(Duration::from_millis(10));
     }
     // Positive control for the pagemap check: during a save, most of guest RAM is protected.
-    let wp = vmm.wp_pages();
-    assert!(
-        wp > 1000,
-        "mid-save, only {wp} pages carry the uffd-wp bit: the check would prove nothing"
-    );
+    // The temporary file is created before the freeze, so wait for the protection to show.
+    let t0 = Instant::now();
+    loop {
+        let wp = vmm.wp_pages();
+        if wp > 1000 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < T,
+            "mid-save, only {wp} pages carry the uffd-wp bit: the check would prove nothing"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     client
 }
 
