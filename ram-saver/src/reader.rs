@@ -14,7 +14,9 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+
+use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -33,6 +35,8 @@ use crate::writer::is_zero;
 const WINDOW: usize = 1 << 20;
 /// Target file bytes of one unit of work.
 const UNIT_BYTES: u64 = 4 << 20;
+/// How many units ahead of the one just claimed the reader asks the kernel to read.
+const PREFETCH_UNITS: usize = 6;
 /// Most records in one unit.
 const UNIT_RECORDS: usize = 4096;
 /// Pages compared per read when clearing a zero run in memory that may hold data.
@@ -91,6 +95,9 @@ pub struct SnapshotReader<R> {
     cur: Option<u64>,
     /// The same file for positioned reads from worker threads (files opened by path).
     file: Option<File>,
+    /// The same file opened with `O_DIRECT` for the bulk reads of `verify` and `load_into`,
+    /// where the file system allows it.
+    direct: Option<File>,
     file_len: u64,
     header: SnapshotHeader,
     machine_state: Vec<u8>,
@@ -125,16 +132,86 @@ fn read_error(e: io::Error, pos: u64, len: usize) -> FormatError {
 /// Something to read exact byte ranges from.
 trait Source {
     fn read_exact_at(&mut self, buf: &mut [u8], pos: u64) -> Result<(), FormatError>;
+    /// Hint that `len` bytes at `pos` will be read soon (best effort).
+    fn prefetch(&mut self, _pos: u64, _len: u64) {}
 }
 
 /// Positioned reads on a file (any number of threads at once).
 struct Pread<'a>(&'a File);
+
+/// Alignment of direct reads: offsets, lengths and buffer addresses (covers 512 and 4096-byte
+/// sectors).
+const DIRECT_ALIGN: usize = 4096;
+
+/// Positioned reads on a file opened with `O_DIRECT`: whole aligned blocks into an aligned
+/// bounce buffer, then copied out. A cold 1 GiB file read at 0.4 GB/s through the page cache
+/// with the default readahead (1.2–1.4 GB/s with `POSIX_FADV_WILLNEED` ahead), 1.8 GB/s with
+/// direct reads (`dd iflag=direct`); the bounce copy costs ~0.1 s per GiB and keeps the file
+/// out of the page cache, which a host restoring many VMs wants.
+struct DirectPread<'a> {
+    f: &'a File,
+    bounce: Vec<u8>,
+}
+
+impl<'a> DirectPread<'a> {
+    fn new(f: &'a File) -> Self {
+        DirectPread {
+            f,
+            bounce: Vec::new(),
+        }
+    }
+}
+
+impl Source for DirectPread<'_> {
+    fn read_exact_at(&mut self, buf: &mut [u8], pos: u64) -> Result<(), FormatError> {
+        let a = pos & !(DIRECT_ALIGN as u64 - 1);
+        let end = pos + buf.len() as u64;
+        let span = (end.next_multiple_of(DIRECT_ALIGN as u64) - a) as usize;
+        if self.bounce.len() < span + DIRECT_ALIGN {
+            self.bounce = vec![0u8; span + DIRECT_ALIGN];
+        }
+        let off = self.bounce.as_ptr().align_offset(DIRECT_ALIGN);
+        let dst = &mut self.bounce[off..off + span];
+        let need = (end - a) as usize;
+        let mut got = 0;
+        while got < need {
+            match self.f.read_at(&mut dst[got..], a + got as u64) {
+                // End of file: the file is shorter than what the caller expects.
+                Ok(0) => {
+                    let e = io::Error::from(io::ErrorKind::UnexpectedEof);
+                    return Err(read_error(e, pos, buf.len()));
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The file system refused a direct read after all: read through the cache.
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) && got == 0 => {
+                    return Pread(self.f).read_exact_at(buf, pos);
+                }
+                Err(e) => return Err(read_error(e, pos, buf.len())),
+            }
+        }
+        let from = (pos - a) as usize;
+        buf.copy_from_slice(&dst[from..from + buf.len()]);
+        Ok(())
+    }
+}
 
 impl Source for Pread<'_> {
     fn read_exact_at(&mut self, buf: &mut [u8], pos: u64) -> Result<(), FormatError> {
         self.0
             .read_exact_at(buf, pos)
             .map_err(|e| read_error(e, pos, buf.len()))
+    }
+    fn prefetch(&mut self, pos: u64, len: u64) {
+        // Starts reading the range into the page cache in the background, so the disk works
+        // ahead of the workers (cold 1 GiB restore: 0.4 GB/s with the kernel's default
+        // 128 KiB readahead before this).
+        let _ = posix_fadvise(
+            self.0,
+            pos as i64,
+            len as i64,
+            PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        );
     }
 }
 
@@ -163,10 +240,17 @@ impl<R: Read + Seek> Source for Seq<'_, R> {
 impl SnapshotReader<BufReader<File>> {
     /// Open and check the snapshot file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, FormatError> {
+        let path = path.as_ref();
         let f = File::open(path).map_err(unreadable)?;
         // Without a second handle everything still works, on one thread.
         let file = f.try_clone().ok();
-        Self::check(BufReader::with_capacity(1 << 20, f), file)
+        let mut r = Self::check(BufReader::with_capacity(1 << 20, f), file)?;
+        r.direct = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+            .open(path)
+            .ok();
+        Ok(r)
     }
 }
 
@@ -275,6 +359,7 @@ impl<R: Read + Seek> SnapshotReader<R> {
             r,
             cur,
             file,
+            direct: None,
             file_len,
             header,
             machine_state,
@@ -552,16 +637,24 @@ impl<R: Read + Seek> SnapshotReader<R> {
             shared: &shared,
             mode,
         };
-        match &self.file {
-            Some(f) if threads > 1 => std::thread::scope(|s| {
+        match (&self.file, &self.direct) {
+            (Some(_), Some(d)) if threads > 1 => std::thread::scope(|s| {
+                for _ in 1..threads {
+                    let job = &job;
+                    s.spawn(move || job.work(&mut DirectPread::new(d), &mut |_| {}));
+                }
+                job.work(&mut DirectPread::new(d), &mut report);
+            }),
+            (Some(_), Some(d)) => job.work(&mut DirectPread::new(d), &mut report),
+            (Some(f), None) if threads > 1 => std::thread::scope(|s| {
                 for _ in 1..threads {
                     let job = &job;
                     s.spawn(move || job.work(&mut Pread(f), &mut |_| {}));
                 }
                 job.work(&mut Pread(f), &mut report);
             }),
-            Some(f) => job.work(&mut Pread(f), &mut report),
-            None => {
+            (Some(f), None) => job.work(&mut Pread(f), &mut report),
+            (None, _) => {
                 let mut src = Seq {
                     r: &mut self.r,
                     cur: &mut self.cur,
@@ -771,6 +864,17 @@ impl Job<'_, '_> {
             };
             if a as u64 >= sh.stop_at.load(Ordering::Relaxed) {
                 break;
+            }
+            // Keep the disk busy up to PREFETCH_UNITS units past the one just claimed.
+            if let Some(&(pa, _)) = self.units.get(u + 1) {
+                let end = self
+                    .units
+                    .get(u + PREFETCH_UNITS + 1)
+                    .map_or(self.chk.trailer_offset, |&(na, _)| {
+                        self.chk.index[na].offset
+                    });
+                let start = self.chk.index[pa].offset;
+                src.prefetch(start, end.saturating_sub(start));
             }
             let (records, pages) = (w.totals.records, w.totals.pages);
             if let Err((i, e)) = self.unit(&mut w, src, a, b) {

@@ -119,10 +119,27 @@
 //!   there, and on 2 cores workers take CPU from the vCPUs. The cost: compressible memory
 //!   saves at 0.13 GB/s with 1 worker vs 0.19 GB/s with 2 (zstd-1 through `RecordEncoder`
 //!   runs far below the `zstd` CLI's 0.5 GB/s per core on the same data; not investigated).
-//! - Output: the file sink writes through a 4 MiB `BufWriter` (records of up to 2 MiB per
-//!   batch), so writes are ≥ 1 MiB. Records end at 73–95 % of the machine's write+fsync limit
-//!   (3.1–4.4 s for 1 GiB vs 3.2 s); the final fsync runs concurrently with the huge-page
-//!   collapse (0.5–1.3 s), which now ends most saves.
+//! - Output (session 2): files are written with `O_DIRECT` from aligned 8 MiB buffers by an
+//!   I/O thread ([`AtomicFileSink`](crate::AtomicFileSink)); streams keep a 4 MiB `BufWriter`.
+//!   Before, through the page cache, `perf record -a` during a 4 GiB full-speed save put 49 % of
+//!   all samples (both cores) in the kernel's copy into page-cache pages
+//!   (`copy_folio_from_iter_atomic`): the writer ran at ~0.5 GB/s and took a core from the
+//!   guest. `snapctl boot --mem 4G --write-rate full` + `snapctl save` (1 vCPU): 8.5 s → 2.3 s
+//!   (0.5 → 1.9 GB/s); guest time lost (duration × (1 − rate during/before)) 7.3 s → 2.2 s.
+//!   1 GiB, 2 vCPUs: 1.8–2.2 s → 0.65–0.9 s. The disk takes `O_DIRECT` writes at 1.6–2.8 GB/s
+//!   here vs 0.36–1.5 GB/s buffered + fsync (`cargo xtask bench` measures both).
+//! - Tried and dropped in session 2 (1 GiB, 2 vCPUs, full speed, 3 saves each; no change
+//!   beyond run-to-run noise in guest time lost, 0.55–0.65 s per save): nice −10 for the fault
+//!   thread (and +5 for scanner and workers); fault staging 256 MiB–1 GiB instead of 128 MiB
+//!   (buffer waits went to 0, guest rate did not move); a prefault thread keeping staging
+//!   faulted in with MADV_POPULATE_WRITE (copy 0.45 → 0.37 ms per 2 MiB fault, lost nothing
+//!   else); a second fault-serving thread taking every other fault of a batch. Timing inside
+//!   a 2 MiB fault (1 GiB, 2 vCPUs): waiting for a staging buffer 0.3–0.9 ms, copy 0.3–0.5 ms,
+//!   release 0.2–0.5 ms (the unprotect of a huge page: TLB shootdown plus PVM's shadow-MMU
+//!   invalidation). With this guest (uniform random page writes over all of RAM) nearly every
+//!   2 MiB unit is hit within milliseconds of the thaw, so the guest is gated by how fast
+//!   units are saved whatever the fault path does: the save's length, not fault tricks,
+//!   decides what the guest loses.
 //! - Left as is: never-touched pages protected with WP_UNPOPULATED markers look "swapped" to
 //!   pagemap and are copied (as zeros); telling markers from real swap entries needs the swap
 //!   type, which PAGEMAP_SCAN does not report.

@@ -1,6 +1,9 @@
 //! `cargo xtask bench [--quick] [--mem MIB,…] [--save-args ARGS] [uffd]`: performance figures on the built-in guest, in one run, written as
 //! Markdown and JSON under `target/bench/`.
 //!
+//! Guest modes per case: idle, full (random page writes over all of RAM at full speed) and hot
+//! (full speed over a small working set per vCPU); see [`Mode`].
+//!
 //! Every figure is also given as a fraction of the machine's own limit measured in the same run (memcpy
 //! bandwidth, sequential file write with fsync, zstd level 1 on the guest's data), so runs on different or busy
 //! machines stay comparable. Nothing here asserts a wall-clock limit; it reports.
@@ -71,10 +74,30 @@ fn uffd() -> anyhow::Result<()> {
 #[derive(Debug, Clone)]
 struct Case {
     mem_mib: u64,
+    /// The guest writes at full speed (else it idles).
     full: bool,
+    /// Full speed over a hot working set of [`HOT_SET`] per vCPU instead of the vCPU's whole
+    /// slice of RAM.
+    hot: bool,
     vcpus: u8,
     zstd: bool,
 }
+
+/// What the guest does during a case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Timer ticks only.
+    Idle,
+    /// Rewrites random pages of all its RAM at full speed: every 2 MiB unit is hit within
+    /// milliseconds of the thaw (the worst case for a live snapshot).
+    Full,
+    /// Rewrites random pages of a [`HOT_SET`] working set per vCPU at full speed; the rest of
+    /// RAM holds data but stays cold (closer to a real workload).
+    Hot,
+}
+
+/// Working set per vCPU in [`Mode::Hot`].
+const HOT_SET: &str = "32M";
 
 impl Case {
     fn name(&self) -> String {
@@ -85,7 +108,11 @@ impl Case {
             } else {
                 format!("{}M", self.mem_mib)
             },
-            if self.full { "full" } else { "idle" },
+            match (self.full, self.hot) {
+                (_, true) => "hot",
+                (true, false) => "full",
+                (false, false) => "idle",
+            },
             self.vcpus,
             if self.zstd { "zstd" } else { "raw" }
         )
@@ -267,20 +294,19 @@ fn run_case(
     let _ = std::fs::remove_file(&snap);
     let mem = format!("{}M", c.mem_mib);
     let vcpus = c.vcpus.to_string();
-    let vm = VmmProc::start(
-        bin,
-        &[
-            "boot",
-            "--mem",
-            &mem,
-            "--vcpus",
-            &vcpus,
-            "--write-rate",
-            if c.full { "full" } else { "idle" },
-        ],
-        &sock,
-        &dir.join("bench.serial"),
-    )?;
+    let mut boot = vec![
+        "boot",
+        "--mem",
+        &mem,
+        "--vcpus",
+        &vcpus,
+        "--write-rate",
+        if c.full { "full" } else { "idle" },
+    ];
+    if c.hot {
+        boot.extend(["--working-set", HOT_SET]);
+    }
+    let vm = VmmProc::start(bin, &boot, &sock, &dir.join("bench.serial"))?;
     let pid = vm.child.id();
     wait_fill(&vm)?;
     let window = if quick {
@@ -353,7 +379,7 @@ fn run_case(
     let guest_bytes = c.mem_mib << 20;
     let dur = summary["duration_s"].as_f64().unwrap_or(0.0);
     Ok(json!({
-        "case": c.name(), "mem_mib": c.mem_mib, "full": c.full, "vcpus": c.vcpus, "zstd": c.zstd,
+        "case": c.name(), "mem_mib": c.mem_mib, "full": c.full, "hot": c.hot, "vcpus": c.vcpus, "zstd": c.zstd,
         "downtime_ms": summary["downtime_ms"], "duration_s": dur,
         "save_gbps": guest_bytes as f64 / dur.max(1e-9) / 1e9,
         "image_size_ratio": summary["image_size_ratio"], "file_bytes": file_bytes,
@@ -382,45 +408,33 @@ fn matrix(quick: bool, mems: Option<Vec<u64>>, save_args: &[String]) -> anyhow::
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let mut cases = Vec::new();
+    let case = |mem_mib, mode, vcpus, zstd| Case {
+        mem_mib,
+        full: mode != Mode::Idle,
+        hot: mode == Mode::Hot,
+        vcpus,
+        zstd,
+    };
     if let Some(mems) = mems {
         for mem_mib in mems {
-            for full in [false, true] {
+            for mode in [Mode::Idle, Mode::Full, Mode::Hot] {
                 for zstd in [false, true] {
-                    cases.push(Case {
-                        mem_mib,
-                        full,
-                        vcpus: 2,
-                        zstd,
-                    });
+                    cases.push(case(mem_mib, mode, 2, zstd));
                 }
             }
         }
     } else if quick {
         for zstd in [false, true] {
-            cases.push(Case {
-                mem_mib: 1024,
-                full: true,
-                vcpus: 2,
-                zstd,
-            });
+            cases.push(case(1024, Mode::Full, 2, zstd));
         }
-        cases.push(Case {
-            mem_mib: 256,
-            full: false,
-            vcpus: 1,
-            zstd: false,
-        });
+        cases.push(case(1024, Mode::Hot, 2, false));
+        cases.push(case(256, Mode::Idle, 1, false));
     } else {
         for mem_mib in [256, 1024, 4096] {
-            for full in [false, true] {
+            for mode in [Mode::Idle, Mode::Full, Mode::Hot] {
                 for vcpus in [1, 2] {
                     for zstd in [false, true] {
-                        cases.push(Case {
-                            mem_mib,
-                            full,
-                            vcpus,
-                            zstd,
-                        });
+                        cases.push(case(mem_mib, mode, vcpus, zstd));
                     }
                 }
             }
@@ -519,6 +533,11 @@ fn markdown(l: &Limits, rows: &[Value], save_args: &[String]) -> String {
         l.zstd1_gbps,
         l.zstd1_ratio,
         l.zstd_pipeline_gbps()
+    );
+    s += &format!(
+        "Guest modes: idle (timer ticks only); full (each vCPU rewrites random pages of its whole slice of RAM at \
+         full speed: every 2 MiB unit is hit within milliseconds of the thaw, the worst case for a live snapshot); \
+         hot (full speed over a {HOT_SET} working set per vCPU, the rest of RAM filled but cold).\n\n"
     );
     s += "Save GB/s is guest RAM over save duration, as a share of the file write limit (raw) or of the zstd limit (zstd; \
           then also of what zstd + disk can reach). Guest time lost = save duration × (1 − rate during/before): \
