@@ -193,6 +193,8 @@ const COLLAPSE_BATCH: usize = 32;
 /// Default unit of the fault thread on 4 KiB-page memory (see the crate docs; THP-backed memory
 /// uses the whole unit).
 const DEFAULT_FAULT_BLOCK: usize = 4096;
+/// Default of [`SaveOptions::fault_nice`].
+const DEFAULT_FAULT_NICE: i32 = -10;
 /// Default of [`SaveOptions::fault_spin`].
 const DEFAULT_SPIN: bool = false;
 /// A spinning fault thread yields its core between polls after this long without faults.
@@ -222,6 +224,13 @@ pub struct SaveOptions {
     pub restore_huge_pages: bool,
     /// Fault staging budget in bytes; `None`: guest size / 8 within 4..=128 MiB.
     pub fault_staging: Option<usize>,
+    /// Nice value of the fault thread (default −10: a fault preempts the bulk threads and the
+    /// vCPUs; applied where permitted, i.e. with CAP_SYS_NICE). `None` leaves it alone.
+    pub fault_nice: Option<i32>,
+    /// Nice value of the scanner and compression threads (default: unchanged). A positive value
+    /// (`snapctl save --background` uses 10) leaves more CPU to a busy guest; the save takes
+    /// longer, and memory the guest writes meanwhile still goes first through the fault thread.
+    pub bulk_nice: Option<i32>,
     /// Test-only failure injection.
     #[doc(hidden)]
     pub inject_failure: Option<InjectPoint>,
@@ -240,6 +249,8 @@ impl Default for SaveOptions {
             fault_spin: None,
             restore_huge_pages: true,
             fault_staging: None,
+            fault_nice: Some(DEFAULT_FAULT_NICE),
+            bulk_nice: None,
             inject_failure: None,
         }
     }
@@ -611,6 +622,8 @@ struct Shared<'a> {
     latencies_us: Mutex<Vec<u64>>,
     spin: bool,
     inject: Option<InjectPoint>,
+    fault_nice: Option<i32>,
+    bulk_nice: Option<i32>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1320,6 +1333,15 @@ where
     thread::Builder::new()
         .name(format!("saver-{name}"))
         .spawn_scoped(s, move || {
+            let nice = match name {
+                "fault" => shared.fault_nice,
+                "scanner" | "compression" => shared.bulk_nice,
+                _ => None,
+            };
+            if let Some(n) = nice {
+                // Best effort: raising priority needs CAP_SYS_NICE; the save works without.
+                let _ = wp_tracker::set_thread_nice(n);
+            }
             let _p = PanicAbort { shared, name };
             if let Err(e) = f() {
                 shared.abort(e);
@@ -1416,6 +1438,8 @@ pub fn live_save<S: SnapshotSink>(
         latencies_us: Mutex::new(Vec::new()),
         spin: opts.fault_spin.unwrap_or(DEFAULT_SPIN),
         inject: opts.inject_failure,
+        fault_nice: opts.fault_nice,
+        bulk_nice: opts.bulk_nice,
     };
     let shared = &shared;
 

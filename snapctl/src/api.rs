@@ -55,6 +55,10 @@ pub struct SaveRequest {
     /// Replace an existing file at `path`.
     #[serde(default)]
     pub force: bool,
+    /// Run the scan and compression threads at low CPU priority: a busy guest keeps more of its
+    /// speed, the save takes longer. Faulted pages are served first either way.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub background: bool,
     /// Tuning knob: bytes the fault handler copies and releases per write fault (default: chosen by
     /// ram-saver from the memory's backing). A power of two, a multiple of 4096, at most 64 MiB, dividing
     /// the scan block.
@@ -238,6 +242,7 @@ mod tests {
                 fault_block: Some(2 << 20),
                 scan_block: None,
                 no_huge_restore: true,
+                background: true,
             }),
             Request::Cancel,
         ];

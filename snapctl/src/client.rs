@@ -170,6 +170,8 @@ pub struct SaveTuning {
     pub scan_block: Option<usize>,
     /// Leave split huge pages split.
     pub no_huge_restore: bool,
+    /// Low CPU priority for the bulk saver threads.
+    pub background: bool,
 }
 
 /// `snapctl save`: asks the VMM for a live snapshot, shows progress, prints the summary.
@@ -283,6 +285,7 @@ pub fn save(
         fault_block: tuning.fault_block,
         scan_block: tuning.scan_block,
         no_huge_restore: tuning.no_huge_restore,
+        background: tuning.background,
     });
     let bar = ProgressBar::new(0);
     bar.set_style(

@@ -114,6 +114,10 @@ enum Command {
         /// Replace the output file if it exists.
         #[arg(long)]
         force: bool,
+        /// Low CPU priority for the saver's scan and compression threads: a busy guest keeps more of its
+        /// speed, the save takes longer (see xtask/BENCH-RESULTS.md for the trade).
+        #[arg(long)]
+        background: bool,
         /// Print the summary as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -237,6 +241,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             zstd_level,
             max_bandwidth,
             force,
+            background,
             json,
             fault_block,
             scan_block,
@@ -254,6 +259,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 fault_block: fault_block.map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
                 scan_block: scan_block.map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
                 no_huge_restore,
+                background,
             },
         ),
         Command::Verify { file, json } => offline::verify(&file, json),

@@ -267,6 +267,9 @@ pub fn oracle(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Nice value of the scan and compression threads for `save --background`.
+const BACKGROUND_NICE: i32 = 10;
+
 /// The VMM side of `save`: open the output, freeze (pause, capture, write-protect, resume), then the live save.
 ///
 /// The output is opened before the freeze, so that a target that cannot be written (read-only or missing
@@ -294,6 +297,7 @@ pub fn live_save(
         compression,
         max_bandwidth: req.max_bandwidth,
         fault_block_size: req.fault_block,
+        bulk_nice: req.background.then_some(BACKGROUND_NICE),
         ..SaveOptions::default()
     };
     let opts = SaveOptions {

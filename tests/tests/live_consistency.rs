@@ -137,20 +137,29 @@ fn live_saves_are_exact_under_full_speed_writes() {
     let vm = boot(256);
     let t = tracker(&vm);
     let cases = [
-        ("raw", Compression::None, None),
-        ("zstd", Compression::Zstd { level: 1 }, None),
-        ("raw, 32 MiB/s scan", Compression::None, Some(32 << 20)),
+        ("raw", Compression::None, None, None),
+        ("zstd", Compression::Zstd { level: 1 }, None, None),
+        (
+            "raw, 32 MiB/s scan",
+            Compression::None,
+            Some(32 << 20),
+            None,
+        ),
         (
             "zstd, 32 MiB/s scan",
             Compression::Zstd { level: 3 },
             Some(32 << 20),
+            None,
         ),
+        // `snapctl save --background`: scan and compression threads at nice 10.
+        ("raw, background", Compression::None, None, Some(10)),
     ];
-    for (name, compression, bw) in cases {
+    for (name, compression, bw, bulk_nice) in cases {
         let before = wait_progress(&vm, &[0, 0]);
         let opts = SaveOptions {
             compression,
             max_bandwidth: bw,
+            bulk_nice,
             ..SaveOptions::default()
         };
         let saved = save(&vm, &t, &opts, &AtomicBool::new(false)).expect(name);
