@@ -130,11 +130,22 @@ fn parse_args() -> Args {
                     _ => Fill::Random,
                 }
             }
-            other => panic!("unknown option {other}"),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => {
+                eprintln!("save_bench: unknown option {other}\n{USAGE}");
+                std::process::exit(2);
+            }
         }
     }
     a
 }
+
+const USAGE: &str = "usage: save_bench [--size-mib N] [--mem thp|4k|both] [--writers N] [--block-kib K] \
+[--fault-block-kib K] [--spin|--no-spin] [--no-collapse] [--out file|null|both] [--zstd LEVEL] [--repeat N] \
+[--fill random|pattern|text] [--workers N] [--fault-staging-mib N] [--word-writes] [--limits] [--path FILE]";
 
 /// AnonHugePages (bytes) of the mapping containing `addr`, from /proc/self/smaps.
 fn anon_huge_bytes(addr: usize) -> u64 {

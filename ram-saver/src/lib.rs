@@ -20,7 +20,7 @@ pub use format::{
 pub use reader::{ReadProgress, Record, Records, SnapshotReader, VerifyReport};
 #[doc(hidden)]
 pub use save::InjectPoint;
-pub use save::{live_save, SaveError, SaveOptions, SaveProgress, SaveSummary};
+pub use save::{live_save, SaveError, SaveOptions, SaveProgress, SaveSummary, Staging};
 pub use writer::{
     AtomicFileSink, EncodedBatch, RecordEncoder, SnapshotSink, SnapshotWriter, StreamSink,
 };

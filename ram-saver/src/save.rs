@@ -128,9 +128,22 @@
 //!   (0.5 → 1.9 GB/s); guest time lost (duration × (1 − rate during/before)) 7.3 s → 2.2 s.
 //!   1 GiB, 2 vCPUs: 1.8–2.2 s → 0.65–0.9 s. The disk takes `O_DIRECT` writes at 1.6–2.8 GB/s
 //!   here vs 0.36–1.5 GB/s buffered + fsync (`cargo xtask bench` measures both).
+//! - Priorities (session 2; `SaveOptions::fault_nice`, `SaveOptions::bulk_nice`): the fault
+//!   thread runs at nice −10 where the VMM may raise priority, so a fault does not queue behind
+//!   the copies of the scanner and the workers. 1 GiB guest, 1 vCPU writing a 32 MiB hot set
+//!   at full speed, 3 saves each: worst stall 8–22 ms → 5–9 ms, guest time lost 0.30–0.33 s →
+//!   0.20–0.28 s (fault −15, scan/compression +10). With 2 busy vCPUs on 2 cores every CPU the
+//!   saver takes is the guest's loss: scan/compression at nice 10 (`snapctl save --background`)
+//!   raise the guest's rate during the save from 32–48 % to 61–71 %, but the save takes 2–3×
+//!   longer (0.8 → 1.7–2.5 s) and the guest loses a little more in total (0.5 → 0.63–0.78 s);
+//!   nice 19 gives 84 % during a 16–22 s save. So the default keeps scan and compression at
+//!   normal priority and `--background` is the user's choice.
+//! - Record payloads are checksummed and copied in one pass, 64 KiB at a time
+//!   ([`RecordEncoder`]); a 2 MiB payload fell out of the cache between the two passes.
 //! - Tried and dropped in session 2 (1 GiB, 2 vCPUs, full speed, 3 saves each; no change
 //!   beyond run-to-run noise in guest time lost, 0.55–0.65 s per save): nice −10 for the fault
-//!   thread (and +5 for scanner and workers); fault staging 256 MiB–1 GiB instead of 128 MiB
+//!   thread (and +5 for scanner and workers) with this full-RAM writer (the hot-set case
+//!   above is where priorities pay); fault staging 256 MiB–1 GiB instead of 128 MiB
 //!   (buffer waits went to 0, guest rate did not move); a prefault thread keeping staging
 //!   faulted in with MADV_POPULATE_WRITE (copy 0.45 → 0.37 ms per 2 MiB fault, lost nothing
 //!   else); a second fault-serving thread taking every other fault of a batch. Timing inside
@@ -147,7 +160,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -193,6 +206,8 @@ const COLLAPSE_BATCH: usize = 32;
 /// Default unit of the fault thread on 4 KiB-page memory (see the crate docs; THP-backed memory
 /// uses the whole unit).
 const DEFAULT_FAULT_BLOCK: usize = 4096;
+/// Fault staging faulted in ahead by [`Staging::prepare`], in bytes.
+const FAULT_WARM: usize = 16 << 20;
 /// Default of [`SaveOptions::fault_nice`].
 const DEFAULT_FAULT_NICE: i32 = -10;
 /// Default of [`SaveOptions::fault_spin`].
@@ -231,9 +246,65 @@ pub struct SaveOptions {
     /// (`snapctl save --background` uses 10) leaves more CPU to a busy guest; the save takes
     /// longer, and memory the guest writes meanwhile still goes first through the fault thread.
     pub bulk_nice: Option<i32>,
+    /// Staging buffers faulted in before the freeze ([`Staging::prepare`]); the save takes
+    /// them. Without, every staging buffer is faulted in on first use, inside the copy.
+    pub staging: Staging,
     /// Test-only failure injection.
     #[doc(hidden)]
     pub inject_failure: Option<InjectPoint>,
+}
+
+/// Staging memory faulted in ahead of a save, so the first copies after the thaw (the fault
+/// thread's above all) do not fault in fresh pages one by one while a vCPU waits.
+///
+/// Measured with `cargo xtask bench` (session 2): on this machine first-touch memory is
+/// zeroed at about 1 GB/s (`perf`: `clear_page_erms` dominates a restore), so a fresh 2 MiB
+/// fault buffer cost ~2 ms; a guest writing a small hot set hits its 10–30 faults right after
+/// the thaw, all on fresh buffers (fault p50 2–3 ms, vs 0.4–0.9 ms for the reused buffers of a
+/// full-RAM writer). Prepare it before pausing the guest: it costs the caller that time (tens of
+/// ms), not the guest. Clones share the buffers; the first save takes them.
+#[derive(Clone, Default)]
+pub struct Staging(Arc<Mutex<(usize, Vec<Vec<u8>>)>>);
+
+impl std::fmt::Debug for Staging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = lock(&self.0);
+        write!(f, "Staging({} × {} bytes)", g.1.len(), g.0)
+    }
+}
+
+impl Staging {
+    /// Fault in the scan pool and [`FAULT_WARM`] bytes of fault buffers for a save with `opts`
+    /// (buffers of `opts.block_size`; the fault pool uses them when its unit is the whole
+    /// block, as on THP- and hugetlbfs-backed memory).
+    pub fn prepare(opts: &SaveOptions) -> Self {
+        let size = opts.block_size.max(PAGE_SIZE);
+        let n = scan_pool_len(opts) + FAULT_WARM.div_ceil(size);
+        // Written, not just allocated: `vec![0; n]` would map untouched pages.
+        let bufs = (0..n).map(|_| vec![0xa5u8; size]).collect();
+        Staging(Arc::new(Mutex::new((size, bufs))))
+    }
+
+    /// Prepared buffers not taken by a save yet.
+    pub fn buffers(&self) -> usize {
+        lock(&self.0).1.len()
+    }
+
+    /// The buffers, if they have `size` bytes (empty otherwise, and afterwards).
+    fn take(&self, size: usize) -> Vec<Vec<u8>> {
+        let mut g = lock(&self.0);
+        if g.0 == size {
+            std::mem::take(&mut g.1)
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// Scan staging buffers of a save with `opts`.
+fn scan_pool_len(opts: &SaveOptions) -> usize {
+    let min_pool = opts.workers.max(1) * 2 + 4;
+    (SCAN_STAGING / opts.block_size.max(PAGE_SIZE)).clamp(min_pool, MAX_BUFFERS.max(min_pool))
 }
 
 impl Default for SaveOptions {
@@ -249,6 +320,7 @@ impl Default for SaveOptions {
             fault_spin: None,
             restore_huge_pages: true,
             fault_staging: None,
+            staging: Staging::default(),
             fault_nice: Some(DEFAULT_FAULT_NICE),
             bulk_nice: None,
             inject_failure: None,
@@ -562,9 +634,16 @@ struct PoolState {
 }
 
 impl Pool {
-    fn new(cap: usize, size: usize) -> Self {
+    /// A pool that starts with up to `cap` of the `ready` buffers (taken from its end).
+    fn with_buffers(cap: usize, size: usize, ready: &mut Vec<Vec<u8>>) -> Self {
+        let n = ready.len().min(cap);
+        let free = ready.split_off(ready.len() - n);
         Pool {
-            state: Mutex::new(PoolState::default()),
+            state: Mutex::new(PoolState {
+                allocated: free.len(),
+                free,
+                ..PoolState::default()
+            }),
             cv: Condvar::new(),
             cap,
             size,
@@ -1405,20 +1484,30 @@ pub fn live_save<S: SnapshotSink>(
     let mut writer = SnapshotWriter::new(sink, &header, machine_state).map_err(SaveError::Write)?;
 
     let min_pool = workers * 2 + 4;
-    let scan_pool = (SCAN_STAGING / opts.block_size).clamp(min_pool, MAX_BUFFERS.max(min_pool));
+    let scan_pool = scan_pool_len(opts);
     let guest_bytes = total_pages as usize * PAGE_SIZE;
     let fault_staging = opts
         .fault_staging
         .unwrap_or((guest_bytes / FAULT_STAGING_SHARE).clamp(FAULT_STAGING_MIN, FAULT_STAGING_MAX));
     let fault_pool = (fault_staging / fault_block).max(min_pool);
+    let mut prepared = opts.staging.take(opts.block_size);
+    let mut no_buffers = Vec::new();
     let shared = Shared {
         tracker,
         blocks,
         cancel,
         stop: AtomicBool::new(false),
         error: Mutex::new(None),
-        scan_pool: Pool::new(scan_pool, opts.block_size),
-        fault_pool: Pool::new(fault_pool, fault_block),
+        scan_pool: Pool::with_buffers(scan_pool, opts.block_size, &mut prepared),
+        fault_pool: Pool::with_buffers(
+            fault_pool,
+            fault_block,
+            if fault_block == opts.block_size {
+                &mut prepared
+            } else {
+                &mut no_buffers
+            },
+        ),
         queues: Mutex::new(Queues::default()),
         work_cv: Condvar::new(),
         space_cv: Condvar::new(),

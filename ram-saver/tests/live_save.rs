@@ -311,6 +311,41 @@ fn live_save_zstd_matches_freeze_instant() {
     assert!(s.image_size_ratio < 1.0, "ratio {}", s.image_size_ratio);
 }
 
+/// Staging prepared before the freeze is what the save uses (and it still matches the oracle);
+/// prepared buffers of another size are left alone.
+#[test]
+fn live_save_with_prepared_staging() {
+    let opts = SaveOptions {
+        max_bandwidth: Some(48 * MIB as u64),
+        ..Default::default()
+    };
+    let staging = ram_saver::Staging::prepare(&opts);
+    let n0 = staging.buffers();
+    assert!(n0 > 0);
+    let s = run_ok(SaveOptions {
+        staging: staging.clone(),
+        ..opts.clone()
+    });
+    assert!(s.faults_served > 0, "no fault served");
+    // The scan pool takes its share; the fault pool the rest when its unit is the whole block
+    // (THP memory), else those stay unused.
+    assert!(
+        staging.buffers() < n0,
+        "the save did not take the prepared buffers"
+    );
+
+    let other = ram_saver::Staging::prepare(&SaveOptions {
+        block_size: 64 * 1024,
+        ..opts.clone()
+    });
+    let n = other.buffers();
+    run_ok(SaveOptions {
+        staging: other.clone(),
+        ..opts
+    });
+    assert_eq!(other.buffers(), n, "buffers of the wrong size were used");
+}
+
 #[test]
 fn live_save_throttled_serves_faults() {
     let s = run_ok(SaveOptions {

@@ -305,6 +305,11 @@ pub fn live_save(
         restore_huge_pages: opts.restore_huge_pages && !req.no_huge_restore,
         ..opts
     };
+    // Staging faulted in now, while the guest still runs, not by the first copies after the thaw.
+    let opts = SaveOptions {
+        staging: ram_saver::Staging::prepare(&opts),
+        ..opts
+    };
     if req.stream {
         let f = open_stream(target, cancel)?;
         save_into(
