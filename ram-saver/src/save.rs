@@ -138,6 +138,16 @@
 //!   longer (0.8 → 1.7–2.5 s) and the guest loses a little more in total (0.5 → 0.63–0.78 s);
 //!   nice 19 gives 84 % during a 16–22 s save. So the default keeps scan and compression at
 //!   normal priority and `--background` is the user's choice.
+//! - Where a hot-set guest's time goes (session 2, 1 GiB, 1 vCPU writing 32 MiB at full
+//!   speed, 3 saves each): with the vCPU thread pinned alone to one core and every other thread
+//!   of the VMM to the other, the guest still keeps only 66–67 % of its rate during the save, so
+//!   CPU sharing is not the whole story; a memcpy hog at 8 GB/s on the other core costs it
+//!   nothing, so neither is memory bandwidth. 32 MiB scan units (16× fewer claims, pagemap scans
+//!   and unprotect calls) lift it to 77–91 % but a vCPU faulting into a unit being copied waits
+//!   for all 32 MiB (stalls 13–19 ms). Batching only the unprotect calls (scanner releases
+//!   copied 2 MiB units in 32 MiB runs, a fault on a copied-but-protected unit releases it at
+//!   once) did not help (69–74 %) and slowed full-RAM saves (guest time lost 0.55 → 0.75 s), so it
+//!   was dropped. Left: find which per-unit host operation costs the running PVM guest.
 //! - Record payloads are checksummed and copied in one pass, 64 KiB at a time
 //!   ([`RecordEncoder`]); a 2 MiB payload fell out of the cache between the two passes.
 //! - Tried and dropped in session 2 (1 GiB, 2 vCPUs, full speed, 3 saves each; no change
