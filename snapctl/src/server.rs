@@ -533,6 +533,9 @@ impl Vmm {
             Err(e) => Err(e),
         };
         drop(ptx);
+        // A save allocates tens of MiB of staging and I/O buffers on threads that come and go;
+        // give the freed memory back so the VMM's RSS returns to where it was (micro-VM density).
+        vmm_core::trim_heap();
         // Decide before stopping the watcher (whose end would otherwise look like a client leaving).
         let cancelled = cancel.load(Ordering::SeqCst);
         done.store(true, Ordering::SeqCst);
