@@ -191,8 +191,9 @@ fn silent_and_slow_clients_do_not_block_the_vmm() {
     for _ in 0..5 {
         assert_responsive(&vmm);
     }
-    // A save (and its verification) works meanwhile.
+    // A save (and its verification) works meanwhile, also at background priority.
     vmm.save_and_verify(&dir.join("vm.snap"), &[]);
+    vmm.save_and_verify(&dir.join("bg.snap"), &["--background"]);
     assert_responsive(&vmm);
     // The silent ones are told and closed after 30 s; the VMM still answers.
     partial
