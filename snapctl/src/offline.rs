@@ -209,22 +209,22 @@ enum LoadError {
     Other(anyhow::Error),
 }
 
-/// Builds a VM from a snapshot; bad files are refused before any vCPU runs (exits with the file's code).
+/// Builds a VM from a snapshot. A bad file is refused before any vCPU runs: `Ok(Err(code))`, with
+/// the problem already reported and `code` the file's exit code (3 corrupt, 4 incomplete, …).
 pub fn restore_vm(
     file: &Path,
     paused: bool,
     backend: Option<MemBackend>,
     serial: Box<dyn Write + Send>,
-) -> anyhow::Result<Vm> {
+) -> anyhow::Result<Result<Vm, ExitCode>> {
     match load(file, backend) {
-        Ok((state, mem)) => Vm::restore(&state, mem, serial, paused).context("restoring the VM"),
+        Ok((state, mem)) => Ok(Ok(
+            Vm::restore(&state, mem, serial, paused).context("restoring the VM")?
+        )),
         Err(LoadError::Format(e)) => {
-            let code = report_bad(file, &e, false);
+            report_bad(file, &e, false);
             eprintln!("snapctl: not restoring {}", file.display());
-            std::process::exit(match code {
-                c if c == ExitCode::SUCCESS => 1,
-                _ => i32::from(exit_code(&e)),
-            });
+            Ok(Err(ExitCode::from(exit_code(&e))))
         }
         Err(LoadError::Other(e)) => Err(e),
     }

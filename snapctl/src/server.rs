@@ -114,11 +114,20 @@ pub fn run_restore(
 ) -> anyhow::Result<ExitCode> {
     let listener = bind_socket(sock)?;
     let t0 = Instant::now();
-    let vm =
-        (|| crate::offline::restore_vm(file, paused, backend_override(vmm)?, serial_out(vmm)?))()
-            .inspect_err(|_| {
+    let restored =
+        (|| crate::offline::restore_vm(file, paused, backend_override(vmm)?, serial_out(vmm)?))();
+    let vm = match restored {
+        Ok(Ok(vm)) => vm,
+        // Refused or failed: no VM will serve this socket, so nothing is left behind.
+        Ok(Err(code)) => {
             let _ = std::fs::remove_file(sock);
-        })?;
+            return Ok(code);
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(sock);
+            return Err(e);
+        }
+    };
     eprintln!(
         "snapctl: restored {} in {:.3} s{}; control socket {}",
         file.display(),

@@ -408,8 +408,11 @@ fn e2e() -> anyhow::Result<()> {
                     p("bad.serial").to_str().context("path")?,
                 ],
             )?;
-            if rcode == 0 {
-                bail!("restore accepted a corrupted file");
+            if rcode != 3 {
+                bail!("restore of a corrupted file exited {rcode}, not 3 (corrupt)");
+            }
+            if p("bad.sock").exists() {
+                bail!("a refused restore left its control socket behind");
             }
             Ok(format!(
                 "verify exit {code}: {} / restore exit {rcode}: {}",
