@@ -611,10 +611,22 @@ fn filled_thp_memory(
     wp_tracker::advise_huge_pages(&mem, true).expect("madvise(MADV_HUGEPAGE)");
     fill(&mem);
     let before = anon_huge_bytes(host);
-    if before < need as u64 {
-        eprintln!("skipped: only {before} bytes of THP backing (THP disabled or unaligned)");
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if thp.is_empty() || thp.contains("[never]") {
+        eprintln!(
+            "skipped: transparent huge pages are off on this machine ({})",
+            thp.trim()
+        );
         return None;
     }
+    // THP is on (always or madvise, and the mapping was advised): missing backing is a failure,
+    // not a reason to skip.
+    assert!(
+        before >= need as u64,
+        "only {before} bytes of THP backing for a MADV_HUGEPAGE mapping (THP: {})",
+        thp.trim()
+    );
     Some((lock, mem, host, before))
 }
 
