@@ -29,7 +29,7 @@ use crate::format::{
     MAX_RECORD_RAW, RECORD_HEADER_LEN, STATE_TAG, TRAILER_FIXED_LEN,
 };
 use crate::pagemap::Pagemap;
-use crate::writer::is_zero;
+use crate::writer::{is_zero, AlignedBuf, DIRECT_ALIGN};
 
 /// Bytes read ahead per positioned read when streaming records (fits in L2 with room to spare).
 const WINDOW: usize = 1 << 20;
@@ -136,46 +136,43 @@ trait Source {
     fn prefetch(&mut self, _pos: u64, _len: u64) {}
 }
 
-/// Positioned reads on a file (any number of threads at once).
-struct Pread<'a>(&'a File);
-
-/// Alignment of direct reads: offsets, lengths and buffer addresses (covers 512 and 4096-byte
-/// sectors).
-const DIRECT_ALIGN: usize = 4096;
-
-/// Positioned reads on a file opened with `O_DIRECT`: whole aligned blocks into an aligned
-/// bounce buffer, then copied out. A cold 1 GiB file read at 0.4 GB/s through the page cache
-/// with the default readahead (1.2–1.4 GB/s with `POSIX_FADV_WILLNEED` ahead), 1.8 GB/s with
-/// direct reads (`dd iflag=direct`); the bounce copy costs ~0.1 s per GiB and keeps the file
-/// out of the page cache, which a host restoring many VMs wants.
-struct DirectPread<'a> {
+/// Positioned reads on a file (any number of threads at once): through `direct`, the same file
+/// opened with `O_DIRECT`, when there is one, else through the page cache with readahead hints.
+///
+/// Direct reads fetch whole aligned blocks into an aligned bounce buffer and copy out. A cold
+/// 1 GiB file read at 0.4 GB/s through the page cache with the default readahead (1.2–1.4 GB/s
+/// with `POSIX_FADV_WILLNEED` ahead), 1.8 GB/s with direct reads (`dd iflag=direct`); the bounce
+/// copy costs ~0.1 s per GiB and keeps the file out of the page cache, which a host restoring
+/// many VMs wants. If the file system refuses a direct read, reads go through `f` from then on.
+struct Pread<'a> {
     f: &'a File,
-    bounce: Vec<u8>,
+    direct: Option<&'a File>,
+    bounce: AlignedBuf,
 }
 
-impl<'a> DirectPread<'a> {
-    fn new(f: &'a File) -> Self {
-        DirectPread {
+impl<'a> Pread<'a> {
+    fn new(f: &'a File, direct: Option<&'a File>) -> Self {
+        Pread {
             f,
-            bounce: Vec::new(),
+            direct,
+            bounce: AlignedBuf::default(),
         }
     }
-}
 
-impl Source for DirectPread<'_> {
-    fn read_exact_at(&mut self, buf: &mut [u8], pos: u64) -> Result<(), FormatError> {
+    /// Direct read of `buf.len()` bytes at `pos` from `d`; `Ok(false)` if the file system
+    /// refused it.
+    fn read_direct(&mut self, d: &File, buf: &mut [u8], pos: u64) -> Result<bool, FormatError> {
         let a = pos & !(DIRECT_ALIGN as u64 - 1);
         let end = pos + buf.len() as u64;
         let span = (end.next_multiple_of(DIRECT_ALIGN as u64) - a) as usize;
-        if self.bounce.len() < span + DIRECT_ALIGN {
-            self.bounce = vec![0u8; span + DIRECT_ALIGN];
+        if self.bounce.cap() < span {
+            self.bounce = AlignedBuf::new(span);
         }
-        let off = self.bounce.as_ptr().align_offset(DIRECT_ALIGN);
-        let dst = &mut self.bounce[off..off + span];
+        let dst = &mut self.bounce.all_mut()[..span];
         let need = (end - a) as usize;
         let mut got = 0;
         while got < need {
-            match self.f.read_at(&mut dst[got..], a + got as u64) {
+            match d.read_at(&mut dst[got..], a + got as u64) {
                 // End of file: the file is shorter than what the caller expects.
                 Ok(0) => {
                     let e = io::Error::from(io::ErrorKind::UnexpectedEof);
@@ -183,35 +180,41 @@ impl Source for DirectPread<'_> {
                 }
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // The file system refused a direct read after all: read through the cache.
                 Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) && got == 0 => {
-                    return Pread(self.f).read_exact_at(buf, pos);
+                    return Ok(false);
                 }
                 Err(e) => return Err(read_error(e, pos, buf.len())),
             }
         }
         let from = (pos - a) as usize;
         buf.copy_from_slice(&dst[from..from + buf.len()]);
-        Ok(())
+        Ok(true)
     }
 }
 
 impl Source for Pread<'_> {
     fn read_exact_at(&mut self, buf: &mut [u8], pos: u64) -> Result<(), FormatError> {
-        self.0
+        if let Some(d) = self.direct {
+            if self.read_direct(d, buf, pos)? {
+                return Ok(());
+            }
+            self.direct = None;
+        }
+        self.f
             .read_exact_at(buf, pos)
             .map_err(|e| read_error(e, pos, buf.len()))
     }
     fn prefetch(&mut self, pos: u64, len: u64) {
-        // Starts reading the range into the page cache in the background, so the disk works
-        // ahead of the workers (cold 1 GiB restore: 0.4 GB/s with the kernel's default
-        // 128 KiB readahead before this).
-        let _ = posix_fadvise(
-            self.0,
-            pos as i64,
-            len as i64,
-            PosixFadviseAdvice::POSIX_FADV_WILLNEED,
-        );
+        if self.direct.is_none() {
+            // Starts reading the range into the page cache in the background, so the disk
+            // works ahead of the workers.
+            let _ = posix_fadvise(
+                self.f,
+                pos as i64,
+                len as i64,
+                PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+            );
+        }
     }
 }
 
@@ -415,7 +418,7 @@ impl<R: Read + Seek> SnapshotReader<R> {
         let mut pread;
         let src: &mut dyn Source = match &self.file {
             Some(f) => {
-                pread = Pread(f);
+                pread = Pread::new(f, None);
                 &mut pread
             }
             None => &mut seq,
@@ -637,24 +640,17 @@ impl<R: Read + Seek> SnapshotReader<R> {
             shared: &shared,
             mode,
         };
-        match (&self.file, &self.direct) {
-            (Some(_), Some(d)) if threads > 1 => std::thread::scope(|s| {
+        let direct = self.direct.as_ref();
+        match &self.file {
+            Some(f) if threads > 1 => std::thread::scope(|s| {
                 for _ in 1..threads {
                     let job = &job;
-                    s.spawn(move || job.work(&mut DirectPread::new(d), &mut |_| {}));
+                    s.spawn(move || job.work(&mut Pread::new(f, direct), &mut |_| {}));
                 }
-                job.work(&mut DirectPread::new(d), &mut report);
+                job.work(&mut Pread::new(f, direct), &mut report);
             }),
-            (Some(_), Some(d)) => job.work(&mut DirectPread::new(d), &mut report),
-            (Some(f), None) if threads > 1 => std::thread::scope(|s| {
-                for _ in 1..threads {
-                    let job = &job;
-                    s.spawn(move || job.work(&mut Pread(f), &mut |_| {}));
-                }
-                job.work(&mut Pread(f), &mut report);
-            }),
-            (Some(f), None) => job.work(&mut Pread(f), &mut report),
-            (None, _) => {
+            Some(f) => job.work(&mut Pread::new(f, direct), &mut report),
+            None => {
                 let mut src = Seq {
                     r: &mut self.r,
                     cur: &mut self.cur,

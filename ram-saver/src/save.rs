@@ -311,9 +311,14 @@ impl Staging {
     }
 }
 
+/// Fewest buffers in a staging pool: enough for every worker to hold two and the producers some.
+fn min_pool(opts: &SaveOptions) -> usize {
+    opts.workers.max(1) * 2 + 4
+}
+
 /// Scan staging buffers of a save with `opts`.
 fn scan_pool_len(opts: &SaveOptions) -> usize {
-    let min_pool = opts.workers.max(1) * 2 + 4;
+    let min_pool = min_pool(opts);
     (SCAN_STAGING / opts.block_size.max(PAGE_SIZE)).clamp(min_pool, MAX_BUFFERS.max(min_pool))
 }
 
@@ -711,8 +716,6 @@ struct Shared<'a> {
     latencies_us: Mutex<Vec<u64>>,
     spin: bool,
     inject: Option<InjectPoint>,
-    fault_nice: Option<i32>,
-    bulk_nice: Option<i32>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1409,11 +1412,13 @@ impl Drop for ProducerDone<'_, '_> {
     }
 }
 
-/// Start a named saver thread whose error or panic aborts the save.
+/// Start a named saver thread, at nice value `nice` if given, whose error or panic aborts the
+/// save.
 fn spawn_saver<'scope, 'env, F>(
     s: &'scope thread::Scope<'scope, 'env>,
     shared: &'env Shared<'env>,
     name: &'static str,
+    nice: Option<i32>,
     f: F,
 ) -> io::Result<thread::ScopedJoinHandle<'scope, ()>>
 where
@@ -1422,11 +1427,6 @@ where
     thread::Builder::new()
         .name(format!("saver-{name}"))
         .spawn_scoped(s, move || {
-            let nice = match name {
-                "fault" => shared.fault_nice,
-                "scanner" | "compression" => shared.bulk_nice,
-                _ => None,
-            };
             if let Some(n) = nice {
                 // Best effort: raising priority needs CAP_SYS_NICE; the save works without.
                 let _ = wp_tracker::set_thread_nice(n);
@@ -1493,31 +1493,29 @@ pub fn live_save<S: SnapshotSink>(
     }
     let mut writer = SnapshotWriter::new(sink, &header, machine_state).map_err(SaveError::Write)?;
 
-    let min_pool = workers * 2 + 4;
-    let scan_pool = scan_pool_len(opts);
     let guest_bytes = total_pages as usize * PAGE_SIZE;
     let fault_staging = opts
         .fault_staging
         .unwrap_or((guest_bytes / FAULT_STAGING_SHARE).clamp(FAULT_STAGING_MIN, FAULT_STAGING_MAX));
-    let fault_pool = (fault_staging / fault_block).max(min_pool);
+    // Prepared buffers go to the scan pool first, the rest to the fault pool if its unit fits.
     let mut prepared = opts.staging.take(opts.block_size);
-    let mut no_buffers = Vec::new();
+    let scan_pool = Pool::with_buffers(scan_pool_len(opts), opts.block_size, &mut prepared);
+    if fault_block != opts.block_size {
+        prepared.clear();
+    }
+    let fault_pool = Pool::with_buffers(
+        (fault_staging / fault_block).max(min_pool(opts)),
+        fault_block,
+        &mut prepared,
+    );
     let shared = Shared {
         tracker,
         blocks,
         cancel,
         stop: AtomicBool::new(false),
         error: Mutex::new(None),
-        scan_pool: Pool::with_buffers(scan_pool, opts.block_size, &mut prepared),
-        fault_pool: Pool::with_buffers(
-            fault_pool,
-            fault_block,
-            if fault_block == opts.block_size {
-                &mut prepared
-            } else {
-                &mut no_buffers
-            },
-        ),
+        scan_pool,
+        fault_pool,
         queues: Mutex::new(Queues::default()),
         work_cv: Condvar::new(),
         space_cv: Condvar::new(),
@@ -1537,8 +1535,6 @@ pub fn live_save<S: SnapshotSink>(
         latencies_us: Mutex::new(Vec::new()),
         spin: opts.fault_spin.unwrap_or(DEFAULT_SPIN),
         inject: opts.inject_failure,
-        fault_nice: opts.fault_nice,
-        bulk_nice: opts.bulk_nice,
     };
     let shared = &shared;
 
@@ -1552,11 +1548,11 @@ pub fn live_save<S: SnapshotSink>(
         let bw = opts.max_bandwidth;
         let c = opts.compression;
         let started_threads = [
-            spawn_saver(s, shared, "fault", move || {
+            spawn_saver(s, shared, "fault", opts.fault_nice, move || {
                 let _d = ProducerDone(shared);
                 shared.fault_loop()
             }),
-            spawn_saver(s, shared, "scanner", move || {
+            spawn_saver(s, shared, "scanner", opts.bulk_nice, move || {
                 let _d = ProducerDone(shared);
                 shared.scan_loop(bw)
             }),
@@ -1568,7 +1564,7 @@ pub fn live_save<S: SnapshotSink>(
             }
         }
         for _ in 0..workers {
-            match spawn_saver(s, shared, "compression", move || {
+            match spawn_saver(s, shared, "compression", opts.bulk_nice, move || {
                 let _d = WorkerDone(shared);
                 shared.worker_loop(c)
             }) {

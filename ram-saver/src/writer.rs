@@ -182,30 +182,45 @@ impl Drop for AtomicFileSink {
 }
 
 /// Alignment of direct I/O buffers, file offsets and lengths (covers 512 and 4096-byte sectors).
-const DIRECT_ALIGN: usize = 4096;
+pub(crate) const DIRECT_ALIGN: usize = 4096;
 /// Size of one direct write.
 const DIRECT_CHUNK: usize = 8 << 20;
 /// Buffers in flight or being filled (one filling, the rest queued for or in the I/O thread).
 const DIRECT_BUFFERS: usize = 3;
 
-/// A buffer whose usable part starts at a [`DIRECT_ALIGN`]-aligned address.
-struct AlignedBuf {
+/// A buffer of `cap` bytes starting at a [`DIRECT_ALIGN`]-aligned address (for `O_DIRECT`
+/// reads and writes), of which the first `len` are in use.
+#[derive(Default)]
+pub(crate) struct AlignedBuf {
     raw: Vec<u8>,
     start: usize,
+    cap: usize,
     len: usize,
 }
 
 impl AlignedBuf {
-    fn new() -> Self {
-        let raw = vec![0u8; DIRECT_CHUNK + DIRECT_ALIGN];
+    pub(crate) fn new(cap: usize) -> Self {
+        let raw = vec![0u8; cap + DIRECT_ALIGN];
         let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
-        AlignedBuf { raw, start, len: 0 }
+        AlignedBuf {
+            raw,
+            start,
+            cap,
+            len: 0,
+        }
+    }
+    pub(crate) fn cap(&self) -> usize {
+        self.cap
+    }
+    /// The whole aligned buffer.
+    pub(crate) fn all_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.cap]
     }
     fn data(&self) -> &[u8] {
         &self.raw[self.start..self.start + self.len]
     }
     fn spare(&mut self) -> &mut [u8] {
-        &mut self.raw[self.start + self.len..self.start + DIRECT_CHUNK]
+        &mut self.raw[self.start + self.len..self.start + self.cap]
     }
 }
 
@@ -259,7 +274,7 @@ impl DirectWriter {
                 Ok(file)
             })?;
         Ok(DirectWriter {
-            cur: AlignedBuf::new(),
+            cur: AlignedBuf::new(DIRECT_CHUNK),
             total: 0,
             to_io: Some(to_io),
             from_io,
@@ -268,53 +283,47 @@ impl DirectWriter {
         })
     }
 
-    /// The I/O thread's error once it has stopped (it only stops early on an error).
-    fn io_error(&mut self) -> io::Error {
+    /// Let the I/O thread finish what it was given and take back the file (or its error).
+    fn join_io(&mut self) -> io::Result<File> {
         self.to_io = None;
         match self.io.take().map(|h| h.join()) {
-            Some(Ok(Err(e))) => e,
-            Some(Err(_)) => io::Error::other("snapshot I/O thread panicked"),
-            _ => io::Error::other("snapshot I/O thread stopped"),
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(io::Error::other("snapshot I/O thread panicked")),
+            None => Err(io::Error::other("snapshot I/O thread already stopped")),
         }
     }
 
-    /// Hand the current buffer to the I/O thread and take an empty one.
+    /// Why the I/O thread stopped early (it only does on an error).
+    fn stopped_error(&mut self) -> io::Error {
+        match self.join_io() {
+            Ok(_) => io::Error::other("snapshot I/O thread stopped"),
+            Err(e) => e,
+        }
+    }
+
+    /// Hand the current buffer to the I/O thread.
+    fn send_current(&mut self) -> io::Result<()> {
+        let full = std::mem::take(&mut self.cur);
+        if self.to_io.as_ref().is_some_and(|tx| tx.send(full).is_ok()) {
+            Ok(())
+        } else {
+            Err(self.stopped_error())
+        }
+    }
+
+    /// Hand the current buffer to the I/O thread and take an empty one: a returned one, a new
+    /// one while fewer than [`DIRECT_BUFFERS`] exist, else wait for the I/O thread.
     fn submit(&mut self) -> io::Result<()> {
-        let next = match self.from_io.try_recv() {
+        self.send_current()?;
+        self.cur = match self.from_io.try_recv() {
             Ok(b) => b,
             Err(_) if self.allocated < DIRECT_BUFFERS => {
                 self.allocated += 1;
-                AlignedBuf::new()
+                AlignedBuf::new(DIRECT_CHUNK)
             }
-            Err(_) => {
-                // All buffers are queued: push the full one first, then wait for an empty one.
-                let full = std::mem::replace(
-                    &mut self.cur,
-                    AlignedBuf {
-                        raw: Vec::new(),
-                        start: 0,
-                        len: 0,
-                    },
-                );
-                self.send(full)?;
-                self.cur = self.from_io.recv().map_err(|_| self.io_error())?;
-                return Ok(());
-            }
+            Err(_) => self.from_io.recv().map_err(|_| self.stopped_error())?,
         };
-        let full = std::mem::replace(&mut self.cur, next);
-        self.send(full)
-    }
-
-    fn send(&mut self, buf: AlignedBuf) -> io::Result<()> {
-        let sent = match &self.to_io {
-            Some(tx) => tx.send(buf).is_ok(),
-            None => false,
-        };
-        if sent {
-            Ok(())
-        } else {
-            Err(self.io_error())
-        }
+        Ok(())
     }
 
     /// Write what is left (padded to a block), wait for the I/O thread, cut the padding off.
@@ -324,21 +333,9 @@ impl DirectWriter {
             let padded = tail.next_multiple_of(DIRECT_ALIGN);
             self.cur.spare()[..padded - tail].fill(0);
             self.cur.len = padded;
-            let full = std::mem::replace(
-                &mut self.cur,
-                AlignedBuf {
-                    raw: Vec::new(),
-                    start: 0,
-                    len: 0,
-                },
-            );
-            self.send(full)?;
+            self.send_current()?;
         }
-        self.to_io = None;
-        let file = match self.io.take().map(|h| h.join()) {
-            Some(Ok(r)) => r?,
-            _ => return Err(io::Error::other("snapshot I/O thread panicked")),
-        };
+        let file = self.join_io()?;
         file.set_len(self.total)?;
         Ok(file)
     }
@@ -351,7 +348,7 @@ impl Write for DirectWriter {
         spare[..n].copy_from_slice(&buf[..n]);
         self.cur.len += n;
         self.total += n as u64;
-        if self.cur.len == DIRECT_CHUNK {
+        if self.cur.len == self.cur.cap() {
             self.submit()?;
         }
         Ok(n)
@@ -363,9 +360,8 @@ impl Write for DirectWriter {
 
 impl Drop for DirectWriter {
     fn drop(&mut self) {
-        self.to_io = None;
-        if let Some(h) = self.io.take() {
-            let _ = h.join();
+        if self.io.is_some() {
+            let _ = self.join_io();
         }
     }
 }
@@ -764,10 +760,16 @@ mod tests {
         assert_eq!(b.totals.data_pages, 1);
     }
 
+    /// A fresh directory under the temporary directory (on disk here, not tmpfs).
+    fn test_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     #[test]
     fn atomic_sink_removes_temp_on_drop() {
-        let dir = std::env::temp_dir().join(format!("ram-saver-sink-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let dir = test_dir("ram-saver-sink");
         let target = dir.join("x.snap");
         let mut s = AtomicFileSink::create(&target).unwrap();
         s.write_all(b"partial").unwrap();
@@ -788,8 +790,7 @@ mod tests {
     /// (padded for the last write, then cut off). Both sinks must produce identical files.
     #[test]
     fn direct_sink_round_trips() {
-        let dir = std::env::temp_dir().join(format!("ram-saver-direct-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let dir = test_dir("ram-saver-direct");
         let len = DIRECT_CHUNK * (DIRECT_BUFFERS + 2) + 12_345;
         let mut data = vec![0u8; len];
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -834,8 +835,7 @@ mod tests {
     /// machine whose /tmp refuses O_DIRECT, the fallback is what runs there.
     #[test]
     fn direct_sink_is_used_on_disk() {
-        let dir = std::env::temp_dir().join(format!("ram-saver-isdirect-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let dir = test_dir("ram-saver-isdirect");
         let s = AtomicFileSink::create(dir.join("x.snap")).unwrap();
         let direct = s.is_direct();
         drop(s);

@@ -116,17 +116,13 @@ pub fn run_restore(
     let t0 = Instant::now();
     let restored =
         (|| crate::offline::restore_vm(file, paused, backend_override(vmm)?, serial_out(vmm)?))();
-    let vm = match restored {
-        Ok(Ok(vm)) => vm,
+    if !matches!(restored, Ok(Ok(_))) {
         // Refused or failed: no VM will serve this socket, so nothing is left behind.
-        Ok(Err(code)) => {
-            let _ = std::fs::remove_file(sock);
-            return Ok(code);
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(sock);
-            return Err(e);
-        }
+        let _ = std::fs::remove_file(sock);
+    }
+    let vm = match restored? {
+        Ok(vm) => vm,
+        Err(code) => return Ok(code),
     };
     eprintln!(
         "snapctl: restored {} in {:.3} s{}; control socket {}",
