@@ -162,9 +162,69 @@ pub fn default_socket_path(name: &str) -> PathBuf {
     dir.join(format!("{name}.sock"))
 }
 
-/// Resolves `--api-sock` / `--name` into a socket path.
-pub fn socket_path(api_sock: Option<&Path>, name: &str) -> PathBuf {
-    api_sock.map_or_else(|| default_socket_path(name), Path::to_path_buf)
+/// Resolves `--api-sock` / `--name` into a socket path. A default path's directory is checked with
+/// [`check_private_dir`] (created first when `create`, as the VMM does); a path the user names with
+/// `--api-sock` is taken as it is.
+pub fn socket_path(api_sock: Option<&Path>, name: &str, create: bool) -> anyhow::Result<PathBuf> {
+    if let Some(p) = api_sock {
+        return Ok(p.to_path_buf());
+    }
+    let path = default_socket_path(name);
+    if let Some(dir) = path.parent() {
+        if create {
+            use std::os::unix::fs::DirBuilderExt;
+            match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    anyhow::bail!("cannot create the socket directory {}: {e}", dir.display())
+                }
+                _ => {}
+            }
+        }
+        if create || std::fs::symlink_metadata(dir).is_ok() {
+            check_private_dir(dir)?;
+        }
+    }
+    Ok(path)
+}
+
+/// A default socket directory must be the user's own: a real directory (not a symbolic link),
+/// owned by the effective user, closed to everyone else (mode 0700). Otherwise another local user
+/// could have made it first and serve a socket there that impersonates the VMM.
+pub fn check_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = std::fs::symlink_metadata(dir)
+        .map_err(|e| anyhow::anyhow!("socket directory {}: {e}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if m.file_type().is_symlink() {
+        anyhow::bail!(
+            "the socket directory {} is a symbolic link; refusing to use it (remove it, or pass --api-sock)",
+            dir.display()
+        );
+    }
+    if !m.is_dir() {
+        anyhow::bail!(
+            "{} is not a directory; refusing to use it as the socket directory (remove it, or pass --api-sock)",
+            dir.display()
+        );
+    }
+    if m.uid() != me {
+        anyhow::bail!(
+            "the socket directory {} belongs to uid {}, not to you (uid {me}): another user may have made it \
+             to impersonate the VMM; refusing to use it (remove it, or pass --api-sock)",
+            dir.display(),
+            m.uid()
+        );
+    }
+    let mode = m.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "the socket directory {} is open to other users (mode {mode:03o}); refusing to use it \
+             (`chmod 700 {}`, or pass --api-sock)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Writes one JSON line.

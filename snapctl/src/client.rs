@@ -90,7 +90,9 @@ pub fn status(sock: &Path, json: bool) -> anyhow::Result<ExitCode> {
         fmt_bytes(g("mem_bytes").as_u64().unwrap_or(0)),
         g("vcpus")
     );
-    println!("guest ticks:  {}", g("ticks"));
+    if let Some(t) = v.get("ticks") {
+        println!("guest ticks:  {t}");
+    }
     if let (Some(steps), Some(rates)) = (g("steps").as_array(), g("steps_per_s").as_array()) {
         for (i, (s, r)) in steps.iter().zip(rates).enumerate() {
             println!(

@@ -32,8 +32,14 @@ struct SockArgs {
 }
 
 impl SockArgs {
-    fn path(&self) -> PathBuf {
-        api::socket_path(self.api_sock.as_deref(), &self.name)
+    /// The socket of the VM to talk to.
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        api::socket_path(self.api_sock.as_deref(), &self.name, false)
+    }
+
+    /// The socket a VMM serves (its default directory is created if missing).
+    fn serve_path(&self) -> anyhow::Result<PathBuf> {
+        api::socket_path(self.api_sock.as_deref(), &self.name, true)
     }
 }
 
@@ -227,14 +233,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             });
             let cfg =
                 server::boot_config(mem, vcpus, &write_rate, working_set, seed, kernel, &vmm)?;
-            server::run_boot(cfg, &vmm, &sock.path())
+            server::run_boot(cfg, &vmm, &sock.serve_path()?)
         }
         Command::Restore {
             file,
             paused,
             vmm,
             sock,
-        } => server::run_restore(&file, paused, &vmm, &sock.path()),
+        } => server::run_restore(&file, paused, &vmm, &sock.serve_path()?),
         Command::Save {
             out,
             zstd,
@@ -248,7 +254,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_huge_restore,
             sock,
         } => client::save(
-            &sock.path(),
+            &sock.path()?,
             &out,
             zstd || zstd_level.is_some(),
             zstd_level,
@@ -265,13 +271,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify { file, json } => offline::verify(&file, json),
         Command::Info { file, json } => offline::info(&file, json),
         Command::Oracle { file, json } => offline::oracle(&file, json),
-        Command::Status { json, sock } => client::status(&sock.path(), json),
-        Command::Pause { sock } => client::simple(&sock.path(), api::Request::Pause, "paused"),
-        Command::Resume { sock } => client::simple(&sock.path(), api::Request::Resume, "resumed"),
-        Command::Cancel { sock } => client::simple(&sock.path(), api::Request::Cancel, "cancelled"),
-        Command::SelfCheck { json, sock } => client::self_check(&sock.path(), json),
+        Command::Status { json, sock } => client::status(&sock.path()?, json),
+        Command::Pause { sock } => client::simple(&sock.path()?, api::Request::Pause, "paused"),
+        Command::Resume { sock } => client::simple(&sock.path()?, api::Request::Resume, "resumed"),
+        Command::Cancel { sock } => {
+            client::simple(&sock.path()?, api::Request::Cancel, "cancelled")
+        }
+        Command::SelfCheck { json, sock } => client::self_check(&sock.path()?, json),
         Command::Shutdown { sock } => {
-            client::simple(&sock.path(), api::Request::Shutdown, "shutting down")
+            client::simple(&sock.path()?, api::Request::Shutdown, "shutting down")
         }
     }
 }

@@ -30,13 +30,14 @@ pub struct ProgressMonitor {
 }
 
 impl ProgressMonitor {
-    /// Starts sampling `vm`'s progress on a thread of its own.
-    pub fn start(vm: &Arc<Vm>) -> Self {
+    /// Starts sampling `vm`'s progress on a thread of its own. `moving[i]`: vCPU `i` was making
+    /// progress before the save (a vCPU that then never moves again stalled for the whole save).
+    pub fn start(vm: &Arc<Vm>, moving: Vec<bool>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (vm, stop2) = (vm.clone(), stop.clone());
         let handle = std::thread::Builder::new()
             .name("save-monitor".into())
-            .spawn(move || watch(&vm, &stop2))
+            .spawn(move || watch(&vm, &moving, &stop2))
             .ok();
         Self { stop, handle }
     }
@@ -57,7 +58,7 @@ impl Drop for ProgressMonitor {
     }
 }
 
-fn watch(vm: &Vm, stop: &AtomicBool) -> GuestDuringSave {
+fn watch(vm: &Vm, moving: &[bool], stop: &AtomicBool) -> GuestDuringSave {
     let t0 = Instant::now();
     let first = vm.progress().steps;
     let mut last = first.clone();
@@ -76,9 +77,10 @@ fn watch(vm: &Vm, stop: &AtomicBool) -> GuestDuringSave {
         }
     }
     let end = Instant::now();
-    // A vCPU that never moved again counts up to the end, if it moved at all during the save.
+    // A vCPU that did not move again counts up to the end, if it moved at all during the save or
+    // was moving before it (one stuck from the freeze on stalled for the whole save).
     for (i, (s, f)) in last.iter().zip(&first).enumerate() {
-        if s != f {
+        if s != f || moving.get(i).copied().unwrap_or(false) {
             max_stall = max_stall.max(end.duration_since(last_change[i]));
         }
     }

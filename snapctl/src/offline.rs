@@ -279,6 +279,7 @@ pub fn live_save(
     vm: &std::sync::Arc<Vm>,
     tracker: &WpTracker,
     req: &SaveRequest,
+    moving: &[bool],
     cancel: &AtomicBool,
     progress: &mut (dyn FnMut(Value) + Send),
 ) -> anyhow::Result<Value> {
@@ -318,6 +319,7 @@ pub fn live_save(
             StreamSink::new(CancellableWriter { f, cancel }),
             req,
             &opts,
+            moving,
             cancel,
             progress,
         )
@@ -347,7 +349,7 @@ pub fn live_save(
                 io_hint(&e)
             )
         })?;
-        save_into(vm, tracker, sink, req, &opts, cancel, progress)
+        save_into(vm, tracker, sink, req, &opts, moving, cancel, progress)
     }
 }
 
@@ -458,51 +460,70 @@ fn find_io_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std
     None
 }
 
+/// Write-protection of all guest RAM, released on drop unless handed over to the live save (which
+/// releases it itself, whatever happens): held from the instant RAM is protected, so no error
+/// between the freeze and the save can leave the guest write-protected with nobody serving its
+/// faults.
+struct Protected<'a> {
+    tracker: &'a WpTracker,
+    armed: bool,
+}
+
+impl<'a> Protected<'a> {
+    /// Write-protects every registered range (all of it or, on failure, none of it).
+    fn all(tracker: &'a WpTracker) -> Result<Self, wp_tracker::WpError> {
+        let guard = Protected {
+            tracker,
+            armed: true,
+        };
+        tracker.protect_all()?;
+        Ok(guard)
+    }
+
+    /// The live save owns the protection from here on.
+    fn hand_over(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Protected<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.tracker.unprotect_all();
+        }
+    }
+}
+
 /// Freeze, save into `sink`, and build the summary.
+#[allow(clippy::too_many_arguments)]
 fn save_into<S: ram_saver::SnapshotSink>(
     vm: &std::sync::Arc<Vm>,
     tracker: &WpTracker,
     sink: S,
     req: &SaveRequest,
     opts: &SaveOptions,
+    moving: &[bool],
     cancel: &AtomicBool,
     progress: &mut (dyn FnMut(Value) + Send),
 ) -> anyhow::Result<Value> {
-    // Freeze instant: vCPUs parked, machine state captured, all RAM write-protected, vCPUs resumed.
-    let was_paused = vm.is_paused();
-    let t0 = Instant::now();
-    vm.pause().context("pausing vCPUs")?;
-    let frozen = (|| -> anyhow::Result<MachineState> {
-        let state = vm.capture_state().context("capturing machine state")?;
-        tracker
-            .protect_all()
-            .context("write-protecting guest RAM")?;
-        Ok(state)
-    })();
-    let resumed = if was_paused {
-        Ok(Duration::ZERO)
-    } else {
-        vm.resume()
-    };
-    let downtime = t0.elapsed();
-    let state = match (frozen, resumed) {
-        (Ok(s), Ok(_)) => s,
-        (Err(e), _) => {
-            let _ = tracker.unprotect_all();
-            return Err(e);
-        }
-        (Ok(_), Err(e)) => {
-            let _ = tracker.unprotect_all();
-            return Err(anyhow::anyhow!("resuming vCPUs after the freeze: {e}"));
-        }
-    };
-    let monitor = crate::monitor::ProgressMonitor::start(vm);
-    let cfg = state.config().clone();
+    // Everything that can fail is built before the freeze.
+    let cfg = vm.config().clone();
     let header = SnapshotHeader::new(
         Vec::new(),
         u32::from(cfg.vcpus),
-        serde_json::to_vec(&cfg).context("encoding the VM config")?,
+        serde_json::to_vec(&cfg).context("encoding the VM configuration")?,
     );
+    let monitor = cfg
+        .is_builtin_guest()
+        .then(|| crate::monitor::ProgressMonitor::start(vm, moving.to_vec()));
+    // The freeze instant: vCPUs parked, machine state captured, all RAM write-protected, vCPUs
+    // resumed, atomically against other clients' pause and resume.
+    let frozen = vm
+        .freeze(|_| Protected::all(tracker))
+        .context("freezing the VM")?;
+    let protected = frozen.held;
+    let state = frozen.state;
+    let downtime = frozen.times.total();
     let state_bytes = state.to_bytes();
     let total_bytes = cfg.mem_bytes;
     let progress = Mutex::new(progress);
@@ -513,6 +534,8 @@ fn save_into<S: ram_saver::SnapshotSink>(
             (*f)(v);
         }
     };
+    // ram-saver releases every page whatever happens from here on.
+    protected.hand_over();
     let res = ram_saver::live_save(
         vm.memory(),
         tracker,
@@ -523,7 +546,7 @@ fn save_into<S: ram_saver::SnapshotSink>(
         &report,
         cancel,
     );
-    let guest = monitor.finish();
+    let guest = monitor.map(|m| m.finish());
     let summary = match res {
         Ok(s) => s,
         Err(ram_saver::SaveError::Cancelled) => bail!("cancelled; no file was written"),
@@ -535,11 +558,19 @@ fn save_into<S: ram_saver::SnapshotSink>(
             bail!("{}{hint}", ErrorChain(&e));
         }
     };
-    Ok(json!({
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut out = json!({
         "path": req.path,
         "guest_bytes": total_bytes,
         "duration_s": summary.duration_secs + downtime.as_secs_f64(),
-        "downtime_ms": downtime.as_secs_f64() * 1e3,
+        "downtime_ms": ms(downtime),
+        "freeze_ms": {
+            "pause": ms(frozen.times.pause),
+            "capture": ms(frozen.times.capture),
+            "protect": ms(frozen.times.hold),
+            "resume": ms(frozen.times.resume),
+        },
+        "stayed_paused": frozen.stayed_paused,
         "pages_saved": summary.pages_saved,
         "zero_pages": summary.zero_pages,
         "data_pages": summary.data_pages,
@@ -551,10 +582,15 @@ fn save_into<S: ram_saver::SnapshotSink>(
         "image_size_ratio": summary.image_size_ratio,
         "records": summary.records,
         "compression": opts.compression,
-        "freeze_steps": state.guest_slots(),
-        "guest_steps_per_s_during": guest.steps_per_s,
-        "guest_max_stall_ms": guest.max_stall_ms,
         "fault_buffer_waits": summary.fault_buffer_waits,
         "huge_pages_restored": summary.huge_pages_restored,
-    }))
+    });
+    // Figures only the built-in guest can give are absent for kernel guests, never a zero that
+    // reads as "no stall".
+    if let Some(g) = guest {
+        out["freeze_steps"] = json!(state.guest_slots());
+        out["guest_steps_per_s_during"] = json!(g.steps_per_s);
+        out["guest_max_stall_ms"] = json!(g.max_stall_ms);
+    }
+    Ok(out)
 }

@@ -8,7 +8,7 @@ use crate::{units::fmt_bytes, VmmArgs};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use std::io::{BufReader, ErrorKind, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::ExitCode;
@@ -62,8 +62,18 @@ fn backend(vmm: &VmmArgs) -> anyhow::Result<MemBackend> {
 
 fn serial_out(vmm: &VmmArgs) -> anyhow::Result<Box<dyn Write + Send>> {
     Ok(match &vmm.serial_log {
+        // The console may show secrets: readable by the owner only (an existing file too).
         Some(p) => {
-            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(p)
+                .with_context(|| format!("creating {}", p.display()))?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {} private", p.display()))?;
+            Box::new(f)
         }
         None => Box::new(std::io::stdout()),
     })
@@ -402,24 +412,29 @@ impl Vmm {
     }
 
     fn status(&self) -> Value {
-        let p = self.vm.progress();
         let cfg = self.vm.config();
-        json!({
+        let mut v = json!({
             "state": if self.vm.is_paused() { "paused" } else { "running" },
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "mem_bytes": cfg.mem_bytes,
             "vcpus": cfg.vcpus,
-            "ticks": p.ticks,
-            "fill_done": p.fill_done,
-            "steps": p.steps,
-            "steps_per_s": *self.rates.lock().expect("rates lock"),
+            "guest": if cfg.is_builtin_guest() { "builtin" } else { "kernel" },
             "save": self.save.lock().expect("save lock").is_some(),
             // For diagnostics and tests (e.g. reading /proc/PID/pagemap): where guest RAM is in this process.
             "memory_map": vmm_core::host_ranges(self.vm.memory())
                 .into_iter()
                 .map(|(gpa, host, len)| json!({"gpa": gpa, "host": host, "len": len}))
                 .collect::<Vec<_>>(),
-        })
+        });
+        // Progress figures only the built-in guest reports: absent for kernel guests, never zeros.
+        if cfg.is_builtin_guest() {
+            let p = self.vm.progress();
+            v["ticks"] = json!(p.ticks);
+            v["fill_done"] = json!(p.fill_done);
+            v["steps"] = json!(p.steps);
+            v["steps_per_s"] = json!(*self.rates.lock().expect("rates lock"));
+        }
+        v
     }
 
     fn self_check(&self) -> Reply {
@@ -531,8 +546,16 @@ impl Vmm {
                 })
                 .ok()
         });
+        // Which vCPUs were making progress before the save (last one-second sample).
+        let moving: Vec<bool> = self
+            .rates
+            .lock()
+            .expect("rates lock")
+            .iter()
+            .map(|&r| r > 0.0)
+            .collect();
         let res = match self.tracker() {
-            Ok(t) => crate::offline::live_save(&self.vm, &t, &req, &cancel, &mut |p| {
+            Ok(t) => crate::offline::live_save(&self.vm, &t, &req, &moving, &cancel, &mut |p| {
                 let _ = ptx.try_send(p);
             }),
             Err(e) => Err(e),

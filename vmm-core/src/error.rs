@@ -82,13 +82,19 @@ pub enum VmError {
     /// The VM has ended (shutdown, reset or error); see `Vm::exit_status`.
     #[error("the VM is not running any more")]
     NotRunning,
-    /// Not every vCPU parked within the deadline (a vCPU may be blocked in the kernel).
-    #[error("pause timed out: {parked} of {total} vCPUs parked")]
+    /// Not every vCPU parked within the deadline (a vCPU may be blocked in the kernel, e.g. in
+    /// a serial write to a pipe nobody reads). The VM runs on.
+    #[error(
+        "vCPU(s) {stuck:?} of {total} did not stop within {} ms (blocked in the host?); the VM runs on",
+        waited.as_millis()
+    )]
     PauseTimeout {
-        /// vCPUs that parked.
-        parked: usize,
+        /// The vCPUs that did not park.
+        stuck: Vec<u8>,
         /// vCPUs in the VM.
         total: usize,
+        /// How long the pause waited.
+        waited: std::time::Duration,
     },
     /// KVM accepted only part of an MSR list.
     #[error("vCPU {vcpu}: KVM {op} handled {done} of {total} MSRs (first failing index {first_failed:#x})")]

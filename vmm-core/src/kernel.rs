@@ -31,8 +31,10 @@ use crate::VmError;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelConfig {
     /// ELF (vmlinux-style, 64-bit entry) or bzImage kernel.
+    #[serde(with = "crate::exact_path")]
     pub kernel: PathBuf,
     /// Initial ramdisk, if any.
+    #[serde(default, with = "crate::exact_path::option")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
     pub cmdline: String,

@@ -36,7 +36,7 @@ pub use oracle::{OracleMismatch, OracleReport};
 pub use serial::SharedBuffer;
 pub use state::MachineState;
 pub use vcpu::{CpuReport, UnhandledAccesses, VmExitStatus};
-pub use vm::{SerialInput, Vm};
+pub use vm::{FreezeError, FreezeTimes, Frozen, SerialInput, Vm};
 
 use serde::{Deserialize, Serialize};
 
@@ -124,5 +124,56 @@ mod tests {
     #[test]
     fn vm_is_send_and_sync() {
         assert_send_sync::<Vm>();
+    }
+}
+
+/// Paths in configurations and machine states, kept exactly: as a string when they are UTF-8,
+/// else as their bytes (Linux paths are bytes; a save must never fail on a path's spelling).
+pub(crate) mod exact_path {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::ffi::OsString;
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    use std::path::{Path, PathBuf};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Text(String),
+        Bytes(Vec<u8>),
+    }
+
+    fn repr(p: &Path) -> Repr {
+        match p.to_str() {
+            Some(s) => Repr::Text(s.to_owned()),
+            None => Repr::Bytes(p.as_os_str().as_bytes().to_vec()),
+        }
+    }
+
+    fn path(r: Repr) -> PathBuf {
+        match r {
+            Repr::Text(s) => PathBuf::from(s),
+            Repr::Bytes(b) => PathBuf::from(OsString::from_vec(b)),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
+        repr(p).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        Repr::deserialize(d).map(path)
+    }
+
+    /// The same for optional paths.
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+            p.as_deref().map(repr).serialize(s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+            Ok(Option::<Repr>::deserialize(d)?.map(path))
+        }
     }
 }
