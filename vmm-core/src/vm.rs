@@ -516,10 +516,7 @@ impl Vm {
     }
 
     fn wait_parked(&self, t0: Instant) -> Result<Duration, VmError> {
-        let timeout = *self
-            .pause_timeout
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let timeout = *self.pause_timeout.lock().unwrap_or_else(|e| e.into_inner());
         let mut c = self.shared.lock();
         let mut last_kick: Option<Instant> = None;
         loop {
@@ -559,10 +556,7 @@ impl Vm {
     /// How long a pause (or a freeze) waits for every vCPU to park before it gives up and lets
     /// them run again (default [`PAUSE_TIMEOUT`]).
     pub fn set_pause_timeout(&self, t: Duration) {
-        *self
-            .pause_timeout
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = t;
+        *self.pause_timeout.lock().unwrap_or_else(|e| e.into_inner()) = t;
     }
 
     fn control(&self) -> std::sync::MutexGuard<'_, Control> {
