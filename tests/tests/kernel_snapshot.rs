@@ -75,11 +75,13 @@ fn kernel_vm_live_save_and_restore_from_the_file() {
     // Live save while the kernel's ring-3 loop keeps writing.
     let t = WpTracker::new().expect("userfaultfd");
     t.register_memory(vm.memory()).unwrap();
-    vm.pause().unwrap();
-    let state = vm.capture_state().unwrap();
-    let at = testkernel::status(vm.memory());
-    t.protect_all().unwrap();
-    vm.resume().unwrap();
+    let frozen = vm
+        .freeze(|_| {
+            let at = testkernel::status(vm.memory());
+            t.protect_all().map(|()| at)
+        })
+        .expect("freeze");
+    let (state, at) = (frozen.state, frozen.held);
     let header = SnapshotHeader::new(Vec::new(), 1, serde_json::to_vec(state.config()).unwrap());
     let mut image = Vec::new();
     let opts = SaveOptions {

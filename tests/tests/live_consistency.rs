@@ -91,10 +91,7 @@ fn save(
     opts: &SaveOptions,
     cancel: &AtomicBool,
 ) -> Result<Saved, ram_saver::SaveError> {
-    vm.pause().unwrap();
-    let state = vm.capture_state().unwrap();
-    t.protect_all().unwrap();
-    vm.resume().unwrap();
+    let state = vm.freeze(|_| t.protect_all()).expect("freeze").state;
     let slots = state.guest_slots();
     let header = SnapshotHeader::new(Vec::new(), 2, serde_json::to_vec(state.config()).unwrap());
     let mut image = Vec::new();
