@@ -21,18 +21,18 @@ _start:                             /* 64-bit boot protocol: RSI = boot_params, 
     rep stosb
     mov kernel_stack_top(%rip), %rsp
     mov %r15, %rdi
-    call kmain                      /* ring 0 setup; returns the user entry state */
+    call kmain                      /* ring 0 setup; returns ring 3's RFLAGS */
     pushq $0x1b                     /* SS: user data | RPL 3 */
-    mov user_stack_top(%rip), %rax
-    pushq %rax
-    pushq $0x202                    /* RFLAGS: IF */
+    pushq user_stack_top(%rip)
+    pushq %rax                      /* RFLAGS: IOPL 0; IF unless tk.boot_tss */
     pushq $0x23                     /* CS: user code | RPL 3 */
     lea user_main(%rip), %rax
     pushq %rax
     iretq
 
     .globl reload_segments
-reload_segments:                    /* after lgdt: CS = 0x08 via far return, data = 0x10 */
+reload_segments:                    /* after lgdt: CS = 0x08 via far return, data = 0x10, */
+                                    /* TR = %di unless 0 (then TR stays what the loader set) */
     pushq $0x08
     lea 1f(%rip), %rax
     pushq %rax
@@ -44,9 +44,10 @@ reload_segments:                    /* after lgdt: CS = 0x08 via far return, dat
     xor %eax, %eax
     mov %ax, %fs
     mov %ax, %gs
-    mov $0x28, %ax
-    ltr %ax
-    ret
+    test %di, %di
+    jz 3f
+    ltr %di
+3:  ret
 
     .macro ISR_NOERR n
 isr\n:

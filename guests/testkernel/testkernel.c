@@ -15,6 +15,13 @@
  *   sequence forever, verifying each page's previous content before overwriting it, printing a
  *   status line every 100 ticks and echoing lines received on COM1 ("tk: rx '...'").
  *
+ * With the word "tk.boot_tss" on its command line it loads no TSS of its own: TR stays what the
+ * loader set at entry, and ring 3 (IOPL 0, interrupts off: the loader's TSS has no usable RSP0)
+ * does port I/O through that TSS's I/O permission bitmap only: COM1, the PIC's mask registers,
+ * the PIT's counter, port 0x80. It prints "tk: PASS boot-tss: ..." (or FAIL), sets phase 3, then
+ * counts in `steps` forever, reading the PIT now and then. Without such a bitmap the first ring-3
+ * port access raises #GP, which cannot be delivered (RSP0 = 0): a triple fault.
+ *
  * The status block at 0x100100 (see entry.S, struct status) lets the host read progress.
  * Build: cc -ffreestanding -nostdlib -static ... -T testkernel.ld entry.S testkernel.c
  */
@@ -46,7 +53,7 @@ extern const u64 isr_table[32];
 extern const u64 isr_other[1];
 extern void isr_timer(void);
 extern void isr_spurious(void);
-extern void reload_segments(void);
+extern void reload_segments(u16 tr);
 extern char __kernel_end[];
 
 /* ---- memory the kernel owns (bss, cleared by _start) ---- */
@@ -59,6 +66,9 @@ u8 *const kernel_stack_top = kernel_stack + sizeof kernel_stack;
 u8 *const user_stack_top = user_stack + sizeof user_stack;
 static u64 idt[512] __attribute__((aligned(4096)));
 static const u8 *bp; /* boot_params */
+static const char *cmdline;
+static int boot_tss;   /* tk.boot_tss: run ring 3 on the loader's TSS */
+static u16 loader_tr;  /* TR selector at entry */
 
 /* 64-bit TSS followed by an I/O permission bitmap allowing ports 0..0x7ff. */
 struct tss {
@@ -162,8 +172,23 @@ struct __attribute__((packed)) dtr {
     u64 base;
 };
 
-void kmain(const u8 *boot_params) {
+/* Whether the word `key` (alone or as key=...) is on the command line. Runs in ring 0: short. */
+static int flag(const char *key) {
+    for (const char *p = cmdline; *p; p++) {
+        if (p != cmdline && p[-1] != ' ') continue;
+        u64 i = 0;
+        while (key[i] && p[i] == key[i]) i++;
+        if (!key[i] && (p[i] == 0 || p[i] == ' ' || p[i] == '=')) return 1;
+    }
+    return 0;
+}
+
+/* Ring-0 setup; returns the RFLAGS ring 3 starts with. */
+u64 kmain(const u8 *boot_params) {
     bp = boot_params;
+    cmdline = (const char *)((u64)(*(const u32 *)(bp + 0x228)) | (u64)(*(const u32 *)(bp + 0xc8)) << 32);
+    boot_tss = flag("tk.boot_tss");
+    __asm__ volatile("str %0" : "=r"(loader_tr));
     /* Identity map of the first 4 GiB with 2 MiB user pages. */
     pml4[0] = (u64)pdpt | 7;
     for (u64 g = 0; g < 4; g++) {
@@ -181,7 +206,7 @@ void kmain(const u8 *boot_params) {
     gdt[6] = base >> 32;
     struct dtr g = {sizeof gdt - 1, (u64)gdt};
     __asm__ volatile("lgdt %0" : : "m"(g));
-    reload_segments();
+    reload_segments(boot_tss ? 0 : 0x28);
 
     for (int v = 0; v < 256; v++) set_gate(v, isr_other[0]);
     for (int v = 0; v < 32; v++) set_gate(v, isr_table[v]);
@@ -206,6 +231,7 @@ void kmain(const u8 *boot_params) {
     outb(0x43, 0x34);
     outb(0x40, (u8)div);
     outb(0x40, (u8)(div >> 8));
+    return boot_tss ? 0x2 : 0x202;
 }
 
 /* ---- ring 3 ---- */
@@ -213,8 +239,6 @@ static u8 rd8(u64 off) { return bp[off]; }
 static u16 rd16(u64 off) { return (u16)(bp[off] | bp[off + 1] << 8); }
 static u32 rd32(u64 off) { return (u32)rd16(off) | (u32)rd16(off + 2) << 16; }
 static u64 rd64(u64 off) { return (u64)rd32(off) | (u64)rd32(off + 4) << 32; }
-
-static const char *cmdline;
 
 /* Value of "key=" on the command line (NULL if absent); *len gets its length. */
 static const char *param(const char *key, u64 *len) {
@@ -465,7 +489,48 @@ static void poll_rx(void) {
     }
 }
 
+/* PIT channel 0's current count (latched). */
+static u16 pit_count(void) {
+    outb(0x43, 0x00);
+    u8 lo = inb(0x40);
+    return (u16)(lo | inb(0x40) << 8);
+}
+
+/* tk.boot_tss: ring 3 on the loader's TSS, IOPL 0, interrupts off; every port access below is
+ * allowed only by that TSS's I/O permission bitmap. */
+static __attribute__((noreturn)) void user_boot_tss(void) {
+    outb(COM1 + 1, 0);
+    outb(COM1 + 3, 3);
+    puts("tk: ring 3 on the loader's TSS, tr=");
+    puthex(loader_tr);
+    puts("\n");
+    u8 imr1 = inb(0x21), imr2 = inb(0xa1);
+    outb(0x80, 0);
+    u16 c0 = pit_count(), c1 = c0;
+    for (int i = 0; i < 100000 && c1 == c0; i++) c1 = pit_count();
+    if (imr1 == 0xfe && imr2 == 0xff && c1 != c0) {
+        pass("boot-tss: ");
+    } else {
+        fail("boot-tss: ");
+    }
+    puts("com1 pic imr=");
+    puthex(imr1);
+    puts(",");
+    puthex(imr2);
+    puts(" pit ");
+    putdec(c0);
+    puts("->");
+    putdec(c1);
+    puts("\n");
+    status.phase = 3;
+    for (u64 n = 1;; n++) {
+        status.steps = n;
+        if (!(n & 0xfffff)) pit_count();
+    }
+}
+
 __attribute__((noreturn)) void user_main(void) {
+    if (boot_tss) user_boot_tss();
     outb(COM1 + 1, 0); /* no UART interrupts: we poll */
     outb(COM1 + 3, 3); /* 8N1 */
     puts("tk: ring 3, boot_params at ");

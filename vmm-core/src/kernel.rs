@@ -8,7 +8,8 @@
 //!   the header's end are zeroed) with the loader's fields filled in; ELF: a minimal header
 //!   (boot flag, "HdrS", alignment) as other VMMs write for vmlinux;
 //! - `type_of_loader` 0xff (undefined), `cmd_line_ptr`, `ramdisk_image`/`ramdisk_size`;
-//! - the e820 map from [`layout::e820_map`];
+//! - the e820 map from [`layout::e820_map`] (it reserves the legacy area that holds the MP table,
+//!   the ACPI tables and the boot TSS with its I/O bitmap, so the kernel never reuses them unknowingly);
 //! - `acpi_rsdp_addr` (the MADT written by [`crate::arch::acpi`]).
 //!
 //! The initrd goes page-aligned as high as possible in low RAM, its last byte at or below the

@@ -24,13 +24,15 @@
 //! GPA                        what (kernel VMs)
 //! 0x0000_1000  BOOT_GDT_START   boot GDT: null, null, __BOOT_CS (0x10), __BOOT_DS (0x18), TSS (0x20)
 //! 0x0000_2000  BOOT_IDT_START   boot IDT: one null gate (interrupts are off at entry)
-//! 0x0000_3000  BOOT_TSS_START   the TSS the boot TR points at (KVM needs a usable TR in long mode)
 //! 0x0000_7000  ZERO_PAGE_START  struct boot_params ("zero page"); RSI at entry; boot stack below it
 //! 0x0002_0000  PML4_START       identity map, as for the built-in guest
 //! 0x0008_0000  CMDLINE_START    kernel command line (NUL-terminated, < CMDLINE_MAX_SIZE)
 //! 0x0009_FC00  EBDA_START       MP table (floating pointer + configuration table); e820 reserves
 //!                               EBDA_START..HIMEM_START (EBDA, VGA hole, BIOS area)
 //! 0x000E_0000  ACPI_RSDP_START  ACPI RSDP, then XSDT (+0x40) and MADT (+0x100), in the BIOS area
+//! 0x000F_0000  BOOT_TSS_START   the TSS the boot TR points at, with an I/O permission bitmap for
+//!                               the ports the VMM emulates (ring-3 port I/O on PVM hosts needs
+//!                               it); e820-reserved, so the kernel never reuses it unknowingly
 //! 0x0010_0000  HIMEM_START      kernel load address (bzImage code32_start; ELF: its own p_paddr)
 //! top of low RAM               initrd, page-aligned, as high as the image's initrd_addr_max allows
 //! ```
@@ -87,8 +89,12 @@ pub const MAX_MEM_BYTES: u64 = PD_COUNT * (1 << 30) - (HIGH_RAM_START - LOW_RAM_
 pub const BOOT_GDT_START: u64 = 0x1000;
 /// Kernel VMs: boot IDT (a single null gate; the kernel installs its own before enabling interrupts).
 pub const BOOT_IDT_START: u64 = 0x2000;
-/// Kernel VMs: TSS referenced by the boot TR.
-pub const BOOT_TSS_START: u64 = 0x3000;
+/// Kernel VMs: TSS referenced by the boot TR, followed by its I/O permission bitmap (see
+/// [`crate::arch::gdt::write_boot_tables`]). Inside the e820-reserved legacy area, above the ACPI
+/// tables; no signature a kernel scans this area for (`_MP_`, `_SM_`, `RSD PTR `) can appear in it.
+pub const BOOT_TSS_START: u64 = 0xF_0000;
+/// Kernel VMs: room for the boot TSS and its I/O bitmap.
+pub const BOOT_TSS_MAX_SIZE: u64 = 0x1000;
 /// Kernel VMs: boot stack top (RSP at entry; the boot protocol requires none, it is a courtesy).
 pub const BOOT_STACK_TOP: u64 = 0x7000;
 /// Kernel VMs: `struct boot_params` (4 KiB), passed in RSI.
@@ -241,13 +247,14 @@ mod tests {
 
     #[test]
     fn kernel_layout_fits_below_the_ebda() {
-        const { assert!(BOOT_TSS_START + 0x1000 <= BOOT_STACK_TOP - 0x1000) };
+        const { assert!(BOOT_IDT_START + 0x1000 <= BOOT_STACK_TOP - 0x1000) };
         const { assert!(ZERO_PAGE_START + 0x1000 <= PML4_START) };
         const { assert!(PD_START + PD_COUNT * 0x1000 <= CMDLINE_START) };
         const { assert!(CMDLINE_START + CMDLINE_MAX_SIZE <= EBDA_START) };
         const { assert!(MPTABLE_START + MPTABLE_MAX_SIZE <= 0xA_0000) };
         const { assert!(ACPI_RSDP_START + 36 <= ACPI_XSDT_START) };
-        const { assert!(ACPI_XSDT_START < ACPI_MADT_START && ACPI_END <= HIMEM_START) };
+        const { assert!(ACPI_XSDT_START < ACPI_MADT_START && ACPI_END <= BOOT_TSS_START) };
+        const { assert!(BOOT_TSS_START + BOOT_TSS_MAX_SIZE <= HIMEM_START) };
         let m = e820_map(64 << 20);
         assert_eq!(
             m,
@@ -257,6 +264,15 @@ mod tests {
                 (HIMEM_START, (64 << 20) - HIMEM_START, E820_RAM),
             ]
         );
+        // The boot TSS lies in reserved memory, whatever the RAM size.
+        for mem in [MIN_MEM_BYTES, 64 << 20, 4 << 30] {
+            assert!(
+                e820_map(mem).iter().any(|&(a, s, t)| t == E820_RESERVED
+                    && a <= BOOT_TSS_START
+                    && BOOT_TSS_START + BOOT_TSS_MAX_SIZE <= a + s),
+                "{mem}"
+            );
+        }
         assert_eq!(
             e820_map(4 << 30).last(),
             Some(&(4 << 30, 1 << 30, E820_RAM))

@@ -1,6 +1,7 @@
 //! Kernel boot (real KVM): the project's test kernel as ELF and as bzImage — boot_params checks,
 //! timer ticks, serial in both directions, the absent-device policy, pause → capture → restore
-//! into a fresh VM without the kernel file — and Debian's stock cloud kernel printing its banner.
+//! into a fresh VM without the kernel file, ring-3 port I/O through the boot TSS's I/O bitmap —
+//! and Debian's stock cloud kernel printing its banner.
 
 mod common;
 
@@ -221,6 +222,48 @@ fn testkernel_bzimage_boots() {
     wait_status(&vm, &buf, "ticks and steps", |s| {
         s.ticks > s0.ticks + 10 && s.steps > s0.steps + 1000
     });
+    assert_clean(&buf);
+    drop(vm);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A kernel that keeps the TSS the loader put in TR and does port I/O from ring 3 (IOPL 0,
+/// interrupts off) — `tk.boot_tss` — depends on that TSS's I/O permission bitmap: on PVM hosts,
+/// which ignore IOPL, any such kernel does; this mode makes the test kernel depend on it on every
+/// host. Without a bitmap allowing COM1, the PIC, the PIT and port 0x80, its first ring-3 `out`
+/// raises #GP, which cannot be delivered (the boot TSS's RSP0 is 0): the VM triple-faults.
+#[test]
+fn testkernel_ring3_port_io_through_the_boot_tss() {
+    let k = testkernel::build();
+    let dir = scratch("boottss");
+    let mut cfg = cfg_for(&k.elf, &dir, 1, "boottss");
+    cfg.kernel
+        .as_mut()
+        .unwrap()
+        .cmdline
+        .push_str(" tk.boot_tss");
+    let (vm, buf) = boot(cfg);
+    // Phase 3 comes after its report line; then it keeps running in ring 3, reading the PIT
+    // every 2^20 steps, and the VM lives on.
+    wait_status(&vm, &buf, "ring-3 steps on the boot TSS", |s| {
+        s.phase == 3 && s.steps > 8 << 20
+    });
+    let t = buf.text();
+    assert!(
+        t.contains(&format!(
+            "tk: ring 3 on the loader's TSS, tr={:#x}\n",
+            vmm_core::layout::boot_selector::TSS
+        )),
+        "{t}"
+    );
+    assert!(
+        t.contains("tk: PASS boot-tss: com1 pic imr=0xfe,0xff pit "),
+        "{t}"
+    );
+    assert!(vm.exit_status().is_none(), "{:?}", vm.exit_status());
+    // Every port it used is one the VMM emulates (or KVM's in-kernel PIC/PIT).
+    let u = vm.unhandled_accesses();
+    assert!(u.ports.is_empty() && u.port_writes == 0, "{u:?}");
     assert_clean(&buf);
     drop(vm);
     std::fs::remove_dir_all(&dir).unwrap();

@@ -4,6 +4,7 @@ use kvm_bindings::kvm_segment;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{self, boot_selector, selector};
+use crate::serial::{COM1_BASE, COM1_LEN};
 use crate::VmError;
 
 /// 64-bit ring-0 code: present, DPL 0, code exec/read, L=1, G=1.
@@ -14,12 +15,62 @@ const KERNEL_DATA: u64 = 0x00CF_9300_0000_FFFF;
 const USER_DATA: u64 = 0x00CF_F300_0000_FFFF;
 /// 64-bit ring-3 code: as kernel code with DPL 3.
 const USER_CODE: u64 = 0x00AF_FB00_0000_FFFF;
-/// Size of a 64-bit TSS without I/O bitmap.
+/// Size of a 64-bit TSS without I/O bitmap; every TSS written here has its I/O permission bitmap
+/// right after it (I/O map base = `TSS_SIZE`).
 pub const TSS_SIZE: u64 = 104;
-/// Ports covered by the I/O permission bitmap (all allowed); ports above are denied.
+/// Built-in guest: ports covered by its I/O permission bitmap (all allowed); ports above are
+/// denied.
 pub const IO_BITMAP_PORTS: u64 = 0x800;
-/// Bytes of TSS including the I/O bitmap and its terminating 0xFF byte.
+/// Built-in guest: bytes of TSS including the I/O bitmap and its terminating 0xFF byte.
 pub const TSS_TOTAL: u64 = TSS_SIZE + IO_BITMAP_PORTS / 8 + 1;
+
+/// Kernel VMs: the ports ring 3 may use through the boot TSS (inclusive ranges): those the VMM
+/// answers for kernel VMs (see the device policy in [`crate::vcpu`]) and KVM's in-kernel PIC and
+/// PIT. A kernel that keeps the boot TSS and does port I/O from ring 3 needs this bitmap on PVM
+/// hosts, which ignore IOPL and check only the bitmap. Any other port faults (#GP) from ring 3.
+pub const BOOT_IO_PORTS: &[(u16, u16)] = &[
+    (0x20, 0x21),                          // PIC master (in-kernel)
+    (0x40, 0x43),                          // PIT (in-kernel)
+    (0x61, 0x61),                          // PIT channel 2 gate / speaker (in-kernel)
+    (0x64, 0x64),                          // keyboard controller: 0xFE resets (VMM)
+    (0x80, 0x80),                          // POST code, ignored (VMM)
+    (0xA0, 0xA1),                          // PIC slave (in-kernel)
+    (0x4D0, 0x4D1),                        // PIC edge/level control (in-kernel)
+    (COM1_BASE, COM1_BASE + COM1_LEN - 1), // COM1 (VMM)
+    (0xCF9, 0xCF9),                        // reset control: bit 2 resets (VMM)
+];
+/// Kernel VMs: ports covered by the boot TSS's I/O permission bitmap (the highest in
+/// [`BOOT_IO_PORTS`], rounded up to whole bitmap bytes); ports above are denied.
+pub const BOOT_IO_BITMAP_PORTS: u64 = 0xD00;
+/// Kernel VMs: bytes of the boot TSS including its I/O bitmap and the terminating 0xFF byte.
+pub const BOOT_TSS_TOTAL: u64 = TSS_SIZE + BOOT_IO_BITMAP_PORTS / 8 + 1;
+
+/// An I/O permission bitmap covering ports `0..ports` (a multiple of 8) that allows exactly the
+/// inclusive port ranges `allowed` (bit clear) and denies the rest, followed by the terminating
+/// 0xFF byte the CPU needs (it reads two bytes per check).
+pub fn io_bitmap(ports: u64, allowed: &[(u16, u16)]) -> Vec<u8> {
+    let mut map = vec![0xFFu8; (ports / 8) as usize + 1];
+    for &(first, last) in allowed {
+        for p in first..=last {
+            assert!(u64::from(p) < ports, "port {p:#x} outside the I/O bitmap");
+            map[usize::from(p / 8)] &= !(1 << (p % 8));
+        }
+    }
+    map
+}
+
+/// Writes a 64-bit TSS at `base` — RSP0 = `rsp0`, everything else zero, I/O map base =
+/// [`TSS_SIZE`] — followed by `bitmap` (from [`io_bitmap`]). Its limit is
+/// `TSS_SIZE + bitmap.len() - 1`.
+fn write_tss(mem: &GuestMemoryMmap, base: u64, rsp0: u64, bitmap: &[u8]) -> Result<(), VmError> {
+    let mut image = vec![0u8; TSS_SIZE as usize];
+    // RSP0 at offset 4 (unaligned u64 inside the TSS), the I/O map base at offset 102.
+    image[4..12].copy_from_slice(&rsp0.to_le_bytes());
+    image[102..104].copy_from_slice(&(TSS_SIZE as u16).to_le_bytes());
+    image.extend_from_slice(bitmap);
+    mem.write_slice(&image, GuestAddress(base))
+        .map_err(VmError::GuestMemory)
+}
 
 /// The 16-byte descriptor of an available 64-bit TSS at `base`.
 fn tss_descriptor(base: u64) -> [u64; 2] {
@@ -41,7 +92,8 @@ pub fn gdt_limit(vcpus: u8) -> u16 {
     selector::TSS_BASE + 16 * u16::from(vcpus) - 1
 }
 
-/// Writes the GDT, one TSS per vCPU (RSP0 = its kernel stack, no I/O bitmap) and the IDT.
+/// Writes the GDT, one TSS per vCPU (RSP0 = its kernel stack, I/O bitmap allowing ports
+/// `0..IO_BITMAP_PORTS`) and the IDT.
 pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8, vectors: &[u64]) -> Result<(), VmError> {
     let w = |gpa: u64, v: u64| {
         mem.write_obj(v, GuestAddress(gpa))
@@ -53,24 +105,17 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8, vectors: &[u64]) -> Result
     {
         w(layout::GDT_START + 8 * i as u64, *d)?;
     }
+    let guest_bitmap = io_bitmap(IO_BITMAP_PORTS, &[(0, IO_BITMAP_PORTS as u16 - 1)]);
     for v in 0..vcpus {
         let tss = layout::tss_addr(v);
         let [lo, hi] = tss_descriptor(tss);
         let at = layout::GDT_START + u64::from(layout::tss_selector(v));
         w(at, lo)?;
         w(at + 8, hi)?;
-        let mut image = [0u8; TSS_TOTAL as usize];
-        image[TSS_TOTAL as usize - 1] = 0xFF;
-        mem.write_slice(&image, GuestAddress(tss))
-            .map_err(VmError::GuestMemory)?;
-        // RSP0 at offset 4 (unaligned u64 inside the TSS).
-        mem.write_obj(layout::kernel_stack_top(v), GuestAddress(tss + 4))
-            .map_err(VmError::GuestMemory)?;
-        // I/O permission bitmap right after the TSS, allowing ports 0..IO_BITMAP_PORTS from
-        // ring 3. IOPL 3 would do on hardware, but PVM reloads RFLAGS from the real (IOPL 0)
-        // flags on every exit, so its emulator falls back to this bitmap.
-        mem.write_obj(TSS_SIZE as u16, GuestAddress(tss + 102))
-            .map_err(VmError::GuestMemory)?;
+        // I/O permission bitmap allowing ports 0..IO_BITMAP_PORTS from ring 3. IOPL 3 would do
+        // on hardware, but PVM reloads RFLAGS from the real (IOPL 0) flags on every exit, so its
+        // emulator falls back to this bitmap.
+        write_tss(mem, tss, layout::kernel_stack_top(v), &guest_bitmap)?;
     }
     for (v, &handler) in vectors.iter().enumerate() {
         // 64-bit interrupt gate, present, DPL 0, IST 0, kernel code selector.
@@ -85,8 +130,14 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8, vectors: &[u64]) -> Result
     Ok(())
 }
 
-/// Kernel VMs: writes the boot GDT (null, null, __BOOT_CS, __BOOT_DS, TSS), a zeroed boot TSS
-/// and a boot IDT holding one null gate.
+/// Kernel VMs: writes the boot GDT (null, null, __BOOT_CS, __BOOT_DS, TSS), the boot TSS and a
+/// boot IDT holding one null gate.
+///
+/// The boot TSS (at [`layout::BOOT_TSS_START`], in the legacy area the e820 map reserves, so a
+/// kernel never takes it for free RAM) is what TR holds at entry. Linux loads its own; a small
+/// kernel may keep it, so it carries an I/O permission bitmap allowing [`BOOT_IO_PORTS`] from
+/// ring 3. Its RSP0 and ISTs are 0: the boot protocol gives no stack for entering ring 0, so a
+/// kernel that takes interrupts or exceptions from ring 3 on this TSS must set RSP0 itself.
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), VmError> {
     let w = |gpa: u64, v: u64| {
         mem.write_obj(v, GuestAddress(gpa))
@@ -102,17 +153,18 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), VmError> {
         layout::BOOT_GDT_START + u64::from(boot_selector::DATA),
         KERNEL_DATA,
     )?;
-    let [lo, hi] = descriptor_of_tss(layout::BOOT_TSS_START, TSS_SIZE - 1);
+    let [lo, hi] = descriptor_of_tss(layout::BOOT_TSS_START, BOOT_TSS_TOTAL - 1);
     w(layout::BOOT_GDT_START + u64::from(boot_selector::TSS), lo)?;
     w(
         layout::BOOT_GDT_START + u64::from(boot_selector::TSS) + 8,
         hi,
     )?;
-    mem.write_slice(
-        &[0u8; TSS_SIZE as usize],
-        GuestAddress(layout::BOOT_TSS_START),
-    )
-    .map_err(VmError::GuestMemory)?;
+    write_tss(
+        mem,
+        layout::BOOT_TSS_START,
+        0,
+        &io_bitmap(BOOT_IO_BITMAP_PORTS, BOOT_IO_PORTS),
+    )?;
     w(layout::BOOT_IDT_START, 0)?;
     w(layout::BOOT_IDT_START + 8, 0)
 }
@@ -130,7 +182,7 @@ pub fn boot_segments() -> (kvm_segment, kvm_segment, kvm_segment) {
     ds.selector = boot_selector::DATA;
     let tr = kvm_segment {
         base: layout::BOOT_TSS_START,
-        limit: (TSS_SIZE - 1) as u32,
+        limit: (BOOT_TSS_TOTAL - 1) as u32,
         selector: boot_selector::TSS,
         ..tss_segment(0)
     };
@@ -207,5 +259,63 @@ mod tests {
         assert_eq!((lo >> 56) & 0xFF, 0x9A);
         assert_eq!(hi, 0x1234_5678);
         assert_eq!((lo >> 40) & 0xFF, 0x89);
+    }
+
+    fn allowed(map: &[u8], port: u16) -> bool {
+        map.get(usize::from(port / 8))
+            .is_some_and(|b| b & (1 << (port % 8)) == 0)
+    }
+
+    #[test]
+    fn io_bitmaps_allow_exactly_their_ports() {
+        let g = io_bitmap(IO_BITMAP_PORTS, &[(0, IO_BITMAP_PORTS as u16 - 1)]);
+        assert_eq!(g.len() as u64, TSS_TOTAL - TSS_SIZE);
+        assert!(g[..g.len() - 1].iter().all(|&b| b == 0));
+        assert_eq!(g.last(), Some(&0xFF));
+
+        let b = io_bitmap(BOOT_IO_BITMAP_PORTS, BOOT_IO_PORTS);
+        assert_eq!(b.len() as u64, BOOT_TSS_TOTAL - TSS_SIZE);
+        assert_eq!(b.last(), Some(&0xFF));
+        const { assert!(BOOT_TSS_TOTAL <= crate::layout::BOOT_TSS_MAX_SIZE) };
+        let want = |p: u16| BOOT_IO_PORTS.iter().any(|&(a, z)| (a..=z).contains(&p));
+        for p in 0..=u16::MAX {
+            assert_eq!(allowed(&b, p), want(p), "port {p:#x}");
+        }
+        for p in (0x3f8..0x400).chain([0x20, 0x21, 0x40, 0x43, 0x61, 0x64, 0x80, 0xA1, 0xCF9]) {
+            assert!(allowed(&b, p), "port {p:#x}");
+        }
+        for p in [0x2f8, 0x60, 0x70, 0x500, 0xCF8, 0xCFC] {
+            assert!(!allowed(&b, p), "port {p:#x}");
+        }
+        // The bitmap is as short as it can be.
+        let top = BOOT_IO_PORTS.iter().map(|&(_, z)| z).max().unwrap();
+        assert_eq!(BOOT_IO_BITMAP_PORTS, (u64::from(top) / 8 + 1) * 8);
+    }
+
+    #[test]
+    fn boot_tss_is_written_with_its_bitmap() {
+        let mem = crate::create_guest_memory(16 << 20, crate::MemBackend::Anon).unwrap();
+        write_boot_tables(&mem).unwrap();
+        let base = layout::BOOT_TSS_START;
+        let rd16 = |a: u64| mem.read_obj::<u16>(GuestAddress(a)).unwrap();
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(base + 4)).unwrap(), 0);
+        assert_eq!(u64::from(rd16(base + 102)), TSS_SIZE);
+        let mut map = vec![0u8; (BOOT_TSS_TOTAL - TSS_SIZE) as usize];
+        mem.read_slice(&mut map, GuestAddress(base + TSS_SIZE))
+            .unwrap();
+        assert_eq!(map, io_bitmap(BOOT_IO_BITMAP_PORTS, BOOT_IO_PORTS));
+        // It sits where kernels scan for firmware tables: it must not look like one.
+        let mut image = vec![0u8; BOOT_TSS_TOTAL as usize];
+        mem.read_slice(&mut image, GuestAddress(base)).unwrap();
+        for sig in [&b"_MP_"[..], b"_SM_", b"_DMI_", b"RSD PTR ", b"_32_"] {
+            assert!(!image.windows(sig.len()).any(|w| w == sig), "{sig:?}");
+        }
+        let at = layout::BOOT_GDT_START + u64::from(boot_selector::TSS);
+        let lo = mem.read_obj::<u64>(GuestAddress(at)).unwrap();
+        let hi = mem.read_obj::<u64>(GuestAddress(at + 8)).unwrap();
+        assert_eq!([lo, hi], descriptor_of_tss(base, BOOT_TSS_TOTAL - 1));
+        let (_, _, tr) = boot_segments();
+        assert_eq!((tr.base, u64::from(tr.limit)), (base, BOOT_TSS_TOTAL - 1));
+        assert_eq!(tr.selector, boot_selector::TSS);
     }
 }
