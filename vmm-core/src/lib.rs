@@ -92,41 +92,6 @@ pub fn trim_heap() {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn assert_send_sync<T: Send + Sync>() {}
-
-    #[test]
-    fn configs_without_a_kernel_field_still_parse() {
-        let mut v = serde_json::to_value(VmConfig::default()).unwrap();
-        assert!(
-            v.get("kernel").is_none(),
-            "no kernel, no field: old readers stay happy"
-        );
-        v.as_object_mut().unwrap().remove("kernel");
-        let c: VmConfig = serde_json::from_value(v).unwrap();
-        assert_eq!(c, VmConfig::default());
-        let k = VmConfig {
-            kernel: Some(KernelConfig {
-                kernel: "/k".into(),
-                initrd: None,
-                cmdline: "console=ttyS0".into(),
-            }),
-            ..Default::default()
-        };
-        let back: VmConfig = serde_json::from_slice(&serde_json::to_vec(&k).unwrap()).unwrap();
-        assert_eq!(back, k);
-        assert!(!back.is_builtin_guest());
-    }
-
-    #[test]
-    fn vm_is_send_and_sync() {
-        assert_send_sync::<Vm>();
-    }
-}
-
 /// Paths in configurations and machine states, kept exactly: as a string when they are UTF-8,
 /// else as their bytes (Linux paths are bytes; a save must never fail on a path's spelling).
 pub(crate) mod exact_path {
@@ -175,5 +140,73 @@ pub(crate) mod exact_path {
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
             Ok(Option::<Repr>::deserialize(d)?.map(path))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn configs_without_a_kernel_field_still_parse() {
+        let mut v = serde_json::to_value(VmConfig::default()).unwrap();
+        assert!(
+            v.get("kernel").is_none(),
+            "no kernel, no field: old readers stay happy"
+        );
+        v.as_object_mut().unwrap().remove("kernel");
+        let c: VmConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(c, VmConfig::default());
+        let k = VmConfig {
+            kernel: Some(KernelConfig {
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: "console=ttyS0".into(),
+            }),
+            ..Default::default()
+        };
+        let back: VmConfig = serde_json::from_slice(&serde_json::to_vec(&k).unwrap()).unwrap();
+        assert_eq!(back, k);
+        assert!(!back.is_builtin_guest());
+    }
+
+    #[test]
+    fn vm_is_send_and_sync() {
+        assert_send_sync::<Vm>();
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::PathBuf;
+
+    #[test]
+    fn kernel_paths_survive_serialisation_exactly() {
+        for (kernel, initrd) in [
+            (&b"/boot/vmlinuz"[..], Some(&b"/boot/initrd.img"[..])),
+            (&b"/k/\xff\xfe-not-utf8"[..], Some(&b"/k/\x80rd"[..])),
+            (&b"/k/plain"[..], None),
+        ] {
+            let path = |b: &[u8]| PathBuf::from(std::ffi::OsStr::from_bytes(b));
+            let cfg = VmConfig {
+                kernel: Some(KernelConfig {
+                    kernel: path(kernel),
+                    initrd: initrd.map(path),
+                    cmdline: "console=ttyS0".into(),
+                }),
+                ..VmConfig::default()
+            };
+            let bytes = serde_json::to_vec(&cfg).expect("a config always serialises");
+            let back: VmConfig = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(back, cfg);
+        }
+        // Configurations written before, with plain string paths and no initrd field, still read.
+        let old = r#"{"mem_bytes":67108864,"vcpus":1,"backend":"Anon","guest":{"write_rate":"Idle","working_set_pages":null,"seed":1},"kernel":{"kernel":"/k","cmdline":""}}"#;
+        let cfg: VmConfig = serde_json::from_str(old).unwrap();
+        assert_eq!(cfg.kernel.unwrap().kernel, PathBuf::from("/k"));
     }
 }
