@@ -18,6 +18,19 @@
 //! Sub-block states only move forward: PROTECTED → CLAIMED (one thread copies) → RELEASED.
 //! Whatever goes wrong, [`ReleaseGuard`] and `abort` unprotect every range.
 //!
+//! # Cancel and failures never wait for the output
+//! Once fault staging is full, every guest write waits for the writer, and the writer may wait
+//! for a disk that does not answer (a hung NFS or FUSE mount, a dying disk): a write stuck in
+//! the kernel cannot be interrupted. So nothing that frees the guest runs on the writer: a
+//! watcher thread polls `cancel` every [`CANCEL_POLL`] and aborts, and `abort` (from whichever
+//! thread fails) unprotects all guest RAM at once, then abandons the output
+//! ([`SnapshotSink::abandon_flag`]): the writer stops waiting for the I/O thread, every saver
+//! thread sees the stop within [`POLL`], and a file sink leaves its stuck write and the removal
+//! of its temporary to detached threads after a bounded wait (200 ms each). The guest is free
+//! within milliseconds of the cancel; `live_save` returns `Cancelled` within about half a
+//! second even while the disk hangs. Sinks without an abandon flag (streams) still free the
+//! guest at once, but `live_save` returns only when their blocked write does.
+//!
 //! # Performance choices, measured
 //! `cargo run --release -p ram-saver --example save_bench`: 1 GiB anonymous memory, one writer
 //! thread writing random pages at full speed (it blocks on faults like a vCPU), output to
@@ -226,6 +239,9 @@ const DEFAULT_SPIN: bool = false;
 const SPIN_IDLE: Duration = Duration::from_millis(1);
 /// How often blocked loops look at the stop flag, and how long the fault thread waits.
 const POLL: Duration = Duration::from_millis(10);
+/// How often the watcher looks at the caller's cancel flag: a cancel frees the guest within
+/// this, plus one unprotect call.
+const CANCEL_POLL: Duration = Duration::from_millis(5);
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 /// Options of [`live_save`].
@@ -690,8 +706,9 @@ impl Pool {
 struct Shared<'a> {
     tracker: &'a WpTracker,
     blocks: BlockMap,
-    cancel: &'a AtomicBool,
     stop: AtomicBool,
+    /// The sink's [`SnapshotSink::abandon_flag`], set by `abort` after the guest is released.
+    abandon: Option<Arc<AtomicBool>>,
     error: Mutex<Option<SaveError>>,
     scan_pool: Pool,
     fault_pool: Pool,
@@ -728,7 +745,8 @@ impl Shared<'_> {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Record the first error, stop every thread, and release the guest right away.
+    /// Record the first error, stop every thread, release the guest right away, then abandon
+    /// the output so that a writer stuck on it gives up.
     fn abort(&self, e: SaveError) {
         {
             let mut g = lock(&self.error);
@@ -738,6 +756,9 @@ impl Shared<'_> {
         }
         self.stop.store(true, Ordering::Release);
         let _ = self.tracker.unprotect_all();
+        if let Some(a) = &self.abandon {
+            a.store(true, Ordering::Release);
+        }
         for p in [&self.scan_pool, &self.fault_pool] {
             p.cv.notify_all();
         }
@@ -1412,6 +1433,18 @@ impl Drop for ProducerDone<'_, '_> {
     }
 }
 
+/// Until `done()`: as soon as `cancel` is set, call `on_cancel` (once). The caller unparks the
+/// thread after `done()` turns true, so it ends without waiting out its poll.
+fn watch_cancel(cancel: &AtomicBool, done: impl Fn() -> bool, on_cancel: impl FnOnce()) {
+    while !done() {
+        if cancel.load(Ordering::Acquire) {
+            on_cancel();
+            return;
+        }
+        thread::park_timeout(CANCEL_POLL);
+    }
+}
+
 /// Start a named saver thread, at nice value `nice` if given, whose error or panic aborts the
 /// save.
 fn spawn_saver<'scope, 'env, F>(
@@ -1445,8 +1478,11 @@ where
 /// header's `page_size`, `regions` and `compression` are set from `mem` and `opts`.
 ///
 /// On success every block was copied once and released, and the file is complete. On any
-/// error, cancel (`cancel` set) or panic in a saver thread, all guest RAM is unprotected and the
-/// sink is dropped unfinished (a file sink removes its temporary file).
+/// error, cancel (`cancel` set) or panic in a saver thread, all guest RAM is unprotected at once
+/// (a cancel within a few ms), whatever the output is doing, and the sink is abandoned and
+/// dropped unfinished (a file sink removes its temporary file); see the module docs for how
+/// long the return takes while the output hangs. A cancel that comes after the file was
+/// committed is too late: the save succeeds.
 #[allow(clippy::too_many_arguments)]
 pub fn live_save<S: SnapshotSink>(
     mem: &GuestMemoryMmap,
@@ -1491,6 +1527,7 @@ pub fn live_save<S: SnapshotSink>(
     if fault_block < opts.block_size {
         blocks.find_huge(&huge);
     }
+    let abandon = sink.abandon_flag();
     let mut writer = SnapshotWriter::new(sink, &header, machine_state).map_err(SaveError::Write)?;
 
     let guest_bytes = total_pages as usize * PAGE_SIZE;
@@ -1511,8 +1548,8 @@ pub fn live_save<S: SnapshotSink>(
     let shared = Shared {
         tracker,
         blocks,
-        cancel,
         stop: AtomicBool::new(false),
+        abandon,
         error: Mutex::new(None),
         scan_pool,
         fault_pool,
@@ -1537,6 +1574,8 @@ pub fn live_save<S: SnapshotSink>(
         inject: opts.inject_failure,
     };
     let shared = &shared;
+    let writer_done = AtomicBool::new(false);
+    let writer_done = &writer_done;
 
     thread::scope(|s| {
         let _main_panic = PanicAbort {
@@ -1547,7 +1586,18 @@ pub fn live_save<S: SnapshotSink>(
         let mut spawn_err = None;
         let bw = opts.max_bandwidth;
         let c = opts.compression;
+        // Not on the writer: it may be stuck on the output while guest writes wait for it.
+        let watcher = spawn_saver(s, shared, "cancel", None, move || {
+            watch_cancel(
+                cancel,
+                || writer_done.load(Ordering::Acquire) || shared.stopped(),
+                || shared.abort(SaveError::Cancelled),
+            );
+            Ok(())
+        });
+        let watcher_thread = watcher.as_ref().ok().map(|h| h.thread().clone());
         let started_threads = [
+            watcher,
             spawn_saver(s, shared, "fault", opts.fault_nice, move || {
                 let _d = ProducerDone(shared);
                 shared.fault_loop()
@@ -1596,9 +1646,6 @@ pub fn live_save<S: SnapshotSink>(
             })
         };
         loop {
-            if shared.cancel.load(Ordering::Relaxed) {
-                shared.abort(SaveError::Cancelled);
-            }
             if shared.stopped() {
                 break;
             }
@@ -1634,6 +1681,10 @@ pub fn live_save<S: SnapshotSink>(
         }
         lock(&shared.out).writer_gone = true;
         shared.out_cv.notify_all();
+        writer_done.store(true, Ordering::Release);
+        if let Some(t) = watcher_thread {
+            t.unpark();
+        }
         for h in handles {
             // Panics were turned into aborts by PanicAbort; the payload adds nothing.
             let _ = h.join();
@@ -1675,18 +1726,43 @@ pub fn live_save<S: SnapshotSink>(
             totals.pages
         )));
     }
+    // The guest is free by now; a cancel during the final writes and sync only has to stop
+    // waiting for the output.
+    let finish_done = AtomicBool::new(false);
     let (finished, huge_restore_secs) = thread::scope(|s| {
+        let watcher = shared.abandon.as_ref().and_then(|flag| {
+            thread::Builder::new()
+                .name("saver-cancel".into())
+                .spawn_scoped(s, || {
+                    watch_cancel(
+                        cancel,
+                        || finish_done.load(Ordering::Acquire),
+                        || flag.store(true, Ordering::Release),
+                    )
+                })
+                .ok()
+        });
         let h = thread::Builder::new()
             .name("saver-collapse".into())
             .spawn_scoped(s, || restore(shared));
         let f = writer.finish();
+        finish_done.store(true, Ordering::Release);
+        if let Some(w) = &watcher {
+            w.thread().unpark();
+        }
         let secs = match h {
             Ok(h) => h.join().unwrap_or(0.0),
             Err(_) => restore(shared),
         };
         (f, secs)
     });
-    let file_bytes = finished.map_err(SaveError::Write)?;
+    let file_bytes = finished.map_err(|e| {
+        if cancel.load(Ordering::Acquire) {
+            SaveError::Cancelled
+        } else {
+            SaveError::Write(e)
+        }
+    })?;
     guard.armed = false;
     let fp = {
         let g = lock(&shared.fault_pool.state);

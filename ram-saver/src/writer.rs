@@ -1,11 +1,15 @@
 //! Writing snapshot files: output sinks (atomic file, stream) and the record writer.
 
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::hash::{BuildHasher, Hasher};
+use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -25,28 +29,55 @@ const WRITE_BUFFER: usize = 4 << 20;
 pub trait SnapshotSink: Write {
     /// Flush and commit the output (fsync + rename for files).
     fn finish(self) -> io::Result<()>;
+
+    /// A flag that abandons the output once set: writes waiting for output that does not move
+    /// (a hung disk or network file system) fail instead of waiting, and dropping the sink does
+    /// not wait for them either. [`live_save`](crate::live_save) sets it when a save is
+    /// cancelled or fails, so that it returns while the output is stuck.
+    ///
+    /// `None` (the default): the sink cannot be abandoned; a write blocks as long as its output.
+    fn abandon_flag(&self) -> Option<Arc<AtomicBool>> {
+        None
+    }
 }
 
 /// A file written under a temporary name beside the target and renamed on `finish`.
 ///
-/// The temporary `.<name>.tmp-<pid>` is removed on drop unless `finish` succeeded.
+/// The temporary is created private (mode 0600 whatever the umask: it holds guest RAM) and
+/// new (`O_CREAT | O_EXCL | O_NOFOLLOW`, so nothing planted at its path, a symlink above all, is
+/// ever followed or reused), under an unguessable name `.<name>.tmp-<16 random hex digits>`. It
+/// is removed on drop unless `finish` succeeded. The committed file keeps mode 0600.
 ///
-/// Data goes to the disk with direct I/O (`O_DIRECT`) where the file system takes it: see
-/// [`DirectWriter`]. Elsewhere (tmpfs on older kernels, some network file systems) it falls back
-/// to buffered writes through the page cache.
+/// Data goes out from an I/O thread with direct I/O (`O_DIRECT`) where the
+/// file system takes it; elsewhere (tmpfs on older kernels, some network file systems) and with
+/// [`create_buffered`](Self::create_buffered) through the page cache.
+///
+/// Abandoning ([`SnapshotSink::abandon_flag`], or dropping the sink unfinished): the I/O thread
+/// writes nothing more, and drop waits at most 200 ms each for the write in progress
+/// and for the removal of the temporary. What does not finish in time (the file system hangs)
+/// goes on in a detached thread: the write ends in a file that no longer has a name, the
+/// removal whenever the file system answers. Dropping thus never hangs on a dead mount, at the
+/// price of a temporary that may outlive the drop by as long as the file system is stuck.
 #[derive(Debug)]
 pub struct AtomicFileSink {
-    out: Option<FileOut>,
+    out: Option<FileWriter>,
+    direct: bool,
     tmp: PathBuf,
     target: PathBuf,
     replace: bool,
+    abandon: Arc<AtomicBool>,
 }
 
-#[derive(Debug)]
-enum FileOut {
-    Direct(DirectWriter),
-    Buffered(BufWriter<File>),
-}
+/// How long an abandoned sink waits for its I/O thread, and for the removal of its temporary,
+/// before leaving them to a detached thread: long enough for a healthy disk to finish an
+/// 8 MiB write, short enough that a cancelled save returns within a second on a dead one.
+const ABANDON_WAIT: Duration = Duration::from_millis(200);
+
+/// How often waits for the I/O thread look at the abandon flag.
+const IO_POLL: Duration = Duration::from_millis(10);
+
+/// Attempts at a free temporary name (a clash of 64 random bits means someone else made it).
+const TEMP_ATTEMPTS: usize = 16;
 
 impl AtomicFileSink {
     /// Create the temporary file beside `target`; `finish` refuses to replace a file that appeared
@@ -72,36 +103,19 @@ impl AtomicFileSink {
         let name = target.file_name().ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, "target has no file name")
         })?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
-        let tmp = target.with_file_name(tmp_name);
-        let open = |flags: i32| {
-            fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .custom_flags(flags)
-                .open(&tmp)
-        };
-        let out = if direct {
-            match open(OFlag::O_DIRECT.bits()) {
-                Ok(f) => FileOut::Direct(DirectWriter::new(f)?),
-                // EINVAL: this file system does not do O_DIRECT.
-                Err(e) if e.raw_os_error() == Some(Errno::EINVAL as i32) => {
-                    FileOut::Buffered(BufWriter::with_capacity(WRITE_BUFFER, open(0)?))
-                }
-                Err(e) => return Err(e),
-            }
-        } else {
-            FileOut::Buffered(BufWriter::with_capacity(WRITE_BUFFER, open(0)?))
-        };
-        Ok(AtomicFileSink {
-            out: Some(out),
+        let (tmp, file) = create_temp(&target, name)?;
+        let mut sink = AtomicFileSink {
+            out: None,
+            direct: false,
             tmp,
             target,
             replace: true,
-        })
+            abandon: Arc::new(AtomicBool::new(false)),
+        };
+        // From here on, dropping `sink` on an error removes the temporary.
+        sink.direct = direct && enable_direct(&file)?;
+        sink.out = Some(FileWriter::new(file, sink.abandon.clone())?);
+        Ok(sink)
     }
 
     /// The temporary path being written.
@@ -111,15 +125,72 @@ impl AtomicFileSink {
 
     /// Whether data goes out with direct I/O (false: through the page cache).
     pub fn is_direct(&self) -> bool {
-        matches!(self.out, Some(FileOut::Direct(_)))
+        self.direct
     }
 
-    fn out(&mut self) -> io::Result<&mut dyn Write> {
-        match &mut self.out {
-            Some(FileOut::Direct(d)) => Ok(d),
-            Some(FileOut::Buffered(b)) => Ok(b),
-            None => Err(io::Error::other("sink already finished")),
+    fn out(&mut self) -> io::Result<&mut FileWriter> {
+        self.out
+            .as_mut()
+            .ok_or_else(|| io::Error::other("sink already finished"))
+    }
+}
+
+/// Create `.<name>.tmp-<random>` beside `target` with [`create_private`].
+fn create_temp(target: &Path, name: &OsStr) -> io::Result<(PathBuf, File)> {
+    for _ in 0..TEMP_ATTEMPTS {
+        let mut tmp_name = OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".tmp-{:016x}", random_u64()));
+        let tmp = target.with_file_name(tmp_name);
+        match create_private(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
         }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("no free temporary name beside {}", target.display()),
+    ))
+}
+
+/// Create a new file at `path`, mode 0600 (before the umask, which can only narrow it), for
+/// writing. `O_EXCL` fails on any existing entry, a dangling symlink included; `O_NOFOLLOW`
+/// says the same for readers of the code.
+fn create_private(path: &Path) -> io::Result<File> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(OFlag::O_NOFOLLOW.bits())
+        .open(path)
+}
+
+/// 64 unpredictable bits for temporary names: from `/dev/urandom`, else from the standard
+/// library's randomly keyed SipHash (keys from the kernel's `getrandom`) over a counter.
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok()
+    {
+        return u64::from_le_bytes(b);
+    }
+    // Every `RandomState` has fresh secret keys: the input needs no entropy of its own.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// Turn on `O_DIRECT` for `file`; false if its file system refuses (`EINVAL`). Set after the
+/// file exists rather than at `open`: an `O_CREAT | O_EXCL` open refused for `O_DIRECT` has
+/// already created the file, and a second exclusive open would then fail.
+fn enable_direct(file: &File) -> io::Result<bool> {
+    let flags = OFlag::from_bits_truncate(fcntl(file, FcntlArg::F_GETFL)?);
+    match fcntl(file, FcntlArg::F_SETFL(flags | OFlag::O_DIRECT)) {
+        Ok(_) => Ok(true),
+        Err(Errno::EINVAL) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -127,27 +198,23 @@ impl Write for AtomicFileSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.out()?.write(buf)
     }
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.out()?.write_all(buf)
-    }
+    /// Does nothing: data goes out in 8 MiB pieces, the rest with `finish`.
     fn flush(&mut self) -> io::Result<()> {
-        match &mut self.out {
-            Some(FileOut::Buffered(b)) => b.flush(),
-            // Direct output is flushed (padded to a block) only by `finish`.
-            _ => Ok(()),
-        }
+        Ok(())
     }
 }
 
 impl SnapshotSink for AtomicFileSink {
     fn finish(mut self) -> io::Result<()> {
+        // The I/O thread wrote, cut and synced the file.
         let file = match self.out.take() {
-            Some(FileOut::Direct(d)) => d.finish()?,
-            Some(FileOut::Buffered(b)) => b.into_inner().map_err(|e| e.into_error())?,
+            Some(w) => w.finish()?,
             None => return Err(io::Error::other("sink already finished")),
         };
-        file.sync_all()?;
         drop(file);
+        if self.abandon.load(Ordering::Acquire) {
+            return Err(abandoned());
+        }
         if self.replace {
             fs::rename(&self.tmp, &self.target)?;
         } else {
@@ -160,25 +227,50 @@ impl SnapshotSink for AtomicFileSink {
                 Err(e) => return Err(e),
             }
         }
+        self.tmp = PathBuf::new();
         // The rename is durable only once the directory is synced.
         let dir = match self.target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        File::open(dir)?.sync_all()?;
-        self.tmp = PathBuf::new();
-        Ok(())
+        File::open(dir)?.sync_all()
+    }
+
+    fn abandon_flag(&self) -> Option<Arc<AtomicBool>> {
+        Some(self.abandon.clone())
     }
 }
 
 impl Drop for AtomicFileSink {
     fn drop(&mut self) {
-        if !self.tmp.as_os_str().is_empty() {
-            // Dropping a DirectWriter joins its I/O thread: nothing writes once the file is gone.
-            drop(self.out.take());
-            let _ = fs::remove_file(&self.tmp);
+        if self.tmp.as_os_str().is_empty() {
+            return;
+        }
+        self.abandon.store(true, Ordering::Release);
+        // Waits at most ABANDON_WAIT for the I/O thread.
+        drop(self.out.take());
+        let path = std::mem::take(&mut self.tmp);
+        let (tx, rx) = mpsc::channel();
+        let p = path.clone();
+        let remover = thread::Builder::new()
+            .name("saver-cleanup".into())
+            .spawn(move || {
+                let _ = fs::remove_file(&p);
+                let _ = tx.send(());
+            });
+        if remover.is_ok() {
+            // On timeout the thread is left to remove the file when the file system answers.
+            let _ = rx.recv_timeout(ABANDON_WAIT);
+        } else {
+            // No thread to spare: remove inline (blocks while the file system hangs).
+            let _ = fs::remove_file(&path);
         }
     }
+}
+
+/// Not `Interrupted`: `write_all` would retry that forever.
+fn abandoned() -> io::Error {
+    io::Error::other("snapshot output abandoned")
 }
 
 /// Alignment of direct I/O buffers, file offsets and lengths (covers 512 and 4096-byte sectors).
@@ -224,87 +316,137 @@ impl AlignedBuf {
     }
 }
 
-/// Direct-I/O output: the writing thread copies records into aligned 8 MiB buffers; a separate
-/// I/O thread writes full buffers with `O_DIRECT` while the next one fills (up to
-/// [`DIRECT_BUFFERS`] allocated, so memory stays bounded and a slow disk pushes back).
+/// What the I/O thread is asked to do.
+enum IoMsg {
+    /// Append the buffer's data.
+    Write(AlignedBuf),
+    /// Cut the file to this length, sync it and hand it back.
+    Finish(u64),
+}
+
+/// The file output of [`AtomicFileSink`]: the writing thread copies records into aligned
+/// 8 MiB buffers; a separate I/O thread writes full buffers (with `O_DIRECT` where enabled)
+/// while the next one fills (up to [`DIRECT_BUFFERS`] allocated, so memory stays bounded and a
+/// slow disk pushes back), and finally cuts and syncs the file.
 ///
-/// Why: through the page cache, the kernel's copy into page-cache pages took about half of a
-/// 2-core machine during a 4 GiB save (`perf record -a`: 49 % of all samples in
-/// `copy_folio_from_iter_atomic`, 0.5 GB/s), CPU the guest and the fault thread need. Direct writes
-/// skip that copy and the page cache; the disk takes 8 MiB `O_DIRECT` writes at 1.6–1.9 GB/s
-/// here (`dd oflag=direct`), more than buffered write + fsync (1.5 GB/s at best, 0.4 GB/s at
-/// worst).
+/// Why direct I/O: through the page cache, the kernel's copy into page-cache pages took about
+/// half of a 2-core machine during a 4 GiB save (`perf record -a`: 49 % of all samples in
+/// `copy_folio_from_iter_atomic`, 0.5 GB/s), CPU the guest and the fault thread need. Direct
+/// writes skip that copy and the page cache; the disk takes 8 MiB `O_DIRECT` writes at
+/// 1.6–1.9 GB/s here (`dd oflag=direct`), more than buffered write + fsync (1.5 GB/s at best,
+/// 0.4 GB/s at worst).
 ///
-/// The end of the file is padded to a block for the last direct write and cut back with
-/// `ftruncate`. Should the file system refuse a direct write (`EINVAL`), the I/O thread clears
-/// `O_DIRECT` and goes on with buffered writes (offsets so far are all aligned, so nothing is lost).
-struct DirectWriter {
+/// Why a thread also for buffered output: the caller never enters a write(2) or fsync(2)
+/// itself, so every wait on the file can give up once the output is abandoned (see
+/// [`AtomicFileSink`]); a write stuck in the kernel cannot be interrupted, only left behind.
+///
+/// The end of the file is padded to a block for the last write and cut back with `ftruncate`.
+/// Should the file system refuse a direct write (`EINVAL`), the I/O thread clears `O_DIRECT`
+/// and goes on with buffered writes (offsets so far are all aligned, so nothing is lost).
+struct FileWriter {
     cur: AlignedBuf,
     /// Bytes accepted so far (the file's final length).
     total: u64,
-    to_io: Option<mpsc::SyncSender<AlignedBuf>>,
+    /// Never blocks: it holds every buffer there is plus one `Finish`.
+    to_io: Option<mpsc::SyncSender<IoMsg>>,
     from_io: mpsc::Receiver<AlignedBuf>,
     allocated: usize,
-    io: Option<thread::JoinHandle<io::Result<File>>>,
+    io: Option<IoThread>,
+    abandon: Arc<AtomicBool>,
 }
 
-impl std::fmt::Debug for DirectWriter {
+struct IoThread {
+    handle: thread::JoinHandle<()>,
+    /// The file after `Finish`, or why the thread stopped.
+    result: mpsc::Receiver<io::Result<File>>,
+}
+
+impl std::fmt::Debug for FileWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DirectWriter")
+        f.debug_struct("FileWriter")
             .field("total", &self.total)
             .field("allocated", &self.allocated)
             .finish_non_exhaustive()
     }
 }
 
-impl DirectWriter {
-    fn new(file: File) -> io::Result<Self> {
-        let (to_io, rx) = mpsc::sync_channel::<AlignedBuf>(DIRECT_BUFFERS);
+impl FileWriter {
+    fn new(file: File, abandon: Arc<AtomicBool>) -> io::Result<Self> {
+        let (to_io, rx) = mpsc::sync_channel::<IoMsg>(DIRECT_BUFFERS + 1);
         let (back, from_io) = mpsc::sync_channel::<AlignedBuf>(DIRECT_BUFFERS);
-        let io = thread::Builder::new()
+        let (done, result) = mpsc::sync_channel(1);
+        let stop = abandon.clone();
+        let handle = thread::Builder::new()
             .name("saver-io".into())
             .spawn(move || {
-                let mut file = file;
-                for mut buf in rx {
-                    direct_write_all(&mut file, buf.data())?;
-                    buf.len = 0;
-                    // The writer may be gone (drop): then the buffer is just freed.
-                    let _ = back.send(buf);
-                }
-                Ok(file)
+                let r = io_loop(file, &rx, &back, &stop);
+                // Unblocks a writer waiting for a buffer before the result is there.
+                drop(back);
+                let _ = done.send(r);
             })?;
-        Ok(DirectWriter {
+        Ok(FileWriter {
             cur: AlignedBuf::new(DIRECT_CHUNK),
             total: 0,
             to_io: Some(to_io),
             from_io,
             allocated: 1,
-            io: Some(io),
+            io: Some(IoThread { handle, result }),
+            abandon,
         })
     }
 
-    /// Let the I/O thread finish what it was given and take back the file (or its error).
-    fn join_io(&mut self) -> io::Result<File> {
-        self.to_io = None;
-        match self.io.take().map(|h| h.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err(io::Error::other("snapshot I/O thread panicked")),
-            None => Err(io::Error::other("snapshot I/O thread already stopped")),
+    fn abandoned(&self) -> bool {
+        self.abandon.load(Ordering::Acquire)
+    }
+
+    /// Wait for the I/O thread's result (after `Finish`, or after it stopped on an error).
+    /// Once the output is abandoned, waits at most `patience` longer, then leaves the thread
+    /// to finish on its own (it owns the file, and drops it when its write returns).
+    fn wait_io(&mut self, patience: Duration) -> io::Result<File> {
+        let Some(io) = self.io.take() else {
+            return Err(io::Error::other("snapshot I/O thread already stopped"));
+        };
+        let mut give_up_at = None;
+        loop {
+            match io.result.recv_timeout(IO_POLL) {
+                Ok(r) => {
+                    // It has sent its last word and is about to return.
+                    let _ = io.handle.join();
+                    return r;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(match io.handle.join() {
+                        Ok(()) => io::Error::other("snapshot I/O thread stopped"),
+                        Err(_) => io::Error::other("snapshot I/O thread panicked"),
+                    });
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if self.abandoned() => {
+                    let at = *give_up_at.get_or_insert_with(|| Instant::now() + patience);
+                    if Instant::now() >= at {
+                        return Err(abandoned());
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
         }
     }
 
-    /// Why the I/O thread stopped early (it only does on an error).
+    /// Why the I/O thread stopped early (it only does on an error or when abandoned).
     fn stopped_error(&mut self) -> io::Error {
-        match self.join_io() {
+        if self.abandoned() {
+            return abandoned();
+        }
+        match self.wait_io(Duration::ZERO) {
             Ok(_) => io::Error::other("snapshot I/O thread stopped"),
             Err(e) => e,
         }
     }
 
-    /// Hand the current buffer to the I/O thread.
-    fn send_current(&mut self) -> io::Result<()> {
-        let full = std::mem::take(&mut self.cur);
-        if self.to_io.as_ref().is_some_and(|tx| tx.send(full).is_ok()) {
+    fn send(&mut self, msg: IoMsg) -> io::Result<()> {
+        if self.abandoned() {
+            return Err(abandoned());
+        }
+        if self.to_io.as_ref().is_some_and(|tx| tx.send(msg).is_ok()) {
             Ok(())
         } else {
             Err(self.stopped_error())
@@ -312,37 +454,82 @@ impl DirectWriter {
     }
 
     /// Hand the current buffer to the I/O thread and take an empty one: a returned one, a new
-    /// one while fewer than [`DIRECT_BUFFERS`] exist, else wait for the I/O thread.
+    /// one while fewer than [`DIRECT_BUFFERS`] exist, else wait for the I/O thread (as long as
+    /// the output is not abandoned).
     fn submit(&mut self) -> io::Result<()> {
-        self.send_current()?;
-        self.cur = match self.from_io.try_recv() {
-            Ok(b) => b,
-            Err(_) if self.allocated < DIRECT_BUFFERS => {
-                self.allocated += 1;
-                AlignedBuf::new(DIRECT_CHUNK)
+        let full = std::mem::take(&mut self.cur);
+        self.send(IoMsg::Write(full))?;
+        if let Ok(b) = self.from_io.try_recv() {
+            self.cur = b;
+            return Ok(());
+        }
+        if self.allocated < DIRECT_BUFFERS {
+            self.allocated += 1;
+            self.cur = AlignedBuf::new(DIRECT_CHUNK);
+            return Ok(());
+        }
+        loop {
+            match self.from_io.recv_timeout(IO_POLL) {
+                Ok(b) => {
+                    self.cur = b;
+                    return Ok(());
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if !self.abandoned() => {}
+                Err(_) => return Err(self.stopped_error()),
             }
-            Err(_) => self.from_io.recv().map_err(|_| self.stopped_error())?,
-        };
-        Ok(())
+        }
     }
 
-    /// Write what is left (padded to a block), wait for the I/O thread, cut the padding off.
+    /// Write what is left (padded to a block); the I/O thread cuts the padding off and syncs.
     fn finish(mut self) -> io::Result<File> {
         let tail = self.cur.len;
         if tail > 0 {
             let padded = tail.next_multiple_of(DIRECT_ALIGN);
             self.cur.spare()[..padded - tail].fill(0);
             self.cur.len = padded;
-            self.send_current()?;
+            let last = std::mem::take(&mut self.cur);
+            self.send(IoMsg::Write(last))?;
         }
-        let file = self.join_io()?;
-        file.set_len(self.total)?;
-        Ok(file)
+        self.send(IoMsg::Finish(self.total))?;
+        self.to_io = None;
+        self.wait_io(Duration::ZERO)
     }
 }
 
-impl Write for DirectWriter {
+/// The I/O thread: write buffers in order and return them, until `Finish` (or the writer is
+/// gone, or the output abandoned: then nothing more is written).
+fn io_loop(
+    mut file: File,
+    rx: &mpsc::Receiver<IoMsg>,
+    back: &mpsc::SyncSender<AlignedBuf>,
+    abandon: &AtomicBool,
+) -> io::Result<File> {
+    for msg in rx {
+        if abandon.load(Ordering::Acquire) {
+            return Err(abandoned());
+        }
+        match msg {
+            IoMsg::Write(mut buf) => {
+                direct_write_all(&mut file, buf.data())?;
+                buf.len = 0;
+                // The writer may be gone (drop): then the buffer is just freed.
+                let _ = back.send(buf);
+            }
+            IoMsg::Finish(len) => {
+                file.set_len(len)?;
+                file.sync_all()?;
+                return Ok(file);
+            }
+        }
+    }
+    Err(abandoned())
+}
+
+impl Write for FileWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.abandoned() {
+            return Err(abandoned());
+        }
         let spare = self.cur.spare();
         let n = spare.len().min(buf.len());
         spare[..n].copy_from_slice(&buf[..n]);
@@ -358,10 +545,13 @@ impl Write for DirectWriter {
     }
 }
 
-impl Drop for DirectWriter {
+impl Drop for FileWriter {
     fn drop(&mut self) {
         if self.io.is_some() {
-            let _ = self.join_io();
+            // Unfinished: write nothing more; wait a little for a write in progress.
+            self.abandon.store(true, Ordering::Release);
+            self.to_io = None;
+            let _ = self.wait_io(ABANDON_WAIT);
         }
     }
 }
@@ -828,6 +1018,109 @@ mod tests {
         s.write_all(b"abc").unwrap();
         s.finish().unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"abc");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Permission bits of `p` (not following a symlink).
+    fn mode_of(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    /// Guest RAM is for the owner only: temporary and committed file are 0600 under the usual
+    /// umask 022, for every way of creating a sink.
+    #[test]
+    fn snapshot_files_are_private() {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        let dir = test_dir("ram-saver-private");
+        let makers: [fn(&Path) -> io::Result<AtomicFileSink>; 3] = [
+            |t| AtomicFileSink::create(t),
+            |t| AtomicFileSink::create_new(t),
+            |t| AtomicFileSink::create_buffered(t),
+        ];
+        for (i, make) in makers.iter().enumerate() {
+            let target = dir.join(format!("{i}.snap"));
+            let mut s = make(&target).unwrap();
+            assert_eq!(mode_of(s.temp_path()), 0o600, "temporary of sink {i}");
+            s.write_all(b"guest ram").unwrap();
+            s.finish().unwrap();
+            assert_eq!(mode_of(&target), 0o600, "file of sink {i}");
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A symlink planted where a temporary could be created is never followed: not at the
+    /// guessable name `.<name>.tmp-<pid>`, and not at any name the exclusive create is given,
+    /// dangling or not.
+    #[test]
+    fn planted_symlinks_are_never_followed() {
+        use std::os::unix::fs::symlink;
+        let dir = test_dir("ram-saver-symlink");
+        let victim = dir.join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let target = dir.join("vm.snap");
+        let guessable = dir.join(format!(".vm.snap.tmp-{}", std::process::id()));
+        symlink(&victim, &guessable).unwrap();
+        let mut s = AtomicFileSink::create(&target).unwrap();
+        s.write_all(b"guest ram").unwrap();
+        drop(s);
+        let mut s = AtomicFileSink::create(&target).unwrap();
+        s.write_all(b"guest ram").unwrap();
+        s.finish().unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"guest ram");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(fs::symlink_metadata(&guessable)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+
+        let err = create_private(&guessable).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        let nowhere = dir.join("nowhere");
+        let dangling = dir.join("dangling");
+        symlink(&nowhere, &dangling).unwrap();
+        let err = create_private(&dangling).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert!(!nowhere.exists(), "a dangling symlink was followed");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Two sinks for one target in one process get different temporaries, named with 16 random
+    /// hex digits (not the process id), and both clean up.
+    #[test]
+    fn temporary_names_are_unique_and_random() {
+        let dir = test_dir("ram-saver-names");
+        let target = dir.join("vm.snap");
+        let a = AtomicFileSink::create(&target).unwrap();
+        let b = AtomicFileSink::create(&target).unwrap();
+        assert_ne!(a.temp_path(), b.temp_path());
+        for s in [&a, &b] {
+            let name = s.temp_path().file_name().unwrap().to_str().unwrap();
+            let suffix = name.strip_prefix(".vm.snap.tmp-").expect(name);
+            assert_eq!(suffix.len(), 16, "{name}");
+            assert!(suffix.bytes().all(|c| c.is_ascii_hexdigit()), "{name}");
+            assert_ne!(suffix, format!("{:016x}", std::process::id()));
+            assert!(s.temp_path().exists());
+        }
+        drop((a, b));
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Once abandoned, a sink refuses writes instead of queueing them, refuses to commit, and
+    /// still removes its temporary.
+    #[test]
+    fn abandoned_sink_fails_fast_and_cleans_up() {
+        let dir = test_dir("ram-saver-abandon");
+        let target = dir.join("vm.snap");
+        let mut s = AtomicFileSink::create(&target).unwrap();
+        s.write_all(&vec![7u8; DIRECT_CHUNK + 1]).unwrap();
+        let tmp = s.temp_path().to_path_buf();
+        s.abandon_flag().unwrap().store(true, Ordering::Release);
+        assert!(s.write_all(b"more").is_err());
+        assert!(s.finish().is_err());
+        assert!(!tmp.exists() && !target.exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 
