@@ -17,6 +17,7 @@
 //! emulated instruction by instruction, so the built-in guest runs its hot loops in ring 3.
 
 pub mod arch;
+pub mod devices;
 mod error;
 pub mod guest;
 pub mod kernel;

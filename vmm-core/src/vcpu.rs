@@ -11,11 +11,13 @@
 //! the next KVM_RUN, so a parked vCPU never has a half-completed instruction.
 //!
 //! # Device policy (which I/O the VMM answers)
-//! Both guest kinds: COM1 (0x3f8-0x3ff, vm-superio 16550), port 0x80 (POST code, ignored),
-//! reset requests (0xFE to 0x64, the keyboard controller; bit 2 to 0xCF9) end the VM as `Reset`.
-//! PIC, PIT and IOAPIC/LAPIC are in the kernel and never reach the VMM.
+//! Port and MMIO exits go to the VM's port and MMIO buses ([`crate::devices`]). Both guest kinds
+//! have COM1 (0x3f8-0x3ff, vm-superio 16550), port 0x80 (POST code, ignored) and the reset
+//! requests (0xFE to 0x64, the keyboard controller; bit 2 to 0xCF9), which end the VM as `Reset`.
+//! PIC, PIT and IOAPIC/LAPIC are in the kernel and never reach the VMM. Accesses no device claims
+//! (no device there, or one the device does not implement, such as a read of 0x64):
 //!
-//! - Built-in guest: its own ports ([`crate::guest::ctrl::port`]) as documented there; any other
+//! - Built-in guest: its own ports ([`crate::guest::ctrl::port`]) are on its port bus; any other
 //!   port and any MMIO access to an unbacked address ends the VM with an error, because the
 //!   built-in guest never does that unless it is broken.
 //! - Kernel VMs: a kernel probes hardware that is not there (other UARTs, the RTC, PCI config
@@ -23,7 +25,7 @@
 //!   absent ISA device reads as), writes are ignored; MMIO reads of unbacked addresses return all
 //!   ones and writes are dropped. Every such access is counted ([`UnhandledAccesses`], exposed by
 //!   `Vm::unhandled_accesses`) with the first distinct ports, so nothing is silently hidden. The
-//!   built-in guest's private ports have no meaning for a kernel and fall under the same policy.
+//!   built-in guest's private ports are not on a kernel VM's bus and fall under the same policy.
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
@@ -36,8 +38,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::guest::ctrl::port;
-use crate::serial::{SerialDevice, COM1_BASE, COM1_LEN};
+use crate::devices::{self, bus, Bus, BusAction, PortDeviceContext, VmEnd};
+use crate::serial::{SerialDevice, SerialPort};
 use crate::VmError;
 
 /// Offset above SIGRTMIN of the signal used to kick vCPU threads out of KVM_RUN.
@@ -172,7 +174,7 @@ pub(crate) struct Shared {
     pub cv: Condvar,
     pub reports: Vec<AtomicU64>,
     pub fills_reported: Vec<AtomicBool>,
-    pub serial_errors: AtomicU64,
+    pub serial_errors: Arc<AtomicU64>,
     pub idle_sleep: Duration,
 }
 
@@ -198,7 +200,7 @@ impl Shared {
             cv: Condvar::new(),
             reports: (0..n).map(|_| AtomicU64::new(0)).collect(),
             fills_reported: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            serial_errors: AtomicU64::new(0),
+            serial_errors: Arc::default(),
             idle_sleep: Duration::from_millis(1),
         }
     }
@@ -283,11 +285,44 @@ impl UnhandledCounters {
 
 /// Devices a vCPU thread needs for exits handled in user space.
 pub(crate) struct IoBus {
-    pub serial: Mutex<SerialDevice>,
+    /// COM1's UART, also on `pio`.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Port devices.
+    pub pio: Bus,
+    /// MMIO devices.
+    pub mmio: Bus,
     pub mem: GuestMemoryMmap,
     /// True for kernel VMs: the lenient device policy applies.
     pub kernel_vm: bool,
     pub unhandled: UnhandledCounters,
+}
+
+impl IoBus {
+    /// The buses of a VM with console `serial`: a kernel VM's when `kernel_vm`, else the
+    /// built-in guest's (its control ports report into `shared`).
+    pub fn new(
+        serial: SerialDevice,
+        mem: GuestMemoryMmap,
+        kernel_vm: bool,
+        shared: &Arc<Shared>,
+    ) -> Self {
+        let serial = Arc::new(Mutex::new(serial));
+        let ctx = PortDeviceContext {
+            com1: Arc::new(SerialPort::new(
+                Arc::clone(&serial),
+                Arc::clone(&shared.serial_errors),
+            )),
+        };
+        let guest = (!kernel_vm).then(|| Arc::clone(shared));
+        IoBus {
+            serial,
+            pio: devices::port_bus(&ctx, guest),
+            mmio: Bus::new(),
+            mem,
+            kernel_vm,
+            unhandled: UnhandledCounters::default(),
+        }
+    }
 }
 
 impl std::fmt::Debug for IoBus {
@@ -444,102 +479,23 @@ impl VcpuRunner {
     }
 
     fn handle_exit(&self, exit: VcpuExit<'_>) -> Handled {
-        let id = usize::from(self.id);
         match exit {
             VcpuExit::IoOut(p, data) => {
-                let v32 = data
-                    .iter()
-                    .take(4)
-                    .enumerate()
-                    .fold(0u32, |a, (i, b)| a | (u32::from(*b) << (8 * i)));
-                match p {
-                    // POST diagnostic port: a delay idiom, nothing to do.
-                    0x80 => Handled::Continue,
-                    0x64 if v32 & 0xFF == 0xFE => Handled::End(EndKind::Reset),
-                    0xCF9 if v32 & 0x4 != 0 => Handled::End(EndKind::Reset),
-                    _ if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&p) => {
-                        let mut s = self.io.serial.lock().unwrap_or_else(|e| e.into_inner());
-                        for b in data {
-                            if s.write((p - COM1_BASE) as u8, *b).is_err() {
-                                // Console output failures (closed terminal, full disk) must not
-                                // kill the guest; they are counted and exposed by the VM.
-                                self.shared.serial_errors.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        Handled::Continue
-                    }
-                    _ if self.io.kernel_vm => {
-                        self.io
-                            .unhandled
-                            .port_writes
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.io.unhandled.port(p);
-                        Handled::Continue
-                    }
-                    port::IDLE => {
-                        if !self.shared.pause_req.load(Ordering::Relaxed) {
-                            std::thread::sleep(self.shared.idle_sleep);
-                        }
-                        Handled::Continue
-                    }
-                    port::PROGRESS => {
-                        self.shared.reports[id].fetch_add(1, Ordering::Relaxed);
-                        Handled::Continue
-                    }
-                    port::FILL_DONE => {
-                        self.shared.fills_reported[id].store(true, Ordering::Relaxed);
-                        Handled::Continue
-                    }
-                    port::CHECK => Handled::Continue,
-                    port::POWEROFF => Handled::End(EndKind::PowerOff),
-                    port::PANIC => Handled::End(EndKind::Panic(format!(
-                        "unexpected exception/interrupt vector {v32}"
-                    ))),
-                    _ => Handled::End(EndKind::Error(format!(
-                        "write of {v32:#x} ({} bytes) to unhandled I/O port {p:#x}",
-                        data.len()
-                    ))),
-                }
+                let done = self.io.pio.write(self.id, u64::from(p), data);
+                after_bus(done, || self.unclaimed_port_write(p, data))
             }
             VcpuExit::IoIn(p, data) => {
-                if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&p) {
-                    let mut s = self.io.serial.lock().unwrap_or_else(|e| e.into_inner());
-                    for b in data.iter_mut() {
-                        *b = s.read((p - COM1_BASE) as u8);
-                    }
-                    Handled::Continue
-                } else if self.io.kernel_vm {
-                    data.fill(0xff);
-                    self.io.unhandled.port_reads.fetch_add(1, Ordering::Relaxed);
-                    self.io.unhandled.port(p);
-                    Handled::Continue
-                } else {
-                    Handled::End(EndKind::Error(format!(
-                        "read of {} bytes from unhandled I/O port {p:#x}",
-                        data.len()
-                    )))
-                }
+                let done = self.io.pio.read(self.id, u64::from(p), data);
+                after_bus(done, || self.unclaimed_port_read(p, data))
             }
-            VcpuExit::MmioRead(_, d) if self.io.kernel_vm => {
-                d.fill(0xff);
-                self.io.unhandled.mmio_reads.fetch_add(1, Ordering::Relaxed);
-                Handled::Continue
+            VcpuExit::MmioRead(a, data) => {
+                let done = self.io.mmio.read(self.id, a, data);
+                after_bus(done, || self.unclaimed_mmio_read(a, data))
             }
-            VcpuExit::MmioWrite(..) if self.io.kernel_vm => {
-                self.io
-                    .unhandled
-                    .mmio_writes
-                    .fetch_add(1, Ordering::Relaxed);
-                Handled::Continue
+            VcpuExit::MmioWrite(a, data) => {
+                let done = self.io.mmio.write(self.id, a, data);
+                after_bus(done, || self.unclaimed_mmio_write(a, data))
             }
-            VcpuExit::MmioRead(a, d) => Handled::End(EndKind::Error(format!(
-                "MMIO read of {} bytes at unbacked GPA {a:#x}",
-                d.len()
-            ))),
-            VcpuExit::MmioWrite(a, d) => Handled::End(EndKind::Error(format!(
-                "MMIO write of {} bytes at unbacked GPA {a:#x}",
-                d.len()
-            ))),
             // With the in-kernel irqchip KVM handles HLT itself; if one reaches us, just re-enter
             // (HLT is not shutdown).
             VcpuExit::Hlt => Handled::Continue,
@@ -561,6 +517,78 @@ impl VcpuRunner {
             ))),
             other => Handled::End(EndKind::Error(format!("unexpected VM exit {other:?}"))),
         }
+    }
+}
+
+impl VcpuRunner {
+    // Accesses no device claims, by the device policy in the module docs.
+
+    fn unclaimed_port_write(&self, p: u16, data: &[u8]) -> Handled {
+        if !self.io.kernel_vm {
+            return Handled::End(EndKind::Error(format!(
+                "write of {:#x} ({} bytes) to unhandled I/O port {p:#x}",
+                bus::le_u32(data),
+                data.len()
+            )));
+        }
+        let u = &self.io.unhandled;
+        u.port_writes.fetch_add(1, Ordering::Relaxed);
+        u.port(p);
+        Handled::Continue
+    }
+
+    fn unclaimed_port_read(&self, p: u16, data: &mut [u8]) -> Handled {
+        if !self.io.kernel_vm {
+            return Handled::End(EndKind::Error(format!(
+                "read of {} bytes from unhandled I/O port {p:#x}",
+                data.len()
+            )));
+        }
+        data.fill(0xff);
+        let u = &self.io.unhandled;
+        u.port_reads.fetch_add(1, Ordering::Relaxed);
+        u.port(p);
+        Handled::Continue
+    }
+
+    fn unclaimed_mmio_read(&self, a: u64, data: &mut [u8]) -> Handled {
+        if !self.io.kernel_vm {
+            return Handled::End(EndKind::Error(format!(
+                "MMIO read of {} bytes at unbacked GPA {a:#x}",
+                data.len()
+            )));
+        }
+        data.fill(0xff);
+        self.io.unhandled.mmio_reads.fetch_add(1, Ordering::Relaxed);
+        Handled::Continue
+    }
+
+    fn unclaimed_mmio_write(&self, a: u64, data: &[u8]) -> Handled {
+        if !self.io.kernel_vm {
+            return Handled::End(EndKind::Error(format!(
+                "MMIO write of {} bytes at unbacked GPA {a:#x}",
+                data.len()
+            )));
+        }
+        self.io
+            .unhandled
+            .mmio_writes
+            .fetch_add(1, Ordering::Relaxed);
+        Handled::Continue
+    }
+}
+
+/// What the vCPU loop does after a bus access: what the device asked for, or `unclaimed` (the
+/// device policy) if no device claimed it.
+fn after_bus(action: BusAction, unclaimed: impl FnOnce() -> Handled) -> Handled {
+    match action {
+        BusAction::Unclaimed => unclaimed(),
+        BusAction::Continue => Handled::Continue,
+        BusAction::EndVm(VmEnd::PowerOff) => Handled::End(EndKind::PowerOff),
+        BusAction::EndVm(VmEnd::Reset) => Handled::End(EndKind::Reset),
+        BusAction::EndVm(VmEnd::GuestPanic { vector }) => Handled::End(EndKind::Panic(format!(
+            "unexpected exception/interrupt vector {vector}"
+        ))),
     }
 }
 

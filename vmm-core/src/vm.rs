@@ -410,12 +410,7 @@ impl Vm {
         } = m;
         let n = fds.len();
         let shared = Arc::new(Shared::new(n, start_paused));
-        let io = Arc::new(IoBus {
-            serial: Mutex::new(serial),
-            mem,
-            kernel_vm: !cfg.is_builtin_guest(),
-            unhandled: Default::default(),
-        });
+        let io = Arc::new(IoBus::new(serial, mem, !cfg.is_builtin_guest(), &shared));
         let vcpus: Vec<Arc<Mutex<VcpuFd>>> =
             fds.into_iter().map(|f| Arc::new(Mutex::new(f))).collect();
         let vm = Vm {

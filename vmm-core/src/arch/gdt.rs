@@ -3,8 +3,8 @@
 use kvm_bindings::kvm_segment;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::devices::PORT_DEVICES;
 use crate::layout::{self, boot_selector, selector};
-use crate::serial::{COM1_BASE, COM1_LEN};
 use crate::VmError;
 
 /// 64-bit ring-0 code: present, DPL 0, code exec/read, L=1, G=1.
@@ -24,26 +24,58 @@ pub const IO_BITMAP_PORTS: u64 = 0x800;
 /// Built-in guest: bytes of TSS including the I/O bitmap and its terminating 0xFF byte.
 pub const TSS_TOTAL: u64 = TSS_SIZE + IO_BITMAP_PORTS / 8 + 1;
 
-/// Kernel VMs: the ports ring 3 may use through the boot TSS (inclusive ranges): those the VMM
-/// answers for kernel VMs (see the device policy in [`crate::vcpu`]) and KVM's in-kernel PIC and
-/// PIT. A kernel that keeps the boot TSS and does port I/O from ring 3 needs this bitmap on PVM
-/// hosts, which ignore IOPL and check only the bitmap. Any other port faults (#GP) from ring 3.
-pub const BOOT_IO_PORTS: &[(u16, u16)] = &[
-    (0x20, 0x21),                          // PIC master (in-kernel)
-    (0x40, 0x43),                          // PIT (in-kernel)
-    (0x61, 0x61),                          // PIT channel 2 gate / speaker (in-kernel)
-    (0x64, 0x64),                          // keyboard controller: 0xFE resets (VMM)
-    (0x80, 0x80),                          // POST code, ignored (VMM)
-    (0xA0, 0xA1),                          // PIC slave (in-kernel)
-    (0x4D0, 0x4D1),                        // PIC edge/level control (in-kernel)
-    (COM1_BASE, COM1_BASE + COM1_LEN - 1), // COM1 (VMM)
-    (0xCF9, 0xCF9),                        // reset control: bit 2 resets (VMM)
+/// KVM's in-kernel PIC and PIT ports (inclusive ranges). KVM answers them itself, so they are on
+/// no VMM bus, but a kernel may use them from ring 3 like the VMM's ports.
+const IN_KERNEL_PORTS: [(u16, u16); 5] = [
+    (0x20, 0x21),   // PIC master
+    (0x40, 0x43),   // PIT
+    (0x61, 0x61),   // PIT channel 2 gate / speaker
+    (0xA0, 0xA1),   // PIC slave
+    (0x4D0, 0x4D1), // PIC edge/level control
 ];
+
+/// Kernel VMs: the ports ring 3 may use through the boot TSS (inclusive ranges): KVM's in-kernel
+/// PIC and PIT, then every port device on a kernel VM's port bus
+/// (`crate::devices::PORT_DEVICES`; see the device policy in [`crate::vcpu`]). A kernel that
+/// keeps the boot TSS and does port I/O from ring 3 needs this bitmap on PVM hosts, which ignore
+/// IOPL and check only the bitmap. Any other port faults (#GP) from ring 3.
+pub const BOOT_IO_PORTS: &[(u16, u16)] = &boot_io_ports();
+
+const BOOT_IO_PORT_RANGES: usize = IN_KERNEL_PORTS.len() + PORT_DEVICES.len();
+
+const fn boot_io_ports() -> [(u16, u16); BOOT_IO_PORT_RANGES] {
+    let mut out = [(0, 0); BOOT_IO_PORT_RANGES];
+    let mut i = 0;
+    while i < IN_KERNEL_PORTS.len() {
+        out[i] = IN_KERNEL_PORTS[i];
+        i += 1;
+    }
+    let mut d = 0;
+    while d < PORT_DEVICES.len() {
+        let dev = &PORT_DEVICES[d];
+        out[i + d] = (dev.base, dev.base + (dev.len - 1));
+        d += 1;
+    }
+    out
+}
+
 /// Kernel VMs: ports covered by the boot TSS's I/O permission bitmap (the highest in
 /// [`BOOT_IO_PORTS`], rounded up to whole bitmap bytes); ports above are denied.
-pub const BOOT_IO_BITMAP_PORTS: u64 = 0xD00;
+pub const BOOT_IO_BITMAP_PORTS: u64 = {
+    let mut top = 0;
+    let mut i = 0;
+    while i < BOOT_IO_PORTS.len() {
+        if BOOT_IO_PORTS[i].1 > top {
+            top = BOOT_IO_PORTS[i].1;
+        }
+        i += 1;
+    }
+    (top as u64 / 8 + 1) * 8
+};
 /// Kernel VMs: bytes of the boot TSS including its I/O bitmap and the terminating 0xFF byte.
 pub const BOOT_TSS_TOTAL: u64 = TSS_SIZE + BOOT_IO_BITMAP_PORTS / 8 + 1;
+// A port device high enough to outgrow the reserved area stops the build.
+const _: () = assert!(BOOT_TSS_TOTAL <= layout::BOOT_TSS_MAX_SIZE);
 
 /// An I/O permission bitmap covering ports `0..ports` (a multiple of 8) that allows exactly the
 /// inclusive port ranges `allowed` (bit clear) and denies the rest, followed by the terminating
