@@ -549,7 +549,7 @@ impl Vm {
     }
 
     /// How long a pause (or a freeze) waits for every vCPU to park before it gives up and lets
-    /// them run again (default [`PAUSE_TIMEOUT`]).
+    /// them run again (default 10 s).
     pub fn set_pause_timeout(&self, t: Duration) {
         *self.pause_timeout.lock().unwrap_or_else(|e| e.into_inner()) = t;
     }
