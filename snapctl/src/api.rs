@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+pub use vm_snapshot::SaveParams;
 
 /// Longest request line the VMM accepts; longer ones get an error reply.
 pub const MAX_REQUEST_LINE: usize = 64 * 1024;
@@ -20,7 +21,7 @@ pub enum Request {
     /// Report guest progress, uptime, memory, save state.
     Status,
     /// Take a live snapshot.
-    Save(SaveRequest),
+    Save(SaveParams),
     /// Cancel the running save.
     Cancel,
     /// Pause every vCPU.
@@ -31,105 +32,6 @@ pub enum Request {
     SelfCheck,
     /// Stop the VM and end the VMM process.
     Shutdown,
-}
-
-/// Parameters of a save.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct SaveRequest {
-    /// Absolute target path. With `stream`, an existing FIFO (or other special file) to write the stream into.
-    pub path: String,
-    /// Write the snapshot as a stream into `path` as it is (no temporary file, no rename): used by
-    /// `snapctl save --out -`, whose client makes a FIFO and copies it to its standard output.
-    #[serde(default)]
-    pub stream: bool,
-    /// Compress records with zstd.
-    #[serde(default)]
-    pub zstd: bool,
-    /// zstd level (1..=19).
-    #[serde(default)]
-    pub level: Option<i32>,
-    /// Limit for the linear scan, bytes per second. Faulted pages are never throttled.
-    #[serde(default)]
-    pub max_bandwidth: Option<u64>,
-    /// Replace an existing file at `path`.
-    #[serde(default)]
-    pub force: bool,
-    /// Run the scan and compression threads at low CPU priority: a busy guest keeps more of its
-    /// speed, the save takes longer. Faulted pages are served first either way.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub background: bool,
-    /// Tuning knob: bytes the fault handler copies and releases per write fault (default: chosen by
-    /// ram-saver from the memory's backing). A power of two, a multiple of 4096, at most 64 MiB, dividing
-    /// the scan block.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fault_block: Option<usize>,
-    /// Tuning knob: bytes the linear scan copies and releases per unit (default 2 MiB). A power of two, a
-    /// multiple of 4096, at most 64 MiB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scan_block: Option<usize>,
-    /// Tuning knob: do not collapse huge pages that small releases split back after the save.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub no_huge_restore: bool,
-}
-
-/// ram-saver's default scan unit (`SaveOptions::block_size`), used when `scan_block` is not given.
-const DEFAULT_SCAN_BLOCK: usize = 2 << 20;
-
-/// Largest accepted `fault_block` / `scan_block`.
-pub const MAX_TUNING_BLOCK: usize = 64 << 20;
-
-/// Checks a tuning block size: a power of two, a multiple of 4096, at most [`MAX_TUNING_BLOCK`].
-fn check_block(name: &str, b: usize) -> Result<(), String> {
-    if b < 4096 || !b.is_power_of_two() || b > MAX_TUNING_BLOCK {
-        return Err(format!(
-            "{name} must be a power of two from 4096 to {MAX_TUNING_BLOCK} bytes, not {b}"
-        ));
-    }
-    Ok(())
-}
-
-/// Lowest accepted `max_bandwidth`: pages stay write-protected until the scan reaches them, so a crawling
-/// scan would keep the guest's memory protected (and its writes faulting) for hours.
-pub const MIN_BANDWIDTH: u64 = 1 << 20;
-
-impl SaveRequest {
-    /// Checks the parameters; the error says what is wrong (a `bad_request`).
-    pub fn validate(&self) -> Result<(), String> {
-        if !Path::new(&self.path).is_absolute() {
-            return Err(format!(
-                "the save path must be absolute, not `{}`",
-                self.path
-            ));
-        }
-        if let Some(l) = self.level {
-            if !(1..=19).contains(&l) {
-                return Err(format!("zstd level must be 1..=19, not {l}"));
-            }
-        }
-        if let Some(b) = self.max_bandwidth {
-            if b < MIN_BANDWIDTH {
-                return Err(format!(
-                    "max_bandwidth must be at least {MIN_BANDWIDTH} bytes/s (1 MiB/s), not {b}"
-                ));
-            }
-        }
-        if let Some(b) = self.fault_block {
-            check_block("fault_block", b)?;
-        }
-        if let Some(b) = self.scan_block {
-            check_block("scan_block", b)?;
-        }
-        if let Some(f) = self.fault_block {
-            let s = self.scan_block.unwrap_or(DEFAULT_SCAN_BLOCK);
-            if f > s {
-                return Err(format!(
-                    "fault_block ({f}) must not be larger than scan_block ({s})"
-                ));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// One line from the VMM.
@@ -292,7 +194,7 @@ mod tests {
     fn requests_round_trip_as_json_lines() {
         let reqs = [
             Request::Status,
-            Request::Save(SaveRequest {
+            Request::Save(SaveParams {
                 path: "/tmp/x.snap".into(),
                 stream: false,
                 zstd: true,

@@ -1,6 +1,6 @@
 //! The client side of the control socket: `save`, `status`, `pause`, … talk to a running VMM process.
 
-use crate::api::{self, Reply, Request, SaveRequest};
+use crate::api::{self, Reply, Request, SaveParams};
 use crate::units::fmt_bytes;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -163,7 +163,7 @@ impl Drop for StreamFifo {
     }
 }
 
-/// Hidden tuning knobs of `snapctl save` (see `SaveRequest`).
+/// Hidden tuning knobs of `snapctl save` (see `SaveParams`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SaveTuning {
     /// Bytes per write fault.
@@ -277,7 +277,7 @@ pub fn save(
         None => None,
     };
 
-    let req = Request::Save(SaveRequest {
+    let req = Request::Save(SaveParams {
         path: path.to_string_lossy().into_owned(),
         stream: streaming,
         zstd,

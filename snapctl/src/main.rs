@@ -3,7 +3,6 @@
 
 mod api;
 mod client;
-mod monitor;
 mod offline;
 mod server;
 mod units;

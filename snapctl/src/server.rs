@@ -3,7 +3,7 @@
 //! The VMM owns guest memory and the userfaultfd, so it does the saving; the `save` client only asks, shows
 //! progress and can cancel. One save at a time; a second one gets a `busy` error.
 
-use crate::api::{self, Reply, Request, SaveRequest};
+use crate::api::{self, Reply, Request, SaveParams};
 use crate::{units::fmt_bytes, VmmArgs};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
@@ -124,8 +124,14 @@ pub fn run_restore(
 ) -> anyhow::Result<ExitCode> {
     let listener = bind_socket(sock)?;
     let t0 = Instant::now();
-    let restored =
-        (|| crate::offline::restore_vm(file, paused, backend_override(vmm)?, serial_out(vmm)?))();
+    let restored = (|| {
+        let params = vm_snapshot::RestoreParams {
+            paused,
+            backend: backend_override(vmm)?,
+            serial: serial_out(vmm)?,
+        };
+        crate::offline::restore_vm(file, params)
+    })();
     if !matches!(restored, Ok(Ok(_))) {
         // Refused or failed: no VM will serve this socket, so nothing is left behind.
         let _ = std::fs::remove_file(sock);
@@ -474,8 +480,8 @@ impl Vmm {
     /// killed, or shut down its sending side on Ctrl-C), the save is cancelled. Progress lines go through a
     /// separate thread and are dropped while the client does not read them: a slow or stopped client never
     /// slows the save, and so never stalls the guest.
-    fn save(self: &Arc<Self>, req: SaveRequest, conn: UnixStream, w: &UnixStream) -> Reply {
-        if let Err(msg) = req.validate() {
+    fn save(self: &Arc<Self>, req: SaveParams, conn: UnixStream, w: &UnixStream) -> Reply {
+        if let Err(msg) = req.options() {
             return error("bad_request", msg);
         }
         let cancel = Arc::new(AtomicBool::new(false));
@@ -554,12 +560,17 @@ impl Vmm {
             .iter()
             .map(|&r| r > 0.0)
             .collect();
-        let res = match self.tracker() {
-            Ok(t) => crate::offline::live_save(&self.vm, &t, &req, &moving, &cancel, &mut |p| {
-                let _ = ptx.try_send(p);
-            }),
-            Err(e) => Err(e),
+        let total_bytes = self.vm.config().mem_bytes;
+        let ptx = Mutex::new(ptx);
+        let progress = |p: &ram_saver::SaveProgress| {
+            let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
+            v["total_bytes"] = json!(total_bytes);
+            let _ = ptx.lock().expect("progress lock").try_send(v);
         };
+        let res = self.tracker().and_then(|t| {
+            vm_snapshot::save(&self.vm, &t, &req, &moving, &cancel, &progress)
+                .map_err(anyhow::Error::from)
+        });
         drop(ptx);
         // A save allocates tens of MiB of staging and I/O buffers on threads that come and go;
         // give the freed memory back so the VMM's RSS returns to where it was (micro-VM density).
@@ -574,7 +585,7 @@ impl Vmm {
             let _ = f.join();
         }
         match res {
-            Ok(summary) => Reply::Ok(summary),
+            Ok(report) => Reply::Ok(serde_json::to_value(&report).unwrap_or(Value::Null)),
             Err(e) if cancelled => error("cancelled", format!("{e:#}")),
             Err(e) => error("save_failed", format!("{e:#}")),
         }

@@ -7,10 +7,10 @@
 #[allow(dead_code)]
 mod testkernel;
 
-use ram_saver::{Compression, SaveOptions, SnapshotHeader, SnapshotReader, StreamSink};
+use ram_saver::{Compression, SaveOptions, SnapshotReader};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
-use vmm_core::{KernelConfig, MachineState, MemBackend, SharedBuffer, Vm, VmConfig};
+use vmm_core::{KernelConfig, MemBackend, SharedBuffer, Vm, VmConfig};
 use wp_tracker::WpTracker;
 
 const MEM: u64 = 64 << 20;
@@ -72,56 +72,45 @@ fn kernel_vm_live_save_and_restore_from_the_file() {
         con.text()
     );
 
-    // Live save while the kernel's ring-3 loop keeps writing.
+    // Live save to a file, through the library's protocol, while the kernel's ring-3 loop keeps
+    // writing.
     let t = WpTracker::new().expect("userfaultfd");
     t.register_memory(vm.memory()).unwrap();
-    let frozen = vm
-        .freeze(|_| {
-            let at = testkernel::status(vm.memory());
-            t.protect_all().map(|()| at)
-        })
-        .expect("freeze");
-    let (state, at) = (frozen.state, frozen.held);
-    let header = SnapshotHeader::new(Vec::new(), 1, serde_json::to_vec(state.config()).unwrap());
-    let mut image = Vec::new();
+    let out = std::env::temp_dir().join(format!("snapctl-ksnap-out-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let file = out.join("k.snap");
     let opts = SaveOptions {
         compression: Compression::Zstd { level: 1 },
         max_bandwidth: Some(16 << 20),
         ..SaveOptions::default()
     };
-    let summary = ram_saver::live_save(
-        vm.memory(),
-        &t,
-        StreamSink::new(&mut image),
-        header,
-        &state.to_bytes(),
-        &opts,
-        &|_| {},
-        &AtomicBool::new(false),
-    )
-    .expect("live save of a kernel VM");
-    // The guest ran on during the save.
+    let sink = ram_saver::AtomicFileSink::create_new(&file).unwrap();
+    let saved = vm_snapshot::save_into(&vm, &t, sink, &opts, &AtomicBool::new(false), &|_| {})
+        .expect("live save of a kernel VM");
+    eprintln!("kernel VM save: {:?}", saved.summary);
+    // The kernel file is not needed any more.
+    std::fs::remove_dir_all(&dir).unwrap();
+    SnapshotReader::open(&file)
+        .unwrap()
+        .verify(&mut |_| {})
+        .expect("verify");
+    let con2 = SharedBuffer::new();
+    let params = vm_snapshot::RestoreParams {
+        paused: true,
+        backend: None,
+        serial: Box::new(con2.clone()),
+    };
+    let restored = vm_snapshot::restore(&file, params, &mut |_| {}).expect("restore");
+    // The freeze instant, as the restored memory holds it: the guest had been running.
+    let at = testkernel::status(restored.memory());
+    assert!(at.phase == 2 && at.steps > 10_000, "{at:?}");
+    // The original guest ran on during and after the save.
     wait_status(&vm, &con, "progress after the save", |s| {
         s.steps > at.steps + 10_000
     });
     vm.shutdown();
     drop(vm);
-    eprintln!("kernel VM save: {summary:?}");
-
-    // Restore from the file into fresh memory: the kernel file is not needed any more.
-    std::fs::remove_dir_all(&dir).unwrap();
-    let mut r = SnapshotReader::from_reader(std::io::Cursor::new(&image)).unwrap();
-    r.verify(&mut |_| {}).expect("verify");
-    let st = MachineState::from_bytes(r.machine_state()).unwrap();
-    let mem = vmm_core::create_guest_memory(MEM, MemBackend::Anon).unwrap();
-    r.load_into(&mem, &mut |_| {}).expect("load");
-    let con2 = SharedBuffer::new();
-    let vm = Vm::restore(&st, mem, Box::new(con2.clone()), true).expect("restore");
-    assert_eq!(
-        testkernel::status(vm.memory()),
-        at,
-        "restored memory is not the freeze instant"
-    );
+    let vm = restored;
     vm.resume().unwrap();
     // Enough steps that the loop rewrites (and so checks) pages the snapshot carried.
     wait_status(&vm, &con2, "progress after the restore", |s| {
@@ -135,4 +124,5 @@ fn kernel_vm_live_save_and_restore_from_the_file() {
         con2.text()
     );
     vm.shutdown();
+    std::fs::remove_dir_all(&out).unwrap();
 }

@@ -3,9 +3,7 @@
 //! the guest's oracle against the control slots captured at the freeze instant. After every save (success,
 //! failure, cancel) no guest page remains write-protected and the guest keeps running.
 
-use ram_saver::{
-    Compression, InjectPoint, SaveOptions, SnapshotHeader, SnapshotReader, StreamSink,
-};
+use ram_saver::{Compression, InjectPoint, SaveOptions, SnapshotReader, StreamSink};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use vmm_core::{GuestParams, MemBackend, Vm, VmConfig, WriteRate};
@@ -84,31 +82,20 @@ struct Saved {
     slots: Vec<u64>,
 }
 
-/// Freeze, save into memory, and return the image with the freeze-instant slots.
+/// Freeze, save into memory (the library's protocol), and return the image with the
+/// freeze-instant slots.
 fn save(
     vm: &Vm,
     t: &WpTracker,
     opts: &SaveOptions,
     cancel: &AtomicBool,
-) -> Result<Saved, ram_saver::SaveError> {
-    let state = vm.freeze(|_| t.protect_all()).expect("freeze").state;
-    let slots = state.guest_slots();
-    let header = SnapshotHeader::new(Vec::new(), 2, serde_json::to_vec(state.config()).unwrap());
+) -> Result<Saved, vm_snapshot::SaveError> {
     let mut image = Vec::new();
-    let summary = ram_saver::live_save(
-        vm.memory(),
-        t,
-        StreamSink::new(&mut image),
-        header,
-        &state.to_bytes(),
-        opts,
-        &|_| {},
-        cancel,
-    )?;
+    let saved = vm_snapshot::save_into(vm, t, StreamSink::new(&mut image), opts, cancel, &|_| {})?;
     Ok(Saved {
         image,
-        summary,
-        slots,
+        slots: saved.state.guest_slots(),
+        summary: saved.summary,
     })
 }
 
@@ -116,7 +103,7 @@ fn check_image(vm: &Vm, saved: &Saved) {
     let mut r =
         SnapshotReader::from_reader(std::io::Cursor::new(&saved.image)).expect("open image");
     r.verify(&mut |_| {}).expect("verify");
-    let state = vmm_core::MachineState::from_bytes(r.machine_state()).expect("state");
+    let state = vm_snapshot::machine_state(&r).expect("state");
     assert_eq!(state.guest_slots(), saved.slots);
     let mem = vmm_core::create_guest_memory(vm.config().mem_bytes, MemBackend::Anon).unwrap();
     r.load_into(&mem, &mut |_| {}).expect("load");
@@ -219,7 +206,7 @@ fn failed_and_cancelled_saves_release_everything() {
         save(&vm, &t, &opts, &cancel)
     });
     assert!(
-        matches!(res, Err(ram_saver::SaveError::Cancelled)),
+        matches!(res, Err(vm_snapshot::SaveError::Cancelled)),
         "{:?}",
         res.err()
     );

@@ -1,0 +1,21 @@
+//! The snapshot protocol, between a VMM ([`vmm_core::Vm`]) and the save engine ([`ram_saver`]):
+//! how a running VM is saved and how a snapshot becomes a running VM again. Library code, so that
+//! the CLI, the tests and any other front end run the same protocol.
+//!
+//! - Save ([`save`] for a client's [`SaveParams`], [`save_into`] for any sink): prepare everything
+//!   that can fail, then the freeze instant ([`Vm::freeze`](vmm_core::Vm::freeze): pause, capture
+//!   machine state, write-protect all RAM, resume, atomically), then the live save. From the
+//!   instant RAM is protected a guard, and then ram-saver, releases it whatever fails.
+//! - Restore ([`restore`]): open and check the file, decode the machine state, fill fresh guest
+//!   memory, build the VM; a bad file is refused before any vCPU runs.
+#![forbid(unsafe_code)]
+
+mod monitor;
+mod params;
+mod restore;
+mod save;
+
+pub use monitor::GuestDuringSave;
+pub use params::{SaveParams, DEFAULT_ZSTD_LEVEL, MAX_TUNING_BLOCK, MIN_BANDWIDTH};
+pub use restore::{load, machine_state, restore, RestoreError, RestoreParams};
+pub use save::{save, save_into, FreezeMs, SaveError, SaveReport, Saved, STREAM_OPEN_TIMEOUT};

@@ -1,0 +1,229 @@
+//! What a save is asked to do ([`SaveParams`], the shape the control protocol carries) and its
+//! one validation into ram-saver's [`SaveOptions`].
+
+use std::path::Path;
+
+use ram_saver::{Compression, SaveOptions};
+use serde::{Deserialize, Serialize};
+
+/// ram-saver's default scan unit (`SaveOptions::block_size`), used when `scan_block` is not given.
+const DEFAULT_SCAN_BLOCK: usize = 2 << 20;
+
+/// Largest accepted `fault_block` / `scan_block`.
+pub const MAX_TUNING_BLOCK: usize = 64 << 20;
+
+/// Lowest accepted `max_bandwidth`: pages stay write-protected until the scan reaches them, so a
+/// crawling scan would keep the guest's memory protected (and its writes faulting) for hours.
+pub const MIN_BANDWIDTH: u64 = 1 << 20;
+
+/// Default zstd level.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+/// Nice value of the scan and compression threads for `background` saves.
+const BACKGROUND_NICE: i32 = 10;
+
+/// Parameters of a live save, as a client asks for it (serialized as is by the control protocol).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SaveParams {
+    /// Absolute target path. With `stream`, an existing FIFO (or other special file) to write the
+    /// stream into.
+    pub path: String,
+    /// Write the snapshot as a stream into `path` as it is (no temporary file, no rename).
+    #[serde(default)]
+    pub stream: bool,
+    /// Compress records with zstd.
+    #[serde(default)]
+    pub zstd: bool,
+    /// zstd level (1..=19).
+    #[serde(default)]
+    pub level: Option<i32>,
+    /// Limit for the linear scan, bytes per second. Faulted pages are never throttled.
+    #[serde(default)]
+    pub max_bandwidth: Option<u64>,
+    /// Replace an existing file at `path`.
+    #[serde(default)]
+    pub force: bool,
+    /// Run the scan and compression threads at low CPU priority: a busy guest keeps more of its
+    /// speed, the save takes longer. Faulted pages are served first either way.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub background: bool,
+    /// Tuning knob: bytes the fault handler copies and releases per write fault (default: chosen
+    /// by ram-saver from the memory's backing). A power of two from 4096 to 64 MiB, not larger than
+    /// the scan block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault_block: Option<usize>,
+    /// Tuning knob: bytes the linear scan copies and releases per unit (default 2 MiB). A power
+    /// of two from 4096 to 64 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan_block: Option<usize>,
+    /// Tuning knob: do not collapse huge pages that small releases split back after the save.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_huge_restore: bool,
+}
+
+/// Checks a tuning block size: a power of two, a multiple of 4096, at most [`MAX_TUNING_BLOCK`].
+fn check_block(name: &str, b: usize) -> Result<(), String> {
+    if b < 4096 || !b.is_power_of_two() || b > MAX_TUNING_BLOCK {
+        return Err(format!(
+            "{name} must be a power of two from 4096 to {MAX_TUNING_BLOCK} bytes, not {b}"
+        ));
+    }
+    Ok(())
+}
+
+impl SaveParams {
+    /// The compression these parameters ask for.
+    pub fn compression(&self) -> Compression {
+        if self.zstd {
+            Compression::Zstd {
+                level: self.level.unwrap_or(DEFAULT_ZSTD_LEVEL),
+            }
+        } else {
+            Compression::None
+        }
+    }
+
+    /// Checks the parameters and turns them into ram-saver's options; the error says what is
+    /// wrong. The only place they are checked.
+    pub fn options(&self) -> Result<SaveOptions, String> {
+        if !Path::new(&self.path).is_absolute() {
+            return Err(format!(
+                "the save path must be absolute, not `{}`",
+                self.path
+            ));
+        }
+        if let Some(l) = self.level {
+            if !(1..=19).contains(&l) {
+                return Err(format!("zstd level must be 1..=19, not {l}"));
+            }
+        }
+        if let Some(b) = self.max_bandwidth {
+            if b < MIN_BANDWIDTH {
+                return Err(format!(
+                    "max_bandwidth must be at least {MIN_BANDWIDTH} bytes/s (1 MiB/s), not {b}"
+                ));
+            }
+        }
+        if let Some(b) = self.fault_block {
+            check_block("fault_block", b)?;
+        }
+        if let Some(b) = self.scan_block {
+            check_block("scan_block", b)?;
+        }
+        let block_size = self.scan_block.unwrap_or(DEFAULT_SCAN_BLOCK);
+        if let Some(f) = self.fault_block {
+            if f > block_size {
+                return Err(format!(
+                    "fault_block ({f}) must not be larger than scan_block ({block_size})"
+                ));
+            }
+        }
+        let defaults = SaveOptions::default();
+        Ok(SaveOptions {
+            compression: self.compression(),
+            max_bandwidth: self.max_bandwidth,
+            block_size,
+            fault_block_size: self.fault_block,
+            bulk_nice: self.background.then_some(BACKGROUND_NICE),
+            restore_huge_pages: defaults.restore_huge_pages && !self.no_huge_restore,
+            ..defaults
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p() -> SaveParams {
+        SaveParams {
+            path: "/tmp/x.snap".into(),
+            ..SaveParams::default()
+        }
+    }
+
+    #[test]
+    fn bad_parameters_are_refused_with_what_is_wrong() {
+        let cases: Vec<(SaveParams, &str)> = vec![
+            (
+                SaveParams {
+                    path: "rel.snap".into(),
+                    ..p()
+                },
+                "absolute",
+            ),
+            (
+                SaveParams {
+                    level: Some(20),
+                    ..p()
+                },
+                "1..=19",
+            ),
+            (
+                SaveParams {
+                    max_bandwidth: Some(1000),
+                    ..p()
+                },
+                "at least",
+            ),
+            (
+                SaveParams {
+                    fault_block: Some(4097),
+                    ..p()
+                },
+                "power of two",
+            ),
+            (
+                SaveParams {
+                    scan_block: Some(128 << 20),
+                    ..p()
+                },
+                "power of two",
+            ),
+            (
+                SaveParams {
+                    fault_block: Some(4 << 20),
+                    ..p()
+                },
+                "not be larger",
+            ),
+        ];
+        for (params, needle) in cases {
+            let e = params.options().unwrap_err();
+            assert!(e.contains(needle), "{params:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn good_parameters_become_options() {
+        let o = SaveParams {
+            zstd: true,
+            level: Some(5),
+            background: true,
+            scan_block: Some(4 << 20),
+            fault_block: Some(4096),
+            no_huge_restore: true,
+            max_bandwidth: Some(1 << 30),
+            ..p()
+        }
+        .options()
+        .unwrap();
+        assert_eq!(o.compression, Compression::Zstd { level: 5 });
+        assert_eq!(o.block_size, 4 << 20);
+        assert_eq!(o.fault_block_size, Some(4096));
+        assert_eq!(o.bulk_nice, Some(BACKGROUND_NICE));
+        assert!(!o.restore_huge_pages);
+        assert_eq!(o.max_bandwidth, Some(1 << 30));
+        let d = p().options().unwrap();
+        assert_eq!(d.compression, Compression::None);
+        assert_eq!(d.block_size, DEFAULT_SCAN_BLOCK);
+        assert!(d.restore_huge_pages);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = serde_json::from_str::<SaveParams>(r#"{"path":"/x","zstdd":true}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+}

@@ -1,0 +1,490 @@
+//! A live save of a running VM: open the output, freeze (pause, capture, write-protect, resume),
+//! then let ram-saver stream guest RAM out while the guest runs.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ram_saver::{
+    AtomicFileSink, Compression, SaveOptions, SaveProgress, SaveSummary, SnapshotHeader,
+    SnapshotSink, StreamSink,
+};
+use serde::{Deserialize, Serialize};
+use vmm_core::{FreezeError, FreezeTimes, MachineState, Vm};
+use wp_tracker::{WpError, WpTracker};
+
+use crate::monitor::ProgressMonitor;
+use crate::params::SaveParams;
+
+/// How long a save waits for the reader of a stream target to open it.
+pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a save failed. Whatever the error, the guest runs on with nothing write-protected, and no
+/// file appears under the target's name.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// The parameters are unusable (a client's mistake).
+    #[error("{0}")]
+    Params(String),
+    /// The output could not be opened; the guest was not touched.
+    #[error("{what}{}", io_hint(source))]
+    Target {
+        /// What was being done, with the path.
+        what: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The output is unusable for another reason (e.g. the target exists); the guest was not
+    /// touched.
+    #[error("{0}")]
+    TargetRefused(String),
+    /// The freeze failed; the guest runs on.
+    #[error("freezing the VM")]
+    Freeze(#[source] FreezeError<WpError>),
+    /// The save was cancelled.
+    #[error("cancelled; no file was written")]
+    Cancelled,
+    /// The live save failed (`hint` says what to do about a common I/O failure).
+    #[error("{}{hint}", chain(.source))]
+    Save {
+        /// What ram-saver reported.
+        source: ram_saver::SaveError,
+        /// A plain-words hint, or empty.
+        hint: &'static str,
+    },
+}
+
+/// An error and its sources, once each.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Phase times of the freeze, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct FreezeMs {
+    /// Parking every vCPU.
+    pub pause: f64,
+    /// Capturing the machine state.
+    pub capture: f64,
+    /// Write-protecting guest RAM.
+    pub protect: f64,
+    /// Letting the vCPUs run again.
+    pub resume: f64,
+}
+
+impl From<FreezeTimes> for FreezeMs {
+    fn from(t: FreezeTimes) -> Self {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        FreezeMs {
+            pause: ms(t.pause),
+            capture: ms(t.capture),
+            protect: ms(t.hold),
+            resume: ms(t.resume),
+        }
+    }
+}
+
+/// What a save did (the control protocol's save summary).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SaveReport {
+    /// The target path.
+    pub path: String,
+    /// Guest RAM in bytes.
+    pub guest_bytes: u64,
+    /// Wall time from the freeze to the committed file, seconds.
+    pub duration_s: f64,
+    /// How long the vCPUs were held at the freeze, milliseconds.
+    pub downtime_ms: f64,
+    /// The freeze's phases.
+    pub freeze_ms: FreezeMs,
+    /// The VM was paused by a client and stays paused.
+    pub stayed_paused: bool,
+    /// Pages saved (all guest pages).
+    pub pages_saved: u64,
+    /// Pages stored as zero runs.
+    pub zero_pages: u64,
+    /// Pages stored as data.
+    pub data_pages: u64,
+    /// Write faults served ahead of the scan.
+    pub faults_served: u64,
+    /// Fault service latency, median, µs.
+    pub fault_latency_p50_us: u64,
+    /// Fault service latency, 99th percentile, µs.
+    pub fault_latency_p99_us: u64,
+    /// Fault service latency, maximum, µs.
+    pub fault_latency_max_us: u64,
+    /// Size of the snapshot.
+    pub file_bytes: u64,
+    /// File bytes / non-zero guest RAM bytes.
+    pub image_size_ratio: f64,
+    /// RAM records written.
+    pub records: u64,
+    /// Record compression.
+    pub compression: Compression,
+    /// Faults that waited for a staging buffer.
+    pub fault_buffer_waits: u64,
+    /// 2 MiB units collapsed back to huge pages after the save.
+    pub huge_pages_restored: u64,
+    /// Built-in guest only: its per-vCPU control slots at the freeze instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_steps: Option<Vec<u64>>,
+    /// Built-in guest only: its write rate during the save, steps per second (all vCPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_steps_per_s_during: Option<f64>,
+    /// Built-in guest only: the longest time a vCPU made no step, from just before the freeze
+    /// to the end of the save, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_max_stall_ms: Option<f64>,
+}
+
+/// The outcome of [`save_into`].
+#[derive(Debug)]
+pub struct Saved {
+    /// The machine state at the freeze instant (stored in the snapshot).
+    pub state: MachineState,
+    /// The freeze's phase times.
+    pub freeze: FreezeTimes,
+    /// The VM was paused by a client and stays paused.
+    pub stayed_paused: bool,
+    /// What ram-saver reported.
+    pub summary: SaveSummary,
+}
+
+/// Write-protection of all guest RAM, released on drop unless handed over to the live save (which
+/// releases it itself, whatever happens): held from the instant RAM is protected, so no error
+/// between the freeze and the save can leave the guest write-protected with nobody serving its
+/// faults.
+struct Protected<'a> {
+    tracker: &'a WpTracker,
+    armed: bool,
+}
+
+impl<'a> Protected<'a> {
+    /// Write-protects every registered range (all of it or, on failure, none of it).
+    fn all(tracker: &'a WpTracker) -> Result<Self, WpError> {
+        let guard = Protected {
+            tracker,
+            armed: true,
+        };
+        tracker.protect_all()?;
+        Ok(guard)
+    }
+
+    /// The live save owns the protection from here on.
+    fn hand_over(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Protected<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.tracker.unprotect_all();
+        }
+    }
+}
+
+/// The protocol of one save into `sink`: everything that can fail is built first, then the freeze
+/// instant ([`Vm::freeze`]: vCPUs parked, machine state captured, all RAM write-protected, vCPUs
+/// resumed, atomically against other controllers), then [`ram_saver::live_save`]. `tracker` has
+/// all of `vm`'s memory registered. Whatever fails, the guest runs on unprotected.
+pub fn save_into<S: SnapshotSink>(
+    vm: &Vm,
+    tracker: &WpTracker,
+    sink: S,
+    opts: &SaveOptions,
+    cancel: &AtomicBool,
+    progress: &(dyn Fn(&SaveProgress) + Sync),
+) -> Result<Saved, SaveError> {
+    let cfg = vm.config();
+    let vmm_config = serde_json::to_vec(cfg)
+        .map_err(|e| SaveError::Params(format!("the VM configuration cannot be recorded: {e}")))?;
+    let header = SnapshotHeader::new(Vec::new(), u32::from(cfg.vcpus), vmm_config);
+    let frozen = vm
+        .freeze(|_| Protected::all(tracker))
+        .map_err(SaveError::Freeze)?;
+    let protected = frozen.held;
+    let state_bytes = frozen.state.to_bytes();
+    // ram-saver releases every page whatever happens from here on.
+    protected.hand_over();
+    let res = ram_saver::live_save(
+        vm.memory(),
+        tracker,
+        sink,
+        header,
+        &state_bytes,
+        opts,
+        progress,
+        cancel,
+    );
+    let summary = match res {
+        Ok(s) => s,
+        Err(ram_saver::SaveError::Cancelled) => return Err(SaveError::Cancelled),
+        Err(e) if cancel.load(Ordering::SeqCst) => {
+            return Err(SaveError::Save {
+                source: e,
+                hint: " (cancelled)",
+            })
+        }
+        Err(e) => {
+            let hint = find_io_error(&e).map_or("", io_hint);
+            return Err(SaveError::Save { source: e, hint });
+        }
+    };
+    Ok(Saved {
+        state: frozen.state,
+        freeze: frozen.times,
+        stayed_paused: frozen.stayed_paused,
+        summary,
+    })
+}
+
+/// A live save as a client asks for it: checks `params`, opens the output before touching the
+/// guest (an unwritable target fails without pausing it), runs [`save_into`] and reports.
+/// `guest_moving[i]`: vCPU `i` was making progress before the save (for the built-in guest's stall
+/// figure; may be empty).
+pub fn save(
+    vm: &Arc<Vm>,
+    tracker: &WpTracker,
+    params: &SaveParams,
+    guest_moving: &[bool],
+    cancel: &AtomicBool,
+    progress: &(dyn Fn(&SaveProgress) + Sync),
+) -> Result<SaveReport, SaveError> {
+    let opts = params.options().map_err(SaveError::Params)?;
+    // Staging faulted in now, while the guest still runs, not by the first copies after the thaw.
+    let opts = SaveOptions {
+        staging: ram_saver::Staging::prepare(&opts),
+        ..opts
+    };
+    let job = Job {
+        vm,
+        tracker,
+        params,
+        opts: &opts,
+        guest_moving,
+        cancel,
+        progress,
+    };
+    let target = Path::new(&params.path);
+    if params.stream {
+        let f = open_stream(target, cancel)?;
+        return job.run(StreamSink::new(CancellableWriter { f, cancel }));
+    }
+    match std::fs::metadata(target) {
+        Ok(m) if m.is_dir() => {
+            return Err(SaveError::TargetRefused(format!(
+                "{} is a directory; name a file to save to",
+                target.display()
+            )))
+        }
+        Ok(_) if !params.force => {
+            return Err(SaveError::TargetRefused(format!(
+                "{} already exists; pass --force to replace it",
+                target.display()
+            )))
+        }
+        _ => {}
+    }
+    let sink = if params.force {
+        AtomicFileSink::create(target)
+    } else {
+        AtomicFileSink::create_new(target)
+    };
+    let sink = sink.map_err(|source| SaveError::Target {
+        what: format!("cannot create a file beside {}: {source}", target.display()),
+        source,
+    })?;
+    job.run(sink)
+}
+
+/// One save's inputs, for running it on either kind of sink.
+struct Job<'a> {
+    vm: &'a Arc<Vm>,
+    tracker: &'a WpTracker,
+    params: &'a SaveParams,
+    opts: &'a SaveOptions,
+    guest_moving: &'a [bool],
+    cancel: &'a AtomicBool,
+    progress: &'a (dyn Fn(&SaveProgress) + Sync),
+}
+
+impl Job<'_> {
+    fn run<S: SnapshotSink>(&self, sink: S) -> Result<SaveReport, SaveError> {
+        // Started before the freeze: the guest's stall figure includes the downtime.
+        let monitor = self
+            .vm
+            .config()
+            .is_builtin_guest()
+            .then(|| ProgressMonitor::start(self.vm, self.guest_moving.to_vec()));
+        let saved = save_into(
+            self.vm,
+            self.tracker,
+            sink,
+            self.opts,
+            self.cancel,
+            self.progress,
+        )?;
+        let guest = monitor.map(ProgressMonitor::finish);
+        Ok(report(self.params, self.vm, &saved, guest))
+    }
+}
+
+fn report(
+    params: &SaveParams,
+    vm: &Vm,
+    saved: &Saved,
+    guest: Option<crate::monitor::GuestDuringSave>,
+) -> SaveReport {
+    let s = &saved.summary;
+    let downtime = saved.freeze.total();
+    SaveReport {
+        path: params.path.clone(),
+        guest_bytes: vm.config().mem_bytes,
+        duration_s: s.duration_secs + downtime.as_secs_f64(),
+        downtime_ms: downtime.as_secs_f64() * 1e3,
+        freeze_ms: saved.freeze.into(),
+        stayed_paused: saved.stayed_paused,
+        pages_saved: s.pages_saved,
+        zero_pages: s.zero_pages,
+        data_pages: s.data_pages,
+        faults_served: s.faults_served,
+        fault_latency_p50_us: s.fault_latency_p50_us,
+        fault_latency_p99_us: s.fault_latency_p99_us,
+        fault_latency_max_us: s.fault_latency_max_us,
+        file_bytes: s.file_bytes,
+        image_size_ratio: s.image_size_ratio,
+        records: s.records,
+        compression: params.compression(),
+        fault_buffer_waits: s.fault_buffer_waits,
+        huge_pages_restored: s.huge_pages_restored,
+        // Figures only the built-in guest can give are absent for kernel guests, never a zero
+        // that reads as "no stall".
+        freeze_steps: guest.as_ref().map(|_| saved.state.guest_slots()),
+        guest_steps_per_s_during: guest.as_ref().map(|g| g.steps_per_s),
+        guest_max_stall_ms: guest.as_ref().map(|g| g.max_stall_ms),
+    }
+}
+
+/// Opens a stream target (a FIFO the client reads) for writing without ever blocking on it: the
+/// open waits at most [`STREAM_OPEN_TIMEOUT`] for a reader, and writes go through
+/// [`CancellableWriter`].
+fn open_stream(target: &Path, cancel: &AtomicBool) -> Result<std::fs::File, SaveError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let meta = std::fs::metadata(target).map_err(|source| SaveError::Target {
+        what: format!("stream target {}: {source}", target.display()),
+        source,
+    })?;
+    let ft = meta.file_type();
+    if !(ft.is_fifo() || ft.is_socket() || ft.is_char_device()) {
+        return Err(SaveError::TargetRefused(format!(
+            "stream target {} is not a FIFO, socket or character device",
+            target.display()
+        )));
+    }
+    let deadline = Instant::now() + STREAM_OPEN_TIMEOUT;
+    loop {
+        let res = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(target);
+        match res {
+            Ok(f) => return Ok(f),
+            // A FIFO without a reader (yet).
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENXIO as i32) => {
+                if cancel.load(Ordering::SeqCst) {
+                    return Err(SaveError::Cancelled);
+                }
+                if Instant::now() >= deadline {
+                    return Err(SaveError::TargetRefused(format!(
+                        "nobody opened the stream {} for reading within {} s",
+                        target.display(),
+                        STREAM_OPEN_TIMEOUT.as_secs()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(source) => {
+                return Err(SaveError::Target {
+                    what: format!("opening stream {}: {source}", target.display()),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// A non-blocking stream output whose writes wait for room in bounded slices and give up when the
+/// save is cancelled: a reader that stops reading can stall the save (back pressure), but never
+/// keeps it from being cancelled.
+struct CancellableWriter<'a> {
+    f: std::fs::File,
+    cancel: &'a AtomicBool,
+}
+
+impl Write for CancellableWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsFd;
+        loop {
+            match self.f.write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.cancel.load(Ordering::SeqCst) {
+                        return Err(std::io::Error::other("save cancelled"));
+                    }
+                    let mut fds = [nix::poll::PollFd::new(
+                        self.f.as_fd(),
+                        nix::poll::PollFlags::POLLOUT,
+                    )];
+                    match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16)) {
+                        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A plain-words hint for common I/O failures while writing a snapshot.
+fn io_hint(e: &std::io::Error) -> &'static str {
+    use nix::errno::Errno;
+    match e.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::ENOSPC) => {
+            " (no space left on the target's file system: free some, or save elsewhere)"
+        }
+        Some(Errno::EDQUOT) => " (disk quota exceeded: free some space, or save elsewhere)",
+        Some(Errno::EROFS) => " (the target's file system is read-only: save elsewhere)",
+        Some(Errno::EACCES) | Some(Errno::EPERM) => " (is the directory writable?)",
+        Some(Errno::ENOENT) => " (does the directory exist?)",
+        Some(Errno::EPIPE) => " (the reader of the stream went away)",
+        _ => "",
+    }
+}
+
+/// The first I/O error in an error's chain, for [`io_hint`].
+fn find_io_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        cur = c.source();
+    }
+    None
+}
