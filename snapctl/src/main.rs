@@ -7,7 +7,9 @@ mod offline;
 mod server;
 mod units;
 
-use clap::{Args, Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -198,6 +200,80 @@ enum Command {
         #[command(flatten)]
         sock: SockArgs,
     },
+    /// Print a shell completion script to standard output (e.g. `snapctl completions bash >
+    /// /etc/bash_completion.d/snapctl`).
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to standard output (e.g. `snapctl man | man -l -`), or write it and
+    /// one page per command into a directory.
+    Man {
+        /// Write snapctl.1 and snapctl-COMMAND.1 for every command into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Logging of the long-running VMM (`boot`, `restore`): levels and timestamps on standard error, filtered
+/// by `RUST_LOG` (default `info`), as Firecracker and Cloud Hypervisor do. One-shot commands print plain
+/// messages instead.
+fn init_vmm_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+}
+
+/// The man pages: snapctl(1), then one per command (snapctl-boot(1), …), which snapctl(1) refers to.
+fn man_pages() -> Vec<clap_mangen::Man> {
+    let page = |cmd: clap::Command| {
+        let title = cmd
+            .get_display_name()
+            .unwrap_or_else(|| cmd.get_name())
+            .to_uppercase();
+        clap_mangen::Man::new(cmd)
+            .title(title)
+            .source(concat!("snapctl ", env!("CARGO_PKG_VERSION")))
+    };
+    let mut cli = Cli::command().disable_help_subcommand(true);
+    // Names the commands' pages `snapctl-COMMAND`.
+    cli.build();
+    let commands: Vec<clap::Command> = cli
+        .get_subcommands()
+        .filter(|c| !c.is_hide_set())
+        .cloned()
+        .collect();
+    std::iter::once(cli).chain(commands).map(page).collect()
+}
+
+/// `snapctl man [--dir DIR]`.
+fn man(dir: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let pages = man_pages();
+    let Some(dir) = dir else {
+        return print_generated(|buf| pages[0].render(buf));
+    };
+    for page in &pages {
+        page.generate_to(dir)
+            .with_context(|| format!("writing {} into {}", page.get_filename(), dir.display()))?;
+    }
+    eprintln!(
+        "snapctl: wrote {} man pages into {}",
+        pages.len(),
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes generated text to standard output; a closed pipe is an error, not a panic.
+fn print_generated(
+    render: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    let mut buf = Vec::new();
+    render(&mut buf)?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&buf)?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -225,6 +301,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             vmm,
             sock,
         } => {
+            init_vmm_logging();
             let kernel = kernel.map(|kernel| vmm_core::KernelConfig {
                 kernel,
                 initrd,
@@ -239,7 +316,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             paused,
             vmm,
             sock,
-        } => server::run_restore(&file, paused, &vmm, &sock.serve_path()?),
+        } => {
+            init_vmm_logging();
+            server::run_restore(&file, paused, &vmm, &sock.serve_path()?)
+        }
         Command::Save {
             out,
             zstd,
@@ -280,5 +360,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Shutdown { sock } => {
             client::simple(&sock.path()?, api::Request::Shutdown, "shutting down")
         }
+        Command::Completions { shell } => print_generated(|buf| {
+            clap_complete::generate(shell, &mut Cli::command(), "snapctl", buf);
+            Ok(())
+        }),
+        Command::Man { dir } => man(dir.as_deref()),
     }
 }

@@ -2,10 +2,15 @@
 //!
 //! The VMM owns guest memory and the userfaultfd, so it does the saving; the `save` client only asks, shows
 //! progress and can cancel. One save at a time; a second one gets a `busy` error.
+//!
+//! What the VMM does is logged through `log` (set up by `main` for `boot` and `restore`, filtered by
+//! `RUST_LOG`): the VM's life and each save at info, control requests and connection trouble at debug,
+//! anything odd that the VMM works around at warn.
 
 use crate::api::{self, Reply, Request, SaveParams};
 use crate::{units::fmt_bytes, VmmArgs};
 use anyhow::{bail, Context};
+use log::{debug, error, info, warn};
 use serde_json::{json, Value};
 use std::io::{BufReader, ErrorKind, Write};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
@@ -91,8 +96,8 @@ pub fn run_boot(cfg: VmConfig, vmm: &VmmArgs, sock: &Path) -> anyhow::Result<Exi
         .inspect_err(|_| {
             let _ = std::fs::remove_file(sock);
         })?;
-    eprintln!(
-        "snapctl: {what} running: {}, {} vCPUs; control socket {}",
+    info!(
+        "{what} running: {}, {} vCPUs; control socket {}",
         fmt_bytes(cfg.mem_bytes),
         cfg.vcpus,
         sock.display()
@@ -108,11 +113,16 @@ fn forward_stdin(vm: &Vm) {
         return;
     }
     let mut input = vm.serial_input();
-    let _ = std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("serial-stdin".into())
         .spawn(move || {
-            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut input);
+            if let Err(e) = std::io::copy(&mut std::io::stdin().lock(), &mut input) {
+                warn!("standard input no longer reaches the guest's serial console: {e}");
+            }
         });
+    if let Err(e) = spawned {
+        warn!("cannot start the thread that forwards standard input to the serial console: {e}");
+    }
 }
 
 /// `snapctl restore`.
@@ -140,8 +150,8 @@ pub fn run_restore(
         Ok(vm) => vm,
         Err(code) => return Ok(code),
     };
-    eprintln!(
-        "snapctl: restored {} in {:.3} s{}; control socket {}",
+    info!(
+        "restored {} in {:.3} s{}; control socket {}",
         file.display(),
         t0.elapsed().as_secs_f64(),
         if paused {
@@ -218,10 +228,19 @@ fn serve(vm: Vm, listener: UnixListener, sock: &Path) -> anyhow::Result<ExitCode
             .name("control".into())
             .spawn(move || {
                 let active = Arc::new(AtomicUsize::new(0));
+                // Logged once per run of failures, not 50 times a second.
+                let mut accept_failing = false;
                 for conn in listener.incoming() {
                     let conn = match conn {
-                        Ok(c) => c,
-                        Err(_) => {
+                        Ok(c) => {
+                            accept_failing = false;
+                            c
+                        }
+                        Err(e) => {
+                            if !accept_failing {
+                                warn!("control socket: accepting a connection failed: {e}; retrying");
+                                accept_failing = true;
+                            }
                             // E.g. out of file descriptors: do not spin; clients retry.
                             std::thread::sleep(Duration::from_millis(20));
                             continue;
@@ -231,6 +250,7 @@ fn serve(vm: Vm, listener: UnixListener, sock: &Path) -> anyhow::Result<ExitCode
                     // flood of connections cannot exhaust the VMM.
                     let slot = ConnSlot::take(&active);
                     let Some(slot) = slot else {
+                        debug!("control socket: {MAX_CONNECTIONS} connections already served; refusing one as busy");
                         let mut conn = conn;
                         let _ = conn.set_write_timeout(Some(Duration::from_millis(100)));
                         let _ = api::write_line(
@@ -240,12 +260,15 @@ fn serve(vm: Vm, listener: UnixListener, sock: &Path) -> anyhow::Result<ExitCode
                         continue;
                     };
                     let vmm = vmm.clone();
-                    let _ = std::thread::Builder::new()
+                    let spawned = std::thread::Builder::new()
                         .name("control-conn".into())
                         .spawn(move || {
                             let _slot = slot;
                             vmm.handle_conn(conn);
                         });
+                    if let Err(e) = spawned {
+                        warn!("control socket: cannot start a thread for a connection (dropped): {e}");
+                    }
                 }
             })?;
     }
@@ -275,19 +298,20 @@ fn serve(vm: Vm, listener: UnixListener, sock: &Path) -> anyhow::Result<ExitCode
     let _ = std::fs::remove_file(sock);
     match exit {
         Some(status) => {
-            eprintln!("snapctl: VM ended: {status}");
             let clean = matches!(
                 status,
                 VmExitStatus::PowerOff { .. } | VmExitStatus::Reset { .. } | VmExitStatus::Stopped
             );
             Ok(if clean {
+                info!("VM ended: {status}");
                 ExitCode::SUCCESS
             } else {
+                error!("VM ended: {status}");
                 ExitCode::from(1)
             })
         }
         None => {
-            eprintln!("snapctl: VM shut down on request");
+            info!("VM shut down on request");
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -333,7 +357,10 @@ impl Vmm {
         let _ = conn.set_write_timeout(Some(REPLY_TIMEOUT));
         let mut w = match conn.try_clone() {
             Ok(w) => w,
-            Err(_) => return,
+            Err(e) => {
+                warn!("control connection dropped: cannot duplicate its socket: {e}");
+                return;
+            }
         };
         // Only the VMM's own user (or root) may control it.
         let me = nix::unistd::getuid().as_raw();
@@ -344,11 +371,13 @@ impl Vmm {
                     "user {} may not control this VM: only its owner (uid {me}) or root may",
                     c.uid()
                 );
+                warn!("control connection denied (pid {}): {msg}", c.pid());
                 let _ = api::write_line(&mut w, &error("denied", msg));
                 return;
             }
             Err(e) => {
                 let msg = format!("cannot check the peer's credentials: {e}");
+                warn!("control connection denied: {msg}");
                 let _ = api::write_line(&mut w, &error("denied", msg));
                 return;
             }
@@ -358,12 +387,16 @@ impl Vmm {
         let mut r = BufReader::new(conn);
         let line = match api::read_line_bounded(&mut r, api::MAX_REQUEST_LINE) {
             Ok(Some(l)) => l,
-            Ok(None) => return,
+            Ok(None) => {
+                debug!("control connection closed without a request");
+                return;
+            }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 let msg = format!(
                     "no request within {} s; closing the connection",
                     REQUEST_TIMEOUT.as_secs()
                 );
+                debug!("control connection: {msg}");
                 let _ = api::write_line(&mut w, &error("timeout", msg));
                 return;
             }
@@ -372,6 +405,7 @@ impl Vmm {
                     "{e}: a request is one JSON object on one line of at most {} KiB",
                     api::MAX_REQUEST_LINE / 1024
                 );
+                debug!("control connection: bad request: {msg}");
                 let _ = api::write_line(&mut w, &error("bad_request", msg));
                 return;
             }
@@ -383,22 +417,37 @@ impl Vmm {
                     "malformed request: {e} (commands: status, save, cancel, pause, resume, self_check, shutdown; \
                      see PROTOCOL.md)"
                 );
+                debug!("control connection: {msg}");
                 let _ = api::write_line(&mut w, &error("bad_request", msg));
                 return;
             }
         };
+        debug!("control request: {req:?}");
         let reply = match req {
             Request::Status => Reply::Ok(self.status()),
             Request::Pause => match self.vm.pause() {
-                Ok(d) => Reply::Ok(json!({"pause_us": d.as_micros() as u64})),
-                Err(e) => error("vm", format!("{e:#}")),
+                Ok(d) => {
+                    info!("vCPUs paused in {} µs", d.as_micros());
+                    Reply::Ok(json!({"pause_us": d.as_micros() as u64}))
+                }
+                Err(e) => {
+                    warn!("pausing the vCPUs failed: {e:#}");
+                    error("vm", format!("{e:#}"))
+                }
             },
             Request::Resume => match self.vm.resume() {
-                Ok(d) => Reply::Ok(json!({"resume_us": d.as_micros() as u64})),
-                Err(e) => error("vm", format!("{e:#}")),
+                Ok(d) => {
+                    info!("vCPUs resumed in {} µs", d.as_micros());
+                    Reply::Ok(json!({"resume_us": d.as_micros() as u64}))
+                }
+                Err(e) => {
+                    warn!("resuming the vCPUs failed: {e:#}");
+                    error("vm", format!("{e:#}"))
+                }
             },
             Request::Cancel => match self.save.lock().expect("save lock").as_ref() {
                 Some(c) => {
+                    info!("save cancel requested");
                     c.store(true, Ordering::SeqCst);
                     Reply::Ok(json!({}))
                 }
@@ -406,6 +455,7 @@ impl Vmm {
             },
             Request::SelfCheck => self.self_check(),
             Request::Shutdown => {
+                info!("shutdown requested");
                 self.stop.store(true, Ordering::SeqCst);
                 Reply::Ok(json!({}))
             }
@@ -414,7 +464,9 @@ impl Vmm {
                 self.save(req, r.into_inner(), &w)
             }
         };
-        let _ = api::write_line(&mut w, &reply);
+        if let Err(e) = api::write_line(&mut w, &reply) {
+            debug!("control connection: the reply was not delivered: {e}");
+        }
     }
 
     fn status(&self) -> Value {
@@ -452,10 +504,16 @@ impl Vmm {
             if let Some(v) = self.vm.self_check_result() {
                 let mut out = serde_json::to_value(&v).unwrap_or(Value::Null);
                 out["pass"] = Value::Bool(v.passed());
+                if v.passed() {
+                    info!("guest self-check passed: {out}");
+                } else {
+                    warn!("guest self-check FAILED: {out}");
+                }
                 return Reply::Ok(out);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        warn!("the guest did not answer the self-check within 120 s");
         error(
             "timeout",
             "the guest did not answer the self-check within 120 s",
@@ -482,12 +540,14 @@ impl Vmm {
     /// slows the save, and so never stalls the guest.
     fn save(self: &Arc<Self>, req: SaveParams, conn: UnixStream, w: &UnixStream) -> Reply {
         if let Err(msg) = req.options() {
+            debug!("save refused: {msg}");
             return error("bad_request", msg);
         }
         let cancel = Arc::new(AtomicBool::new(false));
         {
             let mut g = self.save.lock().expect("save lock");
             if g.is_some() {
+                debug!("save refused: another save is in progress");
                 return error(
                     "busy",
                     "a save is already in progress; wait for it or `snapctl cancel` it",
@@ -503,6 +563,7 @@ impl Vmm {
             }
         }
         let clear = Clear(&self.save);
+        info!("save started: {}", describe_save(&req));
 
         // A client that goes away cancels the save (documented in PROTOCOL.md).
         let done = Arc::new(AtomicBool::new(false));
@@ -527,7 +588,8 @@ impl Vmm {
                     }
                 })
         };
-        if watcher.is_err() {
+        if let Err(e) = watcher {
+            warn!("save failed: cannot start a thread to watch the client: {e}");
             return error("save_failed", "cannot start a thread to watch the client");
         }
         // Progress: the saver only ever `try_send`s; the forwarder may block on the client, nothing else does.
@@ -549,6 +611,11 @@ impl Vmm {
                             break;
                         }
                     }
+                })
+                .inspect_err(|e| {
+                    warn!(
+                        "save: cannot start the progress thread ({e}); the client gets no progress"
+                    )
                 })
                 .ok()
         });
@@ -585,9 +652,84 @@ impl Vmm {
             let _ = f.join();
         }
         match res {
-            Ok(report) => Reply::Ok(serde_json::to_value(&report).unwrap_or(Value::Null)),
-            Err(e) if cancelled => error("cancelled", format!("{e:#}")),
-            Err(e) => error("save_failed", format!("{e:#}")),
+            Ok(report) => {
+                log_report(&report);
+                Reply::Ok(serde_json::to_value(&report).unwrap_or(Value::Null))
+            }
+            Err(e) if cancelled => {
+                info!("save cancelled: {e:#}");
+                error("cancelled", format!("{e:#}"))
+            }
+            Err(e) => {
+                warn!("save failed: {e:#}");
+                error("save_failed", format!("{e:#}"))
+            }
         }
     }
+}
+
+/// A save request in a few words, for the log.
+fn describe_save(req: &SaveParams) -> String {
+    let mut s = req.path.clone();
+    if req.stream {
+        s.push_str(" (stream)");
+    }
+    match (req.zstd, req.level) {
+        (_, Some(level)) => s.push_str(&format!(", zstd level {level}")),
+        (true, None) => s.push_str(", zstd"),
+        (false, None) => {}
+    }
+    if let Some(b) = req.max_bandwidth {
+        s.push_str(&format!(", scan limited to {}/s", fmt_bytes(b)));
+    }
+    if req.background {
+        s.push_str(", background");
+    }
+    if req.force {
+        s.push_str(", replacing");
+    }
+    s
+}
+
+/// A finished save's key figures at info, the finer ones at debug.
+fn log_report(r: &vm_snapshot::SaveReport) {
+    info!(
+        "save finished: {} of guest RAM to {} in {:.3} s; downtime {:.3} ms; {} faults served (p99 {} µs); \
+         file {} (image size ratio {:.4})",
+        fmt_bytes(r.guest_bytes),
+        r.path,
+        r.duration_s,
+        r.downtime_ms,
+        r.faults_served,
+        r.fault_latency_p99_us,
+        fmt_bytes(r.file_bytes),
+        r.image_size_ratio
+    );
+    let compression = match r.compression {
+        ram_saver::Compression::None => "raw".to_string(),
+        ram_saver::Compression::Zstd { level } => format!("zstd level {level}"),
+    };
+    let f = &r.freeze_ms;
+    debug!(
+        "save details: freeze {:.3}/{:.3}/{:.3}/{:.3} ms (pause/capture/protect/resume); {} pages ({} zero, \
+         {} data) in {} {compression} records; fault latency p50 {} µs, max {} µs; {} faults waited for a \
+         buffer; {} huge pages restored{}",
+        f.pause,
+        f.capture,
+        f.protect,
+        f.resume,
+        r.pages_saved,
+        r.zero_pages,
+        r.data_pages,
+        r.records,
+        r.fault_latency_p50_us,
+        r.fault_latency_max_us,
+        r.fault_buffer_waits,
+        r.huge_pages_restored,
+        if r.stayed_paused {
+            "; the VM stays paused"
+        } else {
+            ""
+        }
+    );
 }
