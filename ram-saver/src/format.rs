@@ -54,6 +54,17 @@
 //! Records lie between the end of the machine state and `trailer_offset`, back to back. Every
 //! guest page (of the header's regions) appears in exactly one record. A file whose footer or
 //! trailer is missing or invalid is incomplete and is never restored.
+//!
+//! # Bounds a reader enforces before allocating
+//! A length field is never trusted just because the file is long enough to hold it (a sparse
+//! file of 1 TiB costs 4 KiB of disk). Tags and fixed parts are checked first, then:
+//! - header: `header_len <= MAX_HEADER_LEN`;
+//! - machine state: `len <= MAX_MACHINE_STATE_LEN`;
+//! - trailer: `trailer_len == TRAILER_FIXED_LEN + records * INDEX_ENTRY_LEN`, `records` at most
+//!   the header's guest pages (every record carries at least one page, each page once) and
+//!   `records * RECORD_HEADER_LEN` at most the bytes between machine state and trailer; the
+//!   index is then read and checked entry by entry in bounded chunks, so a hole in a sparse
+//!   file stops it at its first (all-zero, invalid) entry, before the trailer crc is known.
 
 use std::io;
 
@@ -76,9 +87,14 @@ pub const FOOTER_LEN: usize = 32;
 /// Size of one trailer index entry.
 pub const INDEX_ENTRY_LEN: usize = 24;
 /// Size of the trailer without its index.
-pub const TRAILER_FIXED_LEN: usize = 4 + 6 * 8 + 4;
+pub const TRAILER_FIXED_LEN: usize = TRAILER_HEAD_LEN + 4;
+/// Size of the trailer's tag and totals (what precedes the index).
+pub const TRAILER_HEAD_LEN: usize = 4 + 6 * 8;
 /// Largest header accepted (bounds the allocation when reading).
 pub const MAX_HEADER_LEN: u32 = 16 << 20;
+/// Largest machine state blob accepted (bounds the allocation when reading). A real one is
+/// tens of KiB per vCPU (JSON), about 2 MiB for the 32 vCPUs vmm-core allows.
+pub const MAX_MACHINE_STATE_LEN: u64 = 16 << 20;
 /// Largest number of memory regions accepted.
 pub const MAX_REGIONS: u32 = 1024;
 /// Largest uncompressed payload of one Data record.
@@ -450,54 +466,84 @@ impl Trailer {
 
     /// Decode a trailer from `buf` (exactly trailer_len bytes at `offset`).
     pub fn decode(buf: &[u8], offset: u64) -> Result<Self, FormatError> {
-        let corrupt = |what: &str, at: usize| FormatError::Corrupt {
-            what: format!("trailer: {what}"),
-            record: None,
-            offset: offset + at as u64,
-        };
-        if buf.len() < TRAILER_FIXED_LEN || buf[0..4] != TRAILER_TAG {
-            return Err(corrupt("bad tag", 0));
+        if buf.len() < TRAILER_FIXED_LEN {
+            return Err(trailer_corrupt("bad tag", offset));
         }
+        let mut head = [0u8; TRAILER_HEAD_LEN];
+        head.copy_from_slice(&buf[..TRAILER_HEAD_LEN]);
+        let totals = Self::decode_head(&head, buf.len() as u64, offset)?;
         let (body, crc) = buf.split_at(buf.len() - 4);
         if crc32fast::hash(body) != u32_at(crc, 0) {
-            return Err(corrupt("checksum mismatch", buf.len() - 4));
+            return Err(trailer_corrupt(
+                "checksum mismatch",
+                offset + body.len() as u64,
+            ));
         }
-        let mut c = Cursor::new(body);
-        c.skip(4);
-        let mut v = [0u64; 6];
-        for x in &mut v {
-            *x = c.u64().ok_or_else(|| corrupt("truncated", c.pos))?;
-        }
-        let totals = Totals {
-            pages: v[0],
-            zero_pages: v[1],
-            data_pages: v[2],
-            records: v[3],
-            raw_bytes: v[4],
-            stored_bytes: v[5],
-        };
-        let n = c.remaining() / INDEX_ENTRY_LEN;
-        if !c.remaining().is_multiple_of(INDEX_ENTRY_LEN) || n as u64 != totals.records {
-            return Err(corrupt("index length disagrees with record count", c.pos));
-        }
-        let mut index = Vec::with_capacity(n);
-        for i in 0..n {
-            let at = c.pos;
-            let e_offset = c.u64().unwrap_or(0);
-            let first_page = c.u64().unwrap_or(0);
-            let page_count = c.u32().unwrap_or(0);
-            let tail = c.take(4).unwrap_or(&[9, 9, 9, 9]);
-            let kind = RecordKind::from_code(tail[0])
-                .filter(|_| tail[1..] == [0, 0, 0] && page_count > 0)
-                .ok_or_else(|| corrupt(&format!("index entry {i} invalid"), at))?;
-            index.push(IndexEntry {
-                offset: e_offset,
-                first_page,
-                page_count,
-                kind,
-            });
-        }
+        let index = body[TRAILER_HEAD_LEN..]
+            .chunks_exact(INDEX_ENTRY_LEN)
+            .enumerate()
+            .map(|(i, e)| {
+                let at = offset + (TRAILER_HEAD_LEN + i * INDEX_ENTRY_LEN) as u64;
+                Self::decode_entry(e, i as u64, at)
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Trailer { totals, index })
+    }
+
+    /// Decode the tag and totals of a trailer of `trailer_len` bytes at `offset`, and check
+    /// that its length is exactly what `totals.records` index entries need. Readers call this
+    /// before sizing anything by the record count.
+    pub fn decode_head(
+        head: &[u8; TRAILER_HEAD_LEN],
+        trailer_len: u64,
+        offset: u64,
+    ) -> Result<Totals, FormatError> {
+        if head[0..4] != TRAILER_TAG {
+            return Err(trailer_corrupt("bad tag", offset));
+        }
+        let v = |k: usize| u64_at(head, 4 + 8 * k);
+        let totals = Totals {
+            pages: v(0),
+            zero_pages: v(1),
+            data_pages: v(2),
+            records: v(3),
+            raw_bytes: v(4),
+            stored_bytes: v(5),
+        };
+        let want = totals
+            .records
+            .checked_mul(INDEX_ENTRY_LEN as u64)
+            .and_then(|n| n.checked_add(TRAILER_FIXED_LEN as u64));
+        if want != Some(trailer_len) {
+            return Err(trailer_corrupt(
+                "index length disagrees with record count",
+                offset + 4 + 3 * 8,
+            ));
+        }
+        Ok(totals)
+    }
+
+    /// Decode the `i`-th index entry (`INDEX_ENTRY_LEN` bytes at file offset `at`).
+    pub fn decode_entry(b: &[u8], i: u64, at: u64) -> Result<IndexEntry, FormatError> {
+        let kind = (b.len() == INDEX_ENTRY_LEN)
+            .then(|| RecordKind::from_code(b[20]))
+            .flatten()
+            .filter(|_| b[21..24] == [0, 0, 0] && u32_at(b, 16) > 0)
+            .ok_or_else(|| trailer_corrupt(&format!("index entry {i} invalid"), at))?;
+        Ok(IndexEntry {
+            offset: u64_at(b, 0),
+            first_page: u64_at(b, 8),
+            page_count: u32_at(b, 16),
+            kind,
+        })
+    }
+}
+
+fn trailer_corrupt(what: &str, offset: u64) -> FormatError {
+    FormatError::Corrupt {
+        what: format!("trailer: {what}"),
+        record: None,
+        offset,
     }
 }
 

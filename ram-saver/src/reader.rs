@@ -1,4 +1,5 @@
-//! Reading snapshot files: open (footer and trailer first), iterate records, verify, load.
+//! Reading snapshot files: open (footer and trailer totals first, every length bounded before
+//! it sizes a buffer), iterate records, verify, load.
 //!
 //! [`SnapshotReader::verify`] and [`SnapshotReader::load_into`] work on all cores. The trailer
 //! index splits the records into *units* of consecutive records (a few MiB of file each);
@@ -14,7 +15,8 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 
 use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 use std::path::Path;
@@ -25,8 +27,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 
 use crate::format::{
     decode_footer, u32_at, u64_at, Compression, FormatError, IndexEntry, RecordHeader, RecordKind,
-    SnapshotHeader, Totals, Trailer, CODEC_RAW, FOOTER_LEN, FORMAT_VERSION, MAGIC, MAX_HEADER_LEN,
-    MAX_RECORD_RAW, RECORD_HEADER_LEN, STATE_TAG, TRAILER_FIXED_LEN,
+    SnapshotHeader, Totals, Trailer, CODEC_RAW, FOOTER_LEN, FORMAT_VERSION, INDEX_ENTRY_LEN, MAGIC,
+    MAX_HEADER_LEN, MAX_MACHINE_STATE_LEN, MAX_RECORD_RAW, RECORD_HEADER_LEN, STATE_TAG,
+    TRAILER_FIXED_LEN, TRAILER_HEAD_LEN,
 };
 use crate::pagemap::Pagemap;
 use crate::writer::{is_zero, AlignedBuf, DIRECT_ALIGN};
@@ -127,6 +130,43 @@ fn read_error(e: io::Error, pos: u64, len: usize) -> FormatError {
     } else {
         unreadable(e)
     }
+}
+
+/// Index entries read per chunk when reading the trailer.
+const INDEX_CHUNK_ENTRIES: usize = 4096;
+
+/// Read the trailer's index after its fixed part `head` (already decoded into `totals`, whose
+/// record count was bounded), entry by entry in bounded chunks, then check the trailer crc.
+/// Memory grows only with entries that were read and looked valid.
+fn read_index(
+    src: &mut dyn Source,
+    head: &[u8; TRAILER_HEAD_LEN],
+    totals: Totals,
+    trailer_offset: u64,
+) -> Result<Trailer, FormatError> {
+    let n = totals.records as usize;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(head);
+    let mut index = Vec::with_capacity(n.min(INDEX_CHUNK_ENTRIES));
+    let mut buf = vec![0u8; n.min(INDEX_CHUNK_ENTRIES) * INDEX_ENTRY_LEN];
+    let mut pos = trailer_offset + TRAILER_HEAD_LEN as u64;
+    while index.len() < n {
+        let k = (n - index.len()).min(INDEX_CHUNK_ENTRIES);
+        let chunk = &mut buf[..k * INDEX_ENTRY_LEN];
+        src.read_exact_at(chunk, pos)?;
+        crc.update(chunk);
+        for (j, e) in chunk.chunks_exact(INDEX_ENTRY_LEN).enumerate() {
+            let at = pos + (j * INDEX_ENTRY_LEN) as u64;
+            index.push(Trailer::decode_entry(e, index.len() as u64, at)?);
+        }
+        pos += chunk.len() as u64;
+    }
+    let mut c = [0u8; 4];
+    src.read_exact_at(&mut c, pos)?;
+    if crc.finalize() != u32::from_le_bytes(c) {
+        return Err(corrupt("trailer: checksum mismatch", None, pos));
+    }
+    Ok(Trailer { totals, index })
 }
 
 /// Something to read exact byte ranges from.
@@ -242,19 +282,32 @@ impl<R: Read + Seek> Source for Seq<'_, R> {
 
 impl SnapshotReader<BufReader<File>> {
     /// Open and check the snapshot file at `path`.
+    ///
+    /// The path is opened once; every later read goes to that same file, even if the path is
+    /// replaced meanwhile (`save --force` to the same name, rsync): the worker handle is a
+    /// duplicate of the open file, and the `O_DIRECT` handle reopens it through
+    /// `/proc/self/fd`, which names the open inode, not the path.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, FormatError> {
-        let path = path.as_ref();
-        let f = File::open(path).map_err(unreadable)?;
+        let f = File::open(path.as_ref()).map_err(unreadable)?;
         // Without a second handle everything still works, on one thread.
         let file = f.try_clone().ok();
+        let direct = reopen_direct(&f);
         let mut r = Self::check(BufReader::with_capacity(1 << 20, f), file)?;
-        r.direct = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
-            .open(path)
-            .ok();
+        r.direct = direct;
         Ok(r)
     }
+}
+
+/// The file open as `f`, opened again with `O_DIRECT`; `None` where that is refused (no
+/// `/proc`, a file system without direct I/O) or does not yield the same inode.
+fn reopen_direct(f: &File) -> Option<File> {
+    let d = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+        .open(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .ok()?;
+    let (a, b) = (f.metadata().ok()?, d.metadata().ok()?);
+    (a.dev() == b.dev() && a.ino() == b.ino()).then_some(d)
 }
 
 impl<R: Read + Seek> SnapshotReader<R> {
@@ -318,10 +371,11 @@ impl<R: Read + Seek> SnapshotReader<R> {
                 reason: "footer does not point at a trailer ending before it".into(),
             });
         }
-        let mut tbuf = vec![0u8; trailer_len as usize];
-        src.read_exact_at(&mut tbuf, trailer_offset)?;
-        let trailer = Trailer::decode(&tbuf, trailer_offset)?;
-        drop(tbuf);
+        // Only the trailer's fixed part now: its record count is bounded (further down, once
+        // the header says how many guest pages there are) before anything is sized by it.
+        let mut thead = [0u8; TRAILER_HEAD_LEN];
+        src.read_exact_at(&mut thead, trailer_offset)?;
+        let totals = Trailer::decode_head(&thead, trailer_len, trailer_offset)?;
 
         let header_len = u32_at(&fixed, 12);
         if !(56..=MAX_HEADER_LEN).contains(&header_len) || u64::from(header_len) > trailer_offset {
@@ -330,6 +384,7 @@ impl<R: Read + Seek> SnapshotReader<R> {
         let mut hbuf = vec![0u8; header_len as usize];
         src.read_exact_at(&mut hbuf, 0)?;
         let header = SnapshotHeader::decode(&hbuf)?;
+        drop(hbuf);
 
         let st_at = u64::from(header_len);
         let mut st = [0u8; 16];
@@ -341,7 +396,7 @@ impl<R: Read + Seek> SnapshotReader<R> {
             return Err(corrupt("machine state: bad tag", None, st_at));
         }
         let st_len = u64_at(&st, 4);
-        if st_len > trailer_offset - st_at - 16 {
+        if st_len > MAX_MACHINE_STATE_LEN || st_len > trailer_offset - st_at - 16 {
             return Err(corrupt(
                 "machine state: length out of range",
                 None,
@@ -358,6 +413,16 @@ impl<R: Read + Seek> SnapshotReader<R> {
             ));
         }
         let records_start = st_at + 16 + st_len;
+        let room = trailer_offset - records_start;
+        if totals.records > header.total_pages() || totals.records > room / RECORD_HEADER_LEN as u64
+        {
+            return Err(corrupt(
+                "trailer: record count out of range",
+                None,
+                trailer_offset + 4 + 3 * 8,
+            ));
+        }
+        let trailer = read_index(&mut src, &thead, totals, trailer_offset)?;
         let mut rd = SnapshotReader {
             r,
             cur,
@@ -454,6 +519,11 @@ impl<R: Read + Seek> SnapshotReader<R> {
     /// The machine state blob captured at the freeze instant (checksum already verified).
     pub fn machine_state(&self) -> &[u8] {
         &self.machine_state
+    }
+
+    /// File offset of the machine state blob (for naming where a bad one lies).
+    pub fn machine_state_offset(&self) -> u64 {
+        self.records_start - self.machine_state.len() as u64
     }
 
     /// The trailer: totals and the index of every record.

@@ -535,3 +535,286 @@ fn create_new_sink_never_replaces_a_file_that_appeared_meanwhile() {
     assert_eq!(std::fs::read(&target).unwrap(), b"new contents");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A raw snapshot of 256 pages at 1 MiB in 8 records, every page filled with `fill`, whose
+/// machine state is 16 bytes of `fill`: two of these differ in content, never in layout.
+fn uniform_snapshot(fill: u8) -> Vec<u8> {
+    let header = SnapshotHeader::new(
+        vec![MemRegion {
+            gpa: 0x10_0000,
+            size: 256 * PS as u64,
+        }],
+        1,
+        Vec::new(),
+    );
+    let mut f = Vec::new();
+    let mut w = SnapshotWriter::new(&mut f, &header, &[fill; 16]).unwrap();
+    for k in 0..8u64 {
+        w.write_pages(0x100 + 32 * k, &vec![fill; 32 * PS]).unwrap();
+    }
+    w.finish().unwrap();
+    f
+}
+
+/// Replace `path` atomically with (a new link to) `src`.
+fn replace_with(src: &std::path::Path, path: &std::path::Path) {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::hard_link(src, &tmp).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Load the file behind `rd` into fresh memory; `Ok(None)` when every byte is the fill its
+/// machine state names, else the first stray byte.
+fn load_is_own_content(
+    rd: &mut SnapshotReader<std::io::BufReader<std::fs::File>>,
+) -> Result<Option<u8>, FormatError> {
+    let fill = rd.machine_state()[0];
+    let mem: GuestMemoryMmap =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0x10_0000), 256 * PS)]).unwrap();
+    rd.load_into(&mem, &mut |_| {})?;
+    let mut buf = vec![0u8; 256 * PS];
+    mem.read_slice(&mut buf, GuestAddress(0x10_0000)).unwrap();
+    Ok(buf.iter().copied().find(|&b| b != fill))
+}
+
+#[test]
+fn reader_reads_one_file_even_if_its_path_is_replaced() {
+    // On a file system with direct I/O, so that the O_DIRECT handle is really used.
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("ram-saver-replace-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (dir.join("a.snap"), dir.join("b.snap"));
+    std::fs::write(&a, uniform_snapshot(0xa1)).unwrap();
+    std::fs::write(&b, uniform_snapshot(0xb2)).unwrap();
+    let path = dir.join("vm.snap");
+
+    // Replaced after open: verify and load still read A, all of it.
+    replace_with(&a, &path);
+    let mut rd = SnapshotReader::open(&path).unwrap();
+    replace_with(&b, &path);
+    assert_eq!(rd.machine_state(), &[0xa1; 16]);
+    rd.verify(&mut |_| {}).unwrap();
+    assert_eq!(load_is_own_content(&mut rd).unwrap(), None);
+
+    // Replaced while open runs: another thread swaps A and B under the path as fast as it can,
+    // so some opens straddle a swap. Whatever file an open got, it must read only that file.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (mut mixed, mut opens, mut flips) = (Vec::new(), 0, 0u64);
+    std::thread::scope(|s| {
+        let flipper = s.spawn(|| {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                replace_with(if n.is_multiple_of(2) { &a } else { &b }, &path);
+                n += 1;
+            }
+            n
+        });
+        let t0 = std::time::Instant::now();
+        while opens < 400 && t0.elapsed() < std::time::Duration::from_secs(20) {
+            let mut rd = SnapshotReader::open(&path).unwrap();
+            opens += 1;
+            let fill = rd.machine_state()[0];
+            if let Err(e) = rd.verify(&mut |_| {}) {
+                mixed.push(format!("open {opens} ({fill:#x}): verify: {e}"));
+                continue;
+            }
+            match load_is_own_content(&mut rd) {
+                Ok(None) => {}
+                Ok(Some(stray)) => mixed.push(format!("open {opens} ({fill:#x}): read {stray:#x}")),
+                Err(e) => mixed.push(format!("open {opens} ({fill:#x}): load: {e}")),
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        flips = flipper.join().unwrap();
+    });
+    std::fs::remove_dir_all(&dir).unwrap();
+    eprintln!(
+        "{opens} opens during {flips} path swaps, {} mixed",
+        mixed.len()
+    );
+    assert!(flips > 0);
+    assert!(
+        mixed.is_empty(),
+        "{} of {opens} opens read two files: {mixed:#?}",
+        mixed.len()
+    );
+}
+
+/// Peak resident set size of this process, in KiB.
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Pieces of a file: (offset, bytes).
+type Parts = Vec<(u64, Vec<u8>)>;
+
+/// A 1 TiB sparse file holding only `parts`.
+fn sparse_file(path: &std::path::Path, parts: &Parts) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(1 << 40).unwrap();
+    for (at, b) in parts {
+        f.write_all_at(b, *at).unwrap();
+    }
+}
+
+fn footer_bytes(trailer_offset: u64, trailer_len: u64) -> Vec<u8> {
+    let mut b = [trailer_offset.to_le_bytes(), trailer_len.to_le_bytes()].concat();
+    let crc = crc32fast::hash(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b.extend_from_slice(&[0; 4]);
+    b.extend_from_slice(b"SNAPEND\0");
+    b
+}
+
+fn state_section(len: u64, blob: &[u8]) -> Vec<u8> {
+    let mut b = b"MSTA".to_vec();
+    b.extend_from_slice(&len.to_le_bytes());
+    b.extend_from_slice(&crc32fast::hash(blob).to_le_bytes());
+    b.extend_from_slice(blob);
+    b
+}
+
+/// Trailer tag and totals claiming `records` records (other totals 0).
+fn trailer_head(records: u64) -> Vec<u8> {
+    let mut b = b"TRLR".to_vec();
+    for v in [0, 0, 0, records, 0, 0] {
+        b.extend_from_slice(&u64::to_le_bytes(v));
+    }
+    b
+}
+
+#[test]
+fn sparse_files_with_huge_lengths_are_refused_fast_and_small() {
+    const T: u64 = 1 << 40;
+    let footer_at = T - 32;
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("ram-saver-sparse-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let small = small_header().encode();
+    let mut huge_guest = small_header();
+    huge_guest.regions = vec![MemRegion {
+        gpa: 0,
+        size: ram_saver::format::MAX_GUEST_BYTES,
+    }];
+    let huge_guest = huge_guest.encode();
+    let st = state_section(5, b"state");
+    let after = |h: &[u8]| (h.len() + st.len()) as u64;
+    // An index of 2^28 entries (one per page of a 1 TiB guest): 6 GiB, ending at the footer.
+    let big_n = ram_saver::format::MAX_GUEST_BYTES / PS as u64;
+    let big_len = 56 + 24 * big_n;
+    // Index entries that look valid, for the first 1000 records.
+    let valid_entries: Vec<u8> = (0..1000u64)
+        .flat_map(|i| {
+            let mut e = (0x1000 + 28 * i).to_le_bytes().to_vec();
+            e.extend_from_slice(&i.to_le_bytes());
+            e.extend_from_slice(&1u32.to_le_bytes());
+            e.extend_from_slice(&[0, 0, 0, 0]);
+            e
+        })
+        .collect();
+    let half_n = T / 2 / 24;
+    let half_len = 56 + 24 * half_n;
+    let cases: Vec<(&str, Parts)> = vec![
+        (
+            "footer: trailer of nearly 1 TiB in a hole (no trailer tag)",
+            vec![
+                (0, small.clone()),
+                (small.len() as u64, st.clone()),
+                (
+                    footer_at,
+                    footer_bytes(after(&small), footer_at - after(&small)),
+                ),
+            ],
+        ),
+        (
+            "trailer: 1/2 TiB of index, record count consistent with it",
+            vec![
+                (0, small.clone()),
+                (small.len() as u64, st.clone()),
+                (footer_at - half_len, trailer_head(half_n)),
+                (footer_at, footer_bytes(footer_at - half_len, half_len)),
+            ],
+        ),
+        (
+            "trailer: 2^28 records for a 1 TiB guest, index in a hole",
+            vec![
+                (0, huge_guest.clone()),
+                (huge_guest.len() as u64, st.clone()),
+                (footer_at - big_len, trailer_head(big_n)),
+                (footer_at, footer_bytes(footer_at - big_len, big_len)),
+            ],
+        ),
+        (
+            "trailer: 2^28 records for a 1 TiB guest, 1000 valid entries then a hole",
+            vec![
+                (0, huge_guest.clone()),
+                (huge_guest.len() as u64, st.clone()),
+                (footer_at - big_len, trailer_head(big_n)),
+                (footer_at - big_len + 52, valid_entries),
+                (footer_at, footer_bytes(footer_at - big_len, big_len)),
+            ],
+        ),
+        (
+            "machine state: 1/2 TiB long",
+            vec![
+                (0, small.clone()),
+                (small.len() as u64, state_section(T / 2, b"")),
+                (footer_at - 56, trailer_head(0)),
+                (footer_at, footer_bytes(footer_at - 56, 56)),
+            ],
+        ),
+        (
+            "machine state: one byte over MAX_MACHINE_STATE_LEN",
+            vec![
+                (0, small.clone()),
+                (
+                    small.len() as u64,
+                    state_section(ram_saver::format::MAX_MACHINE_STATE_LEN + 1, b""),
+                ),
+                (footer_at - 56, trailer_head(0)),
+                (footer_at, footer_bytes(footer_at - 56, 56)),
+            ],
+        ),
+        (
+            "header: header_len MAX_HEADER_LEN (zeros)",
+            vec![
+                (0, {
+                    let mut h = small.clone();
+                    h[12..16].copy_from_slice(&ram_saver::format::MAX_HEADER_LEN.to_le_bytes());
+                    h
+                }),
+                (footer_at - 56, trailer_head(0)),
+                (footer_at, footer_bytes(footer_at - 56, 56)),
+            ],
+        ),
+    ];
+    let path = dir.join("sparse.snap");
+    let hwm0 = vm_hwm_kib();
+    let mut report = Vec::new();
+    for (what, parts) in &cases {
+        sparse_file(&path, parts);
+        let t0 = std::time::Instant::now();
+        let res = SnapshotReader::open(&path).and_then(|mut r| r.verify(&mut |_| {}));
+        let took = t0.elapsed();
+        let grew = vm_hwm_kib().saturating_sub(hwm0);
+        report.push(format!("{what}: {took:.2?}, VmHWM +{grew} KiB: {res:?}"));
+        let err = res.expect_err(what);
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{what}: {err}");
+        assert!(
+            took < std::time::Duration::from_millis(500),
+            "{what}: {took:?}"
+        );
+        assert!(grew < 64 << 10, "{what}: peak RSS grew by {grew} KiB");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    eprintln!("{}", report.join("\n"));
+}

@@ -1,7 +1,7 @@
 //! Bad snapshot files: a real snapshot written by ram-saver's writer (8 MiB of guest memory in
 //! two regions: zero pages, random pages, repetitive pages and sparse pages, saved in shuffled
-//! block order, once raw and once with zstd, with a machine-state blob of a few KiB) is damaged
-//! in every way we can think of. For every damaged file, `SnapshotReader::open` + `verify` and,
+//! block order, once raw and once with zstd, with the real machine state of a booted built-in
+//! guest, captured by vmm-core) is damaged in every way we can think of. For every damaged file, `SnapshotReader::open` + `verify` and,
 //! separately, `open` + `load_into` (into fresh guest memory) must return a typed
 //! [`FormatError`]: never `Ok`, never a panic (every attempt runs under `catch_unwind`), never a
 //! hang (a watchdog bounds the whole test, and every attempt is timed), never an absurd
@@ -21,8 +21,18 @@
 //!   output byte for byte) so that only the lie itself can give the file away; plus a newer
 //!   format version and another architecture code, and a few valid re-encodings (records
 //!   reordered, a zero run split in two) as controls that must be accepted.
+//! - **Machine states that only decoding can catch**: the real state with a KVM struct of the
+//!   wrong size (`regs`, `sregs`, `xsave`, `xcrs`, `lapic`, `events`, `debugregs`, `mp_state`,
+//!   irqchips, PIT, clock), CPUID empty or too long, too many MSRs, duplicate or out-of-range
+//!   vCPU ids, a vCPU count that disagrees with the config, …, stored with a valid crc: the
+//!   file opens and verifies, restore's decoding (`vm_snapshot::machine_state`) refuses it as
+//!   `Corrupt` naming the component, and `MachineState::from_bytes` with a
+//!   `VmError::StateComponent` naming the component and vCPU state. Byte flips through the
+//!   state (crc recomputed) must never make the decoding panic.
 //!
-//! Expected error for damage, by the first section the reader checks (it checks in this order):
+//! Expected error for damage, by the first section the reader checks (it checks in this order;
+//! of the trailer it checks the tag and totals first, its index and crc after the machine
+//! state, still before any record):
 //!
 //! | damaged bytes                                | kind           | record      |
 //! |----------------------------------------------|----------------|-------------|
@@ -54,7 +64,7 @@ use std::os::unix::fs::FileExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ram_saver::format::{
@@ -66,6 +76,9 @@ use ram_saver::{
     SnapshotWriter, FORMAT_VERSION,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_core::{
+    GuestParams, MachineState, MemBackend, SharedBuffer, Vm, VmConfig, VmError, WriteRate,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Allocation accounting
@@ -179,15 +192,47 @@ fn fill_guest(mem: &GuestMemoryMmap) {
     }
 }
 
+/// The machine state of a real built-in guest (2 vCPUs, 32 MiB, writing at full speed),
+/// captured once: booted, paused, `capture_state`, `to_bytes`. The sweep's files carry it, so
+/// what `restore` decodes from them is a real state.
 fn machine_state_blob() -> Vec<u8> {
-    let mut rng = Rng(0xab_cdef);
-    let mut st =
-        b"{\"vcpus\":[{\"rip\":1048576,\"rsp\":2097152}],\"pit\":{},\"serial\":\"\"}".to_vec();
-    let mut noise = vec![0u8; 3000];
-    rng.fill(&mut noise);
-    st.extend_from_slice(&noise);
-    st.extend((0..3300u32).map(|i| (i % 251) as u8));
-    st
+    static STATE: OnceLock<Vec<u8>> = OnceLock::new();
+    STATE
+        .get_or_init(|| {
+            let cfg = VmConfig {
+                mem_bytes: 32 << 20,
+                vcpus: 2,
+                backend: MemBackend::Anon,
+                guest: GuestParams {
+                    write_rate: WriteRate::Full,
+                    working_set_pages: None,
+                    seed: 11,
+                },
+                kernel: None,
+            };
+            let vm = Vm::boot(cfg, Box::new(SharedBuffer::new())).expect("boot built-in guest");
+            let t0 = Instant::now();
+            while !vm.progress().steps.iter().all(|&s| s > 1000) {
+                assert!(
+                    vm.exit_status().is_none(),
+                    "guest ended: {:?}",
+                    vm.exit_status()
+                );
+                assert!(t0.elapsed() < Duration::from_secs(60), "no guest progress");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            vm.pause().expect("pause");
+            let st = vm.capture_state().expect("capture state");
+            vm.shutdown();
+            st.to_bytes()
+        })
+        .clone()
+}
+
+/// The VM configuration inside [`machine_state_blob`], as the header's config stores it.
+fn vm_config_json() -> Vec<u8> {
+    let st = MachineState::from_bytes(&machine_state_blob()).expect("captured state decodes");
+    serde_json::to_vec(st.config()).expect("config json")
 }
 
 /// Save `mem` with ram-saver's writer through an atomic file sink and return the bytes.
@@ -201,7 +246,7 @@ fn write_snapshot(
         .iter()
         .map(|&(gpa, size)| MemRegion { gpa, size })
         .collect();
-    let config = b"{\"mem_bytes\":8388608,\"vcpus\":2,\"guest\":\"builtin\"}".to_vec();
+    let config = vm_config_json();
     let mut header = SnapshotHeader::new(regions, 2, config);
     header.compression = compression;
     header.parent = parent.to_vec();
@@ -862,7 +907,10 @@ fn sweep_cases(k: usize, b: &Base, counts: &mut BTreeMap<&'static str, usize>) -
             flips.extend([p, p + plen / 2, p + plen - 1]);
         }
     }
-    flips.extend((s.header_len..s.records_start).step_by((61 * THIN) as usize));
+    // About 128 through the machine state: here only its crc is tested (its decoding has its
+    // own section).
+    let state_step = ((s.records_start - s.header_len) / 128).max(61) * THIN;
+    flips.extend((s.header_len..s.records_start).step_by(state_step as usize));
     flips.extend(s.trailer_at..s.trailer_at + TRAILER_FIXED_LEN as u64);
     flips.extend((s.trailer_at..s.footer_at).step_by((5 * THIN) as usize));
     for (n, &at) in flips.iter().enumerate() {
@@ -1836,6 +1884,235 @@ fn run_lies(bases: &[Base], source: &GuestMemoryMmap, dir: &Path, stats: &mut St
 }
 
 // ---------------------------------------------------------------------------------------------
+// Machine states that pass the crc but not restore's decoding
+// ---------------------------------------------------------------------------------------------
+
+/// A damaged (real) machine state, stored with a valid crc: the component (and vCPU state)
+/// that restore's decoding must name when it refuses it.
+struct StateLie {
+    what: &'static str,
+    component: &'static str,
+    vcpu: Option<usize>,
+    edit: fn(&mut serde_json::Value),
+}
+
+fn cut(v: &mut serde_json::Value, n: usize) {
+    v.as_array_mut().expect("array").truncate(n);
+}
+
+/// Grow a list to `n` entries, repeating its first.
+fn grow(v: &mut serde_json::Value, n: usize) {
+    let a = v.as_array_mut().expect("array");
+    let first = a[0].clone();
+    a.resize(n, first);
+}
+
+fn state_lies() -> Vec<StateLie> {
+    let l = |what, component, vcpu, edit| StateLie {
+        what,
+        component,
+        vcpu,
+        edit,
+    };
+    vec![
+        l("regs cut to 7 bytes", "regs", Some(1), |v| {
+            cut(&mut v["vcpus"][1]["regs"], 7)
+        }),
+        l("sregs cut to 7 bytes", "sregs", Some(1), |v| {
+            cut(&mut v["vcpus"][1]["sregs"], 7)
+        }),
+        l("xsave cut to 7 bytes", "xsave", Some(0), |v| {
+            cut(&mut v["vcpus"][0]["xsave"], 7)
+        }),
+        l("xcrs cut to 7 bytes", "xcrs", Some(0), |v| {
+            cut(&mut v["vcpus"][0]["xcrs"], 7)
+        }),
+        l("lapic cut to 7 bytes", "lapic", Some(1), |v| {
+            cut(&mut v["vcpus"][1]["lapic"], 7)
+        }),
+        l("events cut to 7 bytes", "events", Some(0), |v| {
+            cut(&mut v["vcpus"][0]["events"], 7)
+        }),
+        l("debugregs cut to 7 bytes", "debugregs", Some(1), |v| {
+            cut(&mut v["vcpus"][1]["debugregs"], 7)
+        }),
+        l(
+            "mp_state cut to 3 of its 4 bytes",
+            "mp_state",
+            Some(0),
+            |v| cut(&mut v["vcpus"][0]["mp_state"], 3),
+        ),
+        l("mp_state of 7 bytes", "mp_state", Some(1), |v| {
+            grow(&mut v["vcpus"][1]["mp_state"], 7)
+        }),
+        l("regs one byte too long", "regs", Some(0), |v| {
+            v["vcpus"][0]["regs"]
+                .as_array_mut()
+                .expect("array")
+                .push(0.into())
+        }),
+        l("cpuid empty", "cpuid", Some(1), |v| {
+            cut(&mut v["vcpus"][1]["cpuid"], 0)
+        }),
+        l("cpuid entry cut to 39 bytes", "cpuid", Some(0), |v| {
+            cut(&mut v["vcpus"][0]["cpuid"][0], 39)
+        }),
+        l("cpuid of 257 entries", "cpuid", Some(0), |v| {
+            grow(&mut v["vcpus"][0]["cpuid"], 257)
+        }),
+        l("MSR list of 1025 entries", "msrs", Some(1), |v| {
+            grow(&mut v["vcpus"][1]["msrs"], 1025)
+        }),
+        l("MSR entry cut to 7 bytes", "msrs", Some(0), |v| {
+            cut(&mut v["vcpus"][0]["msrs"][0], 7)
+        }),
+        l("nr_xcrs 17", "xcrs", Some(1), |v| {
+            v["vcpus"][1]["xcrs"][0] = 17.into()
+        }),
+        l("duplicate vCPU id", "id", Some(1), |v| {
+            v["vcpus"][1]["id"] = 0.into()
+        }),
+        l("vCPU id out of range", "id", Some(1), |v| {
+            v["vcpus"][1]["id"] = 2.into()
+        }),
+        l("vCPU id 300", "id", Some(0), |v| {
+            v["vcpus"][0]["id"] = 300.into()
+        }),
+        l("vCPU states swapped", "id", Some(0), |v| {
+            v["vcpus"].as_array_mut().expect("array").swap(0, 1)
+        }),
+        l("one vCPU state missing", "vcpus", None, |v| {
+            cut(&mut v["vcpus"], 1)
+        }),
+        l("config says 3 vCPUs", "vcpus", None, |v| {
+            v["config"]["vcpus"] = 3.into()
+        }),
+        l("config says 0 vCPUs, no states", "config", None, |v| {
+            v["config"]["vcpus"] = 0.into();
+            cut(&mut v["vcpus"], 0);
+        }),
+        l("pic_master cut to 7 bytes", "pic_master", None, |v| {
+            cut(&mut v["pic_master"], 7)
+        }),
+        l(
+            "ioapic with the PIC master's chip id",
+            "ioapic",
+            None,
+            |v| v["ioapic"][0] = 0.into(),
+        ),
+        l("pit cut to 7 bytes", "pit", None, |v| cut(&mut v["pit"], 7)),
+        l("clock cut to 7 bytes", "clock", None, |v| {
+            cut(&mut v["clock"], 7)
+        }),
+        l("one guest slot for 2 vCPUs", "slots", None, |v| {
+            cut(&mut v["slots"], 1)
+        }),
+        l("serial FIFO of 65 bytes", "serial", None, |v| {
+            v["serial"]["in_buffer"] = vec![0u8; 65].into()
+        }),
+    ]
+}
+
+/// How the machine state of the file at `path` decodes: through restore's path
+/// (`vm_snapshot::machine_state` on the opened reader: a refusal is a `FormatError`) and
+/// through `MachineState::from_bytes` directly (the typed error restore's message comes from).
+/// Panics are caught and reported.
+type StateDecoding = (Result<(), FormatError>, Result<(), VmError>);
+
+fn try_decode_state(path: &Path) -> Result<Result<StateDecoding, FormatError>, String> {
+    panic::catch_unwind(|| {
+        let r = SnapshotReader::open(path)?;
+        Ok((
+            vm_snapshot::machine_state(&r).map(drop),
+            MachineState::from_bytes(r.machine_state()).map(drop),
+        ))
+    })
+    .map_err(|p| panic_text(&*p))
+}
+
+/// Every [`state_lies`] file is sound as a file (open and verify accept it) and refused by the
+/// state decoding with the component named; byte flips of the state (crc recomputed) never
+/// make the decoding panic. Returns (lies, flips).
+fn run_state_lies(b: &Base, dir: &Path, stats: &mut Stats) -> (usize, usize) {
+    let path = dir.join("state-lie.snap");
+    let good: serde_json::Value = serde_json::from_slice(&b.model.state).expect("state json");
+    let lies = state_lies();
+    for lie in &lies {
+        let what = format!("{}: machine state {}", b.name, lie.what);
+        *CURRENT.lock().unwrap_or_else(|p| p.into_inner()) = vec![what.clone()];
+        let mut v = good.clone();
+        (lie.edit)(&mut v);
+        let mut m = b.model.clone();
+        m.state = serde_json::to_vec(&v).expect("json");
+        fs::write(&path, m.assemble()).expect("write state lie");
+        stats.files += 1;
+        stats.attempts += 1;
+        if let o @ (Outcome::Err { .. } | Outcome::Panic(_)) = try_verify(&path) {
+            stats
+                .failures
+                .push(format!("{what}: the file itself was refused: {o:?}"));
+            continue;
+        }
+        match try_decode_state(&path) {
+            Err(p) => {
+                stats.panics += 1;
+                stats.failures.push(format!("{what}: PANIC: {p}"));
+            }
+            Ok(Err(e)) => stats.failures.push(format!("{what}: open failed: {e}")),
+            Ok(Ok((restore, typed))) => {
+                *stats.by_kind.entry("StateComponent".into()).or_default() += 1;
+                match restore {
+                    Ok(()) => {
+                        stats.accepted += 1;
+                        stats
+                            .failures
+                            .push(format!("{what}: restore's decoding accepted it"));
+                    }
+                    Err(e)
+                        if e.kind() != ErrorKind::Corrupt
+                            || !e.to_string().contains(lie.component) =>
+                    {
+                        stats.failures.push(format!(
+                            "{what}: restore refused it as {e:?}, expected Corrupt naming {}",
+                            lie.component
+                        ));
+                    }
+                    Err(_) => {}
+                }
+                let named = matches!(&typed, Err(VmError::StateComponent { component, vcpu, .. })
+                    if *component == lie.component && *vcpu == lie.vcpu);
+                if !named {
+                    stats.failures.push(format!(
+                        "{what}: from_bytes gave {typed:?}, expected component {} of {:?}",
+                        lie.component, lie.vcpu
+                    ));
+                }
+            }
+        }
+    }
+    let _ = fs::remove_file(&path);
+    // Flips through the whole blob, decoded as restore would get them (crc recomputed: the
+    // reader hands over exactly these bytes).
+    let blob = &b.model.state;
+    let step = (blob.len() / (2000 / THIN as usize)).max(1);
+    let mut flips = 0;
+    for (n, at) in (0..blob.len()).step_by(step).enumerate() {
+        let mut bad = blob.clone();
+        bad[at] ^= FLIP_MASKS[n % FLIP_MASKS.len()];
+        flips += 1;
+        if let Err(p) = panic::catch_unwind(|| MachineState::from_bytes(&bad).map(drop)) {
+            stats.panics += 1;
+            stats.failures.push(format!(
+                "{}: machine state byte {at} flipped: decoding PANIC: {}",
+                b.name,
+                panic_text(&*p)
+            ));
+        }
+    }
+    (lies.len(), flips)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Foreign and tiny files
 // ---------------------------------------------------------------------------------------------
 
@@ -1904,6 +2181,9 @@ fn bad_snapshot_files_are_refused_with_typed_errors() {
 }
 
 fn sweep() {
+    // A real VM first, outside the address-space limit (guest memory, vCPU threads).
+    let state = machine_state_blob();
+    assert!(MachineState::from_bytes(&state).is_ok(), "captured state");
     limit_address_space();
     let t_start = Instant::now();
     // Keep the first few panic reports (with location) and silence the rest.
@@ -1987,6 +2267,9 @@ fn sweep() {
     let nlies = run_lies(&bases, &source, &dir, &mut stats);
     foreign_files(&dir, &mut stats);
     let lies_time = t_lies.elapsed();
+    let t_state = Instant::now();
+    let (state_lies, state_flips) = run_state_lies(&bases[0], &dir, &mut stats);
+    let state_time = t_state.elapsed();
     let _ = fs::remove_dir_all(&dir);
 
     let hwm = vm_hwm_kib();
@@ -2002,6 +2285,10 @@ fn sweep() {
         eprintln!("  {k:>16}: {v}");
     }
     eprintln!("  {:>16}: {nlies}", "crafted lies");
+    eprintln!(
+        "  {:>16}: {state_lies} refused by name, {state_flips} byte flips decoded ({state_time:.1?})",
+        "state decoding"
+    );
     eprintln!(
         "  files mutated {}, attempts {} (verify + load_into each), panics {}, accepted {}",
         stats.files, stats.attempts, stats.panics, stats.accepted

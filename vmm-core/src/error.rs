@@ -130,6 +130,19 @@ pub enum VmError {
     /// A saved machine state is inconsistent with itself or with the memory given.
     #[error("machine state is inconsistent: {0}")]
     StateInvalid(String),
+    /// A component of a saved machine state has the wrong size, count or id.
+    #[error(
+        "machine state: {component}{}: {reason}",
+        .vcpu.map(|v| format!(" of vCPU state {v}")).unwrap_or_default()
+    )]
+    StateComponent {
+        /// The component: a field name of the state ("sregs", "cpuid", "vcpus", "id", ...).
+        component: &'static str,
+        /// Position of the vCPU state it belongs to, for per-vCPU components.
+        vcpu: Option<usize>,
+        /// What is wrong.
+        reason: String,
+    },
     /// A kernel or initrd file could not be opened or read.
     #[error("cannot read the {what} file {}", path.display())]
     KernelFile {
