@@ -47,7 +47,7 @@ pub fn validate_mem_size(mem_bytes: u64) -> Result<(), VmError> {
             layout::MAX_MEM_BYTES
         )));
     }
-    if mem_bytes % layout::HUGE_PAGE_SIZE != 0 {
+    if !mem_bytes.is_multiple_of(layout::HUGE_PAGE_SIZE) {
         return Err(VmError::InvalidConfig(format!(
             "memory size {mem_bytes} bytes is not a multiple of 2 MiB"
         )));
@@ -168,7 +168,7 @@ pub fn check_layout(mem: &GuestMemoryMmap, mem_bytes: u64) -> Result<(), VmError
 
 /// Host pointer to the aligned u64 at `gpa`, valid while `mem` is borrowed.
 pub(crate) fn guest_u64(mem: &GuestMemoryMmap, gpa: u64) -> Result<&AtomicU64, VmError> {
-    if gpa % 8 != 0 {
+    if !gpa.is_multiple_of(8) {
         return Err(VmError::MemoryMismatch(format!(
             "unaligned u64 at {gpa:#x}"
         )));
@@ -197,7 +197,7 @@ pub(crate) fn read_page(
         .ok_or(VmError::GuestMemory(
             vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(gpa)),
         ))?;
-    if gpa % layout::PAGE_SIZE != 0
+    if !gpa.is_multiple_of(layout::PAGE_SIZE)
         || gpa + layout::PAGE_SIZE > region.start_addr().0 + region.len()
     {
         return Err(VmError::MemoryMismatch(format!(

@@ -535,7 +535,7 @@ impl Vm {
                     waited: timeout,
                 });
             }
-            if last_kick.map_or(true, |k| k.elapsed() >= REKICK_INTERVAL) {
+            if last_kick.is_none_or(|k| k.elapsed() >= REKICK_INTERVAL) {
                 self.shared.kick_locked(&c);
                 last_kick = Some(Instant::now());
             }
