@@ -4,6 +4,11 @@
 //! 8-byte entry per page, read with `pread`. Bit 63 = present, bit 62 = swapped (also set for
 //! uffd-wp markers on never-touched pages, so those count as "may have data": conservative,
 //! never wrong), bit 57 = uffd write-protected.
+//!
+//! Page tables are not the whole truth for shared file memory (memfd, hugetlbfs): its page cache
+//! may hold pages this process does not map, and write-protected empty entries look swapped.
+//! For guest memory registered with a [`WpTracker`], which knows what backs each region,
+//! [`Pagemap::may_hold_data`] asks the tracker first.
 
 use std::fs::File;
 use std::io;
@@ -12,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use uffd_sys::pagemap::ScanQuery;
 use uffd_sys::{PAGE_IS_HUGE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
+use wp_tracker::{HostRange, WpTracker};
 
 const PAGE: usize = 4096;
 const PM_PRESENT: u64 = 1 << 63;
@@ -83,6 +89,16 @@ impl Pagemap {
             !any
         });
         r.is_err() || any
+    }
+
+    /// False only if no page of `range`, guest memory registered with `tracker`, can hold data:
+    /// the tracker's answer where it knows the backing ([`WpTracker::may_hold_data`]: page
+    /// cache for memfd and hugetlbfs, uffd-wp markers told apart from swap on anonymous
+    /// memory), else [`Pagemap::may_have_data`]. Authoritative while the range is protected.
+    pub fn may_hold_data(&self, tracker: &WpTracker, range: HostRange) -> bool {
+        tracker
+            .may_hold_data(range)
+            .unwrap_or_else(|| self.may_have_data(range.start, range.len))
     }
 
     /// Runs `(start, end)` of the range mapped by huge pages (THP or hugetlb); empty if the

@@ -540,6 +540,13 @@ pub const PM_FILE: u64 = 1 << 61;
 pub const PM_SWAP: u64 = 1 << 62;
 /// `/proc/pid/pagemap` entry bit: present.
 pub const PM_PRESENT: u64 = 1 << 63;
+/// `/proc/pid/pagemap` swapped entry: swap type in bits 0-4 (only shown to CAP_SYS_ADMIN; 0 to
+/// others).
+pub const PM_SWAP_TYPE_MASK: u64 = 0x1f;
+/// Swap type of pte markers (`SWP_PTE_MARKER`, the highest 5-bit type): never-populated entries
+/// carrying the uffd-wp bit, or poison and guard markers. Real swap devices use the lowest
+/// types, migration, device and hwpoison entries the ones between.
+pub const SWP_PTE_MARKER: u64 = 31;
 
 #[cfg(test)]
 mod tests {

@@ -6,8 +6,8 @@
 //!   `/dev/userfaultfd`, falling back to the syscall, never `UFFD_USER_MODE_ONLY`), with one method per
 //!   ioctl. Ioctls that cannot write memory are safe; COPY, ZEROPAGE, CONTINUE, MOVE and POISON are
 //!   `unsafe fn`s.
-//! - [`pagemap`]: PAGEMAP_SCAN and classic `/proc/self/pagemap` reads, to see which pages are present
-//!   and which still carry the uffd-wp bit.
+//! - [`pagemap`]: PAGEMAP_SCAN, classic `/proc/self/pagemap` reads and `mincore`, to see which pages
+//!   are present and which still carry the uffd-wp bit.
 //!
 //! x86-64 / LP64 Linux only (the ioctl numbers and layouts are pinned for that ABI).
 

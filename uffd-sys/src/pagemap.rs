@@ -1,4 +1,5 @@
-//! Page table queries on this process: PAGEMAP_SCAN (Linux 6.7+) and classic `/proc/self/pagemap`.
+//! Page table queries on this process: PAGEMAP_SCAN (Linux 6.7+), classic `/proc/self/pagemap`
+//! and `mincore(2)`.
 //!
 //! Used to skip never-touched memory cheaply and to prove that nothing stays write-protected.
 //! Categories: a present page without the uffd-wp bit is `PAGE_IS_WRITTEN`; a protected page is
@@ -190,6 +191,16 @@ impl PagemapEntry {
     pub fn file(self) -> bool {
         self.0 & PM_FILE != 0
     }
+    /// Swap type of a swapped entry; the kernel shows it only to CAP_SYS_ADMIN (0 otherwise).
+    pub fn swap_type(self) -> u64 {
+        self.0 & PM_SWAP_TYPE_MASK
+    }
+    /// A pte marker: no page behind the entry (on anonymous memory: never touched, reads as
+    /// zeros). Only recognisable with CAP_SYS_ADMIN; without it a marker looks like swap type 0
+    /// and this answers false.
+    pub fn is_marker(self) -> bool {
+        self.swapped() && self.swap_type() == SWP_PTE_MARKER
+    }
 }
 
 /// Read the classic pagemap entry of the page holding `addr` (fallback without PAGEMAP_SCAN).
@@ -210,6 +221,24 @@ pub fn pagemap_entries(start: usize, len: usize) -> io::Result<Vec<PagemapEntry>
     Ok(b.chunks_exact(8)
         .map(|c| PagemapEntry(u64::from_ne_bytes(c.try_into().expect("8 bytes"))))
         .collect())
+}
+
+/// `mincore(2)` over `[start, start+len)` (page aligned, mapped): one byte per base page, bit 0
+/// set if the page is resident. What that means depends on the mapping: on anonymous memory a
+/// present page, swap cache page or migration entry; on shmem a page table entry or, where there
+/// is none (or a uffd-wp marker), a page in the file's page cache (shmem swapped out counts as
+/// not resident); on hugetlbfs only a page table entry of this mapping (present or migrating),
+/// never the page cache. Fails with ENOMEM on unmapped holes.
+pub fn mincore(start: usize, len: usize) -> io::Result<Vec<u8>> {
+    let mut vec = vec![0u8; len.div_ceil(page_size())];
+    // SAFETY: mincore only reads page tables and the page cache of the range and writes one byte
+    // per page into `vec`, which has exactly that many; it never touches the range's memory and
+    // rejects unmapped or misaligned ranges with an error.
+    let r = unsafe { libc::mincore(start as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(vec)
 }
 
 #[cfg(test)]
@@ -284,6 +313,39 @@ mod tests {
             .iter()
             .enumerate()
             .all(|(i, r)| r.start == m.0 + 2 * i * 4096 && r.len() == 4096));
+    }
+
+    #[test]
+    fn mincore_sees_touched_pages() {
+        let m = Map::new(8 * 4096);
+        m.write(2, 1);
+        let v = mincore(m.0, m.1).unwrap();
+        assert_eq!(
+            v.iter().map(|b| b & 1).collect::<Vec<_>>(),
+            [0, 0, 1, 0, 0, 0, 0, 0]
+        );
+        assert!(mincore(m.0 + 1, 4096).is_err());
+    }
+
+    #[test]
+    fn never_touched_protected_pages_are_markers() {
+        let avail = Userfaultfd::probe().unwrap().available;
+        assert!(avail.contains(UFFD_FEATURE_WP_UNPOPULATED), "{avail}");
+        let uffd = Userfaultfd::open(UFFD_FEATURE_WP_UNPOPULATED).unwrap();
+        let m = Map::new(4 * 4096);
+        m.write(0, 1);
+        uffd.register(m.0, m.1, UFFDIO_REGISTER_MODE_WP).unwrap();
+        uffd.writeprotect(m.0, m.1, UFFDIO_WRITEPROTECT_MODE_WP)
+            .unwrap();
+        let e = pagemap_entries(m.0, m.1).unwrap();
+        uffd.writeprotect(m.0, m.1, 0).unwrap();
+        uffd.unregister(m.0, m.1).unwrap();
+        assert!(e[0].present() && !e[0].is_marker(), "{e:x?}");
+        // The swap type is shown to CAP_SYS_ADMIN only; these tests run as root.
+        assert!(
+            e[1..].iter().all(|e| e.is_marker() && e.uffd_wp()),
+            "{e:x?}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: real mappings and bounded waits.
 #![allow(dead_code)]
 
+use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -84,6 +85,16 @@ impl Mapping {
         })
     }
 
+    /// A second shared mapping of `len` bytes of `file` from offset 0.
+    pub fn of_file(file: &std::fs::File, len: usize) -> std::io::Result<Mapping> {
+        let raw = Self::mmap(len, libc::MAP_SHARED, file.as_raw_fd())?;
+        Ok(Mapping {
+            addr: raw.0,
+            len,
+            raw,
+        })
+    }
+
     /// hugetlbfs-backed anonymous memory (MAP_HUGETLB), 2 MiB pages.
     pub fn hugetlb(len: usize) -> std::io::Result<Mapping> {
         let raw = Self::mmap(
@@ -157,40 +168,109 @@ pub fn run_with_timeout<T: Send + 'static>(
     }
 }
 
-/// Make sure at least `pages` 2 MiB huge pages are free, raising vm.nr_hugepages if needed.
-/// Returns the previous nr_hugepages to restore, or an explanation why huge pages are unavailable.
-pub fn reserve_huge_pages(pages: usize) -> Result<Option<usize>, String> {
-    let read = |p: &str| -> Result<usize, String> {
-        std::fs::read_to_string(p)
-            .map_err(|e| format!("{p}: {e}"))?
-            .trim()
-            .parse()
-            .map_err(|e| format!("{p}: {e}"))
-    };
-    let base = "/sys/kernel/mm/hugepages/hugepages-2048kB";
-    let free = read(&format!("{base}/free_hugepages"))?;
-    if free >= pages {
-        return Ok(None);
-    }
-    let total = read("/proc/sys/vm/nr_hugepages")?;
-    let want = total + pages - free;
-    std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string())
-        .map_err(|e| format!("cannot raise vm.nr_hugepages to {want} (need root): {e}"))?;
-    let free = read(&format!("{base}/free_hugepages"))?;
-    if free < pages {
-        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", total.to_string());
-        return Err(format!(
-            "asked for {want} huge pages but only {free} are free (memory too fragmented?)"
-        ));
-    }
-    Ok(Some(total))
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+const HUGEPAGES_DIR: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+/// Lock file held while a test owns the huge page pool. ram-saver's tests use the same path:
+/// tests of several crates (and engineers running them at once) change vm.nr_hugepages.
+const POOL_LOCK: &str = "snapctl-test-hugepages.lock";
+
+fn read_count(path: &str) -> usize {
+    let s = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    s.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: {e}: {s:?}"))
 }
 
-/// Restore vm.nr_hugepages after [`reserve_huge_pages`].
-pub fn restore_huge_pages(prev: Option<usize>) {
-    if let Some(n) = prev {
-        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", n.to_string());
+/// The 2 MiB huge page pool, sized so that exactly `available` pages are free for this test
+/// (free and not reserved by other mappings), held exclusively across processes; the old
+/// vm.nr_hugepages comes back on drop. Panics with the reason when it cannot be had: tests
+/// that need huge pages fail rather than pass without them.
+#[derive(Debug)]
+pub struct HugePagePool {
+    old: usize,
+    _lock: std::fs::File,
+}
+
+impl HugePagePool {
+    pub fn reserve(available: usize) -> HugePagePool {
+        let path = std::env::temp_dir().join(POOL_LOCK);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // SAFETY: flock on our own open fd; blocks until no other test holds the pool.
+        let r = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(
+            r,
+            0,
+            "flock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        let old = read_count(NR_HUGEPAGES);
+        let pool = HugePagePool { old, _lock: lock };
+        let free = read_count(&format!("{HUGEPAGES_DIR}/free_hugepages"));
+        let resv = read_count(&format!("{HUGEPAGES_DIR}/resv_hugepages"));
+        let want = old.saturating_sub(free - resv) + available;
+        if let Err(e) = std::fs::write(NR_HUGEPAGES, want.to_string()) {
+            panic!("cannot set vm.nr_hugepages to {want} (needs root): {e}");
+        }
+        let free = read_count(&format!("{HUGEPAGES_DIR}/free_hugepages"));
+        let resv = read_count(&format!("{HUGEPAGES_DIR}/resv_hugepages"));
+        assert_eq!(
+            free - resv,
+            available,
+            "vm.nr_hugepages set to {want}, but {free} huge pages are free and {resv} reserved, \
+             not {available} available (memory too fragmented?)"
+        );
+        pool
     }
+
+    /// Huge pages free now (reserved ones included).
+    pub fn free() -> usize {
+        read_count(&format!("{HUGEPAGES_DIR}/free_hugepages"))
+    }
+}
+
+impl Drop for HugePagePool {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.old.to_string());
+    }
+}
+
+/// Guest memory of `len` bytes at GPA 0 on a new memfd (`hugetlb`: on hugetlbfs), mapped
+/// shared the way vmm-core maps it, and the memfd.
+pub fn file_memory(len: usize, hugetlb: bool) -> (vm_memory::GuestMemoryMmap, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
+    let flags = libc::MFD_CLOEXEC | if hugetlb { libc::MFD_HUGETLB } else { 0 };
+    // SAFETY: the name is a NUL-terminated literal.
+    let fd = unsafe { libc::memfd_create(c"wp-tracker-test".as_ptr(), flags) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len as u64).expect("ftruncate memfd");
+    let region = MmapRegionBuilder::new(len)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+        .with_file_offset(FileOffset::new(file.try_clone().unwrap(), 0))
+        .with_hugetlbfs(hugetlb)
+        .build()
+        .expect("mmap memfd");
+    let region = GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
+    (
+        vm_memory::GuestMemoryMmap::from_regions(vec![region]).unwrap(),
+        file,
+    )
+}
+
+/// Bytes the file system has allocated for `file` (shmem, hugetlbfs: pages in its page cache).
+pub fn allocated_bytes(file: &std::fs::File) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().unwrap().blocks() * 512
 }
 
 /// A thread performing one write, with a flag set once the write completed.
