@@ -176,9 +176,9 @@
 //!   2 MiB unit is hit within milliseconds of the thaw, so the guest is gated by how fast
 //!   units are saved whatever the fault path does: the save's length, not fault tricks,
 //!   decides what the guest loses.
-//! - Left as is: never-touched pages protected with WP_UNPOPULATED markers look "swapped" to
-//!   pagemap and are copied (as zeros); telling markers from real swap entries needs the swap
-//!   type, which PAGEMAP_SCAN does not report.
+//! - Never-touched memory is neither read nor copied on any backing: the scanner asks
+//!   [`WpTracker::may_hold_data`] (page cache for memfd and hugetlbfs, pagemap with the marker's
+//!   swap type for anonymous memory) and stores empty units as zero runs.
 
 use std::collections::VecDeque;
 use std::io;
@@ -1195,7 +1195,8 @@ impl Shared<'_> {
     ) -> Result<u64, SaveError> {
         let unit = self.blocks.units[u];
         // Throttle before claiming: a claimed block must never wait on the throttle.
-        let likely_data = pagemap.may_have_data(unit.host, unit.len);
+        let range = HostRange::new(unit.host, unit.len);
+        let likely_data = pagemap.may_hold_data(self.tracker, range);
         if let (Some(rate), true) = (max_bandwidth, likely_data) {
             let burst = self.blocks.unit_size as u64;
             loop {
@@ -1228,7 +1229,7 @@ impl Shared<'_> {
             return Ok(0);
         }
         // Authoritative check while claimed and protected: nothing can appear unseen.
-        if !pagemap.may_have_data(unit.host, unit.len) {
+        if !pagemap.may_hold_data(self.tracker, range) {
             self.release_buffer(buf, false);
             for &(first, n) in runs.iter() {
                 self.release_run(first, n)?;
