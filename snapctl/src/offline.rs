@@ -214,7 +214,9 @@ pub fn restore_vm(file: &Path, params: RestoreParams) -> anyhow::Result<Result<V
 /// `snapctl oracle FILE`: loads the RAM of a built-in-guest snapshot and checks that every page holds exactly
 /// what the guest's write sequence says at the control slots captured at the freeze instant.
 pub fn oracle(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let (state, mem) = match load(file, None) {
+    // Checked in anonymous memory whatever backed the guest: the oracle runs no VM, and a
+    // hugetlbfs pool may be in use by the VM itself.
+    let (state, mem) = match load(file, Some(MemBackend::Anon)) {
         Ok(x) => x,
         Err(RestoreError::File(e)) => return Ok(report_bad(file, &e, json)),
         Err(e) => return Err(e.into()),
