@@ -8,10 +8,13 @@
 //!   `unsafe fn`s.
 //! - [`pagemap`]: PAGEMAP_SCAN, classic `/proc/self/pagemap` reads and `mincore`, to see which pages
 //!   are present and which still carry the uffd-wp bit.
+//! - [`host`]: the few other host calls the VMM and the save engine need (memory advice, thread
+//!   priority, heap trim, page size), so that every unsafe system call has one home.
 //!
 //! x86-64 / LP64 Linux only (the ioctl numbers and layouts are pinned for that ABI).
 
 pub mod abi;
+pub mod host;
 pub mod pagemap;
 #[cfg(test)]
 mod test_util;

@@ -61,15 +61,7 @@ const ALL_CATEGORIES: u64 = PAGE_IS_WPALLOWED
     | PAGE_IS_HUGE
     | PAGE_IS_SOFT_DIRTY;
 
-fn page_size() -> usize {
-    // SAFETY: sysconf has no memory side effects.
-    let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if ps > 0 {
-        ps as usize
-    } else {
-        4096
-    }
-}
+use crate::host::page_size;
 
 fn open_pagemap() -> io::Result<File> {
     File::open("/proc/self/pagemap")

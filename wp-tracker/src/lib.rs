@@ -33,17 +33,16 @@
 //!
 //! All methods take `&self`: one thread can read faults while others protect and release.
 
+mod backing;
+mod error;
+
 use std::fmt;
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::os::unix::fs::MetadataExt;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vm_memory::FileOffset;
-
-use uffd_sys::pagemap::PagemapEntry;
+use uffd_sys::host::{page_size, Advice};
 use uffd_sys::{
     uffd_msg, Features, OpenError, OpenPath, Userfaultfd, _UFFDIO_WAKE, _UFFDIO_WRITEPROTECT,
     UFFDIO_REGISTER_MODE_WP, UFFDIO_WRITEPROTECT_MODE_DONTWAKE, UFFDIO_WRITEPROTECT_MODE_WP,
@@ -51,6 +50,9 @@ use uffd_sys::{
     UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_WP,
 };
 
+use backing::{backing_of, Backing, HugetlbProofs};
+pub use error::WpError;
+pub use uffd_sys::host::set_thread_nice;
 pub use uffd_sys::Features as UffdFeatures;
 
 /// A host virtual address range, page aligned.
@@ -101,165 +103,6 @@ pub struct WpFault {
     pub wp: bool,
 }
 
-/// Errors of the tracker.
-#[derive(Debug, thiserror::Error)]
-pub enum WpError {
-    /// The kernel has no userfaultfd at all.
-    #[error("this kernel has no userfaultfd: use a kernel built with CONFIG_USERFAULTFD")]
-    NoUserfaultfd,
-    /// Not allowed to create a userfaultfd that handles kernel-mode faults (message says what to do).
-    #[error("{0}")]
-    PermissionDenied(#[source] OpenError),
-    /// Creating the userfaultfd or its API handshake failed for another reason.
-    #[error("cannot set up a userfaultfd")]
-    Open(#[source] OpenError),
-    /// The kernel's userfaultfd lacks write-protect support.
-    #[error(
-        "this kernel's userfaultfd has no write-protect support (needs Linux 5.7+ with \
-         CONFIG_HAVE_ARCH_USERFAULTFD_WP; kernel offers {available})"
-    )]
-    NoWriteProtect {
-        /// The features the kernel does offer.
-        available: Features,
-    },
-    /// A range is empty, overflows, or is not aligned to the base page size.
-    #[error("range {range} is empty or not aligned to the {page_size}-byte page size")]
-    NotAligned {
-        /// The offending range.
-        range: HostRange,
-        /// The page size it must be aligned to.
-        page_size: usize,
-    },
-    /// The range is not entirely mapped (ENOMEM from UFFDIO_REGISTER).
-    #[error("range {range} is not entirely mapped: map the memory before registering it")]
-    NotMapped {
-        /// The offending range.
-        range: HostRange,
-    },
-    /// The kernel refused this memory for write-protect (EINVAL from UFFDIO_REGISTER).
-    #[error(
-        "range {range} cannot be registered for write-protect: use anonymous, memfd/shmem or \
-         hugetlbfs memory (shmem and hugetlbfs need UFFD_FEATURE_WP_HUGETLBFS_SHMEM, Linux 5.19+: \
-         {shmem_wp}), aligned to its huge page size"
-    )]
-    UnsupportedMemory {
-        /// The offending range.
-        range: HostRange,
-        /// Whether WP_HUGETLBFS_SHMEM is in use.
-        shmem_wp: &'static str,
-    },
-    /// The registration succeeded but the kernel offers no UFFDIO_WRITEPROTECT on the range.
-    #[error(
-        "range {range} registered, but the kernel offers no UFFDIO_WRITEPROTECT on it \
-         (ioctls {ioctls:#x}): this memory type has no write-protect support on this kernel"
-    )]
-    NoWriteProtectOnRange {
-        /// The offending range.
-        range: HostRange,
-        /// The ioctls the kernel does offer (`1 << _UFFDIO_*`).
-        ioctls: u64,
-    },
-    /// The range overlaps a range this tracker already registered.
-    #[error("range {range} overlaps the already registered range {existing}")]
-    AlreadyRegistered {
-        /// The new range.
-        range: HostRange,
-        /// The registered range it overlaps.
-        existing: HostRange,
-    },
-    /// The range is registered with another userfaultfd (EBUSY).
-    #[error(
-        "range {range} is already registered with another userfaultfd: release it there first"
-    )]
-    RegisteredElsewhere {
-        /// The offending range.
-        range: HostRange,
-    },
-    /// The range is not covered by registered ranges (or the kernel no longer tracks it: ENOENT).
-    #[error("range {range} is not inside ranges registered with this tracker: register it first")]
-    NotRegistered {
-        /// The offending range.
-        range: HostRange,
-    },
-    /// The kernel rejected the range for protect/unprotect (EINVAL), typically hugetlbfs memory
-    /// not aligned to its huge page size.
-    #[error(
-        "range {range} rejected by UFFDIO_WRITEPROTECT: align it to the memory's (huge) page size"
-    )]
-    Misaligned {
-        /// The offending range.
-        range: HostRange,
-    },
-    /// The process's address space is going away (ESRCH).
-    #[error("the address space is exiting; nothing left to protect")]
-    ProcessExiting,
-    /// Populating never-touched pages read-only before protecting them failed.
-    #[error(
-        "cannot populate {range} read-only before protecting it (needed without \
-         UFFD_FEATURE_WP_UNPOPULATED; MADV_POPULATE_READ needs Linux 5.14+)"
-    )]
-    Populate {
-        /// The range being populated.
-        range: HostRange,
-        /// The madvise error.
-        #[source]
-        source: io::Error,
-    },
-    /// Another userfaultfd ioctl failed.
-    #[error("{op} on {range} failed")]
-    Ioctl {
-        /// Which ioctl.
-        op: &'static str,
-        /// On which range.
-        range: HostRange,
-        /// The ioctl error.
-        #[source]
-        source: io::Error,
-    },
-    /// A copy destination does not have the length of the range copied.
-    #[error("cannot copy {range} into a buffer of {len} bytes")]
-    LengthMismatch {
-        /// The range to copy.
-        range: HostRange,
-        /// The buffer length.
-        len: usize,
-    },
-    /// MADV_HUGEPAGE or MADV_NOHUGEPAGE was refused (typically EINVAL: the kernel has no
-    /// transparent huge page support).
-    #[error("cannot advise {range} to {} huge pages", if *.huge { "use" } else { "avoid" })]
-    HugePageAdvice {
-        /// The range.
-        range: HostRange,
-        /// True for MADV_HUGEPAGE, false for MADV_NOHUGEPAGE.
-        huge: bool,
-        /// The madvise error.
-        #[source]
-        source: io::Error,
-    },
-    /// MADV_COLLAPSE refused to back a range with huge pages again.
-    #[error("cannot collapse {range} into huge pages")]
-    Collapse {
-        /// The range.
-        range: HostRange,
-        /// The madvise error.
-        #[source]
-        source: io::Error,
-    },
-    /// Reading fault events from the userfaultfd failed.
-    #[error("reading userfaultfd events failed")]
-    Read(#[source] io::Error),
-    /// Waiting for fault events failed.
-    #[error("waiting for userfaultfd events failed")]
-    Poll(#[source] io::Error),
-    /// An event other than a page fault arrived (never enabled here; faults read before it in
-    /// the same batch were still appended).
-    #[error("unexpected userfaultfd event {event:#x} (only page faults are enabled)")]
-    UnexpectedEvent {
-        /// The UFFD_EVENT_* code.
-        event: u8,
-    },
-}
-
 /// Which optional kernel features a [`WpTracker`] may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WpConfig {
@@ -295,32 +138,6 @@ pub struct WpTracker {
     hugetlb_mapped: Mutex<HugetlbProofs>,
     page_size: usize,
 }
-
-/// What backs a region registered with [`WpTracker::register_memory`].
-#[derive(Debug, Clone)]
-enum Backing {
-    /// Private anonymous memory: the page tables are the whole truth.
-    Anonymous,
-    /// A shared mapping of a tmpfs/memfd file: the mapping shows the file's page cache (and
-    /// swap), mapped into this process or not.
-    Shmem(FileOffset),
-    /// A shared mapping of a hugetlbfs file; `id` (device, inode) finds every region of it.
-    Hugetlbfs { file: FileOffset, id: (u64, u64) },
-    /// Anything else: nothing known beyond the page tables.
-    Unknown,
-}
-
-/// See [`WpTracker::may_hold_data`].
-#[derive(Debug, Default)]
-struct HugetlbProofs {
-    proven: Vec<(u64, u64)>,
-    /// Failed attempts since the last protect.
-    failed: usize,
-}
-
-/// Failed attempts to show that a hugetlbfs file holds no unmapped page before giving up until
-/// the next protect (each counts the whole file's mapped pages).
-const HUGETLB_PROOF_ATTEMPTS: usize = 16;
 
 /// How many events one read() fetches.
 const READ_BATCH: usize = 128;
@@ -569,140 +386,13 @@ impl WpTracker {
         Ok(())
     }
 
-    /// Whether any page of `range` (inside one region registered with
-    /// [`WpTracker::register_memory`]) may hold data; false means every byte reads as zero.
-    /// `None` when the backing is unknown (ranges registered with [`WpTracker::register`],
-    /// shared anonymous or private file mappings): ask the page tables then.
-    ///
-    /// Authoritative while the range is write-protected and no one writes the memory other than
-    /// through the registered mappings (the tracker's premise): a page holding data never
-    /// answers false. Per backing:
-    /// - private anonymous: a present page other than the shared zero page, or a swap entry
-    ///   that is not a uffd-wp marker (pagemap; markers are recognised by their swap type, which
-    ///   the kernel shows to CAP_SYS_ADMIN only: without it every swap entry counts as data).
-    /// - memfd/shmem: the file has data there: `mincore` (mapped here, or uptodate in the page
-    ///   cache), and `SEEK_DATA` where mincore finds nothing (it also sees pages swapped out).
-    ///   Pages only allocated by fallocate read as zeros and count as holes.
-    /// - hugetlbfs: `mincore` of the mapping (a mapped or migrating page). hugetlbfs has no
-    ///   `SEEK_DATA` and its `mincore` does not look at the page cache, so a page cached but not
-    ///   mapped here (written through another mapping, or unmapped by an unshare of page tables)
-    ///   would be missed; hence the answer is only "no data" once the file's page cache is shown
-    ///   to hold exactly as many bytes as the registered regions map of it (st_blocks against
-    ///   mincore; mapped counted first, so a page added in between makes them differ, never
-    ///   match wrongly). Pages are only added (through these mappings, which map them at once)
-    ///   and never unmapped while a save runs, so the proof holds until the next protect; until
-    ///   it succeeds every hugetlbfs range counts as data.
-    pub fn may_hold_data(&self, range: HostRange) -> Option<bool> {
-        let (region, backing) = self.backing(range)?;
-        let off = (range.start - region.start) as u64;
-        Some(match backing {
-            Backing::Anonymous => anon_may_hold_data(range).unwrap_or(true),
-            Backing::Shmem(f) => shmem_data_pages(f.file(), f.start() + off, range, self.page_size)
-                .map_or(true, |v| v.contains(&true)),
-            Backing::Hugetlbfs { id, .. } => {
-                match uffd_sys::pagemap::mincore(range.start, range.len) {
-                    Ok(v) if v.iter().all(|b| b & 1 == 0) => !self.hugetlb_fully_mapped(id),
-                    _ => true,
-                }
-            }
-            Backing::Unknown => return None,
-        })
-    }
-
-    /// The byte runs `(offset, len)` of `range` that may hold data, for memory of known
-    /// backing (see [`WpTracker::may_hold_data`]); `None`: treat all of it as data. Single pages
-    /// are not looked at: the page a fault copies was just allocated by the kernel, and the
-    /// scanner asked [`WpTracker::may_hold_data`] before.
-    fn data_runs(&self, range: HostRange) -> Option<Vec<(usize, usize)>> {
-        if range.len <= self.page_size {
-            return None;
-        }
-        let (region, backing) = self.backing(range)?;
-        let off = (range.start - region.start) as u64;
-        let ps = self.page_size;
-        match backing {
-            Backing::Shmem(f) => {
-                let v = shmem_data_pages(f.file(), f.start() + off, range, ps).ok()?;
-                (!v.iter().all(|&d| d)).then(|| page_runs(v.into_iter(), ps))
-            }
-            Backing::Hugetlbfs { id, .. } => {
-                let v = uffd_sys::pagemap::mincore(range.start, range.len).ok()?;
-                if v.iter().all(|b| b & 1 != 0) || !self.hugetlb_fully_mapped(id) {
-                    return None;
-                }
-                Some(page_runs(v.iter().map(|b| b & 1 != 0), ps))
-            }
-            // Reading a marker maps the zero page: no allocation, but a fault per page.
-            Backing::Anonymous => {
-                let e = anon_entries_if_markers(range).ok()??;
-                Some(page_runs(e.iter().map(|e| !e.is_marker()), ps))
-            }
-            Backing::Unknown => None,
-        }
-    }
-
-    /// The registered region holding all of `range`, and its backing.
-    fn backing(&self, range: HostRange) -> Option<(HostRange, Backing)> {
-        lock(&self.backings)
-            .iter()
-            .find(|(r, _)| r.contains(range.start) && range.end() <= r.end())
-            .cloned()
-    }
-
-    /// True once the page cache of hugetlbfs file `id` is shown to hold no page that the
-    /// registered regions do not map (see [`WpTracker::may_hold_data`]).
-    fn hugetlb_fully_mapped(&self, id: (u64, u64)) -> bool {
-        let mut proofs = lock(&self.hugetlb_mapped);
-        if proofs.proven.contains(&id) {
-            return true;
-        }
-        if proofs.failed >= HUGETLB_PROOF_ATTEMPTS {
-            return false;
-        }
-        let regions: Vec<(HostRange, FileOffset)> = lock(&self.backings)
-            .iter()
-            .filter_map(|(r, b)| match b {
-                Backing::Hugetlbfs { file, id: i } if *i == id => Some((*r, file.clone())),
-                _ => None,
-            })
-            .collect();
-        // A file page mapped by two regions would be counted twice.
-        let mut spans: Vec<(u64, u64)> = regions
-            .iter()
-            .map(|(r, f)| (f.start(), f.start() + r.len as u64))
-            .collect();
-        spans.sort_unstable();
-        if spans.windows(2).any(|w| w[1].0 < w[0].1) {
-            proofs.failed = HUGETLB_PROOF_ATTEMPTS;
-            return false;
-        }
-        let Some((_, file)) = regions.first() else {
-            return false;
-        };
-        // A guest touching a new page between the two counts makes them differ: try again.
-        for _ in 0..4 {
-            let mapped: Option<u64> = regions
-                .iter()
-                .map(|(r, _)| mapped_bytes(*r, self.page_size))
-                .sum();
-            let cached = file.file().metadata().ok().map(|m| m.blocks() * 512);
-            if mapped.is_some() && mapped == cached {
-                proofs.proven.push(id);
-                return true;
-            }
-            std::thread::yield_now();
-        }
-        proofs.failed += 1;
-        false
-    }
-
     /// Ask the kernel to back `range` (2 MiB aligned, released) with transparent huge pages
     /// again (MADV_COLLAPSE, Linux 6.1+): undoes the split caused by releasing 4 KiB pieces of a
     /// huge page. Contents do not change. Fails (typically EAGAIN/EINVAL) if part of the range
     /// is still write-protected, not populated, or not THP-eligible.
     pub fn collapse_huge(&self, range: HostRange) -> Result<(), WpError> {
         self.check_covered(range)?;
-        advise_backing(range, BackingAdvice::Collapse)
+        advise_backing(range, Advice::Collapse)
             .map_err(|source| WpError::Collapse { range, source })
     }
 
@@ -856,12 +546,6 @@ impl AsRawFd for WpTracker {
     }
 }
 
-impl HugetlbProofs {
-    fn reset(&mut self) {
-        *self = HugetlbProofs::default();
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every update of the tracker's lists is a single step: still consistent after a panic.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -874,167 +558,6 @@ fn copy_mapped(src: usize, dst: &mut [u8]) {
     // two do not overlap. Under the contract of `copy_protected` no one writes the source during
     // the copy, so it is not torn.
     unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
-}
-
-fn backing_of(region: &vm_memory::GuestRegionMmap) -> Backing {
-    use vm_memory::GuestMemoryRegion;
-    let flags = region.flags();
-    let Some(file) = region.file_offset() else {
-        return if flags & (libc::MAP_SHARED | libc::MAP_HUGETLB) == 0 {
-            Backing::Anonymous
-        } else {
-            Backing::Unknown
-        };
-    };
-    // A private file mapping shows anonymous copies of what was written.
-    if flags & libc::MAP_SHARED == 0 {
-        return Backing::Unknown;
-    }
-    let (Ok(magic), Ok(meta)) = (fs_magic(file.file()), file.file().metadata()) else {
-        return Backing::Unknown;
-    };
-    match magic {
-        libc::TMPFS_MAGIC => Backing::Shmem(file.clone()),
-        libc::HUGETLBFS_MAGIC => Backing::Hugetlbfs {
-            file: file.clone(),
-            id: (meta.dev(), meta.ino()),
-        },
-        _ => Backing::Unknown,
-    }
-}
-
-/// The file system type (`f_type` of fstatfs) of `file`.
-fn fs_magic(file: &File) -> io::Result<libc::__fsword_t> {
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `file` is an open fd and `st` has room for one statfs, which fstatfs fills on
-    // success (and only then is it read).
-    let r = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fstatfs succeeded, so it initialised `st`.
-    Ok(unsafe { st.assume_init() }.f_type)
-}
-
-/// `lseek(SEEK_DATA)` from `off`: the first data offset at or after it (page cache or swap),
-/// `None` if there is none up to the end of the file.
-fn seek_data(file: &File, off: u64) -> io::Result<Option<u64>> {
-    let off = libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: lseek touches no memory; it only moves the position of the open file
-    // description, and guest memory files are accessed through mappings, never through it.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
-    if r >= 0 {
-        return Ok(Some(r as u64));
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENXIO) {
-        Ok(None)
-    } else {
-        Err(e)
-    }
-}
-
-/// Which pages of shmem memory `range`, mapping `file` from offset `start`, may hold data:
-/// those mincore finds (mapped here, or uptodate in the page cache), and from the first page
-/// `SEEK_DATA` finds (swapped out) in each run of the others to that run's end. Not
-/// `SEEK_HOLE`: it walks the page cache up to the next hole, all of a populated file (ms).
-fn shmem_data_pages(
-    file: &File,
-    start: u64,
-    range: HostRange,
-    page_size: usize,
-) -> io::Result<Vec<bool>> {
-    let mut data: Vec<bool> = uffd_sys::pagemap::mincore(range.start, range.len)?
-        .iter()
-        .map(|b| b & 1 != 0)
-        .collect();
-    let mut i = 0;
-    while i < data.len() {
-        if data[i] {
-            i += 1;
-            continue;
-        }
-        let end = (i..data.len()).find(|&k| data[k]).unwrap_or(data.len());
-        if let Some(d) = seek_data(file, start + (i * page_size) as u64)? {
-            let first = ((d - start) / page_size as u64) as usize;
-            data[first.clamp(i, end)..end].fill(true);
-        }
-        i = end;
-    }
-    Ok(data)
-}
-
-/// Bytes of `range` that mincore reports mapped (hugetlbfs: mapped or migrating pages).
-fn mapped_bytes(range: HostRange, page_size: usize) -> Option<u64> {
-    const CHUNK: usize = 1 << 30;
-    let mut n = 0u64;
-    let mut off = 0;
-    while off < range.len {
-        let len = CHUNK.min(range.len - off);
-        let v = uffd_sys::pagemap::mincore(range.start + off, len).ok()?;
-        n += v.iter().filter(|b| *b & 1 != 0).count() as u64 * page_size as u64;
-        off += len;
-    }
-    Some(n)
-}
-
-/// Runs `(offset, len)` of the pages whose flag is true.
-fn page_runs(flags: impl Iterator<Item = bool>, page_size: usize) -> Vec<(usize, usize)> {
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    for (i, _) in flags.enumerate().filter(|(_, f)| *f) {
-        let at = i * page_size;
-        match runs.last_mut() {
-            Some((o, l)) if *o + *l == at => *l += page_size,
-            _ => runs.push((at, page_size)),
-        }
-    }
-    runs
-}
-
-/// The pagemap entries of anonymous `range` if some of them may be pte markers.
-fn anon_entries_if_markers(range: HostRange) -> io::Result<Option<Vec<PagemapEntry>>> {
-    let query = uffd_sys::pagemap::ScanQuery {
-        required: uffd_sys::PAGE_IS_SWAPPED,
-        return_mask: uffd_sys::PAGE_IS_SWAPPED,
-        ..Default::default()
-    };
-    if uffd_sys::pagemap::scan(range.start, range.len, query)?.is_empty() {
-        return Ok(None);
-    }
-    uffd_sys::pagemap::pagemap_entries(range.start, range.len).map(Some)
-}
-
-/// Whether private anonymous memory in `range` may hold data: a present page other than the
-/// shared zero page, or a swap entry that is not a pte marker.
-fn anon_may_hold_data(range: HostRange) -> io::Result<bool> {
-    use uffd_sys::pagemap::{pagemap_entries, scan, ScanQuery};
-    use uffd_sys::{PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
-    let query = ScanQuery {
-        inverted: PAGE_IS_PFNZERO,
-        required: PAGE_IS_PFNZERO,
-        anyof: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-        return_mask: PAGE_IS_PRESENT,
-    };
-    // PAGEMAP_SCAN cannot tell markers from swap: the swapped runs go to the classic file.
-    let swapped = match scan(range.start, range.len, query) {
-        Ok(runs) if runs.iter().any(|r| r.categories & PAGE_IS_PRESENT != 0) => return Ok(true),
-        Ok(runs) => runs
-            .iter()
-            .map(|r| HostRange::new(r.start, r.len()))
-            .collect(),
-        // No PAGEMAP_SCAN (Linux < 6.7): every entry from the classic file.
-        Err(_) => vec![range],
-    };
-    for r in swapped {
-        let entries = pagemap_entries(r.start, r.len)?;
-        if entries
-            .iter()
-            .any(|e| e.present() || (e.swapped() && !e.is_marker()))
-        {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 fn open_error(e: OpenError) -> WpError {
@@ -1067,9 +590,9 @@ fn is_mapped(range: HostRange) -> bool {
 pub fn advise_huge_pages(mem: &vm_memory::GuestMemoryMmap, huge: bool) -> Result<(), WpError> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     let advice = if huge {
-        BackingAdvice::HugePage
+        Advice::HugePage
     } else {
-        BackingAdvice::NoHugePage
+        Advice::NoHugePage
     };
     for region in mem.iter() {
         let range = HostRange {
@@ -1089,7 +612,7 @@ pub fn advise_huge_pages(mem: &vm_memory::GuestMemoryMmap, huge: bool) -> Result
 
 fn populate_read(range: HostRange) -> Result<(), WpError> {
     loop {
-        match advise_backing(range, BackingAdvice::PopulateRead) {
+        match advise_backing(range, Advice::PopulateRead) {
             Ok(()) => return Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
             Err(e) => return Err(WpError::Populate { range, source: e }),
@@ -1097,67 +620,9 @@ fn populate_read(range: HostRange) -> Result<(), WpError> {
     }
 }
 
-/// The madvise advice this crate gives: each changes only how pages are backed, never their
-/// contents or the mapping.
-#[derive(Debug, Clone, Copy)]
-enum BackingAdvice {
-    /// MADV_POPULATE_READ: fault pages in for reading.
-    PopulateRead,
-    /// MADV_COLLAPSE: back the range with transparent huge pages again.
-    Collapse,
-    /// MADV_HUGEPAGE: allow (and prefer) transparent huge pages for the range.
-    HugePage,
-    /// MADV_NOHUGEPAGE: never use transparent huge pages for the range.
-    NoHugePage,
-}
-
 /// One madvise call on `range` (no retry).
-fn advise_backing(range: HostRange, advice: BackingAdvice) -> io::Result<()> {
-    let advice = match advice {
-        BackingAdvice::PopulateRead => libc::MADV_POPULATE_READ,
-        BackingAdvice::Collapse => libc::MADV_COLLAPSE,
-        BackingAdvice::HugePage => libc::MADV_HUGEPAGE,
-        BackingAdvice::NoHugePage => libc::MADV_NOHUGEPAGE,
-    };
-    // SAFETY: every advice value here only changes how the range is backed (fault pages in for
-    // reading, collapse them into huge pages, or set/clear the VMA's huge page preference),
-    // never its contents or mapping, so no memory Rust can see changes; on an unmapped range
-    // madvise just fails.
-    let r = unsafe { libc::madvise(range.start as *mut libc::c_void, range.len, advice) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn page_size() -> usize {
-    // SAFETY: sysconf has no memory side effects.
-    let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if ps > 0 {
-        ps as usize
-    } else {
-        4096
-    }
-}
-
-/// Set the scheduling priority (nice value, -20 highest … 19 lowest) of the calling thread only.
-///
-/// For the threads around fault service: the thread that releases write-protected pages should
-/// run as soon as a fault arrives, ahead of bulk work (copying, compressing, writing) that shares
-/// the cores with the vCPUs. Raising priority (a negative value) needs CAP_SYS_NICE or a
-/// matching RLIMIT_NICE; the error is returned and the caller decides whether it matters.
-pub fn set_thread_nice(nice: i32) -> io::Result<()> {
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() };
-    // SAFETY: setpriority(PRIO_PROCESS, tid, n) changes the nice value of thread `tid` (the
-    // calling thread: on Linux the nice value is per thread) and touches no memory of ours.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+fn advise_backing(range: HostRange, advice: Advice) -> io::Result<()> {
+    uffd_sys::host::advise(range.start, range.len, advice)
 }
 
 #[cfg(test)]
@@ -1169,30 +634,6 @@ mod tests {
     #[test]
     fn tracker_is_send_and_sync() {
         assert_send_sync::<WpTracker>();
-    }
-
-    /// Nice value of the calling thread, from /proc (field 19 of stat, after the command name).
-    fn own_nice() -> i32 {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        rest.split_whitespace().nth(16).unwrap().parse().unwrap()
-    }
-
-    #[test]
-    fn thread_nice_applies_to_the_calling_thread_only() {
-        let before = own_nice();
-        let seen = std::thread::spawn(|| {
-            set_thread_nice(7).unwrap();
-            own_nice()
-        })
-        .join()
-        .unwrap();
-        assert_eq!(seen, 7);
-        assert_eq!(
-            own_nice(),
-            before,
-            "the spawning thread's nice value changed"
-        );
     }
 
     struct Map(usize, usize);

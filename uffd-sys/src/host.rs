@@ -1,0 +1,115 @@
+//! The few other host calls the VMM and the save engine need, next to the userfaultfd ABI so that
+//! every `unsafe` system call has one home: memory advice (`madvise` that changes how a range is
+//! backed, never what it holds), the calling thread's priority, returning freed heap to the
+//! kernel, and the page size.
+
+use std::io;
+
+/// How a range should be backed; none of these changes the range's contents or its mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advice {
+    /// MADV_POPULATE_READ: fault every page in for reading.
+    PopulateRead,
+    /// MADV_COLLAPSE (Linux 6.1+): back the range with transparent huge pages again.
+    Collapse,
+    /// MADV_HUGEPAGE: allow (and prefer) transparent huge pages.
+    HugePage,
+    /// MADV_NOHUGEPAGE: never use transparent huge pages.
+    NoHugePage,
+}
+
+/// One `madvise(start, len, advice)` call (no retry). On a range that is not mapped the kernel
+/// just fails (ENOMEM).
+pub fn advise(start: usize, len: usize, advice: Advice) -> io::Result<()> {
+    let advice = match advice {
+        Advice::PopulateRead => libc::MADV_POPULATE_READ,
+        Advice::Collapse => libc::MADV_COLLAPSE,
+        Advice::HugePage => libc::MADV_HUGEPAGE,
+        Advice::NoHugePage => libc::MADV_NOHUGEPAGE,
+    };
+    // SAFETY: every advice above only changes how the range is backed (fault pages in for reading,
+    // collapse them into huge pages, set or clear the huge-page preference), never its contents or
+    // its mapping, so no memory Rust can see changes; an unmapped range makes madvise fail.
+    let r = unsafe { libc::madvise(start as *mut libc::c_void, len, advice) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sets the scheduling priority (nice value, −20 highest … 19 lowest) of the calling thread
+/// only (on Linux the nice value is per thread). Raising it (a negative value) needs
+/// CAP_SYS_NICE or a matching RLIMIT_NICE; the error is returned and the caller decides whether
+/// it matters.
+pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority(PRIO_PROCESS, tid, n) changes the nice value of thread `tid` (the
+    // calling thread) and touches no memory of ours.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Gives memory that the allocator holds free back to the kernel (glibc `malloc_trim`). A save
+/// allocates tens of MiB of staging and I/O buffers on threads that come and go, and glibc keeps
+/// freed chunks in those threads' arenas; trimming after each save keeps a long-running VMM's RSS
+/// where it was. Costs milliseconds; harmless when there is nothing to return.
+pub fn trim_heap() {
+    // SAFETY: malloc_trim only releases free memory owned by the allocator; no live allocation
+    // moves or changes.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The host's base page size.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no memory side effects.
+    let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if ps > 0 {
+        ps as usize
+    } else {
+        4096
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nice_of_this_thread() -> i32 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // Field 19 (nice), counted after the closing parenthesis of the command name.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn nice_changes_only_the_calling_thread() {
+        let main_before = nice_of_this_thread();
+        let seen = std::thread::spawn(|| {
+            set_thread_nice(7).unwrap();
+            nice_of_this_thread()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, 7);
+        assert_eq!(nice_of_this_thread(), main_before);
+    }
+
+    #[test]
+    fn advice_on_an_unmapped_range_fails_and_on_a_mapping_succeeds() {
+        let v = vec![1u8; 4 << 20];
+        let ps = page_size();
+        let start = (v.as_ptr() as usize).next_multiple_of(ps);
+        advise(start, ps, Advice::PopulateRead).unwrap();
+        assert!(advise(ps, ps, Advice::PopulateRead).is_err());
+        trim_heap();
+        assert_eq!(v[0], 1);
+    }
+}
