@@ -330,6 +330,55 @@ impl Userfaultfd {
         Ok(arg.copy)
     }
 
+    /// UFFDIO_COPY that reports partial progress: `Ok(n)` when the kernel copied `n > 0` bytes
+    /// from the start of the range (all of `len`, or fewer when it stopped early, e.g. at a page
+    /// that exists: the ioctl then fails with EAGAIN but the bytes before were copied and their
+    /// waiters woken); `Err` when it copied nothing (EEXIST: the first page exists).
+    ///
+    /// # Safety
+    /// As for [`Userfaultfd::copy`].
+    pub unsafe fn copy_partial(
+        &self,
+        dst: usize,
+        src: usize,
+        len: usize,
+        mode: u64,
+    ) -> io::Result<usize> {
+        let mut arg = uffdio_copy {
+            dst: dst as u64,
+            src: src as u64,
+            len: len as u64,
+            mode,
+            copy: 0,
+        };
+        // SAFETY: the caller guarantees both ranges are fine to read / write; `arg` is valid.
+        let r = cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut arg) });
+        partial(r, arg.copy)
+    }
+
+    /// UFFDIO_ZEROPAGE that reports partial progress, like [`Userfaultfd::copy_partial`].
+    ///
+    /// # Safety
+    /// As for [`Userfaultfd::zeropage`].
+    pub unsafe fn zeropage_partial(
+        &self,
+        start: usize,
+        len: usize,
+        mode: u64,
+    ) -> io::Result<usize> {
+        let mut arg = uffdio_zeropage {
+            range: uffdio_range {
+                start: start as u64,
+                len: len as u64,
+            },
+            mode,
+            zeropage: 0,
+        };
+        // SAFETY: the caller guarantees zero-filling the range is sound; `arg` is valid.
+        let r = cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut arg) });
+        partial(r, arg.zeropage)
+    }
+
     /// UFFDIO_ZEROPAGE; returns the bytes mapped.
     ///
     /// # Safety
@@ -517,6 +566,16 @@ fn api(fd: BorrowedFd<'_>, features: u64) -> Result<ApiInfo, OpenError> {
     })
 }
 
+/// The outcome of a fill ioctl whose count field is `done`: bytes filled when positive (the
+/// ioctl then fails with EAGAIN if it stopped early), else the ioctl's error.
+fn partial(r: io::Result<libc::c_int>, done: i64) -> io::Result<usize> {
+    match r {
+        _ if done > 0 => Ok(done as usize),
+        Ok(_) => Err(io::Error::from_raw_os_error(libc::EIO)),
+        Err(e) => Err(e),
+    }
+}
+
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -564,6 +623,35 @@ mod tests {
         let mut buf = [uffd_msg::default(); 4];
         assert_eq!(uffd.read_events(&mut buf).unwrap(), 0);
         assert!(!uffd.wait_readable(Some(Duration::from_millis(10))).unwrap());
+    }
+
+    #[test]
+    fn partial_fills_report_what_they_filled_and_stop_at_an_existing_page() {
+        let uffd = Userfaultfd::open(0).unwrap();
+        let m = Map::new(4 * 4096);
+        let (p, len) = (m.0, m.1);
+        let ioctls = uffd.register(p, len, UFFDIO_REGISTER_MODE_MISSING).unwrap();
+        assert_ne!(ioctls & (1 << _UFFDIO_COPY), 0, "ioctls {ioctls:#x}");
+        let src = vec![0x5au8; 4 * 4096];
+        // SAFETY: `m` is our own fresh mapping, referenced by nothing; `src` is readable.
+        let n = unsafe { uffd.copy_partial(p + 2 * 4096, src.as_ptr() as usize, 4096, 0) };
+        assert_eq!(n.unwrap(), 4096);
+        // Pages 0 and 1 are filled, then the existing page 2 stops the copy.
+        // SAFETY: as above.
+        let n = unsafe { uffd.copy_partial(p, src.as_ptr() as usize, len, 0) };
+        assert_eq!(n.unwrap(), 2 * 4096);
+        // Starting at an existing page copies nothing: EEXIST.
+        // SAFETY: as above.
+        let e = unsafe { uffd.zeropage_partial(p + 2 * 4096, 2 * 4096, 0) }.unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "{e}");
+        // SAFETY: as above.
+        let n = unsafe { uffd.zeropage_partial(p + 3 * 4096, 4096, 0) };
+        assert_eq!(n.unwrap(), 4096);
+        uffd.unregister(p, len).unwrap();
+        // SAFETY: every page is filled and the mapping is ours.
+        let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, len) };
+        assert!(bytes[..3 * 4096].iter().all(|&b| b == 0x5a));
+        assert!(bytes[3 * 4096..].iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -35,6 +35,7 @@
 
 mod backing;
 mod error;
+mod missing;
 
 use std::fmt;
 use std::io;
@@ -52,6 +53,7 @@ use uffd_sys::{
 
 use backing::{backing_of, Backing, HugetlbProofs};
 pub use error::WpError;
+pub use missing::{MissingError, MissingFault, MissingTracker};
 pub use uffd_sys::host::set_thread_nice;
 pub use uffd_sys::Features as UffdFeatures;
 
