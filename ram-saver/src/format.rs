@@ -20,8 +20,11 @@
 //!   .  parent_len       u32, then parent_len bytes   parent snapshot reference (empty: none)
 //!   .  header_crc       u32      crc32 of every header byte before it
 //!
-//! MACHINE STATE
-//!   tag b"MSTA", len u64, crc32 u32 (of the blob), blob [len bytes] (opaque, from the VMM)
+//! MACHINE STATE (at header_len; STATE_HEAD_LEN = 16 bytes, then the blob)
+//!   0  tag              [u8; 4]  b"MSTA"
+//!   4  len              u64      blob bytes (<= MAX_MACHINE_STATE_LEN; writers refuse more)
+//!  12  crc32            u32      crc32 of the blob
+//!  16  blob             [len bytes]  opaque, from the VMM
 //!
 //! RAM RECORDS (any page order), each:
 //!   0  tag              [u8; 4]  b"RREC"
@@ -66,7 +69,7 @@
 //!   index is then read and checked entry by entry in bounded chunks, so a hole in a sparse
 //!   file stops it at its first (all-zero, invalid) entry, before the trailer crc is known.
 
-use std::io;
+pub use crate::error::{ErrorKind, FormatError};
 
 /// Version of the layout above; bumped on any incompatible change.
 pub const FORMAT_VERSION: u32 = 1;
@@ -80,6 +83,16 @@ pub const STATE_TAG: [u8; 4] = *b"MSTA";
 pub const RECORD_TAG: [u8; 4] = *b"RREC";
 /// Tag of the trailer.
 pub const TRAILER_TAG: [u8; 4] = *b"TRLR";
+/// Bytes at the start of every file that say what it is: magic, version, header_len.
+pub const HEADER_PREFIX_LEN: usize = 16;
+/// Offset of `version` in the header.
+pub(crate) const VERSION_AT: usize = 8;
+/// Offset of `header_len` in the header.
+pub(crate) const HEADER_LEN_AT: usize = 12;
+/// Shortest `header_len` a reader reads at all (anything shorter is refused unread).
+pub const MIN_HEADER_LEN: u32 = 56;
+/// Size of the machine state section before its blob (tag, length, crc).
+pub const STATE_HEAD_LEN: usize = 16;
 /// Size of a record header (payload follows).
 pub const RECORD_HEADER_LEN: usize = 28;
 /// Size of the footer.
@@ -88,12 +101,15 @@ pub const FOOTER_LEN: usize = 32;
 pub const INDEX_ENTRY_LEN: usize = 24;
 /// Size of the trailer without its index.
 pub const TRAILER_FIXED_LEN: usize = TRAILER_HEAD_LEN + 4;
+/// Offset of the record count (`totals.records`) in the trailer.
+pub(crate) const TRAILER_RECORDS_AT: u64 = 4 + 3 * 8;
 /// Size of the trailer's tag and totals (what precedes the index).
 pub const TRAILER_HEAD_LEN: usize = 4 + 6 * 8;
 /// Largest header accepted (bounds the allocation when reading).
 pub const MAX_HEADER_LEN: u32 = 16 << 20;
-/// Largest machine state blob accepted (bounds the allocation when reading). A real one is
-/// tens of KiB per vCPU (JSON), about 2 MiB for the 32 vCPUs vmm-core allows.
+/// Largest machine state blob accepted (bounds the allocation when reading; writers refuse a
+/// larger one). A real one is tens of KiB per vCPU (JSON), about 2 MiB for the 32 vCPUs
+/// vmm-core allows.
 pub const MAX_MACHINE_STATE_LEN: u64 = 16 << 20;
 /// Largest number of memory regions accepted.
 pub const MAX_REGIONS: u32 = 1024;
@@ -206,7 +222,7 @@ impl SnapshotHeader {
         put_u32(&mut b, len_u32(self.parent.len()));
         b.extend_from_slice(&self.parent);
         let total = len_u32(b.len() + 4);
-        b[12..16].copy_from_slice(&total.to_le_bytes());
+        b[HEADER_LEN_AT..HEADER_LEN_AT + 4].copy_from_slice(&total.to_le_bytes());
         let crc = crc32fast::hash(&b);
         put_u32(&mut b, crc);
         b
@@ -219,7 +235,7 @@ impl SnapshotHeader {
             record: None,
             offset: offset as u64,
         };
-        if buf.len() < 56 {
+        if buf.len() < MIN_HEADER_LEN as usize {
             return Err(corrupt("too short", 0));
         }
         let (body, crc) = buf.split_at(buf.len() - 4);
@@ -227,7 +243,7 @@ impl SnapshotHeader {
             return Err(corrupt("checksum mismatch", buf.len() - 4));
         }
         let mut c = Cursor::new(body);
-        c.skip(16); // magic, version, header_len: checked by the caller
+        c.skip(HEADER_PREFIX_LEN); // magic, version, header_len: checked by the caller
         let flags = c.u32().ok_or_else(|| corrupt("truncated", c.pos))?;
         if flags & !FLAG_HAS_PARENT != 0 {
             return Err(FormatError::Unsupported {
@@ -306,6 +322,79 @@ impl SnapshotHeader {
             vmm_config,
             parent,
         })
+    }
+}
+
+/// The framing of the machine state section: the blob's length and crc32 (the blob itself is
+/// opaque here; the VMM encodes and decodes it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MachineStateHead {
+    /// Blob bytes.
+    pub len: u64,
+    /// crc32 of the blob.
+    pub crc: u32,
+}
+
+impl MachineStateHead {
+    /// The framing of `blob`; refused when no reader would accept it (over
+    /// [`MAX_MACHINE_STATE_LEN`]).
+    pub fn of(blob: &[u8]) -> Result<Self, FormatError> {
+        let len = blob.len() as u64;
+        if len > MAX_MACHINE_STATE_LEN {
+            return Err(FormatError::Unsupported {
+                what: format!(
+                    "machine state of {len} bytes (the format holds at most {})",
+                    MAX_MACHINE_STATE_LEN
+                ),
+            });
+        }
+        Ok(MachineStateHead {
+            len,
+            crc: crc32fast::hash(blob),
+        })
+    }
+
+    /// Tag, length and crc.
+    pub fn encode(&self) -> [u8; STATE_HEAD_LEN] {
+        let mut b = [0u8; STATE_HEAD_LEN];
+        b[0..4].copy_from_slice(&STATE_TAG);
+        b[4..12].copy_from_slice(&self.len.to_le_bytes());
+        b[12..16].copy_from_slice(&self.crc.to_le_bytes());
+        b
+    }
+
+    /// Decode the framing read at file offset `at`, checking the tag and that the length is
+    /// within [`MAX_MACHINE_STATE_LEN`] and leaves the blob ending by `end` (the trailer).
+    pub fn decode(b: &[u8; STATE_HEAD_LEN], at: u64, end: u64) -> Result<Self, FormatError> {
+        if b[0..4] != STATE_TAG {
+            return Err(state_corrupt("bad tag", at));
+        }
+        let len = u64_at(b, 4);
+        let room = end.saturating_sub(at + STATE_HEAD_LEN as u64);
+        if len > MAX_MACHINE_STATE_LEN || len > room {
+            return Err(state_corrupt("length out of range", at + 4));
+        }
+        Ok(MachineStateHead {
+            len,
+            crc: u32_at(b, 12),
+        })
+    }
+
+    /// Check the crc of `blob`, read after the framing at file offset `at`.
+    pub fn check(&self, blob: &[u8], at: u64) -> Result<(), FormatError> {
+        if crc32fast::hash(blob) != self.crc {
+            return Err(state_corrupt("checksum mismatch", at + 12));
+        }
+        Ok(())
+    }
+}
+
+/// A corrupt machine state section; `what` is completed with the section's name.
+pub(crate) fn state_corrupt(what: &str, offset: u64) -> FormatError {
+    FormatError::Corrupt {
+        what: format!("machine state: {what}"),
+        record: None,
+        offset,
     }
 }
 
@@ -517,7 +606,7 @@ impl Trailer {
         if want != Some(trailer_len) {
             return Err(trailer_corrupt(
                 "index length disagrees with record count",
-                offset + 4 + 3 * 8,
+                offset + TRAILER_RECORDS_AT,
             ));
         }
         Ok(totals)
@@ -567,123 +656,6 @@ pub(crate) fn decode_footer(b: &[u8; FOOTER_LEN]) -> Option<(u64, u64)> {
         return None;
     }
     Some((u64_at(b, 0), u64_at(b, 8)))
-}
-
-/// Broad category of a [`FormatError`], for mapping to exit codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum ErrorKind {
-    /// The file could not be read (I/O).
-    Unreadable,
-    /// The output could not be written (I/O).
-    Unwritable,
-    /// Not a snapshot file at all.
-    NotASnapshot,
-    /// The file has no valid trailer/footer: the save did not finish.
-    Incomplete,
-    /// The file is damaged: a checksum, structure or page-coverage error.
-    Corrupt,
-    /// A version, architecture or feature this build does not support.
-    Unsupported,
-    /// The snapshot does not fit the target (memory layout differs).
-    Mismatch,
-}
-
-/// Errors reading, verifying, writing or loading a snapshot file.
-#[derive(Debug, thiserror::Error)]
-pub enum FormatError {
-    /// I/O error while reading.
-    #[error("cannot read snapshot")]
-    Unreadable(#[source] io::Error),
-    /// I/O error while writing.
-    #[error("cannot write snapshot")]
-    Unwritable(#[source] io::Error),
-    /// The file does not start with the snapshot magic.
-    #[error("not a snapshot file (bad magic)")]
-    NotASnapshot,
-    /// No valid footer/trailer: the file was truncated or its save never finished.
-    #[error("snapshot is incomplete: {reason}")]
-    Incomplete {
-        /// What is missing.
-        reason: String,
-    },
-    /// A checksum or structure error.
-    #[error("snapshot is corrupt: {what}{} at offset {offset}", record_suffix(*record))]
-    Corrupt {
-        /// What is wrong.
-        what: String,
-        /// Index of the record concerned (file order), if any.
-        record: Option<u64>,
-        /// File offset of the damaged structure.
-        offset: u64,
-    },
-    /// A guest page is missing or appears more than once.
-    #[error("snapshot page coverage error: page {page} {what}{}", record_suffix(*record))]
-    Coverage {
-        /// "missing" or "appears twice" or "outside guest memory".
-        what: &'static str,
-        /// Guest page number.
-        page: u64,
-        /// Record where the problem was seen, if any.
-        record: Option<u64>,
-    },
-    /// The format version is not supported.
-    #[error("unsupported snapshot format version {found} (this build reads {supported})")]
-    UnsupportedVersion {
-        /// Version found in the file.
-        found: u32,
-        /// Version this build reads.
-        supported: u32,
-    },
-    /// The snapshot is for another architecture.
-    #[error("snapshot is for architecture {found}, not x86_64")]
-    WrongArchitecture {
-        /// Architecture code found.
-        found: u32,
-    },
-    /// A feature of the file is not supported (page size, codec, flags).
-    #[error("unsupported snapshot feature: {what}")]
-    Unsupported {
-        /// The feature.
-        what: String,
-    },
-    /// The snapshot does not match the target guest memory.
-    #[error("snapshot does not match guest memory: {what}")]
-    LayoutMismatch {
-        /// How they differ.
-        what: String,
-    },
-}
-
-fn record_suffix(record: Option<u64>) -> String {
-    match record {
-        Some(r) => format!(" in record {r}"),
-        None => String::new(),
-    }
-}
-
-impl FormatError {
-    /// The broad category of this error.
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            FormatError::Unreadable(_) => ErrorKind::Unreadable,
-            FormatError::Unwritable(_) => ErrorKind::Unwritable,
-            FormatError::NotASnapshot => ErrorKind::NotASnapshot,
-            FormatError::Incomplete { .. } => ErrorKind::Incomplete,
-            FormatError::Corrupt { .. } | FormatError::Coverage { .. } => ErrorKind::Corrupt,
-            FormatError::UnsupportedVersion { .. }
-            | FormatError::WrongArchitecture { .. }
-            | FormatError::Unsupported { .. } => ErrorKind::Unsupported,
-            FormatError::LayoutMismatch { .. } => ErrorKind::Mismatch,
-        }
-    }
-
-    /// The record index this error names, if any.
-    pub fn record(&self) -> Option<u64> {
-        match self {
-            FormatError::Corrupt { record, .. } | FormatError::Coverage { record, .. } => *record,
-            _ => None,
-        }
-    }
 }
 
 pub(crate) fn put_u32(b: &mut Vec<u8>, v: u32) {
@@ -784,6 +756,26 @@ mod tests {
                 "flip at {i} undetected"
             );
         }
+    }
+
+    #[test]
+    fn machine_state_head_round_trip_and_bounds() {
+        let blob = b"machine state";
+        let h = MachineStateHead::of(blob).unwrap();
+        let b = h.encode();
+        assert_eq!(&b[0..4], &STATE_TAG);
+        let end = 100 + (STATE_HEAD_LEN + blob.len()) as u64;
+        assert_eq!(MachineStateHead::decode(&b, 100, end).unwrap(), h);
+        h.check(blob, 100).unwrap();
+        assert!(h.check(b"machine statf", 100).is_err());
+        // The blob must end by `end`, and never exceed the format's limit.
+        assert!(MachineStateHead::decode(&b, 100, end - 1).is_err());
+        let mut big = b;
+        big[4..12].copy_from_slice(&(MAX_MACHINE_STATE_LEN + 1).to_le_bytes());
+        assert!(MachineStateHead::decode(&big, 0, u64::MAX).is_err());
+        let mut bad_tag = b;
+        bad_tag[0] ^= 1;
+        assert!(MachineStateHead::decode(&bad_tag, 100, end).is_err());
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //!   freeze instant, racing a linear scan against write faults, one block at a time.
 #![forbid(unsafe_code)]
 
+mod direct_io;
+mod error;
 pub mod format;
 pub mod pagemap;
 mod reader;

@@ -1,0 +1,121 @@
+//! Errors reading, verifying, writing or loading a snapshot file, and their broad kinds (which
+//! the command-line tool maps to exit codes).
+
+use std::io;
+
+/// Broad category of a [`FormatError`], for mapping to exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ErrorKind {
+    /// The file could not be read (I/O).
+    Unreadable,
+    /// The output could not be written (I/O).
+    Unwritable,
+    /// Not a snapshot file at all.
+    NotASnapshot,
+    /// The file has no valid trailer/footer: the save did not finish.
+    Incomplete,
+    /// The file is damaged: a checksum, structure or page-coverage error.
+    Corrupt,
+    /// A version, architecture or feature this build does not support.
+    Unsupported,
+    /// The snapshot does not fit the target (memory layout differs).
+    Mismatch,
+}
+
+/// Errors reading, verifying, writing or loading a snapshot file.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// I/O error while reading.
+    #[error("cannot read snapshot")]
+    Unreadable(#[source] io::Error),
+    /// I/O error while writing.
+    #[error("cannot write snapshot")]
+    Unwritable(#[source] io::Error),
+    /// The file does not start with the snapshot magic.
+    #[error("not a snapshot file (bad magic)")]
+    NotASnapshot,
+    /// No valid footer/trailer: the file was truncated or its save never finished.
+    #[error("snapshot is incomplete: {reason}")]
+    Incomplete {
+        /// What is missing.
+        reason: String,
+    },
+    /// A checksum or structure error.
+    #[error("snapshot is corrupt: {what}{} at offset {offset}", record_suffix(*record))]
+    Corrupt {
+        /// What is wrong.
+        what: String,
+        /// Index of the record concerned (file order), if any.
+        record: Option<u64>,
+        /// File offset of the damaged structure.
+        offset: u64,
+    },
+    /// A guest page is missing or appears more than once.
+    #[error("snapshot page coverage error: page {page} {what}{}", record_suffix(*record))]
+    Coverage {
+        /// "missing" or "appears twice" or "outside guest memory".
+        what: &'static str,
+        /// Guest page number.
+        page: u64,
+        /// Record where the problem was seen, if any.
+        record: Option<u64>,
+    },
+    /// The format version is not supported.
+    #[error("unsupported snapshot format version {found} (this build reads {supported})")]
+    UnsupportedVersion {
+        /// Version found in the file.
+        found: u32,
+        /// Version this build reads.
+        supported: u32,
+    },
+    /// The snapshot is for another architecture.
+    #[error("snapshot is for architecture {found}, not x86_64")]
+    WrongArchitecture {
+        /// Architecture code found.
+        found: u32,
+    },
+    /// A feature of the file is not supported (page size, codec, flags).
+    #[error("unsupported snapshot feature: {what}")]
+    Unsupported {
+        /// The feature.
+        what: String,
+    },
+    /// The snapshot does not match the target guest memory.
+    #[error("snapshot does not match guest memory: {what}")]
+    LayoutMismatch {
+        /// How they differ.
+        what: String,
+    },
+}
+
+fn record_suffix(record: Option<u64>) -> String {
+    match record {
+        Some(r) => format!(" in record {r}"),
+        None => String::new(),
+    }
+}
+
+impl FormatError {
+    /// The broad category of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            FormatError::Unreadable(_) => ErrorKind::Unreadable,
+            FormatError::Unwritable(_) => ErrorKind::Unwritable,
+            FormatError::NotASnapshot => ErrorKind::NotASnapshot,
+            FormatError::Incomplete { .. } => ErrorKind::Incomplete,
+            FormatError::Corrupt { .. } | FormatError::Coverage { .. } => ErrorKind::Corrupt,
+            FormatError::UnsupportedVersion { .. }
+            | FormatError::WrongArchitecture { .. }
+            | FormatError::Unsupported { .. } => ErrorKind::Unsupported,
+            FormatError::LayoutMismatch { .. } => ErrorKind::Mismatch,
+        }
+    }
+
+    /// The record index this error names, if any.
+    pub fn record(&self) -> Option<u64> {
+        match self {
+            FormatError::Corrupt { record, .. } | FormatError::Coverage { record, .. } => *record,
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The checks every record passes, whoever reads it: bounds, header fields and lengths, its index
+//! entry, decompression to exactly its pages; and the coverage bitmap that proves every guest
+//! page appears exactly once.
+
+use super::corrupt;
+use crate::format::{
+    Compression, FormatError, IndexEntry, RecordHeader, RecordKind, SnapshotHeader, Trailer,
+    CODEC_RAW, MAX_RECORD_RAW, RECORD_HEADER_LEN,
+};
+
+/// The record checks that need only the file's layout and index.
+#[derive(Debug)]
+pub(super) struct Checker<'a> {
+    pub(super) index: &'a [IndexEntry],
+    pub(super) records_start: u64,
+    pub(super) trailer_offset: u64,
+    pub(super) ps: u64,
+    pub(super) zstd: bool,
+}
+
+impl<'a> Checker<'a> {
+    pub(super) fn new(
+        header: &SnapshotHeader,
+        trailer: &'a Trailer,
+        records_start: u64,
+        trailer_offset: u64,
+    ) -> Self {
+        Checker {
+            index: &trailer.index,
+            records_start,
+            trailer_offset,
+            ps: u64::from(header.page_size),
+            zstd: matches!(header.compression, Compression::Zstd { .. }),
+        }
+    }
+
+    /// The `i`-th record may start at `pos`: it is listed and its header lies in the record area.
+    pub(super) fn bounds(&self, pos: u64, i: u64) -> Result<(), FormatError> {
+        if i >= self.index.len() as u64 {
+            return Err(corrupt("record not listed in trailer index", Some(i), pos));
+        }
+        if pos < self.records_start {
+            return Err(corrupt(
+                "record offset lies before the records",
+                Some(i),
+                pos,
+            ));
+        }
+        if pos > self.trailer_offset || self.trailer_offset - pos < RECORD_HEADER_LEN as u64 {
+            return Err(corrupt("record header runs into trailer", Some(i), pos));
+        }
+        Ok(())
+    }
+
+    /// Decode and check a record header read at `pos` (within bounds): fields, lengths, and that
+    /// the payload ends before the trailer.
+    pub(super) fn header(
+        &self,
+        hb: &[u8; RECORD_HEADER_LEN],
+        pos: u64,
+        i: u64,
+    ) -> Result<RecordHeader, FormatError> {
+        let h =
+            RecordHeader::decode(hb).ok_or_else(|| corrupt("bad record header", Some(i), pos))?;
+        if u64::from(h.stored_len) > self.trailer_offset - pos - RECORD_HEADER_LEN as u64 {
+            return Err(corrupt("record payload runs into trailer", Some(i), pos));
+        }
+        let raw = u64::from(h.page_count) * self.ps;
+        let stored = u64::from(h.stored_len);
+        let bad_len = match h.kind {
+            RecordKind::ZeroRun => stored != 0,
+            RecordKind::Data => {
+                raw > MAX_RECORD_RAW
+                    || stored == 0
+                    || if h.codec == CODEC_RAW {
+                        stored != raw
+                    } else {
+                        // No zstd frame of `raw` bytes is longer (bounds the read buffer).
+                        stored > zstd::zstd_safe::compress_bound(raw as usize) as u64
+                    }
+            }
+        };
+        if h.page_count == 0 || bad_len {
+            return Err(corrupt("record length fields invalid", Some(i), pos));
+        }
+        Ok(h)
+    }
+
+    /// The record agrees with its (listed) index entry.
+    pub(super) fn against_index(
+        &self,
+        h: &RecordHeader,
+        pos: u64,
+        i: u64,
+    ) -> Result<(), FormatError> {
+        let e = &self.index[i as usize];
+        if e.offset != pos
+            || e.first_page != h.first_page
+            || e.page_count != h.page_count
+            || e.kind != h.kind
+        {
+            return Err(corrupt("record disagrees with trailer index", Some(i), pos));
+        }
+        Ok(())
+    }
+
+    /// Where the index says the record after the `i`-th starts (the trailer after the last).
+    pub(super) fn next_offset(&self, i: usize) -> u64 {
+        self.index
+            .get(i + 1)
+            .map_or(self.trailer_offset, |e| e.offset)
+    }
+}
+
+pub(super) fn decompress(
+    dec: &mut zstd::bulk::Decompressor<'static>,
+    h: &RecordHeader,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+    ps: u64,
+    i: u64,
+    pos: u64,
+) -> Result<(), FormatError> {
+    let raw = (u64::from(h.page_count) * ps) as usize;
+    out.clear();
+    out.reserve(raw);
+    // The capacity bounds the output: a lying frame cannot make us allocate more.
+    match dec.decompress_to_buffer(payload, out) {
+        Ok(n) if n == raw => Ok(()),
+        Ok(n) => Err(corrupt(
+            format!("record decompresses to {n} bytes, expected {raw}"),
+            Some(i),
+            pos,
+        )),
+        Err(_) => Err(corrupt("record does not decompress", Some(i), pos)),
+    }
+}
+
+/// A bitmap over every guest page of the header's layout: proves "exactly once".
+#[derive(Debug)]
+pub(super) struct Coverage {
+    /// (first page, page count, first bit) per region.
+    regions: Vec<(u64, u64, u64)>,
+    bits: Vec<u64>,
+    total: u64,
+}
+
+impl Coverage {
+    pub(super) fn new(h: &SnapshotHeader) -> Self {
+        let ps = u64::from(h.page_size);
+        let mut regions = Vec::with_capacity(h.regions.len());
+        let mut total = 0;
+        for r in &h.regions {
+            regions.push((r.gpa / ps, r.size / ps, total));
+            total += r.size / ps;
+        }
+        // The header decoder bounds total guest memory (MAX_GUEST_BYTES), so this is bounded.
+        Coverage {
+            regions,
+            bits: vec![0; total.div_ceil(64) as usize],
+            total,
+        }
+    }
+
+    pub(super) fn mark(
+        &mut self,
+        first: u64,
+        count: u64,
+        record: Option<u64>,
+    ) -> Result<(), FormatError> {
+        let outside = FormatError::Coverage {
+            what: "lies outside guest memory",
+            page: first,
+            record,
+        };
+        let Some(&(rfirst, rcount, base)) = self
+            .regions
+            .iter()
+            .find(|(f, c, _)| first >= *f && first < f + c)
+        else {
+            return Err(outside);
+        };
+        if count > rcount - (first - rfirst) {
+            return Err(outside);
+        }
+        let start = base + (first - rfirst);
+        for b in start..start + count {
+            let (w, m) = ((b / 64) as usize, 1u64 << (b % 64));
+            if self.bits[w] & m != 0 {
+                return Err(FormatError::Coverage {
+                    what: "appears more than once",
+                    page: first + (b - start),
+                    record,
+                });
+            }
+            self.bits[w] |= m;
+        }
+        Ok(())
+    }
+
+    pub(super) fn complete(&self) -> Result<(), FormatError> {
+        for (w, &word) in self.bits.iter().enumerate() {
+            if word != u64::MAX {
+                for bit in 0..64 {
+                    let b = w as u64 * 64 + bit;
+                    if b < self.total && word & (1 << bit) == 0 {
+                        return Err(FormatError::Coverage {
+                            what: "is missing",
+                            page: self.page_of_bit(b),
+                            record: None,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn page_of_bit(&self, b: u64) -> u64 {
+        self.regions
+            .iter()
+            .find(|(_, c, base)| b >= *base && b < base + c)
+            .map_or(b, |(f, _, base)| f + (b - base))
+    }
+}
