@@ -214,7 +214,10 @@ pub fn save_into<S: SnapshotSink>(
         .freeze(|_| Protected::all(tracker))
         .map_err(SaveError::Freeze)?;
     let protected = frozen.held;
-    let state_bytes = frozen.state.to_bytes();
+    let state_bytes = frozen
+        .state
+        .to_bytes()
+        .map_err(|e| SaveError::Freeze(FreezeError::Capture(e)))?;
     // ram-saver releases every page whatever happens from here on.
     protected.hand_over();
     let res = ram_saver::live_save(

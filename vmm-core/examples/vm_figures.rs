@@ -53,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let st = vm.capture_state()?;
         let capture = tc.elapsed();
         let resume = vm.resume()?;
-        state_len = st.to_bytes().len();
+        state_len = st.to_bytes()?.len();
         rows.push((pause, capture, resume));
     }
     let stat = |f: &dyn Fn(&(Duration, Duration, Duration)) -> Duration| {
@@ -66,7 +66,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (rm, rx) = stat(&|r| r.2);
     let (tm, tx) = stat(&|r| r.0 + r.1 + r.2);
     println!("pause   median {pm:?} max {px:?}");
-    println!("capture median {cm:?} max {cx:?} (state {state_len} bytes as JSON)");
+    println!("capture median {cm:?} max {cx:?} (state {state_len} bytes encoded)");
     println!("resume  median {rm:?} max {rx:?}");
     println!(
         "pause+capture+resume median {tm:?} max {tx:?}  (n={})",

@@ -116,16 +116,43 @@ pub enum VmError {
     /// A KVM structure did not fit its fixed-size container.
     #[error("{0}")]
     FamStruct(String),
-    /// A saved machine state could not be decoded.
-    #[error("cannot decode machine state")]
-    StateDecode(#[source] serde_json::Error),
-    /// A saved machine state has an unsupported format version.
-    #[error("machine state format version {found} is not supported (expected {expected})")]
+    /// A saved machine state, or one of its components, has a version this build does not
+    /// read (typically written by a newer build). Restore reports it as an unsupported file.
+    #[error(
+        "machine state{}: version {found} is not supported (this build reads {})",
+        .component.map(|c| format!(" component {c}")).unwrap_or_else(|| " format".into()),
+        versions(*.oldest, *.newest)
+    )]
     StateVersion {
+        /// The component, or `None` for the container's format version.
+        component: Option<&'static str>,
         /// Version found.
         found: u32,
-        /// Version supported.
-        expected: u32,
+        /// Oldest version this build reads.
+        oldest: u32,
+        /// Newest version this build reads (the one it writes).
+        newest: u32,
+    },
+    /// A saved machine state holds a component this build does not know (written by a newer
+    /// build, which added a device).
+    #[error("machine state: unknown component {name:?} (written by a newer build?)")]
+    StateUnknownComponent {
+        /// Its name, as found.
+        name: String,
+    },
+    /// A saved machine state lacks a component it must have.
+    #[error("machine state: required component {component} is missing")]
+    StateMissingComponent {
+        /// The component's name (or the alternatives).
+        component: &'static str,
+    },
+    /// A saved machine state's container (magic, section count, section framing) is damaged.
+    #[error("machine state: bad framing at byte {at}: {reason}")]
+    StateFraming {
+        /// Offset in the machine state.
+        at: usize,
+        /// What is wrong.
+        reason: String,
     },
     /// A saved machine state is inconsistent with itself or with the memory given.
     #[error("machine state is inconsistent: {0}")]
@@ -136,7 +163,8 @@ pub enum VmError {
         .vcpu.map(|v| format!(" of vCPU state {v}")).unwrap_or_default()
     )]
     StateComponent {
-        /// The component: a field name of the state ("sregs", "cpuid", "vcpus", "id", ...).
+        /// The component ("machine", "vcpu", "pit", ...) or its field ("sregs", "cpuid", "id",
+        /// "pic_master", "slots", ...).
         component: &'static str,
         /// Position of the vCPU state it belongs to, for per-vCPU components.
         vcpu: Option<usize>,
@@ -183,7 +211,25 @@ pub enum VmError {
     NotBuiltinGuest,
 }
 
+/// "1" or "1..=3".
+fn versions(oldest: u32, newest: u32) -> String {
+    if oldest == newest {
+        format!("version {newest}")
+    } else {
+        format!("versions {oldest}..={newest}")
+    }
+}
+
 impl VmError {
+    /// True for a machine state this build cannot read because a newer build wrote it (a newer
+    /// format or component version, an unknown component), as opposed to a damaged one.
+    pub fn is_unsupported_state(&self) -> bool {
+        matches!(
+            self,
+            VmError::StateVersion { .. } | VmError::StateUnknownComponent { .. }
+        )
+    }
+
     pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
         move |source| VmError::Kvm { op, source }
     }

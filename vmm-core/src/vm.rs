@@ -20,7 +20,9 @@ use crate::guest::{self, ctrl, GuestLayout, GuestProgress, SelfCheckVerdict, Vcp
 use crate::kernel::{self, KernelConfig, LoadedKernel};
 use crate::memory::{self, guest_u64};
 use crate::serial::{IrqLine, SerialDevice, COM1_GSI};
-use crate::state::{self, MachineState, STATE_FORMAT_VERSION};
+use crate::state::{
+    BuiltinGuestState, ClockState, IrqchipState, MachineState, PitState, VcpuState,
+};
 use crate::vcpu::{self, IoBus, Shared, UnhandledAccesses, VcpuRunner, VmExitStatus};
 use crate::{VmConfig, VmError};
 
@@ -344,12 +346,6 @@ impl Vm {
         serial_out: Box<dyn Write + Send>,
         start_paused: bool,
     ) -> Result<Vm, VmError> {
-        if state.version != STATE_FORMAT_VERSION {
-            return Err(VmError::StateVersion {
-                found: state.version,
-                expected: STATE_FORMAT_VERSION,
-            });
-        }
         state.validate()?;
         let cfg = state.config.clone();
         memory::check_layout(&mem, cfg.mem_bytes)?;
@@ -367,11 +363,13 @@ impl Vm {
                 .vm_fd
                 .create_vcpu(u64::from(s.id))
                 .map_err(VmError::vcpu("KVM_CREATE_VCPU", s.id))?;
-            state::restore_vcpu(&fd, s, m.xsave_ok)?;
+            s.restore(&fd, m.xsave_ok)?;
             fds.push(fd);
         }
-        state::restore_vm(&m.vm_fd, state)?;
-        state::restore_clock(&m.vm_fd, &state.clock)?;
+        // VM-wide state after the vCPUs, the clock last (see crate::state).
+        state.irqchip.restore(&m.vm_fd)?;
+        state.pit.restore(&m.vm_fd)?;
+        state.clock.restore(&m.vm_fd)?;
         let msr_indices = state
             .vcpus
             .first()
@@ -695,9 +693,11 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (i, fd) in self.vcpus.iter().enumerate() {
             let fd = fd.lock().unwrap_or_else(|e| e.into_inner());
-            vcpus.push(state::capture_vcpu(&fd, i as u8, &self.msr_indices)?);
+            vcpus.push(VcpuState::capture(&fd, i as u8, &self.msr_indices)?);
         }
-        let w = state::capture_vm(&self.vm_fd)?;
+        let irqchip = IrqchipState::capture(&self.vm_fd)?;
+        let pit = PitState::capture(&self.vm_fd)?;
+        let clock = ClockState::capture(&self.vm_fd)?;
         let serial = self
             .io
             .serial
@@ -706,22 +706,16 @@ impl Vm {
             .state()
             .into();
         let (slots, ticks) = if self.cfg.is_builtin_guest() {
-            (
-                guest::read_slots(&self.io.mem, self.cfg.vcpus)?,
-                guest_u64(&self.io.mem, ctrl::global(ctrl::TICKS))?.load(Ordering::Acquire),
-            )
+            BuiltinGuestState::capture_run(&self.io.mem, self.cfg.vcpus)?
         } else {
             (Vec::new(), 0)
         };
         Ok(MachineState {
-            version: STATE_FORMAT_VERSION,
             config: self.cfg.clone(),
             vcpus,
-            pic_master: w.pic_master,
-            pic_slave: w.pic_slave,
-            ioapic: w.ioapic,
-            pit: w.pit,
-            clock: w.clock,
+            irqchip,
+            pit,
+            clock,
             serial,
             slots,
             ticks,

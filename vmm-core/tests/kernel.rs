@@ -167,7 +167,7 @@ fn testkernel_elf_boots_and_survives_restore_without_its_files() {
     assert_clean(&buf);
     std::fs::remove_dir_all(&dir).unwrap();
 
-    let st = MachineState::from_bytes(&st.to_bytes()).unwrap();
+    let st = MachineState::from_bytes(&st.to_bytes().unwrap()).unwrap();
     let buf2 = SharedBuffer::new();
     let vm = Vm::restore(&st, mem, Box::new(buf2.clone()), true).unwrap();
     assert!(

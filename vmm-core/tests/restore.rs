@@ -25,7 +25,7 @@ fn restored_vm_continues_where_it_stopped() {
     vm.shutdown();
     drop(vm);
 
-    let st = MachineState::from_bytes(&st.to_bytes()).unwrap();
+    let st = MachineState::from_bytes(&st.to_bytes().unwrap()).unwrap();
     assert_eq!(st.config(), &cfg);
     let buf = SharedBuffer::new();
     let vm = Vm::restore(&st, mem, Box::new(buf.clone()), true).unwrap();
