@@ -16,17 +16,24 @@
 //! - a changed state: bump the component's `VERSION` and decode the older versions too, so
 //!   older files still read. The other components do not notice.
 //!
-//! | name            | version | occurs                        | body (version 1)                                   |
-//! |-----------------|---------|-------------------------------|----------------------------------------------------|
-//! | `machine`       | 1       | once                          | `mem_bytes` u64, `vcpus` u8, `backend` u8 (0 anonymous, 1 memfd, 2 hugetlbfs) |
-//! | `vcpu`          | 1       | once per vCPU, in vCPU order  | `id` u32, `cpuid` list of blobs, `mp_state`, `regs`, `sregs`, `xsave`, `xcrs`, `debugregs`, `lapic` blobs, `msrs` list of blobs, `events` blob |
-//! | `irqchip`       | 1       | once                          | `pic_master`, `pic_slave`, `ioapic` blobs (`kvm_irqchip`) |
-//! | `pit`           | 1       | once                          | blob (`kvm_pit_state2`)                            |
-//! | `clock`         | 1       | once                          | blob (`kvm_clock_data`)                            |
-//! | `serial`        | 1       | once                          | 9 register bytes, receive FIFO blob (see [`SerialSnapshot`]) |
-//! | `builtin_guest` | 1       | once, or `kernel` instead     | `write_rate` u8 (0 idle; 1 pages/s, then u64 rate; 2 full), `working_set_pages` opt u64, `seed` u64, `slots` list of u64, `ticks` u64 |
-//! | `kernel`        | 1       | once, or `builtin_guest` instead | `kernel` path blob, `initrd` opt path blob, `cmdline` UTF-8 blob |
-//! | `notes`         | 1       | optional (absent: no notes)   | list of UTF-8 blobs                                |
+//! The components, all at version 1 in this build, with their bodies (primitives below):
+//! - `machine`, once: `mem_bytes` u64, `vcpus` u8, `backend` u8 (0 anonymous, 1 memfd,
+//!   2 hugetlbfs).
+//! - `vcpu`, once per vCPU, in vCPU order: `id` u32, `cpuid` list of blobs, then the blobs
+//!   `mp_state`, `regs`, `sregs`, `xsave`, `xcrs`, `debugregs`, `lapic`, then `msrs` list of
+//!   blobs, then the blob `events` (restore order).
+//! - `irqchip`, once: blobs `pic_master`, `pic_slave`, `ioapic` (`kvm_irqchip` each).
+//! - `pit`, once: one blob (`kvm_pit_state2`).
+//! - `clock`, once: one blob (`kvm_clock_data`).
+//! - `serial`, once: 9 register bytes (divisor latch low and high, interrupt enable, interrupt
+//!   identification, line control, line status, modem control, modem status, scratch), then
+//!   the receive FIFO as a blob.
+//! - `builtin_guest`, once for the built-in guest: `write_rate` u8 (0 idle; 1 pages per second,
+//!   then the rate as u64; 2 full), `working_set_pages` opt u64, `seed` u64, `slots` list of
+//!   u64, `ticks` u64.
+//! - `kernel`, instead of `builtin_guest` for a kernel VM: `kernel` path blob (the path's bytes),
+//!   `initrd` opt path blob, `cmdline` UTF-8 blob.
+//! - `notes`, optional (absent: no notes): list of UTF-8 blobs.
 //!
 //! The [`VmConfig`] of a state is assembled from `machine` and the guest component; a kernel
 //! VM's (ignored) built-in guest parameters are not saved and read back as the defaults.
@@ -53,7 +60,7 @@
 //! value. A KVM struct is a blob of exactly `size_of` the struct: its bytes as the kernel's ABI
 //! lays them out (KVM_GET_* output as is).
 //!
-//! The encoding is deterministic (one state, one byte string): sections in the table's order,
+//! The encoding is deterministic (one state, one byte string): sections in the list's order,
 //! `notes` only when there are notes. The reader accepts the components in any order (the order
 //! of the `vcpu` sections gives the vCPU positions).
 //!

@@ -23,27 +23,24 @@ impl Component for SerialSnapshot {
     }
 
     fn decode(r: &mut BodyReader<'_>, _version: u32) -> Result<Self, VmError> {
-        let mut reg = [0u8; 9];
-        for b in &mut reg {
-            *b = r.u8("serial")?;
-        }
-        let fifo = r.blob("serial")?;
-        if fifo.len() > SERIAL_FIFO_BYTES {
-            return Err(fifo_len(fifo.len()));
-        }
-        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
-            reg;
+        // Fields are evaluated in the order written: the body's order.
         Ok(SerialSnapshot {
-            baud_divisor_low,
-            baud_divisor_high,
-            interrupt_enable,
-            interrupt_identification,
-            line_control,
-            line_status,
-            modem_control,
-            modem_status,
-            scratch,
-            in_buffer: fifo.to_vec(),
+            baud_divisor_low: r.u8("serial")?,
+            baud_divisor_high: r.u8("serial")?,
+            interrupt_enable: r.u8("serial")?,
+            interrupt_identification: r.u8("serial")?,
+            line_control: r.u8("serial")?,
+            line_status: r.u8("serial")?,
+            modem_control: r.u8("serial")?,
+            modem_status: r.u8("serial")?,
+            scratch: r.u8("serial")?,
+            in_buffer: {
+                let fifo = r.blob("serial")?;
+                if fifo.len() > SERIAL_FIFO_BYTES {
+                    return Err(fifo_len(fifo.len()));
+                }
+                fifo.to_vec()
+            },
         })
     }
 
