@@ -264,6 +264,21 @@ pub fn save(
     cancel: &AtomicBool,
     progress: &(dyn Fn(&SaveProgress) + Sync),
 ) -> Result<SaveReport, SaveError> {
+    let r = save_checked(vm, tracker, params, guest_moving, cancel, progress);
+    // A save allocates tens of MiB of staging and I/O buffers on threads that come and go; give
+    // the freed memory back so a long-running VMM's RSS returns to where it was.
+    uffd_sys::host::trim_heap();
+    r
+}
+
+fn save_checked(
+    vm: &Arc<Vm>,
+    tracker: &WpTracker,
+    params: &SaveParams,
+    guest_moving: &[bool],
+    cancel: &AtomicBool,
+    progress: &(dyn Fn(&SaveProgress) + Sync),
+) -> Result<SaveReport, SaveError> {
     let opts = params.options().map_err(SaveError::Params)?;
     // Staging faulted in now, while the guest still runs, not by the first copies after the thaw.
     let opts = SaveOptions {

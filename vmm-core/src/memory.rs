@@ -17,6 +17,7 @@ use std::os::fd::FromRawFd;
 use std::sync::atomic::AtomicU64;
 
 use serde::{Deserialize, Serialize};
+use uffd_sys::host::Advice;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -120,13 +121,8 @@ pub fn create_guest_memory(
             .build()
             .map_err(|e| VmError::MemoryMap(format!("mmap of {len} bytes at GPA {gpa:#x}: {e}")))?;
         if backend != MemBackend::Hugetlbfs {
-            // SAFETY: the range is exactly the mapping just created and still owned by `region`;
-            // MADV_HUGEPAGE only changes how the kernel backs it, never its contents.
-            let rc =
-                unsafe { libc::madvise(region.as_ptr().cast(), len_usize, libc::MADV_HUGEPAGE) };
-            if rc != 0 {
-                return Err(io_err("madvise(MADV_HUGEPAGE)")(io::Error::last_os_error()));
-            }
+            uffd_sys::host::advise(region.as_ptr() as usize, len_usize, Advice::HugePage)
+                .map_err(io_err("madvise(MADV_HUGEPAGE)"))?;
         }
         let region = GuestRegionMmap::new(region, GuestAddress(gpa))
             .ok_or_else(|| VmError::MemoryMap(format!("region at {gpa:#x} overflows")))?;
