@@ -99,6 +99,11 @@ enum Command {
         /// Load and restore, but do not run the vCPUs until `snapctl resume`.
         #[arg(long)]
         paused: bool,
+        /// Start the vCPUs at once and fill guest memory on demand (userfaultfd) and in the
+        /// background, instead of loading it all first; `status` shows the fill, a `save` waits
+        /// for it to finish.
+        #[arg(long)]
+        lazy: bool,
         #[command(flatten)]
         vmm: VmmArgs,
         #[command(flatten)]
@@ -314,11 +319,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore {
             file,
             paused,
+            lazy,
             vmm,
             sock,
         } => {
             init_vmm_logging();
-            server::run_restore(&file, paused, &vmm, &sock.serve_path()?)
+            server::run_restore(&file, paused, lazy, &vmm, &sock.serve_path()?)
         }
         Command::Save {
             out,

@@ -103,7 +103,7 @@ pub fn run_boot(cfg: VmConfig, vmm: &VmmArgs, sock: &Path) -> anyhow::Result<Exi
         sock.display()
     );
     forward_stdin(&vm);
-    serve(vm, listener, sock)
+    serve(vm, None, listener, sock)
 }
 
 /// A kernel's serial console works in both directions: standard input goes to the guest's COM1.
@@ -129,9 +129,13 @@ fn forward_stdin(vm: &Vm) {
 pub fn run_restore(
     file: &Path,
     paused: bool,
+    lazy: bool,
     vmm: &VmmArgs,
     sock: &Path,
 ) -> anyhow::Result<ExitCode> {
+    if lazy {
+        return run_restore_lazy(file, paused, vmm, sock);
+    }
     let listener = bind_socket(sock)?;
     let t0 = Instant::now();
     let restored = (|| {
@@ -162,7 +166,148 @@ pub fn run_restore(
         sock.display()
     );
     forward_stdin(&vm);
-    serve(vm, listener, sock)
+    serve(vm, None, listener, sock)
+}
+
+/// `snapctl restore --lazy`: the vCPUs start at once, memory follows (see `vm_snapshot::restore_lazy`).
+fn run_restore_lazy(
+    file: &Path,
+    paused: bool,
+    vmm: &VmmArgs,
+    sock: &Path,
+) -> anyhow::Result<ExitCode> {
+    let listener = bind_socket(sock)?;
+    let restored = (|| {
+        let params = vm_snapshot::RestoreParams {
+            paused,
+            backend: backend_override(vmm)?,
+            serial: serial_out(vmm)?,
+        };
+        Ok::<_, anyhow::Error>(vm_snapshot::restore_lazy(file, params))
+    })();
+    if !matches!(restored, Ok(Ok(_))) {
+        // Refused or failed: no VM will serve this socket, so nothing is left behind.
+        let _ = std::fs::remove_file(sock);
+    }
+    let (vm, lazy) = match restored? {
+        Ok(x) => x,
+        Err(vm_snapshot::LazyError::File(e)) => {
+            // Reported as eager restore reports a bad file, with the file's exit code.
+            let (word, code) = file_error_kind(&e);
+            eprintln!(
+                "snapctl: {}: {word} snapshot: {}",
+                file.display(),
+                error_chain(&e)
+            );
+            eprintln!("snapctl: not restoring {}", file.display());
+            return Ok(ExitCode::from(code));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let st = lazy.status();
+    info!(
+        "restoring {} lazily: vCPUs {} after {:.1} ms ({} of guest RAM follows on demand and in the \
+         background); control socket {}",
+        file.display(),
+        if paused {
+            "parked (paused: `snapctl resume` to run)"
+        } else {
+            "running"
+        },
+        st.start_ms,
+        fmt_bytes(st.total_bytes),
+        sock.display()
+    );
+    forward_stdin(&vm);
+    serve(vm, Some(lazy), listener, sock)
+}
+
+/// Watches a lazy restore: logs its end, and ends the VMM when it fails (a record that fails its
+/// checks): the guest must never run on memory that is not the snapshot's, and a vCPU (or a
+/// control thread) that touched a page of the bad record stays blocked for good, so the process
+/// exits at once, with the corrupt-file exit code.
+fn watch_lazy(vmm: Arc<Vmm>, sock: std::path::PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("lazy-watch".into())
+        .spawn(move || {
+            let Some(lazy) = vmm.lazy.as_ref() else {
+                return;
+            };
+            loop {
+                match lazy.wait(Duration::from_millis(500)) {
+                    Some(Ok(())) => {
+                        log_lazy(&lazy.status());
+                        return;
+                    }
+                    Some(Err(f)) => {
+                        error!(
+                            "lazy restore failed: {f}; stopping the VM so that it never runs on \
+                             wrong memory"
+                        );
+                        let _ = std::fs::remove_file(&sock);
+                        let code = match f {
+                            vm_snapshot::LazyFailure::Record(_) => crate::offline::exit::CORRUPT,
+                            vm_snapshot::LazyFailure::Fill(_) => 1,
+                        };
+                        std::process::exit(i32::from(code));
+                    }
+                    None if vmm.stop.load(Ordering::SeqCst) => return,
+                    None => {}
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        // Without the watcher a failed restore would leave the VM blocked, not wrong: say so.
+        warn!("cannot start the thread that watches the lazy restore ({e}); a failure will not end the VMM");
+    }
+}
+
+/// How a bad file is named and which exit code it gets (README: 3 corrupt, 4 incomplete, 5
+/// unreadable or not a snapshot, 6 unsupported), as `verify` and eager `restore` do.
+fn file_error_kind(e: &ram_saver::FormatError) -> (&'static str, u8) {
+    use crate::offline::exit;
+    use ram_saver::ErrorKind as K;
+    match e.kind() {
+        K::Corrupt | K::Mismatch => ("corrupt", exit::CORRUPT),
+        K::Incomplete => ("incomplete", exit::INCOMPLETE),
+        K::Unreadable | K::Unwritable => ("unreadable", exit::UNREADABLE),
+        K::NotASnapshot => ("not a snapshot", exit::UNREADABLE),
+        K::Unsupported => ("unsupported", exit::UNSUPPORTED),
+    }
+}
+
+/// An error and its sources, once each.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A finished lazy restore's figures.
+fn log_lazy(s: &vm_snapshot::LazyStatus) {
+    info!(
+        "lazy restore finished: {} resident after {:.3} s ({:.2} GB/s from the vCPUs' start), \
+         {} faults served (wait p50 {} µs, p99 {} µs, max {} µs; {} filled by faults, {} by the \
+         fill); huge pages {} before, {} after collapsing ({:.0} ms, {} blocks not collapsed)",
+        fmt_bytes(s.resident_bytes),
+        s.resident_s.unwrap_or(0.0),
+        s.fill_gb_s.unwrap_or(0.0),
+        s.faults,
+        s.fault_wait_p50_us,
+        s.fault_wait_p99_us,
+        s.fault_wait_max_us,
+        fmt_bytes(s.fault_filled_bytes),
+        fmt_bytes(s.fill_filled_bytes),
+        fmt_bytes(s.thp_before_bytes.unwrap_or(0)),
+        fmt_bytes(s.thp_after_bytes.unwrap_or(0)),
+        s.collapse_ms.unwrap_or(0.0),
+        s.collapse_failures
+    );
 }
 
 fn backend_override(vmm: &VmmArgs) -> anyhow::Result<Option<MemBackend>> {
@@ -206,6 +351,8 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
 /// State shared by the control threads.
 struct Vmm {
     vm: Arc<Vm>,
+    /// The lazy restore that fills this VM's memory (`restore --lazy`), kept while the VM runs.
+    lazy: Option<vm_snapshot::LazyRestore>,
     tracker: Mutex<Option<Arc<WpTracker>>>,
     save: Mutex<Option<Arc<AtomicBool>>>,
     started: Instant,
@@ -213,15 +360,24 @@ struct Vmm {
     rates: Mutex<Vec<f64>>,
 }
 
-fn serve(vm: Vm, listener: UnixListener, sock: &Path) -> anyhow::Result<ExitCode> {
+fn serve(
+    vm: Vm,
+    lazy: Option<vm_snapshot::LazyRestore>,
+    listener: UnixListener,
+    sock: &Path,
+) -> anyhow::Result<ExitCode> {
     let vmm = Arc::new(Vmm {
         vm: Arc::new(vm),
+        lazy,
         tracker: Mutex::new(None),
         save: Mutex::new(None),
         started: Instant::now(),
         stop: AtomicBool::new(false),
         rates: Mutex::new(Vec::new()),
     });
+    if vmm.lazy.is_some() {
+        watch_lazy(vmm.clone(), sock.to_path_buf());
+    }
     {
         let vmm = vmm.clone();
         std::thread::Builder::new()
@@ -484,6 +640,9 @@ impl Vmm {
                 .map(|(gpa, host, len)| json!({"gpa": gpa, "host": host, "len": len}))
                 .collect::<Vec<_>>(),
         });
+        if let Some(lazy) = &self.vmm_lazy() {
+            v["restore"] = serde_json::to_value(lazy.status()).unwrap_or(Value::Null);
+        }
         // Progress figures only the built-in guest reports: absent for kernel guests, never zeros.
         if cfg.is_builtin_guest() {
             let p = self.vm.progress();
@@ -518,6 +677,39 @@ impl Vmm {
             "timeout",
             "the guest did not answer the self-check within 120 s",
         )
+    }
+
+    fn vmm_lazy(&self) -> Option<&vm_snapshot::LazyRestore> {
+        self.lazy.as_ref()
+    }
+
+    /// A save of a VM still restoring lazily first waits for the fill to finish: pages not yet
+    /// resident are in the file, not in memory, and the write-protect tracking a save needs
+    /// takes over guest memory only once the restore's userfaultfd lets go of it.
+    fn wait_lazy(&self, cancel: &AtomicBool) -> anyhow::Result<()> {
+        let Some(lazy) = &self.lazy else {
+            return Ok(());
+        };
+        let mut logged = false;
+        loop {
+            match lazy.wait(Duration::from_millis(50)) {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(f)) => bail!("the lazy restore of this VM failed: {f}"),
+                None => {}
+            }
+            if cancel.load(Ordering::SeqCst) {
+                bail!("cancelled while waiting for the lazy restore to finish");
+            }
+            if !logged {
+                let s = lazy.status();
+                info!(
+                    "save waits for the lazy restore to finish ({} of {} resident)",
+                    fmt_bytes(s.resident_bytes),
+                    fmt_bytes(s.total_bytes)
+                );
+                logged = true;
+            }
+        }
     }
 
     /// The userfaultfd tracker over all guest RAM, created at the first save and kept.
@@ -634,14 +826,14 @@ impl Vmm {
             v["total_bytes"] = json!(total_bytes);
             let _ = ptx.lock().expect("progress lock").try_send(v);
         };
-        let res = self.tracker().and_then(|t| {
-            vm_snapshot::save(&self.vm, &t, &req, &moving, &cancel, &progress)
-                .map_err(anyhow::Error::from)
-        });
+        let res = self
+            .wait_lazy(&cancel)
+            .and_then(|()| self.tracker())
+            .and_then(|t| {
+                vm_snapshot::save(&self.vm, &t, &req, &moving, &cancel, &progress)
+                    .map_err(anyhow::Error::from)
+            });
         drop(ptx);
-        // A save allocates tens of MiB of staging and I/O buffers on threads that come and go;
-        // give the freed memory back so the VMM's RSS returns to where it was (micro-VM density).
-        vmm_core::trim_heap();
         // Decide before stopping the watcher (whose end would otherwise look like a client leaving).
         let cancelled = cancel.load(Ordering::SeqCst);
         done.store(true, Ordering::SeqCst);

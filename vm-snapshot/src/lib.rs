@@ -8,13 +8,17 @@
 //!   instant RAM is protected a guard, and then ram-saver, releases it whatever fails.
 //! - Restore ([`restore`]): open and check the file, decode the machine state, fill fresh guest
 //!   memory, build the VM; a bad file is refused before any vCPU runs.
+//! - Lazy restore ([`restore_lazy`]): the same checks, then the vCPUs run at once and memory is
+//!   filled on demand (userfaultfd MISSING mode) and by a paced background fill.
 #![forbid(unsafe_code)]
 
+mod lazy;
 mod monitor;
 mod params;
 mod restore;
 mod save;
 
+pub use lazy::{restore_lazy, LazyError, LazyFailure, LazyRestore, LazyStatus};
 pub use monitor::GuestDuringSave;
 pub use params::{SaveParams, DEFAULT_ZSTD_LEVEL, MAX_TUNING_BLOCK, MIN_BANDWIDTH};
 pub use restore::{load, machine_state, restore, RestoreError, RestoreParams};

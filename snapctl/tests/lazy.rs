@@ -1,0 +1,308 @@
+//! `snapctl restore --lazy`: the vCPUs run before guest memory is loaded, memory follows on demand
+//! and from a background fill. Raw and zstd images of a full-speed guest restore lazily, every
+//! vCPU runs on, the guest's self-check passes and `status` shows the fill completing; a record
+//! whose checksum fails ends the VM with an error instead of serving wrong bytes; a save of a VM
+//! still filling waits for the fill and its image passes the oracle; pause and resume work
+//! while it fills. Figures (time to first instruction, fault waits, fill rate, huge pages) are
+//! printed, never asserted.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(120);
+
+/// A `snapctl restore --lazy` process; what it took until its socket answered and until every
+/// vCPU moved past its freeze instant.
+struct Lazy {
+    vmm: Vmm,
+    socket_after: Duration,
+    running_after: Duration,
+}
+
+/// Starts `snapctl restore --lazy FILE EXTRA` with its socket and serial log in `dir`; waits until
+/// the socket answers (and, unless `paused`, every vCPU stepped past `freeze`).
+fn restore_lazy(dir: &Path, tag: &str, file: &Path, freeze: &[u64], extra: &[&str]) -> Lazy {
+    let sock = dir.join(format!("{tag}.sock"));
+    let mut cmd = Command::new(bin());
+    cmd.arg("restore")
+        .arg(file)
+        .arg("--lazy")
+        .args(extra)
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--serial-log")
+        .arg(dir.join(format!("{tag}.serial")));
+    let t0 = Instant::now();
+    let mut vmm = Vmm {
+        proc: Proc::spawn_cmd(&mut cmd, true),
+        sock,
+        mem_bytes: 0,
+    };
+    while UnixStream::connect(&vmm.sock).is_err() {
+        assert!(vmm.proc.running(), "restore --lazy {tag} exited early");
+        assert!(t0.elapsed() < T, "restore --lazy {tag}: no socket");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let socket_after = t0.elapsed();
+    let st = vmm.status();
+    vmm.mem_bytes = st["mem_bytes"].as_u64().unwrap();
+    assert!(st["restore"].is_object(), "status has no restore: {st}");
+    if extra.contains(&"--paused") {
+        return Lazy {
+            vmm,
+            socket_after,
+            running_after: Duration::ZERO,
+        };
+    }
+    // The guest continues from its freeze instant: no vCPU is before it, and each one moves on.
+    let first = vcpu_steps(&st);
+    assert!(
+        first.iter().zip(freeze).all(|(a, b)| a >= b),
+        "{tag}: restored guest is behind its freeze instant: {first:?} < {freeze:?}"
+    );
+    loop {
+        let s = vcpu_steps(&vmm.status());
+        if s.iter().zip(freeze).all(|(a, b)| a > b) {
+            break;
+        }
+        assert!(t0.elapsed() < T, "{tag}: vCPUs did not run on: {s:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Lazy {
+        vmm,
+        socket_after,
+        running_after: t0.elapsed(),
+    }
+}
+
+/// Waits until `status` says the lazy restore is done; returns its `restore` figures.
+fn wait_done(vmm: &Vmm, what: &str) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let st = vmm.status();
+        let r = &st["restore"];
+        assert!(r["failed"].is_null(), "{what}: lazy restore failed: {r}");
+        if r["done"] == true {
+            assert_eq!(r["resident_bytes"], r["total_bytes"], "{what}: {r}");
+            assert_eq!(r["total_bytes"].as_u64(), Some(vmm.mem_bytes), "{what}: {r}");
+            return r.clone();
+        }
+        assert!(t0.elapsed() < T, "{what}: fill not done after {T:?}: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn self_check(vmm: &Vmm, what: &str) {
+    let out = vmm.ctl(&["self-check", "--json"], T);
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "{what}: self-check failed: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        out.stderr
+    );
+}
+
+fn shutdown(l: Lazy, what: &str) -> Output {
+    let out = l.vmm.ctl(&["shutdown"], T);
+    assert_eq!(out.code(), Some(0), "{what}: shutdown: {}", out.stderr);
+    let Lazy { vmm, .. } = l;
+    let out = vmm.proc.wait(T, what);
+    assert_eq!(out.code(), Some(0), "{what}: VMM exit: {}", out.stderr);
+    out
+}
+
+fn freeze_steps(summary: &Value) -> Vec<u64> {
+    summary["freeze_steps"]
+        .as_array()
+        .expect("save summary has freeze_steps")
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect()
+}
+
+fn oracle(path: &Path) {
+    let out = run(&["oracle", path.to_str().unwrap()], T);
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "oracle {}: {}",
+        path.display(),
+        out.stderr
+    );
+}
+
+fn print_figures(what: &str, l: &Lazy, r: &Value) {
+    let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let mib = |k: &str| r[k].as_u64().unwrap_or(0) >> 20;
+    eprintln!(
+        "{what}: socket after {:.1} ms, every vCPU past its freeze instant after {:.1} ms (process \
+         start); in the VMM: vCPUs started {:.2} ms after the restore began, first fault at {:.2} ms; \
+         {} faults, wait p50 {} µs / p99 {} µs / max {} µs; all resident after {:.3} s ({:.2} GB/s \
+         from the vCPUs' start; {} MiB by faults, {} MiB by the fill); huge pages {} MiB before, \
+         {} MiB after the collapse ({:.0} ms, {} blocks not collapsed)",
+        l.socket_after.as_secs_f64() * 1e3,
+        l.running_after.as_secs_f64() * 1e3,
+        f("start_ms"),
+        f("first_fault_ms"),
+        r["faults"],
+        r["fault_wait_p50_us"],
+        r["fault_wait_p99_us"],
+        r["fault_wait_max_us"],
+        f("resident_s"),
+        f("fill_gb_s"),
+        mib("fault_filled_bytes"),
+        mib("fill_filled_bytes"),
+        mib("thp_before_bytes"),
+        mib("thp_after_bytes"),
+        f("collapse_ms"),
+        r["collapse_failures"]
+    );
+}
+
+/// Saves the booted guest raw and zstd; returns the files and their freeze steps.
+fn images(dir: &TempDir, mem: &str) -> Vec<(PathBuf, Vec<u64>)> {
+    let vmm = Vmm::boot(
+        dir.path(),
+        &["--mem", mem, "--vcpus", "2", "--write-rate", "full"],
+    );
+    let mut out = Vec::new();
+    for (name, extra) in [("raw.snap", &[][..]), ("zstd.snap", &["--zstd"][..])] {
+        let path = dir.join(name);
+        let s = vmm.save_and_verify(&path, extra);
+        out.push((path, freeze_steps(&s)));
+    }
+    let res = vmm.ctl(&["shutdown"], T);
+    assert_eq!(res.code(), Some(0), "{}", res.stderr);
+    drop(vmm);
+    out
+}
+
+#[test]
+fn raw_and_zstd_images_restore_lazily_and_pass_the_self_check() {
+    let _s = serial();
+    let dir = TempDir::new("lazy");
+    for (path, freeze) in images(&dir, "256M") {
+        let what = format!(
+            "lazy restore of {} (256 MiB)",
+            path.file_name().unwrap().to_string_lossy()
+        );
+        let l = restore_lazy(dir.path(), "r", &path, &freeze, &[]);
+        let r = wait_done(&l.vmm, &what);
+        assert!(r["faults"].as_u64().unwrap() > 0, "{what}: no fault: {r}");
+        l.vmm.assert_progress(Duration::from_secs(10));
+        self_check(&l.vmm, &what);
+        print_figures(&what, &l, &r);
+        let out = shutdown(l, &what);
+        assert!(
+            out.stderr.contains("lazy restore finished"),
+            "{what}: {}",
+            out.stderr
+        );
+    }
+}
+
+/// File offsets of the payloads of data records, from the trailer index.
+fn data_payloads(path: &Path) -> Vec<u64> {
+    let b = std::fs::read(path).unwrap();
+    let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let footer = b.len() - 32;
+    let (t_off, t_len) = (u64_at(footer) as usize, u64_at(footer + 8) as usize);
+    assert_eq!(&b[t_off..t_off + 4], b"TRLR");
+    let index = &b[t_off + 4 + 6 * 8..t_off + t_len - 4];
+    index
+        .chunks_exact(24)
+        .filter(|e| e[20] == 1)
+        .map(|e| u64::from_le_bytes(e[0..8].try_into().unwrap()) + 28)
+        .collect()
+}
+
+#[test]
+fn a_record_that_fails_its_checksum_ends_the_vm_with_an_error() {
+    let _s = serial();
+    let dir = TempDir::new("lazy-bad");
+    let (path, freeze) = images(&dir, "128M").swap_remove(0);
+    // Damage the payload of every data record: the first one the guest or the fill reads fails.
+    // (Opening checks the footer, trailer, header and machine state, no record.)
+    let mut b = std::fs::read(&path).unwrap();
+    let payloads = data_payloads(&path);
+    assert!(!payloads.is_empty());
+    for at in &payloads {
+        b[*at as usize + 100] ^= 0x5a;
+    }
+    let bad = dir.join("bad.snap");
+    std::fs::write(&bad, &b).unwrap();
+    let sock = dir.join("bad.sock");
+    let t0 = Instant::now();
+    let p = Proc::spawn(&[
+        "restore",
+        bad.to_str().unwrap(),
+        "--lazy",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--serial-log",
+        dir.join("bad.serial").to_str().unwrap(),
+    ]);
+    let out = p.wait(T, "restore --lazy of a damaged file");
+    eprintln!(
+        "damaged records: the VMM ended after {:.0} ms with {:?}; stderr: {}",
+        t0.elapsed().as_secs_f64() * 1e3,
+        out.code(),
+        out.stderr.trim()
+    );
+    assert_eq!(out.code(), Some(3), "not the corrupt-file exit code");
+    assert!(
+        out.stderr.contains("checksum mismatch") && out.stderr.contains("lazy restore failed"),
+        "{}",
+        out.stderr
+    );
+    assert!(!sock.exists(), "the failed VMM left its socket behind");
+    let _ = freeze;
+}
+
+#[test]
+fn a_vm_still_filling_pauses_resumes_and_its_save_waits_for_the_fill() {
+    let _s = serial();
+    let dir = TempDir::new("lazy-save");
+    let (path, freeze) = images(&dir, "1G").swap_remove(1);
+    let l = restore_lazy(dir.path(), "s", &path, &freeze, &[]);
+    let early = l.vmm.status()["restore"].clone();
+    // Pause and resume while the memory still fills.
+    let r = request(&l.vmm.sock, r#"{"cmd":"pause"}"#);
+    assert_eq!(r["reply"], "ok", "{r}");
+    assert_eq!(l.vmm.status()["state"], "paused");
+    let r = request(&l.vmm.sock, r#"{"cmd":"resume"}"#);
+    assert_eq!(r["reply"], "ok", "{r}");
+    // A save now waits for the fill (its image must hold every page of its freeze instant).
+    let snap = dir.join("during-fill.snap");
+    let summary = l.vmm.save_and_verify(&snap, &[]);
+    let r = l.vmm.status()["restore"].clone();
+    assert_eq!(r["done"], true, "a save ran before the fill finished: {r}");
+    oracle(&snap);
+    l.vmm.assert_progress(Duration::from_secs(10));
+    self_check(&l.vmm, "after a save during the fill");
+    eprintln!(
+        "save requested with {} of {} MiB resident; saved in {:.2} s after waiting",
+        early["resident_bytes"].as_u64().unwrap_or(0) >> 20,
+        early["total_bytes"].as_u64().unwrap_or(0) >> 20,
+        summary["duration_s"].as_f64().unwrap_or(0.0)
+    );
+    print_figures("lazy restore of zstd.snap (1 GiB)", &l, &r);
+    shutdown(l, "1 GiB lazy restore");
+
+    // A VM restored paused fills too, and runs once resumed.
+    let l = restore_lazy(dir.path(), "p", &path, &freeze, &["--paused"]);
+    assert_eq!(l.vmm.status()["state"], "paused");
+    wait_done(&l.vmm, "paused lazy restore");
+    let r = request(&l.vmm.sock, r#"{"cmd":"resume"}"#);
+    assert_eq!(r["reply"], "ok", "{r}");
+    l.vmm.assert_progress(Duration::from_secs(10));
+    self_check(&l.vmm, "paused lazy restore, resumed");
+    shutdown(l, "paused lazy restore");
+}

@@ -1,0 +1,1076 @@
+//! Lazy restore: the VM runs at once, its memory follows on demand.
+//!
+//! [`restore_lazy`] opens and checks the file as [`restore`](crate::restore) does (footer,
+//! trailer, header, machine state decoded exactly) and proves from the (checksummed) index that
+//! every guest page is in exactly one record. It then creates fresh guest memory, registers it
+//! with userfaultfd in MISSING mode ([`MissingTracker`]), starts the fault thread, builds the VM
+//! and starts its vCPUs: no page of RAM is read before they run. Then:
+//!
+//! - **Chunks.** Every record is cut at 2 MiB guest boundaries into chunks (a record's pages
+//!   inside one huge page), the unit that is claimed, filled and counted. A chunk's state only
+//!   moves forward: missing → claimed (by a fault) or filling (by the fill) → resident, and it
+//!   turns resident only once all its pages are filled.
+//! - **Fault thread** (first, high priority): a fault on a missing page finds its chunk (binary
+//!   search by first page), reads the chunk's record through the trailer index (positioned
+//!   read, crc check, decompression; the last few records stay decoded) and fills the 64 KiB
+//!   piece around the faulting page (`UFFDIO_COPY`, which wakes the vCPU); a zero chunk is one
+//!   `UFFDIO_ZEROPAGE`. The rest of a chunk it claimed is filled in 256 KiB steps between
+//!   batches of faults, so a fault never waits behind a whole chunk. A fault on a resident chunk
+//!   only wakes (its event was read after someone else filled the page). The wait of each fault
+//!   is measured from the moment its event is read until its piece is filled (time before the
+//!   read, a poll wake-up, is not seen).
+//! - **Fill thread**: fills every chunk still missing, in file order (the disk reads forward),
+//!   one chunk per step, and waits while the fault thread serves faults. It skips chunks a
+//!   fault claimed; a fault on a chunk the fill is filling fills its own piece and leaves the
+//!   rest to the fill. Two threads filling the same pages is harmless: the kernel fills only
+//!   missing pages (one that exists answers EEXIST and is skipped), with the same bytes from the
+//!   same checked record.
+//! - **End**: once every chunk is resident the memory is unregistered (the VM runs without
+//!   userfaultfd from then on), and every 2 MiB block that holds data is collapsed back into a
+//!   huge page (`MADV_COLLAPSE`, best effort: UFFDIO_COPY maps 4 KiB pages). Blocks that are
+//!   all zeros stay on the shared zero page (collapsing them would allocate 2 MiB of zeros each).
+//! - **Failure**: a record that fails its checks (crc, header against index, decompression) or a
+//!   fill the kernel refuses stops both threads and is reported ([`LazyRestore::failure`],
+//!   [`LazyRestore::wait`]). The registration is kept: a page that was never filled is never
+//!   handed out as zeros, and whoever touches one stays blocked. The owner must stop the VM
+//!   (the snapctl VMM exits). Dropping a [`LazyRestore`] that did not finish keeps the
+//!   registration until the process ends for the same reason.
+//!
+//! Not supported yet: hugetlbfs guest memory (its fills must be whole 2 MiB pages assembled from
+//! several records), hot-set-first prefetch, smaller independent decode units for compressed
+//! records (a fault on a 2 MiB zstd record decodes all of it).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ram_saver::{FormatError, IndexEntry, RecordKind, SnapshotHeader, SnapshotReader};
+use serde::Serialize;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_core::{MemBackend, Vm, VmError};
+use wp_tracker::{HostRange, MissingError, MissingFault, MissingTracker};
+
+use crate::{machine_state, RestoreParams};
+
+/// The snapshot, opened by path (positioned reads from any thread).
+type Reader = SnapshotReader<BufReader<File>>;
+
+/// Guest bytes per chunk at most, and the alignment chunks never cross (an x86-64 huge page).
+const BLOCK: u64 = 2 << 20;
+/// Bytes a fault fills before the rest of its chunk (the faulting vCPU runs on after these).
+const FAULT_PIECE: u64 = 64 << 10;
+/// How long the fault thread waits for events before it looks at the stop flag.
+const FAULT_POLL: Duration = Duration::from_millis(20);
+/// Nice value of the fault thread (ahead of the vCPUs and the fill; needs CAP_SYS_NICE).
+const FAULT_NICE: i32 = -10;
+/// Bytes of a claimed chunk's rest the fault thread fills between two looks for faults.
+const REST_STEP: u64 = 256 << 10;
+/// How long the fill waits between looks while the fault thread is busy.
+const FILL_YIELD: Duration = Duration::from_micros(20);
+/// Most fault waits kept for the percentiles (later ones still count in `faults` and `max`).
+const MAX_WAIT_SAMPLES: usize = 1 << 17;
+
+/// Why a lazy restore could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    /// The file is bad (damaged, incomplete, not a snapshot, unsupported), or its machine state
+    /// does not decode exactly, or its index does not cover guest memory exactly once: refused
+    /// before any vCPU runs.
+    #[error(transparent)]
+    File(#[from] FormatError),
+    /// Lazy restore does not support this guest memory backing yet.
+    #[error(
+        "lazy restore does not support {0:?} guest memory yet (use `--mem-backend anon` or \
+         `memfd`, or an eager restore)"
+    )]
+    Backend(MemBackend),
+    /// Guest memory could not be created.
+    #[error("creating guest memory")]
+    Memory(#[source] VmError),
+    /// Guest memory could not be registered with userfaultfd in MISSING mode.
+    #[error("registering guest memory for missing-page faults")]
+    Userfaultfd(#[source] MissingError),
+    /// A thread of the lazy restore could not be started.
+    #[error("starting the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
+    /// The VM could not be built from a good file.
+    #[error("restoring the VM")]
+    Vm(#[source] VmError),
+}
+
+/// Why a lazy restore stopped before all memory was resident. The VM must not run on.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LazyFailure {
+    /// A record failed its checks when it was read (the file changed or was damaged after it was
+    /// opened: open checks no record).
+    #[error("{0}")]
+    Record(String),
+    /// The kernel refused a fill or the fault events could not be read.
+    #[error("{0}")]
+    Fill(String),
+}
+
+/// Figures of a lazy restore, for `status` and the log.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LazyStatus {
+    /// Guest bytes resident (filled) so far.
+    pub resident_bytes: u64,
+    /// Guest bytes in all.
+    pub total_bytes: u64,
+    /// Missing-page faults served (events read; several vCPUs may fault on one chunk).
+    pub faults: u64,
+    /// Everything resident, memory unregistered, huge pages collapsed: the restore is over.
+    pub done: bool,
+    /// Why the restore stopped, if it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
+    /// Restore work until the vCPUs were started (open, checks, memory, userfaultfd, VM), ms.
+    pub start_ms: f64,
+    /// When the first fault was read (≈ the first guest instruction fetch), ms from the start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_fault_ms: Option<f64>,
+    /// Fault wait (event read → page filled) p50, µs.
+    pub fault_wait_p50_us: u64,
+    /// Fault wait p99, µs.
+    pub fault_wait_p99_us: u64,
+    /// Longest fault wait, µs.
+    pub fault_wait_max_us: u64,
+    /// Guest bytes the fault thread filled.
+    pub fault_filled_bytes: u64,
+    /// Guest bytes the fill thread filled.
+    pub fill_filled_bytes: u64,
+    /// When everything was resident, seconds from the start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resident_s: Option<f64>,
+    /// File-to-memory rate of the whole restore: guest bytes / (everything resident − vCPUs started), GB/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fill_gb_s: Option<f64>,
+    /// Guest bytes on huge pages once everything was resident, before the collapse.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thp_before_bytes: Option<u64>,
+    /// Guest bytes on huge pages after the collapse.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thp_after_bytes: Option<u64>,
+    /// Time the collapse took, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collapse_ms: Option<f64>,
+    /// 2 MiB blocks the kernel did not collapse.
+    pub collapse_failures: u64,
+}
+
+/// A lazy restore in progress (or finished). Keep it as long as the VM runs; see the module docs
+/// for what dropping it before the end means.
+#[derive(Debug)]
+pub struct LazyRestore {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// One piece of a record inside one 2 MiB guest block.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    first_page: u64,
+    pages: u32,
+    /// The record (index entry) it comes from.
+    record: u32,
+    zero: bool,
+}
+
+/// Chunk states, which only move forward: MISSING → CLAIMED or FILLING → RESIDENT.
+const MISSING: u8 = 0;
+/// A fault filled a piece of it; the fault thread fills the rest.
+const CLAIMED: u8 = 1;
+/// The fill thread is filling it.
+const FILLING: u8 = 2;
+/// Every page is filled.
+const RESIDENT: u8 = 3;
+
+/// A region of guest memory: guest pages `[first_page, first_page + pages)` at `host`.
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    first_page: u64,
+    pages: u64,
+    host: usize,
+}
+
+/// Everything the threads share.
+struct Shared {
+    reader: Reader,
+    tracker: Mutex<Option<Arc<MissingTracker>>>,
+    /// Keeps the mappings of `regions` alive for as long as the threads use their addresses.
+    _mem: GuestMemoryMmap,
+    regions: Vec<Region>,
+    page_size: u64,
+    /// In file order (record order, then ascending pages).
+    chunks: Vec<Chunk>,
+    /// Chunk numbers sorted by first page.
+    by_page: Vec<u32>,
+    state: Vec<AtomicU8>,
+    /// The fault thread is serving: the fill waits.
+    fault_busy: AtomicBool,
+    stop: AtomicBool,
+    /// Everything is resident and the registration ends: errors of the fault thread no longer
+    /// matter.
+    finishing: AtomicBool,
+    t0: Instant,
+    resident: AtomicU64,
+    total: u64,
+    faults: AtomicU64,
+    fault_filled: AtomicU64,
+    fill_filled: AtomicU64,
+    waits: Mutex<Waits>,
+    end: Mutex<End>,
+    end_cv: Condvar,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("chunks", &self.chunks.len())
+            .field("resident", &self.resident)
+            .field("total", &self.total)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Fault waits in µs.
+#[derive(Debug, Default)]
+struct Waits {
+    samples: Vec<u32>,
+    max: u64,
+    first_fault: Option<Duration>,
+}
+
+/// How the restore ended, and the figures known only then.
+#[derive(Debug, Default)]
+struct End {
+    failed: Option<LazyFailure>,
+    done: bool,
+    start: Duration,
+    resident_at: Option<Duration>,
+    thp_before: Option<u64>,
+    thp_after: Option<u64>,
+    collapse: Option<Duration>,
+    collapse_failures: u64,
+}
+
+/// Restores `file` into a new VM whose memory is filled on demand (running, or parked with
+/// `params.paused`; the fill runs either way). A bad file is refused before any vCPU runs.
+pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyRestore), LazyError> {
+    let t0 = Instant::now();
+    let reader = SnapshotReader::open(file)?;
+    let state = machine_state(&reader)?;
+    let cfg = state.config();
+    let backend = params.backend.unwrap_or(cfg.backend);
+    if backend == MemBackend::Hugetlbfs {
+        return Err(LazyError::Backend(backend));
+    }
+    let page_size = u64::from(reader.header().page_size);
+    prove_coverage(reader.header(), &reader.trailer().index)?;
+    let (chunks, by_page) = plan_chunks(reader.trailer().index.as_slice(), page_size);
+    let mem = vmm_core::create_guest_memory(cfg.mem_bytes, backend).map_err(LazyError::Memory)?;
+    let regions = regions_of(&reader, &mem)?;
+    let tracker = MissingTracker::new().map_err(LazyError::Userfaultfd)?;
+    tracker
+        .register_memory(&mem)
+        .map_err(LazyError::Userfaultfd)?;
+    let total = reader.header().total_pages() * page_size;
+    let shared = Arc::new(Shared {
+        reader,
+        tracker: Mutex::new(Some(Arc::new(tracker))),
+        _mem: mem.clone(),
+        regions,
+        page_size,
+        state: chunks.iter().map(|_| AtomicU8::new(MISSING)).collect(),
+        chunks,
+        by_page,
+        fault_busy: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        finishing: AtomicBool::new(false),
+        t0,
+        resident: AtomicU64::new(0),
+        total,
+        faults: AtomicU64::new(0),
+        fault_filled: AtomicU64::new(0),
+        fill_filled: AtomicU64::new(0),
+        waits: Mutex::new(Waits::default()),
+        end: Mutex::new(End::default()),
+        end_cv: Condvar::new(),
+    });
+    let lazy = LazyRestore {
+        shared: shared.clone(),
+        threads: Mutex::new(Vec::new()),
+    };
+    // The fault thread serves before anything can touch guest memory.
+    lazy.spawn("lazy-fault", move || {
+        let _ = wp_tracker::set_thread_nice(FAULT_NICE);
+        fault_thread(&shared)
+    })?;
+    let vm = Vm::restore(&state, mem, params.serial, params.paused).map_err(LazyError::Vm)?;
+    lock(&lazy.shared.end).start = t0.elapsed();
+    let shared = lazy.shared.clone();
+    lazy.spawn("lazy-fill", move || fill_thread(&shared))?;
+    Ok((vm, lazy))
+}
+
+impl LazyRestore {
+    fn spawn(
+        &self,
+        name: &'static str,
+        f: impl FnOnce() + Send + 'static,
+    ) -> Result<(), LazyError> {
+        let h = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(f)
+            .map_err(|e| LazyError::Thread(name, e))?;
+        lock(&self.threads).push(h);
+        Ok(())
+    }
+
+    /// Progress and figures so far.
+    pub fn status(&self) -> LazyStatus {
+        let s = &self.shared;
+        let (p50, p99, max, first) = {
+            let w = lock(&s.waits);
+            let mut v = w.samples.clone();
+            v.sort_unstable();
+            let pct = |p: usize| v.get((v.len() * p / 100).min(v.len().saturating_sub(1)));
+            (
+                pct(50).copied().unwrap_or(0),
+                pct(99).copied().unwrap_or(0),
+                w.max,
+                w.first_fault,
+            )
+        };
+        let end = lock(&s.end);
+        let resident = s.resident.load(Ordering::Relaxed);
+        LazyStatus {
+            resident_bytes: resident,
+            total_bytes: s.total,
+            faults: s.faults.load(Ordering::Relaxed),
+            done: end.done,
+            failed: end.failed.as_ref().map(|f| f.to_string()),
+            start_ms: ms(end.start),
+            first_fault_ms: first.map(ms),
+            fault_wait_p50_us: u64::from(p50),
+            fault_wait_p99_us: u64::from(p99),
+            fault_wait_max_us: max,
+            fault_filled_bytes: s.fault_filled.load(Ordering::Relaxed),
+            fill_filled_bytes: s.fill_filled.load(Ordering::Relaxed),
+            resident_s: end.resident_at.map(|d| d.as_secs_f64()),
+            fill_gb_s: end.resident_at.map(|d| {
+                s.total as f64 / (d.saturating_sub(end.start)).as_secs_f64().max(1e-9) / 1e9
+            }),
+            thp_before_bytes: end.thp_before,
+            thp_after_bytes: end.thp_after,
+            collapse_ms: end.collapse.map(ms),
+            collapse_failures: end.collapse_failures,
+        }
+    }
+
+    /// True once the restore is over (everything resident, unregistered, collapsed).
+    pub fn is_done(&self) -> bool {
+        lock(&self.shared.end).done
+    }
+
+    /// Why the restore failed, if it did.
+    pub fn failure(&self) -> Option<LazyFailure> {
+        lock(&self.shared.end).failed.clone()
+    }
+
+    /// Waits up to `timeout` for the restore to end: `Some(Ok)` done, `Some(Err)` failed, `None`
+    /// still filling.
+    pub fn wait(&self, timeout: Duration) -> Option<Result<(), LazyFailure>> {
+        let deadline = Instant::now() + timeout;
+        let mut end = lock(&self.shared.end);
+        loop {
+            if let Some(f) = &end.failed {
+                return Some(Err(f.clone()));
+            }
+            if end.done {
+                return Some(Ok(()));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            end = self
+                .shared
+                .end_cv
+                .wait_timeout(end, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for LazyRestore {
+    fn drop(&mut self) {
+        let s = &self.shared;
+        s.stop.store(true, Ordering::SeqCst);
+        for h in lock(&self.threads).drain(..) {
+            let _ = h.join();
+        }
+        if s.resident.load(Ordering::SeqCst) < s.total {
+            // Pages never filled must not turn into zeros for whoever still holds the memory:
+            // keep them registered (blocking) until the process ends.
+            if let Some(t) = lock(&s.tracker).take() {
+                std::mem::forget(t);
+            }
+        }
+    }
+}
+
+/// Proves from the index alone (no record read) that every guest page of the header's regions
+/// is in exactly one record, as eager restore does before it writes memory.
+fn prove_coverage(h: &SnapshotHeader, index: &[IndexEntry]) -> Result<(), FormatError> {
+    let ps = u64::from(h.page_size);
+    let mut order: Vec<u32> = (0..index.len() as u32).collect();
+    order.sort_unstable_by_key(|&i| index[i as usize].first_page);
+    let mut regions = h
+        .regions
+        .iter()
+        .map(|m| (m.gpa / ps, (m.gpa + m.size) / ps));
+    let mut cur = regions.next();
+    for &i in &order {
+        let e = &index[i as usize];
+        let record = Some(u64::from(i));
+        let Some((next, end)) = cur else {
+            return Err(FormatError::Coverage {
+                what: "lies outside guest memory",
+                page: e.first_page,
+                record,
+            });
+        };
+        if e.first_page < next {
+            return Err(FormatError::Coverage {
+                what: "appears more than once",
+                page: e.first_page,
+                record,
+            });
+        }
+        if e.first_page > next {
+            let what = if next < end {
+                "is missing"
+            } else {
+                "lies outside guest memory"
+            };
+            let page = if next < end { next } else { e.first_page };
+            return Err(FormatError::Coverage { what, page, record });
+        }
+        let after = e.first_page + u64::from(e.page_count);
+        if after > end {
+            return Err(FormatError::Coverage {
+                what: "lies outside guest memory",
+                page: end,
+                record,
+            });
+        }
+        cur = if after == end {
+            regions.next()
+        } else {
+            Some((after, end))
+        };
+    }
+    if let Some((next, _)) = cur {
+        return Err(FormatError::Coverage {
+            what: "is missing",
+            page: next,
+            record: None,
+        });
+    }
+    Ok(())
+}
+
+/// Cuts every record at 2 MiB guest boundaries: the chunks in file order, and their numbers
+/// sorted by first page.
+fn plan_chunks(index: &[IndexEntry], page_size: u64) -> (Vec<Chunk>, Vec<u32>) {
+    let block_pages = (BLOCK / page_size).max(1);
+    let mut chunks = Vec::with_capacity(index.len());
+    for (i, e) in index.iter().enumerate() {
+        let mut p = e.first_page;
+        let end = e.first_page + u64::from(e.page_count);
+        while p < end {
+            let next = ((p / block_pages) + 1) * block_pages;
+            let n = next.min(end) - p;
+            chunks.push(Chunk {
+                first_page: p,
+                pages: n as u32,
+                record: i as u32,
+                zero: e.kind == RecordKind::ZeroRun,
+            });
+            p += n;
+        }
+    }
+    let mut by_page: Vec<u32> = (0..chunks.len() as u32).collect();
+    by_page.sort_unstable_by_key(|&c| chunks[c as usize].first_page);
+    (chunks, by_page)
+}
+
+/// Guest memory's regions, which must be the header's.
+fn regions_of(r: &Reader, mem: &GuestMemoryMmap) -> Result<Vec<Region>, LazyError> {
+    let ps = u64::from(r.header().page_size);
+    let ours: Vec<(u64, u64)> = r.header().regions.iter().map(|m| (m.gpa, m.size)).collect();
+    let theirs: Vec<(u64, u64)> = mem.iter().map(|m| (m.start_addr().0, m.len())).collect();
+    if ours != theirs {
+        return Err(FormatError::LayoutMismatch {
+            what: format!("snapshot regions {ours:x?}, guest regions {theirs:x?}"),
+        }
+        .into());
+    }
+    Ok(mem
+        .iter()
+        .map(|m| Region {
+            first_page: m.start_addr().0 / ps,
+            pages: m.len() / ps,
+            host: m.as_ptr() as usize,
+        })
+        .collect())
+}
+
+impl Shared {
+    fn tracker(&self) -> Option<Arc<MissingTracker>> {
+        lock(&self.tracker).clone()
+    }
+
+    /// The host range of guest pages `[first, first + n)` (inside one region).
+    fn host(&self, first: u64, n: u64) -> HostRange {
+        let r = self
+            .regions
+            .iter()
+            .find(|r| first >= r.first_page && first + n <= r.first_page + r.pages)
+            .expect("chunks lie inside one region (coverage was proved)");
+        let ps = self.page_size;
+        HostRange::new(
+            r.host + ((first - r.first_page) * ps) as usize,
+            (n * ps) as usize,
+        )
+    }
+
+    /// The guest page at host address `addr`, if it is guest memory.
+    fn page_of(&self, addr: usize) -> Option<u64> {
+        let ps = self.page_size as usize;
+        self.regions.iter().find_map(|r| {
+            let len = r.pages as usize * ps;
+            (addr >= r.host && addr - r.host < len)
+                .then(|| r.first_page + ((addr - r.host) / ps) as u64)
+        })
+    }
+
+    /// The chunk holding guest page `page`.
+    fn chunk_of(&self, page: u64) -> Option<usize> {
+        let at = self
+            .by_page
+            .partition_point(|&c| self.chunks[c as usize].first_page <= page);
+        let c = *self.by_page.get(at.checked_sub(1)?)? as usize;
+        let ch = &self.chunks[c];
+        (page < ch.first_page + u64::from(ch.pages)).then_some(c)
+    }
+
+    fn state(&self, c: usize) -> u8 {
+        self.state[c].load(Ordering::Acquire)
+    }
+
+    /// Moves chunk `c` from MISSING to `to`; false if it was not MISSING any more.
+    fn claim(&self, c: usize, to: u8) -> bool {
+        self.state[c]
+            .compare_exchange(MISSING, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Marks chunk `c` resident (all of it is filled); counted once, whoever marks it.
+    fn mark_resident(&self, c: usize) {
+        if self.state[c].swap(RESIDENT, Ordering::AcqRel) != RESIDENT {
+            let bytes = u64::from(self.chunks[c].pages) * self.page_size;
+            self.resident.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Fills pages `[from, to)` of chunk `c` (relative to its first page) from its record, or
+    /// with zeros for a zero chunk; returns the bytes this call filled (pages already there are
+    /// skipped by the kernel).
+    fn fill_pages(
+        &self,
+        tracker: &MissingTracker,
+        cache: &mut DecodeCache,
+        c: usize,
+        from: u64,
+        to: u64,
+    ) -> Result<u64, LazyFailure> {
+        let ch = self.chunks[c];
+        let ps = self.page_size;
+        let range = self.host(ch.first_page + from, to - from);
+        let fill_err = |e: MissingError| LazyFailure::Fill(chain(&e));
+        if ch.zero {
+            return tracker.fill_zero(range).map(|n| n as u64).map_err(fill_err);
+        }
+        let data = cache.get(&self.reader, ch.record as usize)?;
+        let entry = &self.reader.trailer().index[ch.record as usize];
+        let off = ((ch.first_page - entry.first_page + from) * ps) as usize;
+        let src = &data[off..off + range.len];
+        tracker.fill(range, src).map(|n| n as u64).map_err(fill_err)
+    }
+
+    /// Records the failure (the first one wins) and stops both threads.
+    fn fail(&self, f: LazyFailure) {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut end = lock(&self.end);
+        if end.failed.is_none() && !end.done {
+            end.failed = Some(f);
+        }
+        self.end_cv.notify_all();
+    }
+}
+
+/// The decoded pages of the last few records read: the pieces of a fault and the rest of its
+/// chunk (filled later, between other faults), or consecutive chunks of one record, decode it
+/// once.
+#[derive(Debug, Default)]
+struct DecodeCache {
+    /// (record, pages, last use), most recent use highest.
+    slots: Vec<(usize, Vec<u8>, u64)>,
+    tick: u64,
+}
+
+/// Records a [`DecodeCache`] keeps decoded (2 MiB each at most in practice).
+const DECODED_RECORDS: usize = 4;
+
+impl DecodeCache {
+    /// A cache whose buffers already hold `bytes` each, touched: the first faults do not pay
+    /// for faulting in fresh heap memory (about a millisecond per 2 MiB here).
+    fn warm(bytes: usize) -> Self {
+        let slots = (0..DECODED_RECORDS)
+            .map(|_| {
+                let mut v = Vec::with_capacity(bytes);
+                v.resize(bytes, 0u8);
+                (usize::MAX, v, 0)
+            })
+            .collect();
+        DecodeCache { slots, tick: 0 }
+    }
+
+    fn get(&mut self, reader: &Reader, record: usize) -> Result<&[u8], LazyFailure> {
+        self.tick += 1;
+        let at = match self.slots.iter().position(|s| s.0 == record) {
+            Some(at) => at,
+            None => {
+                let at = if self.slots.len() < DECODED_RECORDS {
+                    self.slots.push((usize::MAX, Vec::new(), 0));
+                    self.slots.len() - 1
+                } else {
+                    let lru = self.slots.iter().enumerate().min_by_key(|(_, s)| s.2);
+                    lru.map_or(0, |(i, _)| i)
+                };
+                // A record of the same length reuses the buffer as it is.
+                let slot = &mut self.slots[at];
+                slot.0 = usize::MAX;
+                reader
+                    .read_record_at(record, &mut slot.1)
+                    .map_err(|e| LazyFailure::Record(chain(&e)))?;
+                slot.0 = record;
+                at
+            }
+        };
+        self.slots[at].2 = self.tick;
+        Ok(&self.slots[at].1)
+    }
+}
+
+/// What is left of a chunk a fault claimed: page ranges (relative to the chunk) still to fill.
+#[derive(Debug)]
+struct Rest {
+    chunk: usize,
+    ranges: Vec<(u64, u64)>,
+}
+
+fn fault_thread(s: &Shared) {
+    let Some(tracker) = s.tracker() else {
+        return;
+    };
+    let mut cache = DecodeCache::warm(BLOCK as usize);
+    let mut rests: VecDeque<Rest> = VecDeque::new();
+    let mut faults: Vec<MissingFault> = Vec::new();
+    let mut waits: Vec<Duration> = Vec::new();
+    while !s.stop.load(Ordering::SeqCst) {
+        faults.clear();
+        // Block only when there is nothing else to do.
+        let read = if rests.is_empty() {
+            tracker.wait_faults(FAULT_POLL, &mut faults)
+        } else {
+            tracker.read_faults(&mut faults)
+        };
+        let served = read
+            .map_err(|e| LazyFailure::Fill(chain(&e)))
+            .and_then(|_| {
+                serve_faults(s, &tracker, &mut cache, &faults, &mut rests, &mut waits)?;
+                // Then a step of the rest of the claimed chunks, before looking for faults again.
+                rest_step(s, &tracker, &mut cache, &mut rests)
+            });
+        if let Err(e) = served {
+            s.fault_busy.store(false, Ordering::SeqCst);
+            if !s.finishing.load(Ordering::SeqCst) {
+                s.fail(e);
+            }
+            return;
+        }
+    }
+}
+
+/// Serves a batch of faults: the piece around each faulting page (its toucher runs on at once),
+/// or a wake if its chunk is resident; the rest of a chunk claimed here is queued in `rests`.
+fn serve_faults(
+    s: &Shared,
+    tracker: &MissingTracker,
+    cache: &mut DecodeCache,
+    faults: &[MissingFault],
+    rests: &mut VecDeque<Rest>,
+    waits: &mut Vec<Duration>,
+) -> Result<(), LazyFailure> {
+    if faults.is_empty() {
+        return Ok(());
+    }
+    let read_at = Instant::now();
+    s.fault_busy.store(true, Ordering::SeqCst);
+    waits.clear();
+    for f in faults {
+        let n = serve_fault(s, tracker, cache, f, rests)?;
+        s.fault_filled.fetch_add(n, Ordering::Relaxed);
+        waits.push(read_at.elapsed());
+    }
+    s.fault_busy.store(false, Ordering::SeqCst);
+    s.faults.fetch_add(faults.len() as u64, Ordering::Relaxed);
+    let mut w = lock(&s.waits);
+    w.first_fault.get_or_insert(read_at.duration_since(s.t0));
+    for d in waits.iter() {
+        let us = d.as_micros().min(u128::from(u32::MAX)) as u32;
+        w.max = w.max.max(u64::from(us));
+        if w.samples.len() < MAX_WAIT_SAMPLES {
+            w.samples.push(us);
+        }
+    }
+    Ok(())
+}
+
+/// One missing fault; returns the bytes it filled.
+fn serve_fault(
+    s: &Shared,
+    tracker: &MissingTracker,
+    cache: &mut DecodeCache,
+    f: &MissingFault,
+    rests: &mut VecDeque<Rest>,
+) -> Result<u64, LazyFailure> {
+    let page = s.page_of(f.addr);
+    let chunk = page.and_then(|p| s.chunk_of(p));
+    let (Some(page), Some(c)) = (page, chunk) else {
+        // Not guest memory we know (cannot happen: only guest memory is registered).
+        return Ok(0);
+    };
+    let ch = s.chunks[c];
+    let n = u64::from(ch.pages);
+    if s.state(c) == RESIDENT {
+        // Read after someone else filled the page (that fill woke the toucher, or will have).
+        let ps = s.page_size as usize;
+        tracker
+            .wake(HostRange::new(f.addr & !(ps - 1), ps))
+            .map_err(|e| LazyFailure::Fill(chain(&e)))?;
+        return Ok(0);
+    }
+    if ch.zero {
+        // One ioctl of zero pages for all of it: no piece needed.
+        let filled = s.fill_pages(tracker, cache, c, 0, n)?;
+        s.mark_resident(c);
+        return Ok(filled);
+    }
+    let piece = (FAULT_PIECE / s.page_size).max(1);
+    let rel = page - ch.first_page;
+    let a = (page / piece * piece).max(ch.first_page) - ch.first_page;
+    let b = (a + piece).min(n).max(rel + 1);
+    let filled = s.fill_pages(tracker, cache, c, a, b)?;
+    if a == 0 && b == n {
+        s.mark_resident(c);
+    } else if s.claim(c, CLAIMED) {
+        rests.push_back(Rest {
+            chunk: c,
+            ranges: [(0, a), (b, n)].into_iter().filter(|r| r.0 < r.1).collect(),
+        });
+    }
+    // CLAIMED before: its rest is queued already (and covers this piece: EEXIST then).
+    // FILLING: the fill thread completes it.
+    Ok(filled)
+}
+
+/// Fills up to [`REST_STEP`] of the oldest claimed chunk's rest.
+fn rest_step(
+    s: &Shared,
+    tracker: &MissingTracker,
+    cache: &mut DecodeCache,
+    rests: &mut VecDeque<Rest>,
+) -> Result<(), LazyFailure> {
+    let Some(rest) = rests.front_mut() else {
+        return Ok(());
+    };
+    let step = (REST_STEP / s.page_size).max(1);
+    if let Some(r) = rest.ranges.first_mut() {
+        let to = r.1.min(r.0 + step);
+        let n = s.fill_pages(tracker, cache, rest.chunk, r.0, to)?;
+        s.fault_filled.fetch_add(n, Ordering::Relaxed);
+        r.0 = to;
+        if r.0 == r.1 {
+            rest.ranges.remove(0);
+        }
+    }
+    if rest.ranges.is_empty() {
+        s.mark_resident(rest.chunk);
+        rests.pop_front();
+    }
+    Ok(())
+}
+
+fn fill_thread(s: &Shared) {
+    let Some(tracker) = s.tracker() else {
+        return;
+    };
+    let mut cache = DecodeCache::default();
+    for c in 0..s.chunks.len() {
+        // Faults first: wait while the fault thread serves.
+        while s.fault_busy.load(Ordering::SeqCst) && !s.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(FILL_YIELD);
+        }
+        if s.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        // Chunks a fault claimed are finished by the fault thread.
+        if !s.claim(c, FILLING) {
+            continue;
+        }
+        let n = u64::from(s.chunks[c].pages);
+        match s.fill_pages(&tracker, &mut cache, c, 0, n) {
+            Ok(n) => {
+                s.fill_filled.fetch_add(n, Ordering::Relaxed);
+                s.mark_resident(c);
+            }
+            Err(e) => return s.fail(e),
+        }
+    }
+    drop(cache);
+    // The fault thread finishes the chunks it claimed.
+    while s.resident.load(Ordering::SeqCst) < s.total {
+        if s.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    finish(s, &tracker);
+}
+
+/// Everything is resident: unregister (the fault thread stops), collapse the blocks that hold
+/// data into huge pages, and report.
+fn finish(s: &Shared, tracker: &MissingTracker) {
+    let resident_at = s.t0.elapsed();
+    // The fault thread ends; faults read meanwhile find their chunks resident, and anyone still
+    // blocked is woken by the unregistration and finds its page there.
+    s.finishing.store(true, Ordering::SeqCst);
+    s.stop.store(true, Ordering::SeqCst);
+    if let Err(e) = tracker.unregister_all() {
+        return s.fail(LazyFailure::Fill(chain(&e)));
+    }
+    {
+        let mut end = lock(&s.end);
+        end.resident_at = Some(resident_at);
+    }
+    let pm = ram_saver::pagemap::Pagemap::open();
+    let huge_bytes = || -> u64 {
+        s.regions
+            .iter()
+            .map(|r| {
+                pm.huge_ranges(r.host, r.pages as usize * s.page_size as usize)
+                    .iter()
+                    .map(|(a, b)| (b - a) as u64)
+                    .sum::<u64>()
+            })
+            .sum()
+    };
+    let before = huge_bytes();
+    let t = Instant::now();
+    let mut failures = 0;
+    let block_pages = BLOCK / s.page_size;
+    let mut data_blocks: Vec<u64> = s
+        .chunks
+        .iter()
+        .filter(|c| !c.zero)
+        .map(|c| c.first_page / block_pages)
+        .collect();
+    data_blocks.sort_unstable();
+    data_blocks.dedup();
+    for b in data_blocks {
+        let first = b * block_pages;
+        let whole = s
+            .regions
+            .iter()
+            .any(|r| first >= r.first_page && first + block_pages <= r.first_page + r.pages);
+        if !whole {
+            continue;
+        }
+        if tracker.collapse_huge(s.host(first, block_pages)).is_err() {
+            failures += 1;
+        }
+    }
+    let collapse = t.elapsed();
+    let after = huge_bytes();
+    // Let go of the registration's memory handles now (nothing is registered any more).
+    lock(&s.tracker).take();
+    let mut end = lock(&s.end);
+    end.thp_before = Some(before);
+    end.thp_after = Some(after);
+    end.collapse = Some(collapse);
+    end.collapse_failures = failures;
+    if end.failed.is_none() {
+        end.done = true;
+    }
+    s.end_cv.notify_all();
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An error and its sources, once each.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ram_saver::MemRegion;
+
+    const PS: u64 = 4096;
+
+    fn header() -> SnapshotHeader {
+        // Two regions: pages 0..1024 and 4096..4608.
+        SnapshotHeader::new(
+            vec![
+                MemRegion {
+                    gpa: 0,
+                    size: 1024 * PS,
+                },
+                MemRegion {
+                    gpa: 4096 * PS,
+                    size: 512 * PS,
+                },
+            ],
+            1,
+            Vec::new(),
+        )
+    }
+
+    fn entry(first_page: u64, page_count: u32, zero: bool) -> IndexEntry {
+        IndexEntry {
+            offset: 0,
+            first_page,
+            page_count,
+            kind: if zero {
+                RecordKind::ZeroRun
+            } else {
+                RecordKind::Data
+            },
+        }
+    }
+
+    #[test]
+    fn coverage_is_proved_from_the_index_in_any_order() {
+        let h = header();
+        let good = [
+            entry(4096, 512, true),
+            entry(10, 1014, false),
+            entry(0, 10, false),
+        ];
+        prove_coverage(&h, &good).unwrap();
+        let cases: [(&[IndexEntry], &str, u64); 4] = [
+            (
+                &[
+                    entry(0, 1024, true),
+                    entry(4096, 100, false),
+                    entry(4190, 418, false),
+                ],
+                "appears more than once",
+                4190,
+            ),
+            (
+                &[entry(0, 1000, true), entry(4096, 512, false)],
+                "is missing",
+                1000,
+            ),
+            (
+                &[entry(0, 1025, true), entry(4096, 512, false)],
+                "lies outside guest memory",
+                1024,
+            ),
+            (&[entry(0, 1024, true)], "is missing", 4096),
+        ];
+        for (index, want, at) in cases {
+            match prove_coverage(&h, index) {
+                Err(FormatError::Coverage { what, page, .. }) => {
+                    assert_eq!((what, page), (want, at), "{index:?}")
+                }
+                other => panic!("{index:?}: {other:?}"),
+            }
+        }
+        let outside = [
+            entry(0, 1024, true),
+            entry(4096, 512, false),
+            entry(9000, 1, false),
+        ];
+        assert!(matches!(
+            prove_coverage(&h, &outside),
+            Err(FormatError::Coverage {
+                what: "lies outside guest memory",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn chunks_are_records_cut_at_huge_page_boundaries() {
+        let index = [
+            entry(4096, 512, true),
+            entry(500, 524, false),
+            entry(0, 500, false),
+        ];
+        let (chunks, by_page) = plan_chunks(&index, PS);
+        let got: Vec<(u64, u32, u32, bool)> = chunks
+            .iter()
+            .map(|c| (c.first_page, c.pages, c.record, c.zero))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (4096, 512, 0, true),
+                (500, 12, 1, false),
+                (512, 512, 1, false),
+                (0, 500, 2, false)
+            ]
+        );
+        let firsts: Vec<u64> = by_page
+            .iter()
+            .map(|&c| chunks[c as usize].first_page)
+            .collect();
+        assert_eq!(firsts, [0, 500, 512, 4096]);
+    }
+}
