@@ -1,0 +1,89 @@
+//! Compression workers: staged runs become zero runs and (compressed) data records, fault work
+//! first (see `fault`), with adaptive compression so that incompressible memory does not cost
+//! zstd's time.
+
+use std::sync::atomic::Ordering;
+
+use super::{lock, InjectPoint, SaveError, Shared, Work, PAGE_SIZE};
+use crate::format::{Compression, FormatError};
+use crate::writer::RecordEncoder;
+
+/// Adaptive compression: a zstd batch stored at more than this share of its input …
+const RAW_RATIO: f64 = 0.97;
+/// … makes the next this many bytes go raw without trying zstd.
+const RAW_SKIP: u64 = 64 << 20;
+
+impl Shared<'_> {
+    /// Compression worker: staged blocks → encoded batches for the writer.
+    ///
+    /// Adaptive compression: a batch that zstd does not shrink below [`RAW_RATIO`] makes the
+    /// workers store the next [`RAW_SKIP`] bytes raw without trying (records stored raw under
+    /// zstd are part of the format), then probe again: zstd on incompressible memory halves the
+    /// save's speed and lets the fault pool run dry, while compressible memory still compresses
+    /// (`docs/PERFORMANCE.md`, "Adaptive compression").
+    pub(super) fn worker_loop(&self, compression: Compression) -> Result<(), SaveError> {
+        let mut zstd = RecordEncoder::new(PAGE_SIZE, compression)
+            .map_err(|e| SaveError::Write(FormatError::Unwritable(e)))?;
+        let mut raw = RecordEncoder::new(PAGE_SIZE, Compression::None)
+            .map_err(|e| SaveError::Write(FormatError::Unwritable(e)))?;
+        let compressing = !matches!(compression, Compression::None);
+        let mut work = Vec::new();
+        while self.pop_work(&mut work) {
+            if self.inject == Some(InjectPoint::WorkerPanic) {
+                panic!("injected worker failure");
+            }
+            let mut batch = lock(&self.spare_batches).pop().unwrap_or_default();
+            batch.clear();
+            let data_bytes: usize = work
+                .iter()
+                .map(|w| match w {
+                    Work::Data { runs, .. } => runs.iter().map(|r| r.len).sum(),
+                    Work::Zero { .. } => 0,
+                })
+                .sum();
+            let kind = usize::from(matches!(work.first(), Some(Work::Data { fault: true, .. })));
+            let skip = compressing && self.take_raw_skip(kind, data_bytes as u64);
+            let enc = if skip { &mut raw } else { &mut zstd };
+            let mut fault_batch = false;
+            let mut r = Ok(());
+            for w in work.drain(..) {
+                match w {
+                    Work::Data { buf, runs, fault } => {
+                        fault_batch |= fault;
+                        for run in &runs {
+                            if r.is_ok() {
+                                r = enc.encode(
+                                    run.first_page,
+                                    &buf[run.off..run.off + run.len],
+                                    &mut batch,
+                                );
+                            }
+                        }
+                        self.release_buffer(buf, fault);
+                    }
+                    Work::Zero { first_page, pages } => enc.zero_run(first_page, pages, &mut batch),
+                }
+            }
+            r.map_err(|e| SaveError::Write(FormatError::Unwritable(e)))?;
+            if compressing && !skip && batch.totals.data_pages > 0 {
+                let input = batch.totals.data_pages * PAGE_SIZE as u64;
+                if batch.totals.stored_bytes as f64 > input as f64 * RAW_RATIO {
+                    self.raw_skip[kind].store(RAW_SKIP, Ordering::Relaxed);
+                }
+            }
+            if !self.send_batch(batch, fault_batch) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// True if the next `bytes` are to be stored raw without trying zstd.
+    fn take_raw_skip(&self, kind: usize, bytes: u64) -> bool {
+        self.raw_skip[kind]
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                (left > 0).then(|| left.saturating_sub(bytes.max(1)))
+            })
+            .is_ok()
+    }
+}

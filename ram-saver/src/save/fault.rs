@@ -1,0 +1,356 @@
+//! The fault thread and the fault-priority policy: everything that decides how long a guest
+//! write to a protected page waits is here. The measurements behind each choice are in
+//! `docs/PERFORMANCE.md`.
+//!
+//! # What a fault copies
+//! [`fault_block_size`]: the caller's choice, else the whole unit (2 MiB) on hugetlbfs (which
+//! cannot release less than a huge page) and on memory mostly (at least half) backed by
+//! transparent huge pages, else 4 KiB. On THP memory a fault then copies and releases a whole
+//! huge page, which stays huge: smaller releases split it, and under shadow paging (PVM) every
+//! change to the host mapping of guest RAM invalidates KVM's shadow MMU for that range, so the
+//! guest re-faults its shadow entries 4 KiB at a time until the page is collapsed back; that
+//! costs the guest far more than the longer copy. On 4 KiB-page memory nothing stays huge
+//! anyway, and a 4 KiB fault is served in microseconds.
+//!
+//! # How a fault is served
+//! The fault thread is the first saver thread started (vCPUs already run and block on their
+//! first write). It reads a batch of faults; for each it claims the faulting sub-block, copies
+//! it into fault staging and releases it, waking the vCPU; the bookkeeping (queueing the copy
+//! for the workers, latencies) follows once per batch, after every vCPU of the batch runs again.
+//! No compression, no I/O. A sub-block the scanner holds is left to the scanner, whose release
+//! wakes the writer; a stale fault on a released one gets a wake. The thread blocks in poll
+//! ([`DEFAULT_SPIN`]: a spinning thread takes the CPU the vCPUs and workers need on small
+//! hosts) and runs at nice [`DEFAULT_FAULT_NICE`] where permitted, so a fault does not queue
+//! behind the copies of the scanner and the workers.
+//!
+//! # Fault staging
+//! Faults copy into their own pool ([`staging`](super::staging)), so they never wait for the
+//! scan's buffers. When it runs dry, the fault thread first hands what it holds back to the
+//! workers, then waits for a buffer ([`SaveSummary::fault_buffer_waits`](super::SaveSummary)
+//! counts those waits).
+//!
+//! # When the scanner yields to faults
+//! [`Shared::yield_to_faults`]: while more than half of the fault pool is in use, the scanner
+//! claims nothing until it drains below a quarter, so the workers and the writer serve fault
+//! data only and the guest gets its buffers back first. A unit the scanner has claimed is
+//! copied and released without waiting on anything but its copy (the bandwidth throttle runs
+//! before the claim).
+//!
+//! # Output priority
+//! Workers take every queued fault item (up to [`FAULT_BATCH_BYTES`], encoded as one batch)
+//! before any scan item ([`Shared::pop_work`]). Encoded fault batches reach the writer through
+//! their own bounded queue, which the writer empties before the scan's
+//! ([`Shared::send_batch`], [`Shared::recv_batch`]).
+
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use wp_tracker::HostRange;
+
+use super::blocks::CLAIMED;
+use super::huge::{mostly_thp, HUGE_PAGE};
+use super::{lock, InjectPoint, Run, SaveError, SaveOptions, Shared, Work, PAGE_SIZE, POLL};
+use crate::writer::EncodedBatch;
+
+/// Unit of the fault thread on 4 KiB-page memory (THP- and hugetlbfs-backed memory use the whole
+/// unit).
+const DEFAULT_FAULT_BLOCK: usize = 4096;
+/// Default of [`SaveOptions::fault_nice`].
+pub(super) const DEFAULT_FAULT_NICE: i32 = -10;
+/// Default of [`SaveOptions::fault_spin`].
+pub(super) const DEFAULT_SPIN: bool = false;
+/// A spinning fault thread yields its core between polls after this long without faults.
+const SPIN_IDLE: Duration = Duration::from_millis(1);
+/// Fault items a worker encodes into one batch, at most (bytes).
+const FAULT_BATCH_BYTES: usize = 1 << 20;
+/// Encoded fault batches waiting for the writer, at most.
+pub(super) const OUT_FAULT_CAP: usize = 16;
+/// The scanner pauses while more than this share of the fault pool is in use …
+const SCAN_PAUSE_AT: (usize, usize) = (1, 2);
+/// … until less than this share is.
+const SCAN_RESUME_AT: (usize, usize) = (1, 4);
+
+/// The fault thread's unit: the caller's choice, else the whole unit on hugetlbfs (which cannot
+/// release less than a huge page) and on memory mostly backed by transparent huge pages (see the
+/// module docs: splitting them costs the guest far more than the longer copy), else
+/// [`DEFAULT_FAULT_BLOCK`].
+pub(super) fn fault_block_size(
+    mem: &GuestMemoryMmap,
+    opts: &SaveOptions,
+    huge: &[(usize, usize)],
+) -> Result<usize, SaveError> {
+    let hugetlb = mem.iter().any(|r| r.is_hugetlbfs() == Some(true));
+    let fb = match opts.fault_block_size {
+        Some(fb) => fb,
+        None if hugetlb => opts.block_size,
+        None if opts.block_size.is_multiple_of(HUGE_PAGE) && mostly_thp(mem, huge) => {
+            opts.block_size
+        }
+        None => DEFAULT_FAULT_BLOCK.min(opts.block_size),
+    };
+    if fb == 0 || !fb.is_multiple_of(PAGE_SIZE) || !opts.block_size.is_multiple_of(fb) {
+        return Err(SaveError::InvalidOptions(format!(
+            "fault block size {fb} is not a multiple of {PAGE_SIZE} dividing the block size {}",
+            opts.block_size
+        )));
+    }
+    Ok(fb)
+}
+
+impl Shared<'_> {
+    /// Fault thread: serve faults until every block is released (or the save stops).
+    pub(super) fn fault_loop(&self) -> Result<(), SaveError> {
+        let mut faults = Vec::with_capacity(256);
+        let mut pending = Vec::with_capacity(256);
+        let mut lat = Vec::with_capacity(256);
+        let mut idle_since = Instant::now();
+        loop {
+            if self.stopped() {
+                return Ok(());
+            }
+            if self.scan_done.load(Ordering::Acquire) && self.all_released() {
+                // Stale events: their threads were woken by the release; wake again anyway.
+                faults.clear();
+                self.tracker
+                    .read_faults(&mut faults)
+                    .map_err(SaveError::Tracker)?;
+                for f in &faults {
+                    self.wake_page(f.addr)?;
+                }
+                return Ok(());
+            }
+            faults.clear();
+            if self.spin {
+                // Busy-poll: no wakeup latency, at the price of a core while the save runs.
+                let n = self
+                    .tracker
+                    .read_faults(&mut faults)
+                    .map_err(SaveError::Tracker)?;
+                if n == 0 {
+                    if idle_since.elapsed() > SPIN_IDLE {
+                        // Let others run now and then; keeps a stuck save from hogging a core.
+                        thread::yield_now();
+                    }
+                    std::hint::spin_loop();
+                    continue;
+                }
+                idle_since = Instant::now();
+            } else {
+                self.tracker
+                    .wait_faults(POLL, &mut faults)
+                    .map_err(SaveError::Tracker)?;
+            }
+            let read_at = Instant::now();
+            for f in &faults {
+                self.serve_fault(f.addr, read_at, &mut pending, &mut lat)?;
+            }
+            // Bookkeeping once per batch, after every vCPU of the batch was released.
+            self.push_fault_work(&mut pending);
+            if !lat.is_empty() {
+                self.faults_served
+                    .fetch_add(lat.len() as u64, Ordering::Relaxed);
+                lock(&self.latencies_us).append(&mut lat);
+            }
+        }
+    }
+
+    fn wake_page(&self, addr: usize) -> Result<(), SaveError> {
+        if self.blocks.find(addr).is_none() {
+            return Ok(());
+        }
+        let start = addr & !(PAGE_SIZE - 1);
+        self.tracker
+            .wake(HostRange {
+                start,
+                len: PAGE_SIZE,
+            })
+            .map_err(SaveError::Tracker)
+    }
+
+    /// Claim, copy and release the sub-block at `addr`; its work goes to `pending` and its
+    /// service latency to `lat` (both handed on once per batch of faults).
+    fn serve_fault(
+        &self,
+        addr: usize,
+        read_at: Instant,
+        pending: &mut Vec<Work>,
+        lat: &mut Vec<u64>,
+    ) -> Result<(), SaveError> {
+        let Some((i, u)) = self.blocks.find(addr) else {
+            return Ok(());
+        };
+        match self.blocks.claim(i) {
+            Ok(()) => {
+                if self.inject == Some(InjectPoint::FaultPanic) {
+                    panic!("injected fault thread failure");
+                }
+                let buf = match self.fault_pool.try_acquire() {
+                    Some(b) => Some(b),
+                    None => {
+                        // The pool is dry: what we hold back must reach the workers first,
+                        // or nothing would ever come back.
+                        self.push_fault_work(pending);
+                        self.acquire_buffer(true)
+                    }
+                };
+                let Some(mut buf) = buf else {
+                    return Ok(());
+                };
+                let b = self.blocks.block(i);
+                self.copy_claimed(self.range_of(i, 1), &mut buf[..b.len])?;
+                if self.blocks.huge[u] && b.len < self.blocks.units[u].len {
+                    // Set before the release, so whoever sees RELEASED also sees the split.
+                    self.blocks.split[u].store(true, Ordering::Release);
+                }
+                self.release_run(i, 1)?;
+                lat.push(read_at.elapsed().as_micros() as u64);
+                self.bytes_scanned
+                    .fetch_add(b.len as u64, Ordering::Relaxed);
+                pending.push(Work::Data {
+                    buf,
+                    runs: vec![Run {
+                        first_page: b.gpa / PAGE_SIZE as u64,
+                        off: 0,
+                        len: b.len,
+                    }],
+                    fault: true,
+                });
+                Ok(())
+            }
+            // The scanner holds it: its release wakes the faulting thread.
+            Err(CLAIMED) => Ok(()),
+            // Already released: the event is stale, but make sure nobody sleeps.
+            Err(_) => self.wake_page(addr),
+        }
+    }
+
+    /// Queue fault work (never waits: fault staging is bounded by its pool).
+    fn push_fault_work(&self, w: &mut Vec<Work>) {
+        if w.is_empty() {
+            return;
+        }
+        let n = w.len();
+        lock(&self.queues).fault.extend(w.drain(..));
+        if n == 1 {
+            self.work_cv.notify_one();
+        } else {
+            self.work_cv.notify_all();
+        }
+    }
+
+    /// While the fault pool is more than [`SCAN_PAUSE_AT`] in use, the scanner waits (holding
+    /// nothing claimed) until it drains below [`SCAN_RESUME_AT`]: the workers and the writer
+    /// then serve fault data only, so the guest gets its buffers back before the scan's.
+    pub(super) fn yield_to_faults(&self) {
+        let pool = &self.fault_pool;
+        let (pause, resume) = (
+            pool.cap * SCAN_PAUSE_AT.0 / SCAN_PAUSE_AT.1,
+            pool.cap * SCAN_RESUME_AT.0 / SCAN_RESUME_AT.1,
+        );
+        if pool.in_use() <= pause {
+            return;
+        }
+        let mut g = lock(&pool.state);
+        while g.allocated - g.free.len() > resume && !self.stopped() {
+            g = pool
+                .cv
+                .wait_timeout(g, POLL)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
+        }
+    }
+
+    /// Next work into `out`: every queued fault item up to [`FAULT_BATCH_BYTES`] (they are
+    /// encoded into one batch), else one scan item. False when both producers are done and
+    /// the queues are empty, or the save stops.
+    pub(super) fn pop_work(&self, out: &mut Vec<Work>) -> bool {
+        let mut q = lock(&self.queues);
+        loop {
+            if self.stopped() {
+                return false;
+            }
+            if !q.fault.is_empty() {
+                let mut bytes = 0;
+                while let Some(w) = q.fault.pop_front() {
+                    if let Work::Data { runs, .. } = &w {
+                        bytes += runs.iter().map(|r| r.len).sum::<usize>();
+                    }
+                    out.push(w);
+                    if bytes >= FAULT_BATCH_BYTES {
+                        break;
+                    }
+                }
+                return true;
+            }
+            if let Some(w) = q.scan.pop_front() {
+                drop(q);
+                self.space_cv.notify_one();
+                out.push(w);
+                return true;
+            }
+            if q.producers_done == 2 {
+                return false;
+            }
+            q = self
+                .work_cv
+                .wait_timeout(q, POLL)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
+        }
+    }
+
+    /// Hand an encoded batch to the writer; waits while that kind's output queue is full.
+    pub(super) fn send_batch(&self, b: EncodedBatch, fault: bool) -> bool {
+        let mut q = lock(&self.out);
+        loop {
+            if self.stopped() || q.writer_gone {
+                return false;
+            }
+            let (len, cap) = if fault {
+                (q.fault.len(), OUT_FAULT_CAP)
+            } else {
+                (q.scan.len(), self.scan_queue_cap)
+            };
+            if len < cap {
+                break;
+            }
+            q = self
+                .out_cv
+                .wait_timeout(q, POLL)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
+        }
+        if fault {
+            q.fault.push_back(b);
+        } else {
+            q.scan.push_back(b);
+        }
+        drop(q);
+        self.out_cv.notify_all();
+        true
+    }
+
+    /// Next encoded batch for the writer, fault batches first; `Ok(None)` when all workers are
+    /// done and nothing is left; `Err(())` on timeout.
+    pub(super) fn recv_batch(&self, timeout: Duration) -> Result<Option<EncodedBatch>, ()> {
+        let mut q = lock(&self.out);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(b) = q.fault.pop_front().or_else(|| q.scan.pop_front()) {
+                drop(q);
+                self.out_cv.notify_all();
+                return Ok(Some(b));
+            }
+            if q.workers_left == 0 {
+                return Ok(None);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(());
+            }
+            q = self
+                .out_cv
+                .wait_timeout(q, deadline - now)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
+        }
+    }
+}
