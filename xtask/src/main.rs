@@ -421,8 +421,94 @@ fn e2e() -> anyhow::Result<()> {
             ))
         },
     );
+
+    st.run(
+        "8 restore lazily (memory on demand), runs on, fill completes, self-check, save, oracle",
+        || {
+            let (snap, sum) = match &sum_a {
+                Some(s) => (p("a.snap"), s),
+                None => bail!("not run: step 2 produced no snapshot"),
+            };
+            lazy_restore_and_check(
+                &bin,
+                &snap,
+                &p("vm5.sock"),
+                &p("vm5.serial"),
+                sum,
+                &p("d.snap"),
+            )
+        },
+    );
     let _ = vm1.shutdown();
     finish(st)
+}
+
+/// Restores `snap` with `restore --lazy`: the guest continues from its freeze instant while its
+/// memory is still filling, the fill completes (`status`), the guest's self-check passes, and a
+/// save of the restored VM (`out`) passes verify and the oracle.
+fn lazy_restore_and_check(
+    bin: &Path,
+    snap: &Path,
+    sock: &Path,
+    serial: &Path,
+    summary: &Value,
+    out: &Path,
+) -> anyhow::Result<String> {
+    let t0 = Instant::now();
+    let vm = VmmProc::start(
+        bin,
+        &["restore", "--lazy", snap.to_str().context("path")?],
+        sock,
+        serial,
+    )?;
+    let freeze: Vec<u64> = summary["freeze_steps"]
+        .as_array()
+        .context("summary without freeze_steps")?
+        .iter()
+        .map(|v| v.as_u64().unwrap_or(0))
+        .collect();
+    let first = vm.steps()?;
+    if first.iter().zip(&freeze).any(|(a, b)| a < b) {
+        bail!("lazily restored guest is behind its freeze instant: {first:?} < {freeze:?}");
+    }
+    vm.wait_steps_beyond(&freeze, Duration::from_secs(60))?;
+    let running = t0.elapsed();
+    let restore = loop {
+        let r = vm.status()?["restore"].clone();
+        if !r["failed"].is_null() {
+            bail!("lazy restore failed: {r}");
+        }
+        if r["done"] == true {
+            break r;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            bail!("lazy restore not done after 120 s: {r}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if restore["resident_bytes"] != restore["total_bytes"] {
+        bail!("lazy restore done but not all resident: {restore}");
+    }
+    let v: Value = serde_json::from_str(vm.ctl(&["self-check", "--json"])?.trim())?;
+    if v["pass"] != Value::Bool(true) {
+        bail!("guest self-check after a lazy restore failed: {v}");
+    }
+    let s = save_verify_oracle(&vm, out, &[])?;
+    vm.shutdown()?;
+    Ok(format!(
+        "[guest ran on {:.0} ms after the process started; vCPUs started {:.1} ms into the restore; \
+         {} faults, wait p50 {} µs p99 {} µs; resident after {:.2} s; huge pages {} MiB after \
+         collapse ({:.0} ms)] then saved {}",
+        running.as_secs_f64() * 1e3,
+        restore["start_ms"].as_f64().unwrap_or(0.0),
+        restore["faults"],
+        restore["fault_wait_p50_us"],
+        restore["fault_wait_p99_us"],
+        restore["resident_s"].as_f64().unwrap_or(0.0),
+        restore["thp_after_bytes"].as_u64().unwrap_or(0) >> 20,
+        restore["collapse_ms"].as_f64().unwrap_or(0.0),
+        fmt_summary(&s)
+    ))
 }
 
 fn finish(st: Steps) -> anyhow::Result<()> {
