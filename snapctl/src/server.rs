@@ -640,7 +640,7 @@ impl Vmm {
                 .map(|(gpa, host, len)| json!({"gpa": gpa, "host": host, "len": len}))
                 .collect::<Vec<_>>(),
         });
-        if let Some(lazy) = &self.vmm_lazy() {
+        if let Some(lazy) = &self.lazy {
             v["restore"] = serde_json::to_value(lazy.status()).unwrap_or(Value::Null);
         }
         // Progress figures only the built-in guest reports: absent for kernel guests, never zeros.
@@ -679,13 +679,11 @@ impl Vmm {
         )
     }
 
-    fn vmm_lazy(&self) -> Option<&vm_snapshot::LazyRestore> {
-        self.lazy.as_ref()
-    }
-
-    /// A save of a VM still restoring lazily first waits for the fill to finish: pages not yet
-    /// resident are in the file, not in memory, and the write-protect tracking a save needs
-    /// takes over guest memory only once the restore's userfaultfd lets go of it.
+    /// A save of a VM still restoring lazily first waits for the restore to finish: pages not
+    /// yet resident are in the file, not in memory, and the write-protect tracking a save needs
+    /// takes over guest memory only once the restore's userfaultfd lets go of it. It also waits
+    /// for the collapse into huge pages that follows the fill: a block the save protects cannot
+    /// be collapsed, and would stay in small pages.
     fn wait_lazy(&self, cancel: &AtomicBool) -> anyhow::Result<()> {
         let Some(lazy) = &self.lazy else {
             return Ok(());

@@ -90,7 +90,11 @@ fn wait_done(vmm: &Vmm, what: &str) -> Value {
         assert!(r["failed"].is_null(), "{what}: lazy restore failed: {r}");
         if r["done"] == true {
             assert_eq!(r["resident_bytes"], r["total_bytes"], "{what}: {r}");
-            assert_eq!(r["total_bytes"].as_u64(), Some(vmm.mem_bytes), "{what}: {r}");
+            assert_eq!(
+                r["total_bytes"].as_u64(),
+                Some(vmm.mem_bytes),
+                "{what}: {r}"
+            );
             return r.clone();
         }
         assert!(t0.elapsed() < T, "{what}: fill not done after {T:?}: {r}");
@@ -283,7 +287,11 @@ fn a_vm_still_filling_pauses_resumes_and_its_save_waits_for_the_fill() {
     let snap = dir.join("during-fill.snap");
     let summary = l.vmm.save_and_verify(&snap, &[]);
     let r = l.vmm.status()["restore"].clone();
-    assert_eq!(r["done"], true, "a save ran before the fill finished: {r}");
+    assert_eq!(
+        r["done"], true,
+        "a save ran before the restore finished: {r}"
+    );
+    assert_eq!(r["resident_bytes"], r["total_bytes"], "{r}");
     oracle(&snap);
     l.vmm.assert_progress(Duration::from_secs(10));
     self_check(&l.vmm, "after a save during the fill");

@@ -68,6 +68,8 @@ const FAULT_PIECE: u64 = 64 << 10;
 const FAULT_POLL: Duration = Duration::from_millis(20);
 /// Nice value of the fault thread (ahead of the vCPUs and the fill; needs CAP_SYS_NICE).
 const FAULT_NICE: i32 = -10;
+/// Blocks tried before the collapse gives up on memory where every one fails.
+const COLLAPSE_PROBE: usize = 8;
 /// Bytes of a claimed chunk's rest the fault thread fills between two looks for faults.
 const REST_STEP: u64 = 256 << 10;
 /// How long the fill waits between looks while the fault thread is busy.
@@ -124,7 +126,9 @@ pub struct LazyStatus {
     pub total_bytes: u64,
     /// Missing-page faults served (events read; several vCPUs may fault on one chunk).
     pub faults: u64,
-    /// Everything resident, memory unregistered, huge pages collapsed: the restore is over.
+    /// Everything resident and the memory unregistered: the VM runs without userfaultfd.
+    pub resident: bool,
+    /// Resident, and huge pages collapsed: the restore is over.
     pub done: bool,
     /// Why the restore stopped, if it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -214,6 +218,8 @@ struct Shared {
     /// The fault thread is serving: the fill waits.
     fault_busy: AtomicBool,
     stop: AtomicBool,
+    /// The owner lets go ([`LazyRestore`] dropped): the collapse stops too.
+    quit: AtomicBool,
     /// Everything is resident and the registration ends: errors of the fault thread no longer
     /// matter.
     finishing: AtomicBool,
@@ -291,6 +297,7 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
         by_page,
         fault_busy: AtomicBool::new(false),
         stop: AtomicBool::new(false),
+        quit: AtomicBool::new(false),
         finishing: AtomicBool::new(false),
         t0,
         resident: AtomicU64::new(0),
@@ -353,6 +360,7 @@ impl LazyRestore {
             resident_bytes: resident,
             total_bytes: s.total,
             faults: s.faults.load(Ordering::Relaxed),
+            resident: end.resident_at.is_some(),
             done: end.done,
             failed: end.failed.as_ref().map(|f| f.to_string()),
             start_ms: ms(end.start),
@@ -384,15 +392,30 @@ impl LazyRestore {
     }
 
     /// Waits up to `timeout` for the restore to end: `Some(Ok)` done, `Some(Err)` failed, `None`
-    /// still filling.
+    /// still filling or collapsing.
     pub fn wait(&self, timeout: Duration) -> Option<Result<(), LazyFailure>> {
+        self.wait_for(timeout, |end| end.done)
+    }
+
+    /// Waits up to `timeout` until every page is resident and the memory unregistered (the
+    /// collapse into huge pages may still run): `Some(Ok)` resident, `Some(Err)` failed, `None`
+    /// still filling.
+    pub fn wait_resident(&self, timeout: Duration) -> Option<Result<(), LazyFailure>> {
+        self.wait_for(timeout, |end| end.resident_at.is_some())
+    }
+
+    fn wait_for(
+        &self,
+        timeout: Duration,
+        reached: impl Fn(&End) -> bool,
+    ) -> Option<Result<(), LazyFailure>> {
         let deadline = Instant::now() + timeout;
         let mut end = lock(&self.shared.end);
         loop {
             if let Some(f) = &end.failed {
                 return Some(Err(f.clone()));
             }
-            if end.done {
+            if reached(&end) {
                 return Some(Ok(()));
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -412,6 +435,7 @@ impl LazyRestore {
 impl Drop for LazyRestore {
     fn drop(&mut self) {
         let s = &self.shared;
+        s.quit.store(true, Ordering::SeqCst);
         s.stop.store(true, Ordering::SeqCst);
         for h in lock(&self.threads).drain(..) {
             let _ = h.join();
@@ -646,9 +670,8 @@ impl DecodeCache {
     fn warm(bytes: usize) -> Self {
         let slots = (0..DECODED_RECORDS)
             .map(|_| {
-                let mut v = Vec::with_capacity(bytes);
-                v.resize(bytes, 0u8);
-                (usize::MAX, v, 0)
+                // Not zeros: a zeroed allocation comes untouched from the kernel.
+                (usize::MAX, vec![0xa5u8; bytes], 0)
             })
             .collect();
         DecodeCache { slots, tick: 0 }
@@ -879,10 +902,8 @@ fn finish(s: &Shared, tracker: &MissingTracker) {
     if let Err(e) = tracker.unregister_all() {
         return s.fail(LazyFailure::Fill(chain(&e)));
     }
-    {
-        let mut end = lock(&s.end);
-        end.resident_at = Some(resident_at);
-    }
+    lock(&s.end).resident_at = Some(resident_at);
+    s.end_cv.notify_all();
     let pm = ram_saver::pagemap::Pagemap::open();
     let huge_bytes = || -> u64 {
         s.regions
@@ -907,7 +928,17 @@ fn finish(s: &Shared, tracker: &MissingTracker) {
         .collect();
     data_blocks.sort_unstable();
     data_blocks.dedup();
-    for b in data_blocks {
+    let blocks = data_blocks.len() as u64;
+    for (k, b) in data_blocks.into_iter().enumerate() {
+        if s.quit.load(Ordering::SeqCst) {
+            failures += blocks - k as u64;
+            break;
+        }
+        // Memory the kernel will not collapse at all (e.g. shmem without huge pages): stop.
+        if k == COLLAPSE_PROBE && failures == k as u64 {
+            failures = blocks;
+            break;
+        }
         let first = b * block_pages;
         let whole = s
             .regions
