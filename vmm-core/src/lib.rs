@@ -77,22 +77,6 @@ impl Default for VmConfig {
     }
 }
 
-/// Return free heap memory to the kernel (glibc `malloc_trim`), including free pages inside
-/// every thread arena, not just the top of the main heap.
-///
-/// After a live save the VMM has freed its staging and I/O buffers (tens to hundreds of MiB),
-/// but glibc keeps freed chunks in the arenas of the threads that used them; with a new
-/// connection thread per save, RSS climbed by ~80 MiB over ten 128 MiB saves
-/// (`snapctl/tests/load.rs`). Trimming after each save keeps RSS where it was. Costs
-/// milliseconds; harmless when there is nothing to return.
-pub fn trim_heap() {
-    // SAFETY: malloc_trim only releases free memory owned by the allocator; no live allocation
-    // moves or changes.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Paths in configurations and machine states, kept exactly: as a string when they are UTF-8,
 /// else as their bytes (Linux paths are bytes; a save must never fail on a path's spelling).
 pub(crate) mod exact_path {
