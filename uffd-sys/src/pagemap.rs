@@ -162,6 +162,58 @@ pub fn wp_protected_regions(start: usize, len: usize) -> io::Result<Vec<PageRegi
     )
 }
 
+/// PAGEMAP_SCAN refused once (kernel older than 6.7): every later query reads the classic file.
+static NO_SCAN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Classic entries read per `pread` (32 KiB of entries = 16 MiB of address space).
+const CLASSIC_CHUNK: usize = 4096;
+
+/// False only if the kernel says no page of `[start, start+len)` is present (other than the
+/// shared zero page) or swapped out, i.e. the whole range reads as zeros. PAGEMAP_SCAN where the
+/// kernel has it, else the classic file; any doubt (an I/O error) answers true. A uffd-wp marker
+/// on a never-touched page looks swapped, so it counts as data: conservative, never wrong.
+pub fn may_have_data(start: usize, len: usize) -> bool {
+    use std::sync::atomic::Ordering;
+    if !NO_SCAN.load(Ordering::Relaxed) {
+        let q = ScanQuery {
+            inverted: PAGE_IS_PFNZERO,
+            required: PAGE_IS_PFNZERO,
+            anyof: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT,
+        };
+        match scan(start, len, q) {
+            Ok(r) => return !r.is_empty(),
+            Err(_) => NO_SCAN.store(true, Ordering::Relaxed),
+        }
+    }
+    let ps = page_size();
+    let end = start + len;
+    let mut at = start;
+    while at < end {
+        let n = (end - at).min(CLASSIC_CHUNK * ps);
+        match pagemap_entries(at, n) {
+            Ok(v) if v.iter().any(|e| e.present() || e.swapped()) => return true,
+            Ok(_) => at += n,
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Runs `(start, end)` of `[start, start+len)` mapped by huge pages (THP or hugetlb); empty if
+/// the kernel cannot tell (no PAGEMAP_SCAN).
+pub fn huge_regions(start: usize, len: usize) -> Vec<(usize, usize)> {
+    let q = ScanQuery {
+        inverted: 0,
+        required: PAGE_IS_HUGE | PAGE_IS_PRESENT,
+        anyof: 0,
+        return_mask: PAGE_IS_HUGE,
+    };
+    scan(start, len, q)
+        .map(|v| v.into_iter().map(|r| (r.start, r.end)).collect())
+        .unwrap_or_default()
+}
+
 /// One decoded `/proc/self/pagemap` entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagemapEntry(pub u64);

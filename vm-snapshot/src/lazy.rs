@@ -315,7 +315,7 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
     };
     // The fault thread serves before anything can touch guest memory.
     lazy.spawn("lazy-fault", move || {
-        let _ = wp_tracker::set_thread_nice(FAULT_NICE);
+        let _ = uffd_sys::host::set_thread_nice(FAULT_NICE);
         fault_thread(&shared)
     })?;
     let vm = Vm::restore(&state, mem, params.serial, params.paused).map_err(LazyError::Vm)?;

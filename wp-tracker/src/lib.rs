@@ -54,7 +54,6 @@ use uffd_sys::{
 use backing::{backing_of, Backing, HugetlbProofs};
 pub use error::WpError;
 pub use missing::{MissingError, MissingFault, MissingTracker};
-pub use uffd_sys::host::set_thread_nice;
 pub use uffd_sys::Features as UffdFeatures;
 
 /// A host virtual address range, page aligned.

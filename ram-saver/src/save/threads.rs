@@ -106,7 +106,7 @@ where
         .spawn_scoped(s, move || {
             if let Some(n) = nice {
                 // Best effort: raising priority needs CAP_SYS_NICE; the save works without.
-                let _ = wp_tracker::set_thread_nice(n);
+                let _ = uffd_sys::host::set_thread_nice(n);
             }
             let _p = PanicAbort { shared, name };
             if let Err(e) = f() {
