@@ -191,6 +191,13 @@ fn load(
     res
 }
 
+/// Reports a file `restore` refuses (before any vCPU runs); returns the file's exit code.
+pub fn refuse_restore(file: &Path, e: &FormatError) -> ExitCode {
+    let code = report_bad(file, e, false);
+    eprintln!("snapctl: not restoring {}", file.display());
+    code
+}
+
 /// Builds a VM from a snapshot. A bad file is refused before any vCPU runs: `Ok(Err(code))`, with
 /// the problem already reported and `code` the file's exit code (3 corrupt, 4 incomplete, …).
 pub fn restore_vm(file: &Path, params: RestoreParams) -> anyhow::Result<Result<Vm, ExitCode>> {
@@ -202,11 +209,7 @@ pub fn restore_vm(file: &Path, params: RestoreParams) -> anyhow::Result<Result<V
     b.finish_and_clear();
     match res {
         Ok(vm) => Ok(Ok(vm)),
-        Err(RestoreError::File(e)) => {
-            report_bad(file, &e, false);
-            eprintln!("snapctl: not restoring {}", file.display());
-            Ok(Err(ExitCode::from(exit_code(&e))))
-        }
+        Err(RestoreError::File(e)) => Ok(Err(refuse_restore(file, &e))),
         Err(e) => Err(e.into()),
     }
 }
