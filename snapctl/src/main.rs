@@ -127,7 +127,7 @@ enum Command {
         #[arg(long)]
         force: bool,
         /// Low CPU priority for the saver's scan and compression threads: a busy guest keeps more of its
-        /// speed, the save takes longer (see xtask/BENCH-RESULTS.md for the trade).
+        /// speed, the save takes longer (see docs/BENCH-RESULTS.md for the trade).
         #[arg(long)]
         background: bool,
         /// Print the summary as JSON on stdout.
