@@ -9,6 +9,13 @@
 //! component, and `MachineState::from_bytes` with a `VmError::StateComponent` naming the component
 //! and vCPU state. Byte flips through the state must never make the decoding panic.
 //!
+//! The container's own rules are damaged the same way: a component this build does not know, a
+//! component version (or format version) newer than this build's, a required component
+//! missing or repeated, a body with a byte after its last field, a kernel beside the built-in
+//! guest, a malformed section name. A newer version is `Unsupported` for restore (exit 6); the
+//! rest is `Corrupt`, except an unknown component, which may be either (it is what a newer
+//! build writes, so `Unsupported` would be fair); every refusal names what it refuses.
+//!
 //! The file-format mutations (every section of the snapshot file around this blob) are
 //! ram-saver's own tests (`ram-saver/tests/sweep_*.rs`, `ram-saver/tests/lies_*.rs`); they carry
 //! a real state captured once (`ram-saver/tests/data/`), which the test here checks is still
@@ -167,9 +174,9 @@ fn put_blobs(out: &mut Vec<u8>, list: &[Vec<u8>]) {
     }
 }
 
-/// The state's sections: (name, version, body), in file order.
+/// The state's sections: (name, version, body), in file order; and the format version.
 #[derive(Clone, Debug)]
-struct Sections(Vec<(String, u32, Vec<u8>)>);
+struct Sections(Vec<(String, u32, Vec<u8>)>, u32);
 
 impl Sections {
     fn parse(b: &[u8]) -> Sections {
@@ -187,11 +194,12 @@ impl Sections {
             at += 8 + body_len;
         }
         assert_eq!(at, b.len(), "nothing follows the last section");
-        Sections(v)
+        Sections(v, get32(b, 4))
     }
 
-    fn encode(&self, head: &[u8]) -> Vec<u8> {
-        let mut b = head[..8].to_vec();
+    fn encode(&self) -> Vec<u8> {
+        let mut b = b"VMST".to_vec();
+        b.extend_from_slice(&self.1.to_le_bytes());
         b.extend_from_slice(&(self.0.len() as u32).to_le_bytes());
         for (name, version, body) in &self.0 {
             b.push(name.len() as u8);
@@ -238,6 +246,18 @@ impl Sections {
 
     fn remove(&mut self, name: &str) {
         self.0.retain(|s| s.0 != name);
+    }
+
+    /// The first section named `name`, whole.
+    fn section(&mut self, name: &str) -> &mut (String, u32, Vec<u8>) {
+        self.0
+            .iter_mut()
+            .find(|s| s.0 == name)
+            .unwrap_or_else(|| panic!("no section {name}"))
+    }
+
+    fn push(&mut self, name: &str, body: Vec<u8>) {
+        self.0.push((name.into(), 1, body));
     }
 }
 
@@ -336,13 +356,64 @@ fn set_serial_fifo(s: &mut Sections, fifo: &[u8]) {
 // The damaged states
 // ---------------------------------------------------------------------------------------------
 
-/// A damaged (real) machine state, stored with a valid crc: the component (and vCPU state)
-/// that restore's decoding must name when it refuses it.
+/// A damaged (real) machine state, stored with a valid crc, and how it must be refused.
 struct StateLie {
     what: &'static str,
-    component: &'static str,
-    vcpu: Option<usize>,
+    expect: Expect,
     edit: fn(&mut Sections),
+}
+
+/// How a damaged state is refused: the typed error of `MachineState::from_bytes`, and restore's
+/// `FormatError` kind; either way the message names `Expect::named`.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// A bad component or field (of a vCPU state): `StateComponent`, `Corrupt`.
+    Component(&'static str, Option<usize>),
+    /// A required component absent: `StateMissingComponent`, `Corrupt`.
+    Missing(&'static str),
+    /// A version this build does not read, of a component (`None`: of the format):
+    /// `StateVersion`, `Unsupported`.
+    Version(Option<&'static str>),
+    /// A component this build does not know: `StateUnknownComponent`, `Corrupt` or
+    /// `Unsupported`.
+    Unknown(&'static str),
+    /// A malformed container: `StateFraming`, `Corrupt`.
+    Framing,
+}
+
+impl Expect {
+    /// What the refusal's message must contain.
+    fn named(self) -> &'static str {
+        match self {
+            Expect::Component(c, _) | Expect::Missing(c) | Expect::Unknown(c) => c,
+            Expect::Version(c) => c.unwrap_or("format"),
+            Expect::Framing => "framing",
+        }
+    }
+
+    fn restore_kinds(self) -> &'static [ErrorKind] {
+        match self {
+            Expect::Component(..) | Expect::Missing(_) | Expect::Framing => &[ErrorKind::Corrupt],
+            Expect::Version(_) => &[ErrorKind::Unsupported],
+            Expect::Unknown(_) => &[ErrorKind::Corrupt, ErrorKind::Unsupported],
+        }
+    }
+
+    fn typed(self, e: &VmError) -> bool {
+        match (self, e) {
+            (
+                Expect::Component(c, v),
+                VmError::StateComponent {
+                    component, vcpu, ..
+                },
+            ) => *component == c && *vcpu == v,
+            (Expect::Missing(c), VmError::StateMissingComponent { component }) => *component == c,
+            (Expect::Version(c), VmError::StateVersion { component, .. }) => *component == c,
+            (Expect::Unknown(c), VmError::StateUnknownComponent { name }) => name == c,
+            (Expect::Framing, VmError::StateFraming { .. }) => true,
+            _ => false,
+        }
+    }
 }
 
 fn cut(b: &mut Vec<u8>, n: usize) {
@@ -358,10 +429,10 @@ fn grow(list: &mut Vec<Vec<u8>>, n: usize) {
 fn state_lies() -> Vec<StateLie> {
     let l = |what, component, vcpu, edit| StateLie {
         what,
-        component,
-        vcpu,
+        expect: Expect::Component(component, vcpu),
         edit,
     };
+    let c = |what, expect, edit| StateLie { what, expect, edit };
     vec![
         l("regs cut to 7 bytes", "regs", Some(1), |s| {
             s.vcpu(1, |v| cut(v.field("regs"), 7))
@@ -459,6 +530,63 @@ fn state_lies() -> Vec<StateLie> {
         l("serial FIFO of 65 bytes", "serial", None, |s| {
             set_serial_fifo(s, &[0; 65])
         }),
+        // The container's rules.
+        c("an unknown component", Expect::Unknown("virtio_blk"), |s| {
+            s.push("virtio_blk", vec![0; 4])
+        }),
+        c(
+            "an unknown component first",
+            Expect::Unknown("virtio_blk"),
+            |s| s.0.insert(0, ("virtio_blk".into(), 1, Vec::new())),
+        ),
+        c("pit at version 2", Expect::Version(Some("pit")), |s| {
+            s.section("pit").1 = 2
+        }),
+        c("a vCPU at version 2", Expect::Version(Some("vcpu")), |s| {
+            s.0.iter_mut()
+                .filter(|x| x.0 == "vcpu")
+                .nth(1)
+                .expect("vcpu")
+                .1 = 2
+        }),
+        c(
+            "serial at version 0",
+            Expect::Version(Some("serial")),
+            |s| s.section("serial").1 = 0,
+        ),
+        c("format version 3", Expect::Version(None), |s| s.1 = 3),
+        c("pit missing", Expect::Missing("pit"), |s| s.remove("pit")),
+        c("machine missing", Expect::Missing("machine"), |s| {
+            s.remove("machine")
+        }),
+        c(
+            "guest missing",
+            Expect::Missing("builtin_guest or kernel"),
+            |s| s.remove("builtin_guest"),
+        ),
+        c("clock twice", Expect::Component("clock", None), |s| {
+            let x = s.section("clock").clone();
+            s.0.push(x)
+        }),
+        c(
+            "a kernel beside the built-in guest",
+            Expect::Component("kernel", None),
+            // kernel "/k", no initrd, empty command line.
+            |s| s.push("kernel", vec![2, 0, 0, 0, b'/', b'k', 0, 0, 0, 0, 0]),
+        ),
+        c(
+            "a byte after the irqchip's last field",
+            Expect::Component("irqchip", None),
+            |s| s.body("irqchip", 0).push(0),
+        ),
+        c(
+            "a byte after the first vCPU's last field",
+            Expect::Component("vcpu", Some(0)),
+            |s| s.body("vcpu", 0).push(0),
+        ),
+        c("a section name in capitals", Expect::Framing, |s| {
+            s.section("pit").0 = "PIT".into()
+        }),
     ]
 }
 
@@ -526,6 +654,7 @@ fn file_is_sound(path: &Path) -> Result<(), String> {
 /// Check one damaged state; failures are appended to `failures`.
 fn check_lie(lie: &StateLie, path: &Path, failures: &mut Vec<String>, panics: &mut usize) {
     let what = format!("machine state {}", lie.what);
+    let (named, kinds) = (lie.expect.named(), lie.expect.restore_kinds());
     if let Err(e) = file_is_sound(path) {
         failures.push(format!("{what}: the file itself was refused: {e}"));
         return;
@@ -539,22 +668,20 @@ fn check_lie(lie: &StateLie, path: &Path, failures: &mut Vec<String>, panics: &m
         Ok(Ok((restore, typed))) => {
             match restore {
                 Ok(()) => failures.push(format!("{what}: restore's decoding accepted it")),
-                Err(e)
-                    if e.kind() != ErrorKind::Corrupt || !e.to_string().contains(lie.component) =>
-                {
+                Err(e) if !kinds.contains(&e.kind()) || !e.to_string().contains(named) => {
                     failures.push(format!(
-                        "{what}: restore refused it as {e:?}, expected Corrupt naming {}",
-                        lie.component
+                        "{what}: restore refused it as {e:?}, expected {kinds:?} naming {named}"
                     ));
                 }
                 Err(_) => {}
             }
-            let named = matches!(&typed, Err(VmError::StateComponent { component, vcpu, .. })
-                if *component == lie.component && *vcpu == lie.vcpu);
-            if !named {
+            let as_expected = typed
+                .as_ref()
+                .is_err_and(|e| lie.expect.typed(e) && e.to_string().contains(named));
+            if !as_expected {
                 failures.push(format!(
-                    "{what}: from_bytes gave {typed:?}, expected component {} of {:?}",
-                    lie.component, lie.vcpu
+                    "{what}: from_bytes gave {typed:?}, expected {:?}",
+                    lie.expect
                 ));
             }
         }
@@ -605,11 +732,7 @@ fn sweep() {
     let r = SnapshotReader::open(&path).expect("open");
     vm_snapshot::machine_state(&r).expect("the undamaged state decodes");
     let good = Sections::parse(&state);
-    assert_eq!(
-        good.encode(&state),
-        state,
-        "the test's reading of the state"
-    );
+    assert_eq!(good.encode(), state, "the test's reading of the state");
 
     let (mut failures, mut panics) = (Vec::new(), 0);
     let t0 = Instant::now();
@@ -618,7 +741,7 @@ fn sweep() {
         *CURRENT.lock().unwrap_or_else(|p| p.into_inner()) = lie.what.to_string();
         let mut s = good.clone();
         (lie.edit)(&mut s);
-        write_file(&path, &s.encode(&state), &config);
+        write_file(&path, &s.encode(), &config);
         check_lie(lie, &path, &mut failures, &mut panics);
     }
     *CURRENT.lock().unwrap_or_else(|p| p.into_inner()) = "byte flips".into();
