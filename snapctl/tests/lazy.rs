@@ -292,10 +292,11 @@ fn a_vm_still_filling_pauses_resumes_and_its_save_waits_for_the_fill() {
     let summary = l.vmm.save_and_verify(&snap, &[]);
     let r = l.vmm.status()["restore"].clone();
     assert_eq!(
-        r["done"], true,
-        "a save ran before the restore finished: {r}"
+        r["resident"], true,
+        "a save ran before the fill finished: {r}"
     );
     assert_eq!(r["resident_bytes"], r["total_bytes"], "{r}");
+    let r = wait_done(&l.vmm, "1 GiB lazy restore, after a save");
     oracle(&snap);
     l.vmm.assert_progress(Duration::from_secs(10));
     self_check(&l.vmm, "after a save during the fill");

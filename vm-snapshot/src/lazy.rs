@@ -27,8 +27,10 @@
 //!   same checked record.
 //! - **End**: once every chunk is resident the memory is unregistered (the VM runs without
 //!   userfaultfd from then on), and every 2 MiB block that holds data is collapsed back into a
-//!   huge page (`MADV_COLLAPSE`, best effort: UFFDIO_COPY maps 4 KiB pages). Blocks that are
-//!   all zeros stay on the shared zero page (collapsing them would allocate 2 MiB of zeros each).
+//!   huge page (`MADV_COLLAPSE`, best effort: UFFDIO_COPY maps 4 KiB pages), up to 32 adjacent
+//!   blocks per call, at low priority (nice 10), and not while a [`CollapseHold`] lives (a save:
+//!   a block it write-protects cannot be collapsed). Blocks that are all zeros stay on the
+//!   shared zero page (collapsing them would allocate 2 MiB of zeros each).
 //! - **Failure**: a record that fails its checks (crc, header against index, decompression) or a
 //!   fill the kernel refuses stops both threads and is reported ([`LazyRestore::failure`],
 //!   [`LazyRestore::wait`]). The registration is kept: a page that was never filled is never
@@ -44,7 +46,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -68,8 +70,12 @@ const FAULT_PIECE: u64 = 64 << 10;
 const FAULT_POLL: Duration = Duration::from_millis(20);
 /// Nice value of the fault thread (ahead of the vCPUs and the fill; needs CAP_SYS_NICE).
 const FAULT_NICE: i32 = -10;
-/// Blocks tried before the collapse gives up on memory where every one fails.
+/// Collapse calls tried before the collapse gives up on memory where every one fails.
 const COLLAPSE_PROBE: usize = 8;
+/// Adjacent 2 MiB blocks collapsed by one MADV_COLLAPSE call at most (as the save does).
+const COLLAPSE_BATCH: u64 = 32;
+/// Nice value of the fill thread while it collapses (behind the vCPUs).
+const COLLAPSE_NICE: i32 = 10;
 /// Bytes of a claimed chunk's rest the fault thread fills between two looks for faults.
 const REST_STEP: u64 = 256 << 10;
 /// How long the fill waits between looks while the fault thread is busy.
@@ -160,7 +166,7 @@ pub struct LazyStatus {
     /// Guest bytes on huge pages after the collapse.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thp_after_bytes: Option<u64>,
-    /// Time the collapse took, ms.
+    /// Time the collapse calls took, ms (not counting waits for saves).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub collapse_ms: Option<f64>,
     /// 2 MiB blocks the kernel did not collapse.
@@ -220,6 +226,10 @@ struct Shared {
     stop: AtomicBool,
     /// The owner lets go ([`LazyRestore`] dropped): the collapse stops too.
     quit: AtomicBool,
+    /// Holders of [`CollapseHold`]s: the collapse waits while there are any.
+    holds: AtomicUsize,
+    /// Held during each collapse call.
+    collapsing: Mutex<()>,
     /// Everything is resident and the registration ends: errors of the fault thread no longer
     /// matter.
     finishing: AtomicBool,
@@ -298,6 +308,8 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
         fault_busy: AtomicBool::new(false),
         stop: AtomicBool::new(false),
         quit: AtomicBool::new(false),
+        holds: AtomicUsize::new(0),
+        collapsing: Mutex::new(()),
         finishing: AtomicBool::new(false),
         t0,
         resident: AtomicU64::new(0),
@@ -381,6 +393,17 @@ impl LazyRestore {
         }
     }
 
+    /// Holds the collapse into huge pages off until the returned guard is dropped (for a save:
+    /// a block the save write-protects cannot be collapsed and would stay in small pages). Waits
+    /// for a collapse call in flight to end.
+    pub fn hold_collapse(&self) -> CollapseHold {
+        self.shared.holds.fetch_add(1, Ordering::SeqCst);
+        drop(lock(&self.shared.collapsing));
+        CollapseHold {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// True once the restore is over (everything resident, unregistered, collapsed).
     pub fn is_done(&self) -> bool {
         lock(&self.shared.end).done
@@ -429,6 +452,18 @@ impl LazyRestore {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+}
+
+/// Keeps the collapse into huge pages waiting while it lives ([`LazyRestore::hold_collapse`]).
+#[derive(Debug)]
+pub struct CollapseHold {
+    shared: Arc<Shared>,
+}
+
+impl Drop for CollapseHold {
+    fn drop(&mut self) {
+        self.shared.holds.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -638,6 +673,26 @@ impl Shared {
         let off = ((ch.first_page - entry.first_page + from) * ps) as usize;
         let src = &data[off..off + range.len];
         tracker.fill(range, src).map(|n| n as u64).map_err(fill_err)
+    }
+
+    /// The right to make one collapse call: waits while a [`CollapseHold`] lives; `None` once
+    /// the owner lets go.
+    fn collapse_turn(&self) -> Option<MutexGuard<'_, ()>> {
+        loop {
+            while self.holds.load(Ordering::SeqCst) > 0 {
+                if self.quit.load(Ordering::SeqCst) {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if self.quit.load(Ordering::SeqCst) {
+                return None;
+            }
+            let g = lock(&self.collapsing);
+            if self.holds.load(Ordering::SeqCst) == 0 {
+                return Some(g);
+            }
+        }
     }
 
     /// Records the failure (the first one wins) and stops both threads.
@@ -917,41 +972,72 @@ fn finish(s: &Shared, tracker: &MissingTracker) {
             .sum()
     };
     let before = huge_bytes();
-    let t = Instant::now();
-    let mut failures = 0;
+    // The collapse is background work: the guest and the save come first.
+    let _ = uffd_sys::host::set_thread_nice(COLLAPSE_NICE);
     let block_pages = BLOCK / s.page_size;
     let mut data_blocks: Vec<u64> = s
         .chunks
         .iter()
         .filter(|c| !c.zero)
-        .map(|c| c.first_page / block_pages)
+        .map(|c| c.first_page / block_pages * block_pages)
+        .filter(|&first| {
+            s.regions
+                .iter()
+                .any(|r| first >= r.first_page && first + block_pages <= r.first_page + r.pages)
+        })
         .collect();
     data_blocks.sort_unstable();
     data_blocks.dedup();
-    let blocks = data_blocks.len() as u64;
-    for (k, b) in data_blocks.into_iter().enumerate() {
-        if s.quit.load(Ordering::SeqCst) {
-            failures += blocks - k as u64;
-            break;
-        }
-        // Memory the kernel will not collapse at all (e.g. shmem without huge pages): stop.
-        if k == COLLAPSE_PROBE && failures == k as u64 {
-            failures = blocks;
-            break;
-        }
-        let first = b * block_pages;
-        let whole = s
-            .regions
-            .iter()
-            .any(|r| first >= r.first_page && first + block_pages <= r.first_page + r.pages);
-        if !whole {
-            continue;
-        }
-        if tracker.collapse_huge(s.host(first, block_pages)).is_err() {
-            failures += 1;
+    // Runs of adjacent blocks inside one region, COLLAPSE_BATCH blocks per call at most.
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &first in &data_blocks {
+        match runs.last_mut() {
+            Some((start, n))
+                if *start + *n * block_pages == first
+                    && *n < COLLAPSE_BATCH
+                    && s.regions.iter().any(|r| {
+                        *start >= r.first_page && first + block_pages <= r.first_page + r.pages
+                    }) =>
+            {
+                *n += 1
+            }
+            _ => runs.push((first, 1)),
         }
     }
-    let collapse = t.elapsed();
+    let mut refused = 0;
+    let mut busy = Duration::ZERO;
+    for (k, &(first, n)) in runs.iter().enumerate() {
+        // Memory the kernel will not collapse at all (e.g. shmem without huge pages): stop.
+        if k == COLLAPSE_PROBE && refused == k {
+            break;
+        }
+        // Not while a save runs (see `LazyRestore::hold_collapse`).
+        let Some(_call) = s.collapse_turn() else {
+            break;
+        };
+        let t = Instant::now();
+        if tracker
+            .collapse_huge(s.host(first, n * block_pages))
+            .is_err()
+        {
+            refused += 1;
+        }
+        busy += t.elapsed();
+    }
+    // Blocks with data that are not huge now (a call that fails may still collapse some).
+    let huge: Vec<(usize, usize)> = s
+        .regions
+        .iter()
+        .flat_map(|r| pm.huge_ranges(r.host, r.pages as usize * s.page_size as usize))
+        .collect();
+    let failures = data_blocks
+        .iter()
+        .filter(|&&first| {
+            let h = s.host(first, block_pages);
+            !huge.iter().any(|&(a, b)| a <= h.start && h.end() <= b)
+        })
+        .count() as u64;
+    let collapse = busy;
     let after = huge_bytes();
     // Let go of the registration's memory handles now (nothing is registered any more).
     lock(&s.tracker).take();

@@ -18,7 +18,7 @@ mod params;
 mod restore;
 mod save;
 
-pub use lazy::{restore_lazy, LazyError, LazyFailure, LazyRestore, LazyStatus};
+pub use lazy::{restore_lazy, CollapseHold, LazyError, LazyFailure, LazyRestore, LazyStatus};
 pub use monitor::GuestDuringSave;
 pub use params::{SaveParams, DEFAULT_ZSTD_LEVEL, MAX_TUNING_BLOCK, MIN_BANDWIDTH};
 pub use restore::{load, machine_state, restore, RestoreError, RestoreParams};

@@ -5,19 +5,19 @@ use super::conn::error;
 use super::*;
 
 impl Vmm {
-    /// A save of a VM still restoring lazily first waits for the restore to finish: pages not
-    /// yet resident are in the file, not in memory, and the write-protect tracking a save needs
-    /// takes over guest memory only once the restore's userfaultfd lets go of it. It also waits
-    /// for the collapse into huge pages that follows the fill: a block the save protects cannot
-    /// be collapsed, and would stay in small pages.
-    fn wait_lazy(&self, cancel: &AtomicBool) -> anyhow::Result<()> {
+    /// A save of a VM still restoring lazily first waits until every page is resident: pages
+    /// not yet resident are in the file, not in memory, and the write-protect tracking a save
+    /// needs takes over guest memory only once the restore's userfaultfd lets go of it. The
+    /// collapse into huge pages that follows waits while the save runs (the returned hold): a
+    /// block the save write-protects could not be collapsed.
+    fn wait_lazy(&self, cancel: &AtomicBool) -> anyhow::Result<Option<vm_snapshot::CollapseHold>> {
         let Some(lazy) = &self.lazy else {
-            return Ok(());
+            return Ok(None);
         };
         let mut logged = false;
         loop {
-            match lazy.wait(Duration::from_millis(50)) {
-                Some(Ok(())) => return Ok(()),
+            match lazy.wait_resident(Duration::from_millis(50)) {
+                Some(Ok(())) => return Ok(Some(lazy.hold_collapse())),
                 Some(Err(f)) => bail!("the lazy restore of this VM failed: {f}"),
                 None => {}
             }
@@ -27,7 +27,7 @@ impl Vmm {
             if !logged {
                 let s = lazy.status();
                 info!(
-                    "save waits for the lazy restore to finish ({} of {} resident)",
+                    "save waits for the lazy restore to fill guest memory ({} of {} resident)",
                     fmt_bytes(s.resident_bytes),
                     fmt_bytes(s.total_bytes)
                 );
@@ -155,13 +155,11 @@ impl Vmm {
             v["total_bytes"] = json!(total_bytes);
             let _ = ptx.lock().expect("progress lock").try_send(v);
         };
-        let res = self
-            .wait_lazy(&cancel)
-            .and_then(|()| self.tracker())
-            .and_then(|t| {
-                vm_snapshot::save(&self.vm, &t, &req, &moving, &cancel, &progress)
-                    .map_err(anyhow::Error::from)
-            });
+        let res = self.wait_lazy(&cancel).and_then(|_hold| {
+            let t = self.tracker()?;
+            vm_snapshot::save(&self.vm, &t, &req, &moving, &cancel, &progress)
+                .map_err(anyhow::Error::from)
+        });
         drop(ptx);
         // Decide before stopping the watcher (whose end would otherwise look like a client leaving).
         let cancelled = cancel.load(Ordering::SeqCst);
