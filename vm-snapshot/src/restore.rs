@@ -55,7 +55,7 @@ pub fn machine_state<R: std::io::Read + std::io::Seek>(
         offset: at,
     };
     let state = MachineState::from_bytes(r.machine_state()).map_err(|e| match e {
-        VmError::StateVersion { .. } => FormatError::Unsupported {
+        e if e.is_unsupported_state() => FormatError::Unsupported {
             what: e.to_string(),
         },
         _ => corrupt(chain(&e)),
