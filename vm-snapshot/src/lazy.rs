@@ -93,8 +93,9 @@ pub enum LazyError {
     File(#[from] FormatError),
     /// Lazy restore does not support this guest memory backing yet.
     #[error(
-        "lazy restore does not support {0:?} guest memory yet (use `--mem-backend anon` or \
-         `memfd`, or an eager restore)"
+        "lazy restore does not support {} guest memory yet (use `--mem-backend anon` or \
+         `memfd`, or an eager restore)",
+        backend_name(*.0)
     )]
     Backend(MemBackend),
     /// Guest memory could not be created.
@@ -1050,6 +1051,14 @@ fn finish(s: &Shared, tracker: &MissingTracker) {
         end.done = true;
     }
     s.end_cv.notify_all();
+}
+
+fn backend_name(b: MemBackend) -> &'static str {
+    match b {
+        MemBackend::Anon => "anonymous",
+        MemBackend::Memfd => "memfd",
+        MemBackend::Hugetlbfs => "hugetlbfs",
+    }
 }
 
 fn ms(d: Duration) -> f64 {
