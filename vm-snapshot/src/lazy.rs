@@ -7,22 +7,22 @@
 //! and starts its vCPUs: no page of RAM is read before they run. Then:
 //!
 //! - **Chunks.** Every record is cut at 2 MiB guest boundaries into chunks (a record's pages
-//!   inside one huge page), the unit that is claimed, filled and counted. A chunk's state only
-//!   moves forward: missing → claimed (by a fault) or filling (by the fill) → resident, and it
-//!   turns resident only once all its pages are filled.
+//!   inside one huge page), the unit that is filled and counted. A chunk's state only moves
+//!   forward: missing → filling (the fill thread has it) → resident, or missing → resident when
+//!   a fault fills all of it; it turns resident only once all its pages are filled.
 //! - **Fault thread** (first, high priority): a fault on a missing page finds its chunk (binary
 //!   search by first page), reads the chunk's record through the trailer index (positioned
 //!   read, crc check, decompression; the last few records stay decoded) and fills the 64 KiB
 //!   piece around the faulting page (`UFFDIO_COPY`, which wakes the vCPU); a zero chunk is one
-//!   `UFFDIO_ZEROPAGE`. The rest of a chunk it claimed is filled in 256 KiB steps between
-//!   batches of faults, so a fault never waits behind a whole chunk. A fault on a resident chunk
-//!   only wakes (its event was read after someone else filled the page). The wait of each fault
-//!   is measured from the moment its event is read until its piece is filled (time before the
-//!   read, a poll wake-up, is not seen).
-//! - **Fill thread**: fills every chunk still missing, in file order (the disk reads forward),
-//!   one chunk per step, and waits while the fault thread serves faults. It skips chunks a
-//!   fault claimed; a fault on a chunk the fill is filling fills its own piece and leaves the
-//!   rest to the fill. Two threads filling the same pages is harmless: the kernel fills only
+//!   `UFFDIO_ZEROPAGE` for all of it. The rest of the chunk goes to the front of the fill
+//!   thread's queue: the fault thread never copies more than a vCPU waits for. A fault on a
+//!   resident chunk only wakes (its event was read after someone else filled the page). The
+//!   wait of each fault is measured from the moment its event is read until its piece is
+//!   filled (time before the read, a poll wake-up, is not seen).
+//! - **Fill thread**: fills whole chunks, those the guest touched first (the most recent
+//!   first: their records are still in the page cache, and the guest is likely to touch them
+//!   again), then every other one in file order (the disk reads forward). It yields while the
+//!   fault thread serves. Two threads filling the same pages is harmless: the kernel fills only
 //!   missing pages (one that exists answers EEXIST and is skipped), with the same bytes from the
 //!   same checked record.
 //! - **End**: once every chunk is resident the memory is unregistered (the VM runs without
@@ -42,7 +42,6 @@
 //! several records), hot-set-first prefetch, smaller independent decode units for compressed
 //! records (a fault on a 2 MiB zstd record decodes all of it).
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
@@ -72,14 +71,11 @@ const FAULT_POLL: Duration = Duration::from_millis(20);
 const FAULT_NICE: i32 = -10;
 /// Collapse calls tried before the collapse gives up on memory where every one fails.
 const COLLAPSE_PROBE: usize = 8;
+/// Blocks left small after the first collapse pass that are tried once more, at most.
+const COLLAPSE_RETRY_MAX: u64 = 4096;
 /// Adjacent 2 MiB blocks collapsed by one MADV_COLLAPSE call at most (as the save does).
 const COLLAPSE_BATCH: u64 = 32;
-/// Nice value of the fill thread while it collapses (behind the vCPUs).
-const COLLAPSE_NICE: i32 = 10;
-/// Bytes of a claimed chunk's rest the fault thread fills between two looks for faults.
-const REST_STEP: u64 = 256 << 10;
-/// How long the fill waits between looks while the fault thread is busy.
-const FILL_YIELD: Duration = Duration::from_micros(20);
+
 /// Most fault waits kept for the percentiles (later ones still count in `faults` and `max`).
 const MAX_WAIT_SAMPLES: usize = 1 << 17;
 
@@ -192,14 +188,13 @@ struct Chunk {
     zero: bool,
 }
 
-/// Chunk states, which only move forward: MISSING → CLAIMED or FILLING → RESIDENT.
+/// Chunk states, which only move forward: MISSING → FILLING → RESIDENT (or MISSING → RESIDENT
+/// when a fault fills all of it).
 const MISSING: u8 = 0;
-/// A fault filled a piece of it; the fault thread fills the rest.
-const CLAIMED: u8 = 1;
 /// The fill thread is filling it.
-const FILLING: u8 = 2;
+const FILLING: u8 = 1;
 /// Every page is filled.
-const RESIDENT: u8 = 3;
+const RESIDENT: u8 = 2;
 
 /// A region of guest memory: guest pages `[first_page, first_page + pages)` at `host`.
 #[derive(Debug, Clone, Copy)]
@@ -222,8 +217,11 @@ struct Shared {
     /// Chunk numbers sorted by first page.
     by_page: Vec<u32>,
     state: Vec<AtomicU8>,
-    /// The fault thread is serving: the fill waits.
+    /// The fault thread is serving: the fill yields.
     fault_busy: AtomicBool,
+    /// Chunks a fault filled a piece of, for the fill thread to complete first (most recent
+    /// last).
+    hot: Mutex<Vec<u32>>,
     stop: AtomicBool,
     /// The owner lets go ([`LazyRestore`] dropped): the collapse stops too.
     quit: AtomicBool,
@@ -307,6 +305,7 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
         chunks,
         by_page,
         fault_busy: AtomicBool::new(false),
+        hot: Mutex::new(Vec::new()),
         stop: AtomicBool::new(false),
         quit: AtomicBool::new(false),
         holds: AtomicUsize::new(0),
@@ -760,36 +759,19 @@ impl DecodeCache {
     }
 }
 
-/// What is left of a chunk a fault claimed: page ranges (relative to the chunk) still to fill.
-#[derive(Debug)]
-struct Rest {
-    chunk: usize,
-    ranges: Vec<(u64, u64)>,
-}
-
 fn fault_thread(s: &Shared) {
     let Some(tracker) = s.tracker() else {
         return;
     };
     let mut cache = DecodeCache::warm(BLOCK as usize);
-    let mut rests: VecDeque<Rest> = VecDeque::new();
     let mut faults: Vec<MissingFault> = Vec::new();
     let mut waits: Vec<Duration> = Vec::new();
     while !s.stop.load(Ordering::SeqCst) {
         faults.clear();
-        // Block only when there is nothing else to do.
-        let read = if rests.is_empty() {
-            tracker.wait_faults(FAULT_POLL, &mut faults)
-        } else {
-            tracker.read_faults(&mut faults)
-        };
-        let served = read
+        let served = tracker
+            .wait_faults(FAULT_POLL, &mut faults)
             .map_err(|e| LazyFailure::Fill(chain(&e)))
-            .and_then(|_| {
-                serve_faults(s, &tracker, &mut cache, &faults, &mut rests, &mut waits)?;
-                // Then a step of the rest of the claimed chunks, before looking for faults again.
-                rest_step(s, &tracker, &mut cache, &mut rests)
-            });
+            .and_then(|_| serve_faults(s, &tracker, &mut cache, &faults, &mut waits));
         if let Err(e) = served {
             s.fault_busy.store(false, Ordering::SeqCst);
             if !s.finishing.load(Ordering::SeqCst) {
@@ -801,13 +783,12 @@ fn fault_thread(s: &Shared) {
 }
 
 /// Serves a batch of faults: the piece around each faulting page (its toucher runs on at once),
-/// or a wake if its chunk is resident; the rest of a chunk claimed here is queued in `rests`.
+/// or a wake if its chunk is resident; the rest of the chunk goes to the fill thread, first.
 fn serve_faults(
     s: &Shared,
     tracker: &MissingTracker,
     cache: &mut DecodeCache,
     faults: &[MissingFault],
-    rests: &mut VecDeque<Rest>,
     waits: &mut Vec<Duration>,
 ) -> Result<(), LazyFailure> {
     if faults.is_empty() {
@@ -817,7 +798,7 @@ fn serve_faults(
     s.fault_busy.store(true, Ordering::SeqCst);
     waits.clear();
     for f in faults {
-        let n = serve_fault(s, tracker, cache, f, rests)?;
+        let n = serve_fault(s, tracker, cache, f)?;
         s.fault_filled.fetch_add(n, Ordering::Relaxed);
         waits.push(read_at.elapsed());
     }
@@ -841,7 +822,6 @@ fn serve_fault(
     tracker: &MissingTracker,
     cache: &mut DecodeCache,
     f: &MissingFault,
-    rests: &mut VecDeque<Rest>,
 ) -> Result<u64, LazyFailure> {
     let page = s.page_of(f.addr);
     let chunk = page.and_then(|p| s.chunk_of(p));
@@ -866,47 +846,34 @@ fn serve_fault(
         return Ok(filled);
     }
     let piece = (FAULT_PIECE / s.page_size).max(1);
-    let rel = page - ch.first_page;
     let a = (page / piece * piece).max(ch.first_page) - ch.first_page;
-    let b = (a + piece).min(n).max(rel + 1);
+    let b = (a + piece).min(n);
     let filled = s.fill_pages(tracker, cache, c, a, b)?;
     if a == 0 && b == n {
         s.mark_resident(c);
-    } else if s.claim(c, CLAIMED) {
-        rests.push_back(Rest {
-            chunk: c,
-            ranges: [(0, a), (b, n)].into_iter().filter(|r| r.0 < r.1).collect(),
-        });
+    } else if s.state(c) == MISSING {
+        // The fill thread completes it next (FILLING: it is doing so already).
+        let mut hot = lock(&s.hot);
+        if hot.last() != Some(&(c as u32)) {
+            hot.push(c as u32);
+        }
     }
-    // CLAIMED before: its rest is queued already (and covers this piece: EEXIST then).
-    // FILLING: the fill thread completes it.
     Ok(filled)
 }
 
-/// Fills up to [`REST_STEP`] of the oldest claimed chunk's rest.
-fn rest_step(
+/// Fills chunk `c` whole if it is still missing.
+fn fill_chunk(
     s: &Shared,
     tracker: &MissingTracker,
     cache: &mut DecodeCache,
-    rests: &mut VecDeque<Rest>,
+    c: usize,
 ) -> Result<(), LazyFailure> {
-    let Some(rest) = rests.front_mut() else {
+    if !s.claim(c, FILLING) {
         return Ok(());
-    };
-    let step = (REST_STEP / s.page_size).max(1);
-    if let Some(r) = rest.ranges.first_mut() {
-        let to = r.1.min(r.0 + step);
-        let n = s.fill_pages(tracker, cache, rest.chunk, r.0, to)?;
-        s.fault_filled.fetch_add(n, Ordering::Relaxed);
-        r.0 = to;
-        if r.0 == r.1 {
-            rest.ranges.remove(0);
-        }
     }
-    if rest.ranges.is_empty() {
-        s.mark_resident(rest.chunk);
-        rests.pop_front();
-    }
+    let n = s.fill_pages(tracker, cache, c, 0, u64::from(s.chunks[c].pages))?;
+    s.fill_filled.fetch_add(n, Ordering::Relaxed);
+    s.mark_resident(c);
     Ok(())
 }
 
@@ -915,29 +882,31 @@ fn fill_thread(s: &Shared) {
         return;
     };
     let mut cache = DecodeCache::default();
-    for c in 0..s.chunks.len() {
-        // Faults first: wait while the fault thread serves.
-        while s.fault_busy.load(Ordering::SeqCst) && !s.stop.load(Ordering::SeqCst) {
-            std::thread::sleep(FILL_YIELD);
-        }
+    let mut next = 0;
+    loop {
         if s.stop.load(Ordering::SeqCst) {
             return;
         }
-        // Chunks a fault claimed are finished by the fault thread.
-        if !s.claim(c, FILLING) {
-            continue;
+        // Faults first: let the fault thread have the CPU while it serves.
+        if s.fault_busy.load(Ordering::SeqCst) {
+            std::thread::yield_now();
         }
-        let n = u64::from(s.chunks[c].pages);
-        match s.fill_pages(&tracker, &mut cache, c, 0, n) {
-            Ok(n) => {
-                s.fill_filled.fetch_add(n, Ordering::Relaxed);
-                s.mark_resident(c);
+        // Chunks the guest touched first (the most recent first), then file order.
+        let c = match lock(&s.hot).pop() {
+            Some(c) => c as usize,
+            None if next < s.chunks.len() => {
+                next += 1;
+                next - 1
             }
-            Err(e) => return s.fail(e),
+            None => break,
+        };
+        if let Err(e) = fill_chunk(s, &tracker, &mut cache, c) {
+            return s.fail(e);
         }
     }
     drop(cache);
-    // The fault thread finishes the chunks it claimed.
+    // Every chunk was filled here, or whole by a fault (a fault never leaves one half done for
+    // itself: what it does not fill is queued here), so all are resident.
     while s.resident.load(Ordering::SeqCst) < s.total {
         if s.stop.load(Ordering::SeqCst) {
             return;
@@ -973,8 +942,6 @@ fn finish(s: &Shared, tracker: &MissingTracker) {
             .sum()
     };
     let before = huge_bytes();
-    // The collapse is background work: the guest and the save come first.
-    let _ = uffd_sys::host::set_thread_nice(COLLAPSE_NICE);
     let block_pages = BLOCK / s.page_size;
     let mut data_blocks: Vec<u64> = s
         .chunks
@@ -1006,10 +973,12 @@ fn finish(s: &Shared, tracker: &MissingTracker) {
         }
     }
     let mut refused = 0;
+    let mut gave_up = false;
     let mut busy = Duration::ZERO;
     for (k, &(first, n)) in runs.iter().enumerate() {
         // Memory the kernel will not collapse at all (e.g. shmem without huge pages): stop.
         if k == COLLAPSE_PROBE && refused == k {
+            gave_up = true;
             break;
         }
         // Not while a save runs (see `LazyRestore::hold_collapse`).
@@ -1026,18 +995,36 @@ fn finish(s: &Shared, tracker: &MissingTracker) {
         busy += t.elapsed();
     }
     // Blocks with data that are not huge now (a call that fails may still collapse some).
-    let huge: Vec<(usize, usize)> = s
-        .regions
-        .iter()
-        .flat_map(|r| pm.huge_ranges(r.host, r.pages as usize * s.page_size as usize))
-        .collect();
-    let failures = data_blocks
-        .iter()
-        .filter(|&&first| {
-            let h = s.host(first, block_pages);
-            !huge.iter().any(|&(a, b)| a <= h.start && h.end() <= b)
-        })
-        .count() as u64;
+    let small = || -> Vec<u64> {
+        let huge: Vec<(usize, usize)> = s
+            .regions
+            .iter()
+            .flat_map(|r| pm.huge_ranges(r.host, r.pages as usize * s.page_size as usize))
+            .collect();
+        data_blocks
+            .iter()
+            .copied()
+            .filter(|&first| {
+                let h = s.host(first, block_pages);
+                !huge.iter().any(|&(a, b)| a <= h.start && h.end() <= b)
+            })
+            .collect()
+    };
+    // One more try, block by block, for those that failed (often a transient EAGAIN), unless
+    // the kernel refused everything.
+    let mut left = small();
+    if !gave_up && (left.len() as u64) <= COLLAPSE_RETRY_MAX {
+        for &first in &left {
+            let Some(_call) = s.collapse_turn() else {
+                break;
+            };
+            let t = Instant::now();
+            let _ = tracker.collapse_huge(s.host(first, block_pages));
+            busy += t.elapsed();
+        }
+        left = small();
+    }
+    let failures = left.len() as u64;
     let collapse = busy;
     let after = huge_bytes();
     // Let go of the registration's memory handles now (nothing is registered any more).
