@@ -63,7 +63,7 @@ type Reader = SnapshotReader<BufReader<File>>;
 
 /// Guest bytes per chunk at most, and the alignment chunks never cross (an x86-64 huge page).
 const BLOCK: u64 = 2 << 20;
-/// Bytes a fault fills before the rest of its chunk (the faulting vCPU runs on after these).
+/// Bytes a fault fills around the faulting page (the rest of its chunk is the fill thread's).
 const FAULT_PIECE: u64 = 64 << 10;
 /// How long the fault thread waits for events before it looks at the stop flag.
 const FAULT_POLL: Duration = Duration::from_millis(20);
@@ -111,8 +111,8 @@ pub enum LazyError {
 /// Why a lazy restore stopped before all memory was resident. The VM must not run on.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LazyFailure {
-    /// A record failed its checks when it was read (the file changed or was damaged after it was
-    /// opened: open checks no record).
+    /// A record failed its checks when it was read (opening checks no record: a file damaged
+    /// before or after it was opened fails here).
     #[error("{0}")]
     Record(String),
     /// The kernel refused a fill or the fault events could not be read.
