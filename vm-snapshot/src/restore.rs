@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use crate::chain;
 use ram_saver::{FormatError, ReadProgress, SnapshotReader};
 use vm_memory::GuestMemoryMmap;
 use vmm_core::{MachineState, MemBackend, Vm, VmError};
@@ -68,18 +69,6 @@ pub fn machine_state<R: std::io::Read + std::io::Seek>(
         )));
     }
     Ok(state)
-}
-
-/// An error and its sources, once each.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Opens `file`, checks it, and loads it into fresh guest memory (on `backend`, or the one

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use vmm_core::{FreezeError, FreezeTimes, MachineState, Vm};
 use wp_tracker::{WpError, WpTracker};
 
+use crate::chain;
 use crate::monitor::ProgressMonitor;
 use crate::params::SaveParams;
 
@@ -55,18 +56,6 @@ pub enum SaveError {
         /// A plain-words hint, or empty.
         hint: &'static str,
     },
-}
-
-/// An error and its sources, once each.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Phase times of the freeze, in milliseconds.

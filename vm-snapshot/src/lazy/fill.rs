@@ -1,0 +1,339 @@
+//! The threads of a lazy restore: the fault thread (demand faults first, through a small cache of
+//! decoded records), the fill thread (touched pieces first, then file order, yielding to faults),
+//! and the end (unregister, then collapse back into huge pages).
+
+use super::*;
+
+/// The decoded pages of the last few records read: the pieces of a fault and the rest of its
+/// chunk (filled later, between other faults), or consecutive chunks of one record, decode it
+/// once.
+#[derive(Debug, Default)]
+pub(super) struct DecodeCache {
+    /// (record, pages, last use), most recent use highest.
+    slots: Vec<(usize, Vec<u8>, u64)>,
+    tick: u64,
+}
+
+/// Records a [`DecodeCache`] keeps decoded (2 MiB each at most in practice).
+const DECODED_RECORDS: usize = 4;
+
+impl DecodeCache {
+    /// A cache whose buffers already hold `bytes` each, touched: the first faults do not pay
+    /// for faulting in fresh heap memory (about a millisecond per 2 MiB here).
+    pub(super) fn warm(bytes: usize) -> Self {
+        let slots = (0..DECODED_RECORDS)
+            .map(|_| {
+                // Not zeros: a zeroed allocation comes untouched from the kernel.
+                (usize::MAX, vec![0xa5u8; bytes], 0)
+            })
+            .collect();
+        DecodeCache { slots, tick: 0 }
+    }
+
+    pub(super) fn get(&mut self, reader: &Reader, record: usize) -> Result<&[u8], LazyFailure> {
+        self.tick += 1;
+        let at = match self.slots.iter().position(|s| s.0 == record) {
+            Some(at) => at,
+            None => {
+                let at = if self.slots.len() < DECODED_RECORDS {
+                    self.slots.push((usize::MAX, Vec::new(), 0));
+                    self.slots.len() - 1
+                } else {
+                    let lru = self.slots.iter().enumerate().min_by_key(|(_, s)| s.2);
+                    lru.map_or(0, |(i, _)| i)
+                };
+                // A record of the same length reuses the buffer as it is.
+                let slot = &mut self.slots[at];
+                slot.0 = usize::MAX;
+                reader
+                    .read_record_at(record, &mut slot.1)
+                    .map_err(|e| LazyFailure::Record(chain(&e)))?;
+                slot.0 = record;
+                at
+            }
+        };
+        self.slots[at].2 = self.tick;
+        Ok(&self.slots[at].1)
+    }
+}
+
+pub(super) fn fault_thread(s: &Shared) {
+    let Some(tracker) = s.tracker() else {
+        return;
+    };
+    let mut cache = DecodeCache::warm(BLOCK as usize);
+    let mut faults: Vec<MissingFault> = Vec::new();
+    let mut waits: Vec<Duration> = Vec::new();
+    while !s.stop.load(Ordering::SeqCst) {
+        faults.clear();
+        let served = tracker
+            .wait_faults(FAULT_POLL, &mut faults)
+            .map_err(|e| LazyFailure::Fill(chain(&e)))
+            .and_then(|_| serve_faults(s, &tracker, &mut cache, &faults, &mut waits));
+        if let Err(e) = served {
+            s.fault_busy.store(false, Ordering::SeqCst);
+            if !s.finishing.load(Ordering::SeqCst) {
+                s.fail(e);
+            }
+            return;
+        }
+    }
+}
+
+/// Serves a batch of faults: the piece around each faulting page (its toucher runs on at once),
+/// or a wake if its chunk is resident; the rest of the chunk goes to the fill thread, first.
+fn serve_faults(
+    s: &Shared,
+    tracker: &MissingTracker,
+    cache: &mut DecodeCache,
+    faults: &[MissingFault],
+    waits: &mut Vec<Duration>,
+) -> Result<(), LazyFailure> {
+    if faults.is_empty() {
+        return Ok(());
+    }
+    let read_at = Instant::now();
+    s.fault_busy.store(true, Ordering::SeqCst);
+    waits.clear();
+    for f in faults {
+        let n = serve_fault(s, tracker, cache, f)?;
+        s.fault_filled.fetch_add(n, Ordering::Relaxed);
+        waits.push(read_at.elapsed());
+    }
+    s.fault_busy.store(false, Ordering::SeqCst);
+    s.faults.fetch_add(faults.len() as u64, Ordering::Relaxed);
+    let mut w = lock(&s.waits);
+    w.first_fault.get_or_insert(read_at.duration_since(s.t0));
+    for d in waits.iter() {
+        let us = d.as_micros().min(u128::from(u32::MAX)) as u32;
+        w.max = w.max.max(u64::from(us));
+        if w.samples.len() < MAX_WAIT_SAMPLES {
+            w.samples.push(us);
+        }
+    }
+    Ok(())
+}
+
+/// One missing fault; returns the bytes it filled.
+fn serve_fault(
+    s: &Shared,
+    tracker: &MissingTracker,
+    cache: &mut DecodeCache,
+    f: &MissingFault,
+) -> Result<u64, LazyFailure> {
+    let page = s.page_of(f.addr);
+    let chunk = page.and_then(|p| s.chunk_of(p));
+    let (Some(page), Some(c)) = (page, chunk) else {
+        // Not guest memory we know (cannot happen: only guest memory is registered).
+        return Ok(0);
+    };
+    let ch = s.chunks[c];
+    let n = u64::from(ch.pages);
+    if s.state(c) == RESIDENT {
+        // Read after someone else filled the page (that fill woke the toucher, or will have).
+        let ps = s.page_size as usize;
+        tracker
+            .wake(HostRange::new(f.addr & !(ps - 1), ps))
+            .map_err(|e| LazyFailure::Fill(chain(&e)))?;
+        return Ok(0);
+    }
+    if ch.zero {
+        // One ioctl of zero pages for all of it: no piece needed.
+        let filled = s.fill_pages(tracker, cache, c, 0, n)?;
+        s.mark_resident(c);
+        return Ok(filled);
+    }
+    let piece = (FAULT_PIECE / s.page_size).max(1);
+    let a = (page / piece * piece).max(ch.first_page) - ch.first_page;
+    let b = (a + piece).min(n);
+    let filled = s.fill_pages(tracker, cache, c, a, b)?;
+    if a == 0 && b == n {
+        s.mark_resident(c);
+    } else if s.state(c) == MISSING {
+        // The fill thread completes it next (FILLING: it is doing so already).
+        let mut hot = lock(&s.hot);
+        if hot.last() != Some(&(c as u32)) {
+            hot.push(c as u32);
+        }
+    }
+    Ok(filled)
+}
+
+/// Fills chunk `c` whole if it is still missing.
+fn fill_chunk(
+    s: &Shared,
+    tracker: &MissingTracker,
+    cache: &mut DecodeCache,
+    c: usize,
+) -> Result<(), LazyFailure> {
+    if !s.claim(c, FILLING) {
+        return Ok(());
+    }
+    let n = s.fill_pages(tracker, cache, c, 0, u64::from(s.chunks[c].pages))?;
+    s.fill_filled.fetch_add(n, Ordering::Relaxed);
+    s.mark_resident(c);
+    Ok(())
+}
+
+pub(super) fn fill_thread(s: &Shared) {
+    let Some(tracker) = s.tracker() else {
+        return;
+    };
+    let mut cache = DecodeCache::default();
+    let mut next = 0;
+    loop {
+        if s.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        // Faults first: let the fault thread have the CPU while it serves.
+        if s.fault_busy.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // Chunks the guest touched first (the most recent first), then file order.
+        let c = match lock(&s.hot).pop() {
+            Some(c) => c as usize,
+            None if next < s.chunks.len() => {
+                next += 1;
+                next - 1
+            }
+            None => break,
+        };
+        if let Err(e) = fill_chunk(s, &tracker, &mut cache, c) {
+            return s.fail(e);
+        }
+    }
+    drop(cache);
+    // Every chunk was filled here, or whole by a fault (a fault never leaves one half done for
+    // itself: what it does not fill is queued here), so all are resident.
+    while s.resident.load(Ordering::SeqCst) < s.total {
+        if s.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    finish(s, &tracker);
+}
+
+/// Everything is resident: unregister (the fault thread stops), collapse the blocks that hold
+/// data into huge pages, and report.
+fn finish(s: &Shared, tracker: &MissingTracker) {
+    let resident_at = s.t0.elapsed();
+    // The fault thread ends; faults read meanwhile find their chunks resident, and anyone still
+    // blocked is woken by the unregistration and finds its page there.
+    s.finishing.store(true, Ordering::SeqCst);
+    s.stop.store(true, Ordering::SeqCst);
+    if let Err(e) = tracker.unregister_all() {
+        return s.fail(LazyFailure::Fill(chain(&e)));
+    }
+    lock(&s.end).resident_at = Some(resident_at);
+    s.end_cv.notify_all();
+    let pm = ram_saver::pagemap::Pagemap::open();
+    let huge_bytes = || -> u64 {
+        s.regions
+            .iter()
+            .map(|r| {
+                pm.huge_ranges(r.host, r.pages as usize * s.page_size as usize)
+                    .iter()
+                    .map(|(a, b)| (b - a) as u64)
+                    .sum::<u64>()
+            })
+            .sum()
+    };
+    let before = huge_bytes();
+    let block_pages = BLOCK / s.page_size;
+    let mut data_blocks: Vec<u64> = s
+        .chunks
+        .iter()
+        .filter(|c| !c.zero)
+        .map(|c| c.first_page / block_pages * block_pages)
+        .filter(|&first| {
+            s.regions
+                .iter()
+                .any(|r| first >= r.first_page && first + block_pages <= r.first_page + r.pages)
+        })
+        .collect();
+    data_blocks.sort_unstable();
+    data_blocks.dedup();
+    // Runs of adjacent blocks inside one region, COLLAPSE_BATCH blocks per call at most.
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &first in &data_blocks {
+        match runs.last_mut() {
+            Some((start, n))
+                if *start + *n * block_pages == first
+                    && *n < COLLAPSE_BATCH
+                    && s.regions.iter().any(|r| {
+                        *start >= r.first_page && first + block_pages <= r.first_page + r.pages
+                    }) =>
+            {
+                *n += 1
+            }
+            _ => runs.push((first, 1)),
+        }
+    }
+    let mut refused = 0;
+    let mut gave_up = false;
+    let mut busy = Duration::ZERO;
+    for (k, &(first, n)) in runs.iter().enumerate() {
+        // Memory the kernel will not collapse at all (e.g. shmem without huge pages): stop.
+        if k == COLLAPSE_PROBE && refused == k {
+            gave_up = true;
+            break;
+        }
+        // Not while a save runs (see `LazyRestore::hold_collapse`).
+        let Some(_call) = s.collapse_turn() else {
+            break;
+        };
+        let t = Instant::now();
+        if tracker
+            .collapse_huge(s.host(first, n * block_pages))
+            .is_err()
+        {
+            refused += 1;
+        }
+        busy += t.elapsed();
+    }
+    // Blocks with data that are not huge now (a call that fails may still collapse some).
+    let small = || -> Vec<u64> {
+        let huge: Vec<(usize, usize)> = s
+            .regions
+            .iter()
+            .flat_map(|r| pm.huge_ranges(r.host, r.pages as usize * s.page_size as usize))
+            .collect();
+        data_blocks
+            .iter()
+            .copied()
+            .filter(|&first| {
+                let h = s.host(first, block_pages);
+                !huge.iter().any(|&(a, b)| a <= h.start && h.end() <= b)
+            })
+            .collect()
+    };
+    // One more try, block by block, for those that failed (often a transient EAGAIN), unless
+    // the kernel refused everything.
+    let mut left = small();
+    if !gave_up && (left.len() as u64) <= COLLAPSE_RETRY_MAX {
+        for &first in &left {
+            let Some(_call) = s.collapse_turn() else {
+                break;
+            };
+            let t = Instant::now();
+            let _ = tracker.collapse_huge(s.host(first, block_pages));
+            busy += t.elapsed();
+        }
+        left = small();
+    }
+    let failures = left.len() as u64;
+    let collapse = busy;
+    let after = huge_bytes();
+    // Let go of the registration's memory handles now (nothing is registered any more).
+    lock(&s.tracker).take();
+    let mut end = lock(&s.end);
+    end.thp_before = Some(before);
+    end.thp_after = Some(after);
+    end.collapse = Some(collapse);
+    end.collapse_failures = failures;
+    if end.failed.is_none() {
+        end.done = true;
+    }
+    s.end_cv.notify_all();
+}
