@@ -112,30 +112,6 @@ fn a_paused_vm_stays_paused_across_a_save() {
     vmm.assert_progress(Duration::from_secs(5));
 }
 
-/// Lines `tk: t=… steps=N …` the test kernel printed so far: the last N.
-fn kernel_steps(serial_log: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(serial_log).ok()?;
-    text.lines()
-        .filter_map(|l| l.split_once("steps=")?.1.split_whitespace().next())
-        .filter_map(|n| n.parse().ok())
-        .next_back()
-}
-
-fn wait_kernel_steps(serial_log: &Path, beyond: u64, what: &str) -> u64 {
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = kernel_steps(serial_log).filter(|&s| s > beyond) {
-            return s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "{what}: the kernel printed no steps beyond {beyond}; console:\n{}",
-            std::fs::read_to_string(serial_log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_kernel_guest_from_a_non_utf8_path_is_saved_and_keeps_running() {
     let _s = serial();

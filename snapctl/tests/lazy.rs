@@ -320,30 +320,6 @@ fn a_vm_still_filling_pauses_resumes_and_its_save_waits_for_the_fill() {
     shutdown(l, "paused lazy restore");
 }
 
-/// The last `steps=N` the test kernel printed on its console.
-fn kernel_steps(serial_log: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(serial_log).ok()?;
-    text.lines()
-        .filter_map(|l| l.split_once("steps=")?.1.split_whitespace().next())
-        .filter_map(|n| n.parse().ok())
-        .next_back()
-}
-
-fn wait_kernel_steps(serial_log: &Path, beyond: u64, what: &str) -> u64 {
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = kernel_steps(serial_log).filter(|&s| s > beyond) {
-            return s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "{what}: the kernel printed no steps beyond {beyond}; console:\n{}",
-            std::fs::read_to_string(serial_log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_kernel_guest_restores_lazily_and_runs_on() {
     let _s = serial();

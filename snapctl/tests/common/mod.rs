@@ -528,3 +528,28 @@ pub fn leftovers(dir: &Path, name: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// The last `steps=N` the test kernel printed on its console.
+pub fn kernel_steps(serial_log: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(serial_log).ok()?;
+    text.lines()
+        .filter_map(|l| l.split_once("steps=")?.1.split_whitespace().next())
+        .filter_map(|n| n.parse().ok())
+        .next_back()
+}
+
+/// Waits (60 s at most) until the test kernel prints more than `beyond` steps; returns them.
+pub fn wait_kernel_steps(serial_log: &Path, beyond: u64, what: &str) -> u64 {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = kernel_steps(serial_log).filter(|&s| s > beyond) {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{what}: the kernel printed no steps beyond {beyond}; console:\n{}",
+            std::fs::read_to_string(serial_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
