@@ -382,6 +382,10 @@ fn run_case(
         }
     };
     rvm.shutdown()?;
+    // The same file restored lazily, in a new VMM process of its own; its failure is the row's
+    // `lazy.error`, not the case's.
+    let lazy = lazy_restore(bin, dir, c, snap_s, &freeze, rate_before, window)
+        .unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
     let file_bytes = summary["file_bytes"].as_u64().unwrap_or(0);
     let _ = std::fs::remove_file(&snap);
     let guest_bytes = c.mem_mib << 20;
@@ -398,6 +402,118 @@ fn run_case(
         "extra_rss_mib": extra_rss as f64 / (1 << 20) as f64,
         "restore_s": restore_s, "restore_gbps": guest_bytes as f64 / restore_s / 1e9,
         "thp_before_mib": thp_before >> 20, "thp_after_mib": thp_after >> 20,
+        "lazy": lazy,
+    }))
+}
+
+/// How long [`lazy_restore`] waits for `restore.done`.
+const LAZY_DONE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `snapctl restore --lazy` of `snap`: time from process start to the guest running (first progress
+/// past its freeze instant, polled every few ms), the VMM's own `restore` figures once `restore.done`,
+/// and for busy guests the rate while the fill runs and after it, against `rate_before`.
+fn lazy_restore(
+    bin: &Path,
+    dir: &Path,
+    c: &Case,
+    snap: &str,
+    freeze: &[u64],
+    rate_before: f64,
+    window: Duration,
+) -> anyhow::Result<Value> {
+    let sock = dir.join("lazy.sock");
+    let _ = std::fs::remove_file(&sock);
+    let t0 = Instant::now();
+    // Started here rather than with `VmmProc::start`, whose 100 ms socket poll would blur the
+    // time to the first guest progress.
+    let child = Command::new(bin)
+        .args(["restore", "--lazy", snap, "--api-sock"])
+        .arg(&sock)
+        .arg("--serial-log")
+        .arg(dir.join("lazy.serial"))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .context("starting snapctl restore --lazy")?;
+    let mut vm = VmmProc {
+        child,
+        sock: sock.clone(),
+        bin: bin.to_path_buf(),
+    };
+    let sum = |s: &Value| -> u64 {
+        s["steps"]
+            .as_array()
+            .map_or(0, |a| a.iter().map(|v| v.as_u64().unwrap_or(0)).sum())
+    };
+    // Running: every vCPU past its freeze steps (busy guests), or a timer tick past the first
+    // one seen (idle guests).
+    let mut first_ticks = None;
+    let (running_s, first) = loop {
+        if let Some(st) = vm.child.try_wait()? {
+            bail!("snapctl restore --lazy exited early: {st}");
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            bail!("lazily restored guest not running after 120 s");
+        }
+        let Ok(s) = vm.status() else {
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        };
+        let running = if c.full {
+            let steps: Vec<u64> = s["steps"]
+                .as_array()
+                .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(0)).collect())
+                .unwrap_or_default();
+            steps.len() == freeze.len() && steps.iter().zip(freeze).all(|(a, b)| a > b)
+        } else {
+            let t = s["ticks"].as_u64().unwrap_or(0);
+            *first_ticks.get_or_insert(t) < t
+        };
+        if running {
+            break (t0.elapsed().as_secs_f64(), s);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    // The guest's rate while the fill runs: steps between the first progress and the last status
+    // that still shows the memory not resident.
+    let (t_first, steps_first) = (Instant::now(), sum(&first));
+    let mut filling: Option<(Duration, u64)> = None;
+    let rs = loop {
+        let s = vm.status()?;
+        let r = &s["restore"];
+        if let Some(e) = r.get("failed") {
+            bail!("lazy restore failed: {e}");
+        }
+        if r["resident"] != Value::Bool(true) {
+            filling = Some((t_first.elapsed(), sum(&s).saturating_sub(steps_first)));
+        }
+        if r["done"] == Value::Bool(true) {
+            break r.clone();
+        }
+        if t_first.elapsed() > LAZY_DONE_TIMEOUT {
+            bail!("lazy restore not done after {LAZY_DONE_TIMEOUT:?}: {r}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let rate_filling = match filling {
+        Some((d, n)) if c.full && d > Duration::from_millis(50) => {
+            Value::from(n as f64 / d.as_secs_f64())
+        }
+        _ => Value::Null,
+    };
+    let rate_done = if c.full { rate(&vm, window)? } else { 0.0 };
+    vm.shutdown()?;
+    let _ = std::fs::remove_file(&sock);
+    let mib = |k: &str| rs[k].as_u64().map_or(Value::Null, |b| Value::from(b >> 20));
+    Ok(json!({
+        "running_ms": running_s * 1e3,
+        "start_ms": rs["start_ms"], "first_fault_ms": rs["first_fault_ms"],
+        "faults": rs["faults"], "fault_wait_p50_us": rs["fault_wait_p50_us"],
+        "fault_wait_p99_us": rs["fault_wait_p99_us"], "fault_wait_max_us": rs["fault_wait_max_us"],
+        "fault_filled_mib": rs["fault_filled_bytes"].as_u64().unwrap_or(0) >> 20,
+        "resident_s": rs["resident_s"], "fill_gb_s": rs["fill_gb_s"],
+        "thp_before_mib": mib("thp_before_bytes"), "thp_after_mib": mib("thp_after_bytes"),
+        "collapse_ms": rs["collapse_ms"], "collapse_failures": rs["collapse_failures"],
+        "rate_before": rate_before, "rate_filling": rate_filling, "rate_done": rate_done,
     }))
 }
 
@@ -526,7 +642,10 @@ fn matrix(quick: bool, mems: Option<Vec<u64>>, save_args: &[String]) -> anyhow::
     std::fs::write(dir.join(format!("{stem}.md")), &md)?;
     println!("{md}");
     println!("bench: wrote {}", dir.join(format!("{stem}.md")).display());
-    if rows.iter().any(|r| r.get("error").is_some()) {
+    if rows
+        .iter()
+        .any(|r| r.get("error").is_some() || r["lazy"].get("error").is_some())
+    {
         bail!("some bench cases failed");
     }
     Ok(())
@@ -622,6 +741,58 @@ fn markdown(l: &Limits, rows: &[Value], save_args: &[String]) -> String {
             r["thp_before_mib"],
             r["thp_after_mib"],
             frac(f(r, "rate_after"), f(r, "rate_before")),
+        );
+    }
+    s + &lazy_markdown(rows)
+}
+
+/// The second table: the same files restored with `snapctl restore --lazy`.
+fn lazy_markdown(rows: &[Value]) -> String {
+    let mut s = String::new();
+    s += "\n## Lazy restore\n\n";
+    s += "Each case's file again, restored with `snapctl restore --lazy` in a new VMM process. Running: from process start \
+          to the guest's first progress past its freeze instant (busy) or a timer tick (idle), seen in `status` \
+          (polled every few ms; the eager restore column above, for comparison). Start and first fault: the VMM's \
+          `restore.start_ms` (work until the vCPUs start) and `restore.first_fault_ms`, from the restore's start. \
+          Resident: seconds from the start until every page is filled; fill GB/s: guest RAM over that time after \
+          the vCPUs started. THP: guest MiB on huge pages once resident → after the collapse. Rates: the guest's \
+          steps/s while the fill runs and after `restore.done`, against its rate before the save.\n\n";
+    s += "| case | running ms (eager) | start ms | first fault ms | faults | fault wait p50/p99/max µs | resident s | fill GB/s | THP MiB before→after (collapse ms) | rate filling/before | rate done/before |\n";
+    s += "|---|---|---|---|---|---|---|---|---|---|---|\n";
+    let opt = |v: &Value, digits: usize| match v.as_f64() {
+        Some(x) => format!("{x:.digits$}"),
+        None => "–".into(),
+    };
+    for r in rows {
+        let case = r["case"].as_str().unwrap_or("?");
+        let z = &r["lazy"];
+        if let Some(e) = r.get("error").or_else(|| z.get("error")) {
+            s += &format!("| {case} | FAILED: {e} |\n");
+            continue;
+        }
+        let full = r["full"] == Value::Bool(true);
+        let before = f(r, "rate_before");
+        let frac = |v: &Value| match v.as_f64() {
+            Some(a) if full && before > 0.0 => format!("{:.0} %", 100.0 * a / before),
+            _ => "–".into(),
+        };
+        s += &format!(
+            "| {case} | {} ({:.0}) | {} | {} | {} | {}/{}/{} | {} | {} | {}→{} ({}) | {} | {} |\n",
+            opt(&z["running_ms"], 0),
+            f(r, "restore_s") * 1e3,
+            opt(&z["start_ms"], 1),
+            opt(&z["first_fault_ms"], 1),
+            z["faults"],
+            z["fault_wait_p50_us"],
+            z["fault_wait_p99_us"],
+            z["fault_wait_max_us"],
+            opt(&z["resident_s"], 2),
+            opt(&z["fill_gb_s"], 2),
+            z["thp_before_mib"],
+            z["thp_after_mib"],
+            opt(&z["collapse_ms"], 0),
+            frac(&z["rate_filling"]),
+            frac(&z["rate_done"]),
         );
     }
     s
