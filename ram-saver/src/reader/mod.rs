@@ -25,7 +25,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::direct_io::reopen_direct;
 use crate::format::{FormatError, SnapshotHeader, Totals, Trailer};
-use crate::pagemap::Pagemap;
+use crate::pagemap;
 
 mod check;
 mod open;
@@ -211,7 +211,6 @@ impl<R: Read + Seek> SnapshotReader<R> {
         cover.complete()?;
         drop(cover);
 
-        let pagemap = Pagemap::open();
         let mut fresh = true;
         for r in mem.iter() {
             let host =
@@ -219,16 +218,12 @@ impl<R: Read + Seek> SnapshotReader<R> {
                     .map_err(|e| FormatError::LayoutMismatch {
                         what: format!("region at {:#x}: {e}", r.start_addr().0),
                     })?;
-            if pagemap.may_have_data(host as usize, r.len() as usize) {
+            if pagemap::may_have_data(host as usize, r.len() as usize) {
                 fresh = false;
                 break;
             }
         }
-        let mode = Mode::Load {
-            mem,
-            pagemap: &pagemap,
-            fresh,
-        };
+        let mode = Mode::Load { mem, fresh };
         self.run(mode, None, progress)?;
         Ok(self.trailer.totals)
     }

@@ -16,7 +16,7 @@ use crate::format::{
     FormatError, IndexEntry, RecordHeader, RecordKind, Totals, CODEC_RAW, MAX_RECORD_RAW,
     RECORD_HEADER_LEN,
 };
-use crate::pagemap::Pagemap;
+use crate::pagemap;
 use crate::writer::is_zero;
 
 /// Bytes read ahead per positioned read when streaming records (fits in L2 with room to spare).
@@ -137,7 +137,6 @@ pub(super) enum Mode<'m> {
     /// Check and write into `mem`; zero runs are skipped when the memory was `fresh`.
     Load {
         mem: &'m GuestMemoryMmap,
-        pagemap: &'m Pagemap,
         fresh: bool,
     },
 }
@@ -308,13 +307,8 @@ impl Worker {
                 if h.compute_crc(&[]) != h.crc {
                     return Err(corrupt("record checksum mismatch", Some(ri), pos));
                 }
-                if let Mode::Load {
-                    mem,
-                    pagemap,
-                    fresh: false,
-                } = mode
-                {
-                    clear_pages(mem, pagemap, gpa, n * ps, ps, &mut self.out).map_err(mem_err)?;
+                if let Mode::Load { mem, fresh: false } = mode {
+                    clear_pages(mem, gpa, n * ps, ps, &mut self.out).map_err(mem_err)?;
                 }
             }
             (RecordKind::Data, CODEC_RAW) => {
@@ -373,14 +367,13 @@ impl Worker {
 /// reads as zeros) unpopulated.
 fn clear_pages(
     mem: &GuestMemoryMmap,
-    pagemap: &Pagemap,
     gpa: u64,
     len: u64,
     ps: u64,
     buf: &mut Vec<u8>,
 ) -> Result<(), vm_memory::GuestMemoryError> {
     let host = mem.get_host_address(GuestAddress(gpa))? as usize;
-    if !pagemap.may_have_data(host, len as usize) {
+    if !pagemap::may_have_data(host, len as usize) {
         return Ok(());
     }
     let mut off = 0;

@@ -8,7 +8,7 @@ use wp_tracker::HostRange;
 
 use super::blocks::BlockMap;
 use super::Shared;
-use crate::pagemap::Pagemap;
+use crate::pagemap;
 
 /// Transparent huge page size (x86-64 PMD).
 pub(super) const HUGE_PAGE: usize = 2 << 20;
@@ -17,12 +17,12 @@ const COLLAPSE_BATCH: usize = 32;
 
 /// The host ranges of guest memory mapped by transparent huge pages now (one PAGEMAP_SCAN per
 /// region); read once per save, for the fault unit and for [`BlockMap::find_huge`].
-pub(super) fn huge_ranges(mem: &GuestMemoryMmap, pagemap: &Pagemap) -> Vec<(usize, usize)> {
+pub(super) fn huge_ranges(mem: &GuestMemoryMmap) -> Vec<(usize, usize)> {
     mem.iter()
         .filter_map(|r| {
             let len = usize::try_from(r.len()).ok()?;
             let host = mem.get_host_address(r.start_addr()).ok()? as usize;
-            Some(pagemap.huge_ranges(host, len))
+            Some(pagemap::huge_ranges(host, len))
         })
         .flatten()
         .collect()

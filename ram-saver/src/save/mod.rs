@@ -46,7 +46,6 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use wp_tracker::{WpError, WpTracker};
 
 use crate::format::{FormatError, MemRegion, SnapshotHeader};
-use crate::pagemap::Pagemap;
 use crate::writer::{EncodedBatch, SnapshotSink, SnapshotWriter};
 
 mod blocks;
@@ -371,7 +370,7 @@ pub fn live_save<S: SnapshotSink>(
         })
         .collect();
     let total_pages = header.total_pages();
-    let huge = huge::huge_ranges(mem, &Pagemap::open());
+    let huge = huge::huge_ranges(mem);
     let fault_block = fault::fault_block_size(mem, opts, &huge)?;
     let mut blocks = BlockMap::new(mem, opts.block_size, fault_block)?;
     if fault_block < opts.block_size {

@@ -10,13 +10,12 @@ use wp_tracker::HostRange;
 
 use super::blocks::PROTECTED;
 use super::{InjectPoint, Run, SaveError, Shared, Work, PAGE_SIZE, POLL};
-use crate::pagemap::Pagemap;
+use crate::pagemap;
 
 impl Shared<'_> {
     /// Scanner: claim and save every sub-block still protected, one unit at a time in address
     /// order, releasing each run of claimed sub-blocks in one call.
     pub(super) fn scan_loop(&self, max_bandwidth: Option<u64>) -> Result<(), SaveError> {
-        let pagemap = Pagemap::open();
         let start = Instant::now();
         let mut copied: u64 = 0;
         let mut runs: Vec<(usize, usize)> = Vec::new();
@@ -33,7 +32,7 @@ impl Shared<'_> {
             let protected = (unit.first..unit.first + unit.count)
                 .any(|i| self.blocks.state[i].load(Ordering::Acquire) == PROTECTED);
             if protected {
-                copied += self.scan_unit(u, &pagemap, &mut runs, start, copied, max_bandwidth)?;
+                copied += self.scan_unit(u, &mut runs, start, copied, max_bandwidth)?;
             }
         }
         self.scan_done.store(true, Ordering::Release);
@@ -44,7 +43,6 @@ impl Shared<'_> {
     fn scan_unit(
         &self,
         u: usize,
-        pagemap: &Pagemap,
         runs: &mut Vec<(usize, usize)>,
         start: Instant,
         copied: u64,
@@ -53,7 +51,7 @@ impl Shared<'_> {
         let unit = self.blocks.units[u];
         // Throttle before claiming: a claimed block must never wait on the throttle.
         let range = HostRange::new(unit.host, unit.len);
-        let likely_data = pagemap.may_hold_data(self.tracker, range);
+        let likely_data = pagemap::may_hold_data(self.tracker, range);
         if let (Some(rate), true) = (max_bandwidth, likely_data) {
             let burst = self.blocks.unit_size as u64;
             loop {
@@ -86,7 +84,7 @@ impl Shared<'_> {
             return Ok(0);
         }
         // Authoritative check while claimed and protected: nothing can appear unseen.
-        if !pagemap.may_hold_data(self.tracker, range) {
+        if !pagemap::may_hold_data(self.tracker, range) {
             self.release_buffer(buf, false);
             for &(first, n) in runs.iter() {
                 self.release_run(first, n)?;

@@ -227,12 +227,11 @@ fn finish(s: &Shared, tracker: &MissingTracker) {
     }
     lock(&s.end).resident_at = Some(resident_at);
     s.end_cv.notify_all();
-    let pm = ram_saver::pagemap::Pagemap::open();
     let huge_bytes = || -> u64 {
         s.regions
             .iter()
             .map(|r| {
-                pm.huge_ranges(r.host, r.pages as usize * s.page_size as usize)
+                ram_saver::pagemap::huge_ranges(r.host, r.pages as usize * s.page_size as usize)
                     .iter()
                     .map(|(a, b)| (b - a) as u64)
                     .sum::<u64>()
@@ -297,7 +296,9 @@ fn finish(s: &Shared, tracker: &MissingTracker) {
         let huge: Vec<(usize, usize)> = s
             .regions
             .iter()
-            .flat_map(|r| pm.huge_ranges(r.host, r.pages as usize * s.page_size as usize))
+            .flat_map(|r| {
+                ram_saver::pagemap::huge_ranges(r.host, r.pages as usize * s.page_size as usize)
+            })
             .collect();
         data_blocks
             .iter()
