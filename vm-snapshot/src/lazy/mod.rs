@@ -54,7 +54,7 @@ use ram_saver::{FormatError, IndexEntry, RecordKind, SnapshotHeader, SnapshotRea
 use serde::Serialize;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_core::{MemBackend, Vm, VmError};
-use wp_tracker::{HostRange, MissingError, MissingFault, MissingTracker};
+use wp_tracker::{HostRange, HugeBlock, MissingError, MissingFault, MissingTracker};
 
 use crate::{chain, machine_state, RestoreParams};
 
@@ -155,6 +155,16 @@ pub struct LazyStatus {
     pub fault_filled_bytes: u64,
     /// Guest bytes the fill thread filled.
     pub fill_filled_bytes: u64,
+    /// Of those, bytes moved in as whole huge pages (`UFFDIO_MOVE`).
+    pub fill_moved_bytes: u64,
+    /// Where the fill thread's time went so far, ms: reading records (positioned read, crc,
+    /// decompression).
+    pub fill_read_ms: f64,
+    /// … copying decoded pages into the staging huge page (its first write includes the
+    /// kernel's zeroing of a fresh huge page).
+    pub fill_stage_ms: f64,
+    /// … the fill ioctls (move, copy, zero page).
+    pub fill_map_ms: f64,
     /// When everything was resident, seconds from the start.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resident_s: Option<f64>,
@@ -200,6 +210,18 @@ const FILLING: u8 = 1;
 /// Every page is filled.
 const RESIDENT: u8 = 2;
 
+/// A 2 MiB guest block that the fill can move in whole: it holds data, lies inside one region at
+/// a 2 MiB-aligned host address, and its memory takes moves.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    first_page: u64,
+    /// Its chunks: `by_page[chunks.0..chunks.1]`.
+    chunks: (u32, u32),
+}
+
+/// `Shared::block_of` of a chunk whose block is not moved whole.
+const NO_BLOCK: u32 = u32::MAX;
+
 /// A region of guest memory: guest pages `[first_page, first_page + pages)` at `host`.
 #[derive(Debug, Clone, Copy)]
 struct Region {
@@ -221,6 +243,14 @@ struct Shared {
     /// Chunk numbers sorted by first page.
     by_page: Vec<u32>,
     state: Vec<AtomicU8>,
+    /// Blocks the fill moves in whole.
+    blocks: Vec<Block>,
+    /// Per chunk: its number in `blocks`, or [`NO_BLOCK`].
+    block_of: Vec<u32>,
+    /// Per block: a fault filled a piece of it (it is filled piecewise, then collapsed).
+    touched: Vec<AtomicBool>,
+    /// A move failed for another reason than a racing fault: the fill copies from then on.
+    no_move: AtomicBool,
     /// The fault thread is serving: the fill yields.
     fault_busy: AtomicBool,
     /// Chunks a fault filled a piece of, for the fill thread to complete first (most recent
@@ -242,6 +272,9 @@ struct Shared {
     faults: AtomicU64,
     fault_filled: AtomicU64,
     fill_filled: AtomicU64,
+    fill_moved: AtomicU64,
+    /// Fill thread time in read / stage / map, ns.
+    fill_ns: [AtomicU64; 3],
     waits: Mutex<Waits>,
     end: Mutex<End>,
     end_cv: Condvar,
@@ -299,6 +332,7 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
         .register_memory(&mem)
         .map_err(LazyError::Userfaultfd)?;
     let total = reader.header().total_pages() * page_size;
+    let (blocks, block_of) = plan_blocks(&chunks, &by_page, &regions, page_size, &tracker);
     let shared = Arc::new(Shared {
         reader,
         tracker: Mutex::new(Some(Arc::new(tracker))),
@@ -306,6 +340,10 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
         regions,
         page_size,
         state: chunks.iter().map(|_| AtomicU8::new(MISSING)).collect(),
+        touched: blocks.iter().map(|_| AtomicBool::new(false)).collect(),
+        blocks,
+        block_of,
+        no_move: AtomicBool::new(false),
         chunks,
         by_page,
         fault_busy: AtomicBool::new(false),
@@ -321,6 +359,8 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
         faults: AtomicU64::new(0),
         fault_filled: AtomicU64::new(0),
         fill_filled: AtomicU64::new(0),
+        fill_moved: AtomicU64::new(0),
+        fill_ns: Default::default(),
         waits: Mutex::new(Waits::default()),
         end: Mutex::new(End::default()),
         end_cv: Condvar::new(),
@@ -386,6 +426,10 @@ impl LazyRestore {
             fault_wait_max_us: max,
             fault_filled_bytes: s.fault_filled.load(Ordering::Relaxed),
             fill_filled_bytes: s.fill_filled.load(Ordering::Relaxed),
+            fill_moved_bytes: s.fill_moved.load(Ordering::Relaxed),
+            fill_read_ms: s.fill_ns[0].load(Ordering::Relaxed) as f64 / 1e6,
+            fill_stage_ms: s.fill_ns[1].load(Ordering::Relaxed) as f64 / 1e6,
+            fill_map_ms: s.fill_ns[2].load(Ordering::Relaxed) as f64 / 1e6,
             resident_s: end.resident_at.map(|d| d.as_secs_f64()),
             fill_gb_s: end.resident_at.map(|d| {
                 s.total as f64 / (d.saturating_sub(end.start)).as_secs_f64().max(1e-9) / 1e9
@@ -575,6 +619,51 @@ fn plan_chunks(index: &[IndexEntry], page_size: u64) -> (Vec<Chunk>, Vec<u32>) {
     (chunks, by_page)
 }
 
+/// The 2 MiB blocks the fill can move in whole (see [`Block`]), and each chunk's block.
+fn plan_blocks(
+    chunks: &[Chunk],
+    by_page: &[u32],
+    regions: &[Region],
+    page_size: u64,
+    tracker: &MissingTracker,
+) -> (Vec<Block>, Vec<u32>) {
+    let block_pages = (BLOCK / page_size).max(1);
+    let mut blocks = Vec::new();
+    let mut block_of = vec![NO_BLOCK; chunks.len()];
+    let mut at = 0;
+    while at < by_page.len() {
+        let first = chunks[by_page[at] as usize].first_page / block_pages * block_pages;
+        let end = by_page[at..]
+            .iter()
+            .position(|&c| chunks[c as usize].first_page >= first + block_pages)
+            .map_or(by_page.len(), |n| at + n);
+        let members = &by_page[at..end];
+        let data = members.iter().any(|&c| !chunks[c as usize].zero);
+        let host = regions
+            .iter()
+            .find(|r| first >= r.first_page && first + block_pages <= r.first_page + r.pages)
+            .map(|r| {
+                HostRange::new(
+                    r.host + ((first - r.first_page) * page_size) as usize,
+                    BLOCK as usize,
+                )
+            });
+        let movable =
+            host.is_some_and(|h| h.start.is_multiple_of(BLOCK as usize) && tracker.can_move(h));
+        if data && movable {
+            for &c in members {
+                block_of[c as usize] = blocks.len() as u32;
+            }
+            blocks.push(Block {
+                first_page: first,
+                chunks: (at as u32, end as u32),
+            });
+        }
+        at = end;
+    }
+    (blocks, block_of)
+}
+
 /// Guest memory's regions, which must be the header's.
 fn regions_of(r: &Reader, mem: &GuestMemoryMmap) -> Result<Vec<Region>, LazyError> {
     let ps = u64::from(r.header().page_size);
@@ -644,6 +733,19 @@ impl Shared {
         self.state[c]
             .compare_exchange(MISSING, to, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+    }
+
+    /// Notes that a fault fills a piece of chunk `c`: its block is not moved in whole.
+    fn touch(&self, c: usize) {
+        if let Some(t) = self.touched.get(self.block_of[c] as usize) {
+            t.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Adds the time since `t` to fill phase `phase` (read, stage, map).
+    fn fill_time(&self, phase: usize, t: Instant) {
+        let ns = t.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.fill_ns[phase].fetch_add(ns, Ordering::Relaxed);
     }
 
     /// Marks chunk `c` resident (all of it is filled); counted once, whoever marks it.
