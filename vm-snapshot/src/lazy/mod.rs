@@ -25,12 +25,25 @@
 //!   fault thread serves. Two threads filling the same pages is harmless: the kernel fills only
 //!   missing pages (one that exists answers EEXIST and is skipped), with the same bytes from the
 //!   same checked record.
+//! - **Whole huge pages**: on anonymous memory (and a kernel with `UFFDIO_MOVE`, Linux 6.8+) a
+//!   2 MiB block that holds data and that no fault touched is filled in one piece: the fill
+//!   claims all its chunks (MISSING → FILLING), reads its record straight into a staging huge
+//!   page (or, for a block made of several records or zero runs, copies their decoded pages
+//!   there; zero runs need nothing, the staging page starts empty), and moves that page into the
+//!   guest ([`MissingTracker::move_in`]): one huge page, no copy into the guest, waiters woken.
+//!   If a fault fills a piece of the block meanwhile, the move stops there and the rest is
+//!   copied from the staging page (pages that exist are skipped); a block a fault touched
+//!   first is copied chunk by chunk as above. Staging pages (four) are populated ahead by a
+//!   thread at the lowest priority, so that on an idle core the kernel's zeroing of a fresh
+//!   huge page overlaps the reads; the fill populates one itself when none is ready. memfd
+//!   memory cannot take moves (shared memory): it is filled by copies.
 //! - **End**: once every chunk is resident the memory is unregistered (the VM runs without
-//!   userfaultfd from then on), and every 2 MiB block that holds data is collapsed back into a
-//!   huge page (`MADV_COLLAPSE`, best effort: UFFDIO_COPY maps 4 KiB pages), up to 32 adjacent
-//!   blocks per call, at low priority (nice 10), and not while a [`CollapseHold`] lives (a save:
-//!   a block it write-protects cannot be collapsed). Blocks that are all zeros stay on the
-//!   shared zero page (collapsing them would allocate 2 MiB of zeros each).
+//!   userfaultfd from then on), and every 2 MiB block that holds data but is not a huge page
+//!   (those filled piecewise: touched by faults, or not movable) is collapsed back into a huge
+//!   page (`MADV_COLLAPSE`, best effort), up to 32 adjacent blocks per call, at low priority
+//!   (nice 10), and not while a [`CollapseHold`] lives (a save: a block it write-protects
+//!   cannot be collapsed). Blocks that are all zeros stay on the shared zero page (collapsing
+//!   them would allocate 2 MiB of zeros each).
 //! - **Failure**: a record that fails its checks (crc, header against index, decompression) or a
 //!   fill the kernel refuses stops both threads and is reported ([`LazyRestore::failure`],
 //!   [`LazyRestore::wait`]). The registration is kept: a page that was never filled is never
@@ -40,7 +53,8 @@
 //!
 //! Not supported yet: hugetlbfs guest memory (its fills must be whole 2 MiB pages assembled from
 //! several records), hot-set-first prefetch, smaller independent decode units for compressed
-//! records (a fault on a 2 MiB zstd record decodes all of it).
+//! records (a fault on a 2 MiB zstd record decodes all of it), huge pages for memfd memory
+//! without a collapse (`UFFDIO_CONTINUE` in MINOR mode).
 
 use std::fs::File;
 use std::io::BufReader;
