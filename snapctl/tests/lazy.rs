@@ -234,7 +234,8 @@ fn anon_huge_bytes(pid: i32) -> u64 {
 /// A guest on transparent huge pages that keeps rewriting a small hot set at full speed is
 /// restored lazily: the fill moves every block the guest did not touch in as a whole huge page
 /// while the vCPUs fault and run (so at least 90 % of RAM is huge before any collapse), the
-/// touched blocks are collapsed afterwards, and the guest passes its self-check.
+/// touched blocks are collapsed afterwards, and the guest passes its self-check. Into memfd
+/// memory the same image is filled by copies only.
 #[test]
 fn a_hot_set_guest_restored_lazily_has_its_memory_on_huge_pages_before_any_collapse() {
     let _s = serial();
@@ -261,12 +262,12 @@ fn a_hot_set_guest_restored_lazily_has_its_memory_on_huge_pages_before_any_colla
     let res = vmm.ctl(&["shutdown"], T);
     assert_eq!(res.code(), Some(0), "{}", res.stderr);
     drop(vmm);
-    for (path, freeze) in images {
+    for (path, freeze) in &images {
         let what = format!(
             "lazy restore of hot-set {}",
             path.file_name().unwrap().to_string_lossy()
         );
-        let l = restore_lazy(dir.path(), "h", &path, &freeze, &[]);
+        let l = restore_lazy(dir.path(), "h", path, freeze, &[]);
         let r = wait_done(&l.vmm, &what);
         print_figures(&what, &l, &r);
         let mem = l.vmm.mem_bytes;
@@ -293,6 +294,15 @@ fn a_hot_set_guest_restored_lazily_has_its_memory_on_huge_pages_before_any_colla
         self_check(&l.vmm, &what);
         shutdown(l, &what);
     }
+    // memfd memory is shared: nothing can be moved into it, every page is copied.
+    let (path, freeze) = &images[0];
+    let what = "lazy restore of hot-set raw.snap into memfd memory";
+    let l = restore_lazy(dir.path(), "m", path, freeze, &["--mem-backend", "memfd"]);
+    let r = wait_done(&l.vmm, what);
+    print_figures(what, &l, &r);
+    assert_eq!(r["fill_moved_bytes"], 0, "{what}: {r}");
+    self_check(&l.vmm, what);
+    shutdown(l, what);
 }
 
 /// File offsets of the payloads of data records, from the trailer index.
