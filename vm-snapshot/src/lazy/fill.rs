@@ -167,13 +167,13 @@ fn fill_chunk(
     s: &Shared,
     tracker: &MissingTracker,
     cache: &mut DecodeCache,
-    staging: Option<&Staging>,
+    stage: &mut Option<HugeBlock>,
     c: usize,
 ) -> Result<(), LazyFailure> {
     let b = s.block_of[c];
     if b != NO_BLOCK && !s.no_move.load(Ordering::Relaxed) {
-        if let Some(staging) = staging {
-            return fill_block(s, tracker, cache, staging, b as usize);
+        if let Some(stage) = stage {
+            return fill_block(s, tracker, cache, stage, b as usize);
         }
     }
     if !s.claim(c, FILLING) {
@@ -211,7 +211,7 @@ fn fill_block(
     s: &Shared,
     tracker: &MissingTracker,
     cache: &mut DecodeCache,
-    staging: &Staging,
+    stage: &mut HugeBlock,
     b: usize,
 ) -> Result<(), LazyFailure> {
     let blk = s.blocks[b];
@@ -235,16 +235,13 @@ fn fill_block(
         return Ok(());
     }
     // The staging page is empty (a fresh mapping, or emptied by the last move or clear), so
-    // zero chunks need no bytes; the first data write allocates its huge page.
+    // zero chunks need no bytes once it is populated with zeros.
     let ps = s.page_size;
-    let (mut page, ready) = staging.take();
-    let stage = &mut page;
-    if !ready {
-        // The first touch of an empty staging page: the kernel allocates and zeroes a huge page.
-        let t = Instant::now();
-        let _ = stage.populate();
-        s.fill_time(1, t);
-    }
+    // The first touch of the empty staging page: the kernel allocates and zeroes a huge page
+    // (populated ahead of the writes, so that no page of it is left a hole to move).
+    let t = Instant::now();
+    let _ = stage.populate();
+    s.fill_time(1, t);
     let whole = |c: u32| {
         let ch = s.chunks[c as usize];
         let e = &s.reader.trailer().index[ch.record as usize];
@@ -258,9 +255,7 @@ fn fill_block(
                 .read_record_into(s.chunks[c as usize].record as usize, stage.as_mut_slice())
                 .map_err(|e| LazyFailure::Record(chain(&e)))?;
             s.fill_time(0, t);
-            move_block(s, tracker, stage, blk, members)?;
-            staging.give(page);
-            return Ok(());
+            return move_block(s, tracker, stage, blk, members);
         }
     }
     for &c in members {
@@ -279,9 +274,7 @@ fn fill_block(
         stage.as_mut_slice()[at..at + len].copy_from_slice(&data[from..from + len]);
         s.fill_time(1, t);
     }
-    move_block(s, tracker, stage, blk, members)?;
-    staging.give(page);
-    Ok(())
+    move_block(s, tracker, stage, blk, members)
 }
 
 /// Moves the staged block `blk` (its chunks `members`, all claimed) in; if that stops short,
@@ -336,117 +329,15 @@ fn move_block(
     Ok(())
 }
 
-/// Staging huge pages for the fill's moves, a few of them, kept populated ahead by a thread at
-/// the lowest priority: on a core the guest leaves idle the kernel's zeroing of a fresh huge page
-/// overlaps the fill's reads; when none is ready the fill thread populates one itself.
-#[derive(Debug)]
-pub(super) struct Staging {
-    pool: Mutex<StagingPool>,
-    cv: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct StagingPool {
-    empty: Vec<HugeBlock>,
-    ready: Vec<HugeBlock>,
-    closed: bool,
-}
-
-/// Staging huge pages (2 MiB each).
-const STAGING_PAGES: usize = 4;
-/// Nice value of the thread that populates them (it runs only on an otherwise idle core).
-const STAGING_NICE: i32 = 19;
-
-impl Staging {
-    /// Maps the staging pages and starts the thread that populates them; `None` without any.
-    fn start() -> Option<StagingHandle> {
-        let empty: Vec<HugeBlock> = (0..STAGING_PAGES)
-            .map_while(|_| HugeBlock::new().ok())
-            .collect();
-        if empty.is_empty() {
-            return None;
-        }
-        let st = Arc::new(Staging {
-            pool: Mutex::new(StagingPool {
-                empty,
-                ..StagingPool::default()
-            }),
-            cv: Condvar::new(),
-        });
-        let ahead = st.clone();
-        // Without it the fill populates every page itself.
-        let _ = std::thread::Builder::new()
-            .name("lazy-stage".into())
-            .spawn(move || ahead.populate_ahead());
-        Some(StagingHandle(st))
-    }
-
-    /// A staging page, and whether it is populated already.
-    fn take(&self) -> (HugeBlock, bool) {
-        let mut p = lock(&self.pool);
-        loop {
-            if let Some(b) = p.ready.pop() {
-                return (b, true);
-            }
-            if let Some(b) = p.empty.pop() {
-                return (b, false);
-            }
-            // Both lists are empty only while the populating thread holds the last one.
-            p = self.cv.wait(p).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    /// Returns an empty staging page (moved out, or cleared).
-    fn give(&self, b: HugeBlock) {
-        lock(&self.pool).empty.push(b);
-        self.cv.notify_all();
-    }
-
-    fn populate_ahead(&self) {
-        let _ = uffd_sys::host::set_thread_nice(STAGING_NICE);
-        let mut p = lock(&self.pool);
-        loop {
-            if p.closed {
-                return;
-            }
-            let Some(mut b) = p.empty.pop() else {
-                p = self.cv.wait(p).unwrap_or_else(|e| e.into_inner());
-                continue;
-            };
-            drop(p);
-            let _ = b.populate();
-            p = lock(&self.pool);
-            p.ready.push(b);
-            self.cv.notify_all();
-        }
-    }
-}
-
-/// The fill thread's [`Staging`]: dropping it ends the populating thread.
-#[derive(Debug)]
-pub(super) struct StagingHandle(Arc<Staging>);
-
-impl std::ops::Deref for StagingHandle {
-    type Target = Staging;
-    fn deref(&self) -> &Staging {
-        &self.0
-    }
-}
-
-impl Drop for StagingHandle {
-    fn drop(&mut self) {
-        lock(&self.0.pool).closed = true;
-        self.0.cv.notify_all();
-    }
-}
-
 pub(super) fn fill_thread(s: &Shared) {
     let Some(tracker) = s.tracker() else {
         return;
     };
     let mut cache = DecodeCache::default();
     // Without staging memory every block is copied (and collapsed at the end).
-    let staging = (!s.blocks.is_empty()).then(Staging::start).flatten();
+    let mut stage = (!s.blocks.is_empty())
+        .then(HugeBlock::new)
+        .and_then(Result::ok);
     let mut next = 0;
     loop {
         if s.stop.load(Ordering::SeqCst) {
@@ -465,12 +356,12 @@ pub(super) fn fill_thread(s: &Shared) {
             }
             None => break,
         };
-        if let Err(e) = fill_chunk(s, &tracker, &mut cache, staging.as_deref(), c) {
+        if let Err(e) = fill_chunk(s, &tracker, &mut cache, &mut stage, c) {
             return s.fail(e);
         }
     }
     drop(cache);
-    drop(staging);
+    drop(stage);
     // Every chunk was filled here, or whole by a fault (a fault never leaves one half done for
     // itself: what it does not fill is queued here), so all are resident.
     while s.resident.load(Ordering::SeqCst) < s.total {

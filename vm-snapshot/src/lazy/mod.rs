@@ -33,9 +33,11 @@
 //!   guest ([`MissingTracker::move_in`]): one huge page, no copy into the guest, waiters woken.
 //!   If a fault fills a piece of the block meanwhile, the move stops there and the rest is
 //!   copied from the staging page (pages that exist are skipped); a block a fault touched
-//!   first is copied chunk by chunk as above. Staging pages (four) are populated ahead by a
-//!   thread at the lowest priority, so that on an idle core the kernel's zeroing of a fresh
-//!   huge page overlaps the reads; the fill populates one itself when none is ready. memfd
+//!   first is copied chunk by chunk as above. The fill thread populates its one staging page
+//!   itself before each block (the kernel allocates and zeroes a fresh huge page: 0.2–0.4 s
+//!   per GiB here, far more on memory the host has not backed yet). No ring populated ahead by
+//!   a low-priority thread: it gains only where a core is idle (none was, in measurements on a
+//!   busy 2-core host), and such a thread holds the mmap lock while it is preempted. memfd
 //!   memory cannot take moves (shared memory): it is filled by copies.
 //! - **End**: once every chunk is resident the memory is unregistered (the VM runs without
 //!   userfaultfd from then on), and every 2 MiB block that holds data but is not a huge page
