@@ -153,7 +153,7 @@ fn print_figures(what: &str, l: &Lazy, r: &Value) {
         "{what}: socket after {:.1} ms, every vCPU past its freeze instant after {:.1} ms (process \
          start); in the VMM: vCPUs started {:.2} ms after the restore began, first fault at {:.2} ms; \
          {} faults, wait p50 {} µs / p99 {} µs / max {} µs; all resident after {:.3} s ({:.2} GB/s \
-         from the vCPUs' start; {} MiB by faults, {} MiB by the fill, {} MiB of it moved in whole); fill time read {:.0} ms, \
+         from the vCPUs' start; {} MiB by faults, {} MiB by the fill, {} MiB of it moved in whole, {} moves raced by faults); fill time read {:.0} ms, \
          stage {:.0} ms, map {:.0} ms; huge pages {} MiB before, \
          {} MiB after the collapse ({:.0} ms, {} blocks not collapsed)",
         l.socket_after.as_secs_f64() * 1e3,
@@ -169,6 +169,7 @@ fn print_figures(what: &str, l: &Lazy, r: &Value) {
         mib("fault_filled_bytes"),
         mib("fill_filled_bytes"),
         mib("fill_moved_bytes"),
+        r["fill_move_races"],
         f("fill_read_ms"),
         f("fill_stage_ms"),
         f("fill_map_ms"),

@@ -301,6 +301,7 @@ fn move_block(
         }
         // A fault filled a piece meanwhile: what moved is in place, the rest is still staged.
         Err(MissingError::DestinationNotMissing { moved, .. }) => {
+            s.move_races.fetch_add(1, Ordering::Relaxed);
             s.fill_filled.fetch_add(moved as u64, Ordering::Relaxed);
         }
         // Not expected (the block was checked to take moves): copy from now on.

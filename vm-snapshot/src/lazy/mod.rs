@@ -173,6 +173,8 @@ pub struct LazyStatus {
     pub fill_filled_bytes: u64,
     /// Of those, bytes moved in as whole huge pages (`UFFDIO_MOVE`).
     pub fill_moved_bytes: u64,
+    /// Blocks whose move stopped at a piece a fault filled meanwhile (the rest was copied).
+    pub fill_move_races: u64,
     /// Where the fill thread's time went so far, ms: reading records (positioned read, crc,
     /// decompression).
     pub fill_read_ms: f64,
@@ -289,6 +291,7 @@ struct Shared {
     fault_filled: AtomicU64,
     fill_filled: AtomicU64,
     fill_moved: AtomicU64,
+    move_races: AtomicU64,
     /// Fill thread time in read / stage / map, ns.
     fill_ns: [AtomicU64; 3],
     waits: Mutex<Waits>,
@@ -376,6 +379,7 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
         fault_filled: AtomicU64::new(0),
         fill_filled: AtomicU64::new(0),
         fill_moved: AtomicU64::new(0),
+        move_races: AtomicU64::new(0),
         fill_ns: Default::default(),
         waits: Mutex::new(Waits::default()),
         end: Mutex::new(End::default()),
@@ -443,6 +447,7 @@ impl LazyRestore {
             fault_filled_bytes: s.fault_filled.load(Ordering::Relaxed),
             fill_filled_bytes: s.fill_filled.load(Ordering::Relaxed),
             fill_moved_bytes: s.fill_moved.load(Ordering::Relaxed),
+            fill_move_races: s.move_races.load(Ordering::Relaxed),
             fill_read_ms: s.fill_ns[0].load(Ordering::Relaxed) as f64 / 1e6,
             fill_stage_ms: s.fill_ns[1].load(Ordering::Relaxed) as f64 / 1e6,
             fill_map_ms: s.fill_ns[2].load(Ordering::Relaxed) as f64 / 1e6,
