@@ -433,6 +433,36 @@ impl Userfaultfd {
         Ok(arg.move_)
     }
 
+    /// UFFDIO_MOVE that reports partial progress, like [`Userfaultfd::copy_partial`]: `Ok(n)`
+    /// when the kernel moved `n > 0` bytes from the start of the range (all of `len`, or fewer
+    /// when it stopped early, e.g. at a destination page that exists; those `n` bytes' waiters
+    /// are woken unless `UFFDIO_MOVE_MODE_DONTWAKE`); `Err` when it moved nothing (EEXIST: the
+    /// first destination page exists; ENOENT: a source hole without
+    /// `UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES`; EBUSY: a source page is shared or pinned). A
+    /// PMD-aligned move of a source mapped by a huge page into a destination without a page
+    /// table stays a huge page.
+    ///
+    /// # Safety
+    /// As for [`Userfaultfd::move_`].
+    pub unsafe fn move_partial(
+        &self,
+        dst: usize,
+        src: usize,
+        len: usize,
+        mode: u64,
+    ) -> io::Result<usize> {
+        let mut arg = uffdio_move {
+            dst: dst as u64,
+            src: src as u64,
+            len: len as u64,
+            mode,
+            move_: 0,
+        };
+        // SAFETY: the caller guarantees moving the pages is sound; `arg` is valid.
+        let r = cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_MOVE as _, &mut arg) });
+        partial(r, arg.move_)
+    }
+
     /// UFFDIO_POISON; returns the bytes poisoned.
     ///
     /// # Safety
@@ -652,6 +682,53 @@ mod tests {
         let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, len) };
         assert!(bytes[..3 * 4096].iter().all(|&b| b == 0x5a));
         assert!(bytes[3 * 4096..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_move_takes_the_source_pages_and_stops_at_an_existing_destination_page() {
+        let avail = Userfaultfd::probe().unwrap().available;
+        if !avail.contains(UFFD_FEATURE_MOVE) {
+            return;
+        }
+        let uffd = Userfaultfd::open(UFFD_FEATURE_MOVE).unwrap();
+        let dst = Map::new(4 * 4096);
+        let src = Map::new(4 * 4096);
+        let ioctls = uffd
+            .register(dst.0, dst.1, UFFDIO_REGISTER_MODE_MISSING)
+            .unwrap();
+        assert_ne!(ioctls & (1 << _UFFDIO_MOVE), 0, "ioctls {ioctls:#x}");
+        for page in 0..4 {
+            src.write(page, 0x10 + page as u8);
+        }
+        let zeros = [0u8; 4096];
+        // SAFETY: `dst` is our own fresh mapping, referenced by nothing; `zeros` is readable.
+        let n = unsafe { uffd.copy_partial(dst.0 + 2 * 4096, zeros.as_ptr() as usize, 4096, 0) };
+        assert_eq!(n.unwrap(), 4096);
+        // Pages 0 and 1 move, then the existing destination page 2 stops the move.
+        // SAFETY: both mappings are ours and referenced by nothing.
+        let n = unsafe { uffd.move_partial(dst.0, src.0, dst.1, 0) };
+        assert_eq!(n.unwrap(), 2 * 4096);
+        // SAFETY: as above.
+        let e = unsafe { uffd.move_partial(dst.0 + 2 * 4096, src.0 + 2 * 4096, 4096, 0) };
+        assert_eq!(e.unwrap_err().raw_os_error(), Some(libc::EEXIST));
+        // A source hole: ENOENT without ALLOW_SRC_HOLES.
+        // SAFETY: as above.
+        let e = unsafe { uffd.move_partial(dst.0 + 3 * 4096, src.0, 4096, 0) };
+        assert_eq!(e.unwrap_err().raw_os_error(), Some(libc::ENOENT));
+        uffd.unregister(dst.0, dst.1).unwrap();
+        // SAFETY: the mappings are ours; reading a hole reads zeros.
+        let (d, s) = unsafe {
+            (
+                std::slice::from_raw_parts(dst.0 as *const u8, dst.1),
+                std::slice::from_raw_parts(src.0 as *const u8, src.1),
+            )
+        };
+        assert_eq!([d[0], d[4096], d[2 * 4096]], [0x10, 0x11, 0]);
+        assert_eq!(
+            [s[0], s[4096], s[2 * 4096]],
+            [0, 0, 0x12],
+            "moved pages leave holes"
+        );
     }
 
     #[test]

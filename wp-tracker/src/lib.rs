@@ -53,7 +53,7 @@ use uffd_sys::{
 
 use backing::{backing_of, Backing, HugetlbProofs};
 pub use error::WpError;
-pub use missing::{MissingError, MissingFault, MissingTracker};
+pub use missing::{HugeBlock, MissingError, MissingFault, MissingTracker, HUGE_BLOCK};
 pub use uffd_sys::Features as UffdFeatures;
 
 /// A host virtual address range, page aligned.

@@ -5,7 +5,10 @@
 //! touch of a page that was never filled blocks the toucher (a thread, or a vCPU inside
 //! KVM_RUN) and is reported as a [`MissingFault`]; the owner fills the page with
 //! [`MissingTracker::fill`] (`UFFDIO_COPY`) or [`MissingTracker::fill_zero`]
-//! (`UFFDIO_ZEROPAGE`), which wakes the toucher.
+//! (`UFFDIO_ZEROPAGE`), which wakes the toucher. On anonymous memory a whole 2 MiB block can be
+//! moved in instead ([`MissingTracker::move_in`], `UFFDIO_MOVE`, Linux 6.8+): its bytes are
+//! assembled in a [`HugeBlock`] (a private huge page of staging memory) and the page itself
+//! changes hands, so the guest block is one huge page at once and nothing is copied again.
 //!
 //! Why filling is safe to offer as a safe method:
 //! - Only memory registered through [`MissingTracker::register_memory`] can be filled: guest
@@ -15,6 +18,9 @@
 //!   earlier, by anyone) answers `EEXIST` and is left untouched, so a fill never changes bytes
 //!   someone could have seen. [`MissingTracker::fill`] treats `EEXIST` as "already done" and
 //!   goes on with the next page, so two threads may race to fill the same range.
+//! - A move takes pages out of a [`HugeBlock`] the caller holds exclusively (`&mut`) and maps
+//!   them only where no page is mapped yet (`EEXIST` otherwise, reported as
+//!   [`MissingError::DestinationNotMissing`] with what did arrive), with the same guarantees.
 //!
 //! What the owner must know: pages still missing when the registration ends (unregister, or the
 //! tracker dropped) are ordinary fresh memory again and read as zeros. Unregister only once every
@@ -29,9 +35,10 @@ use std::time::{Duration, Instant};
 
 use uffd_sys::host::{advise, page_size, Advice};
 use uffd_sys::{
-    uffd_msg, Features, OpenError, OpenPath, Userfaultfd, _UFFDIO_COPY, _UFFDIO_WAKE,
+    uffd_msg, Features, OpenError, OpenPath, Userfaultfd, _UFFDIO_COPY, _UFFDIO_MOVE, _UFFDIO_WAKE,
     _UFFDIO_ZEROPAGE, UFFDIO_REGISTER_MODE_MISSING, UFFD_EVENT_PAGEFAULT,
-    UFFD_FEATURE_MISSING_HUGETLBFS, UFFD_FEATURE_MISSING_SHMEM, UFFD_PAGEFAULT_FLAG_WRITE,
+    UFFD_FEATURE_MISSING_HUGETLBFS, UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_MOVE,
+    UFFD_PAGEFAULT_FLAG_WRITE,
 };
 
 use crate::{is_mapped, HostRange};
@@ -115,6 +122,33 @@ pub enum MissingError {
         /// The buffer length.
         len: usize,
     },
+    /// A move found a page of its destination already there (EEXIST): `moved` bytes from the
+    /// start of `range` arrived (their waiters woken), the rest stayed in the [`HugeBlock`].
+    #[error("{range} is not wholly missing: {moved} bytes moved before a page that exists")]
+    DestinationNotMissing {
+        /// The destination of the move.
+        range: HostRange,
+        /// Bytes moved from the start of the range.
+        moved: usize,
+    },
+    /// Moves are not possible into this range: the kernel has no UFFDIO_MOVE, the memory is not
+    /// private anonymous memory, or the range is not one whole huge page, aligned.
+    #[error("cannot move pages into {range} (UFFDIO_MOVE needs {why})")]
+    MoveUnsupported {
+        /// The destination.
+        range: HostRange,
+        /// What is missing.
+        why: &'static str,
+    },
+    /// Staging memory for moves could not be mapped.
+    #[error("cannot map {len} bytes of staging memory")]
+    Staging {
+        /// The length asked for.
+        len: usize,
+        /// The mmap error.
+        #[source]
+        source: io::Error,
+    },
     /// The process's address space is going away (ESRCH).
     #[error("the address space is exiting; nothing left to fill")]
     ProcessExiting,
@@ -159,6 +193,8 @@ struct Registered {
     range: HostRange,
     /// UFFDIO_ZEROPAGE is offered on it (not on hugetlbfs).
     zeropage: bool,
+    /// UFFDIO_MOVE works on it: private anonymous memory, and the feature enabled.
+    movable: bool,
 }
 
 /// Demand filler of guest memory (MISSING mode). `Send + Sync`: one thread can read faults while
@@ -186,7 +222,9 @@ impl MissingTracker {
     /// shmem and (where the kernel offers it) hugetlbfs memory.
     pub fn new() -> Result<Self, MissingError> {
         let info = Userfaultfd::probe().map_err(open_error)?;
-        let want = (UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MISSING_HUGETLBFS) & info.available.0;
+        let want =
+            (UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MISSING_HUGETLBFS | UFFD_FEATURE_MOVE)
+                & info.available.0;
         let uffd = Userfaultfd::open(want).map_err(open_error)?;
         Ok(MissingTracker {
             kept: Mutex::new(Vec::new()),
@@ -257,6 +295,11 @@ impl MissingTracker {
             done.push(Registered {
                 range,
                 zeropage: ioctls & (1 << _UFFDIO_ZEROPAGE) != 0,
+                // Moves need private anonymous memory on both sides; a region with a file
+                // behind it (memfd, hugetlbfs) is shared.
+                movable: ioctls & (1 << _UFFDIO_MOVE) != 0
+                    && self.uffd.features().contains(UFFD_FEATURE_MOVE)
+                    && region.file_offset().is_none(),
             });
         }
         lock(&self.kept).push(mem.clone());
@@ -311,6 +354,69 @@ impl MissingTracker {
             off += len;
         }
         Ok(filled)
+    }
+
+    /// True if [`MissingTracker::move_in`] can work on `range` (registered private anonymous
+    /// memory, a kernel with UFFDIO_MOVE); it still needs a 2 MiB-aligned huge page there.
+    pub fn can_move(&self, range: HostRange) -> bool {
+        matches!(self.covered(range), Ok((_, true)))
+    }
+
+    /// Moves the pages of `src` into `dst` (one whole [`HUGE_BLOCK`], aligned, inside
+    /// registered private anonymous memory whose pages are all still missing), waking whoever
+    /// waits on it. A source that is one huge page arrives as one huge page (the kernel moves
+    /// the page table entry: no copy, no new allocation). `src` is empty afterwards (reads as
+    /// zeros; the next write allocates fresh memory).
+    ///
+    /// If a page of `dst` is already there (a fill raced this move),
+    /// [`MissingError::DestinationNotMissing`] says how much arrived; the rest is still in
+    /// `src`, unchanged: fill the remaining missing pages from it with
+    /// [`MissingTracker::fill`] (pages that exist are skipped). Any other error leaves the same
+    /// state (what moved is in `dst`, the rest in `src`).
+    pub fn move_in(&self, dst: HostRange, src: &mut HugeBlock) -> Result<(), MissingError> {
+        let (_, movable) = self.covered(dst)?;
+        if !movable {
+            return Err(MissingError::MoveUnsupported {
+                range: dst,
+                why: "private anonymous memory and a kernel offering it (Linux 6.8+)",
+            });
+        }
+        if dst.len != HUGE_BLOCK || !dst.start.is_multiple_of(HUGE_BLOCK) {
+            return Err(MissingError::MoveUnsupported {
+                range: dst,
+                why: "one whole 2 MiB-aligned block",
+            });
+        }
+        let mut off = 0;
+        while off < dst.len {
+            // SAFETY: `src` is a private anonymous mapping that only the exclusively borrowed
+            // `HugeBlock` reaches (no reference into it lives: `as_mut_slice` borrows it), so its
+            // pages may leave; the destination lies in registered guest memory (checked above)
+            // that `kept` holds mapped, reached by Rust code only through raw pointers and
+            // volatile accesses; and UFFDIO_MOVE maps only where no page is mapped yet (EEXIST
+            // otherwise), pages whose bytes nobody could have read.
+            let r = unsafe {
+                self.uffd
+                    .move_partial(dst.start + off, src.start + off, dst.len - off, 0)
+            };
+            match r {
+                Ok(n) => off += n,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EEXIST) => {
+                        return Err(MissingError::DestinationNotMissing {
+                            range: dst,
+                            moved: off,
+                        })
+                    }
+                    Some(libc::EAGAIN | libc::EINTR) => std::thread::yield_now(),
+                    _ => {
+                        let at = HostRange::new(dst.start + off, dst.len - off);
+                        return Err(self.ioctl_error("UFFDIO_MOVE", at, e));
+                    }
+                },
+            }
+        }
+        Ok(())
     }
 
     /// Wake threads blocked on `range` (e.g. a fault reported after someone else filled its page).
@@ -457,16 +563,23 @@ impl MissingTracker {
     /// The range must be aligned and covered by the union of registered ranges; returns whether
     /// UFFDIO_ZEROPAGE is offered on all of it.
     fn check_covered(&self, range: HostRange) -> Result<bool, MissingError> {
+        self.covered(range).map(|(zeropage, _)| zeropage)
+    }
+
+    /// As [`MissingTracker::check_covered`]; returns whether UFFDIO_ZEROPAGE is offered on all
+    /// of it, and whether UFFDIO_MOVE works on all of it.
+    fn covered(&self, range: HostRange) -> Result<(bool, bool), MissingError> {
         self.check_aligned(range)?;
         let ranges = lock(&self.ranges);
         let mut cursor = range.start;
-        let mut zeropage = true;
+        let (mut zeropage, mut movable) = (true, true);
         for r in ranges.iter() {
             if r.range.contains(cursor) {
                 zeropage &= r.zeropage;
+                movable &= r.movable;
                 cursor = r.range.end();
                 if cursor >= range.end() {
-                    return Ok(zeropage);
+                    return Ok((zeropage, movable));
                 }
             }
         }
@@ -501,6 +614,123 @@ impl MissingTracker {
                 source: e,
             },
         }
+    }
+}
+
+/// Bytes of a [`HugeBlock`]: one x86-64 huge page.
+pub const HUGE_BLOCK: usize = 2 << 20;
+
+/// One 2 MiB-aligned block of private anonymous staging memory that prefers a transparent huge
+/// page (MADV_HUGEPAGE): the source of [`MissingTracker::move_in`]. Written through
+/// [`HugeBlock::as_mut_slice`] (the first write allocates the huge page, zeroed by the kernel);
+/// a move takes its pages, leaving it empty (reading zeros) for the next block. Unmapped on drop.
+#[derive(Debug)]
+pub struct HugeBlock {
+    /// Start of the block (2 MiB aligned); `HUGE_BLOCK` bytes, mapped while `self` lives.
+    start: usize,
+}
+
+impl HugeBlock {
+    /// Maps a fresh, empty block.
+    pub fn new() -> Result<Self, MissingError> {
+        let len = 2 * HUGE_BLOCK;
+        // SAFETY: a fresh anonymous private mapping at a kernel-chosen address; no existing
+        // memory is touched.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MissingError::Staging {
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        let base = p as usize;
+        let start = base.next_multiple_of(HUGE_BLOCK);
+        // Keep the aligned 2 MiB only.
+        for (at, n) in [
+            (base, start - base),
+            (start + HUGE_BLOCK, base + len - start - HUGE_BLOCK),
+        ] {
+            if n > 0 {
+                // SAFETY: unmapping parts of the mapping made above, outside the kept block;
+                // nothing references them.
+                unsafe { libc::munmap(at as *mut libc::c_void, n) };
+            }
+        }
+        let block = HugeBlock { start };
+        // Only how the block is backed changes; failure (no THP) leaves small pages.
+        let _ = advise(start, HUGE_BLOCK, Advice::HugePage);
+        Ok(block)
+    }
+
+    /// The block's bytes (pages moved out read as zeros).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `start..start + HUGE_BLOCK` is mapped read/write for as long as `self` lives
+        // and only this object reaches it; the exclusive borrow of `self` makes the slice the
+        // only way in while it lives. Holes read as zeros.
+        unsafe { std::slice::from_raw_parts_mut(self.start as *mut u8, HUGE_BLOCK) }
+    }
+
+    /// The block's host range.
+    pub fn range(&self) -> HostRange {
+        HostRange::new(self.start, HUGE_BLOCK)
+    }
+
+    /// True if the block is one huge page now.
+    pub fn is_huge(&self) -> bool {
+        let huge = uffd_sys::pagemap::huge_regions(self.start, HUGE_BLOCK);
+        huge.iter().map(|(a, b)| b - a).sum::<usize>() == HUGE_BLOCK
+    }
+
+    /// Allocates the block's memory now (MADV_POPULATE_WRITE: one huge page where THP allows,
+    /// zeroed by the kernel) rather than on its first write; contents do not change.
+    pub fn populate(&mut self) -> Result<(), MissingError> {
+        // SAFETY: the block is ours; populating for write maps zeroed pages where there are none
+        // and leaves existing pages as they are, so no byte changes.
+        let r = unsafe {
+            libc::madvise(
+                self.start as *mut libc::c_void,
+                HUGE_BLOCK,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(MissingError::Staging {
+                len: HUGE_BLOCK,
+                source: io::Error::last_os_error(),
+            })
+        }
+    }
+
+    /// Empties the block (MADV_DONTNEED: every page goes, reads as zeros), e.g. after a move
+    /// that stopped half way left small pages behind.
+    pub fn clear(&mut self) {
+        // SAFETY: the block is ours and exclusively borrowed; dropping its pages only makes it
+        // read zeros, which every byte value allows.
+        unsafe {
+            libc::madvise(
+                self.start as *mut libc::c_void,
+                HUGE_BLOCK,
+                libc::MADV_DONTNEED,
+            )
+        };
+    }
+}
+
+impl Drop for HugeBlock {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; nothing references it any more.
+        unsafe { libc::munmap(self.start as *mut libc::c_void, HUGE_BLOCK) };
     }
 }
 
@@ -668,6 +898,110 @@ mod tests {
             Err(MissingError::RegisteredElsewhere { .. })
         ));
         assert!(b.registered().is_empty());
+    }
+
+    fn thp_enabled() -> bool {
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .is_ok_and(|s| !s.contains("[never]"))
+    }
+
+    fn huge_bytes(r: HostRange) -> usize {
+        uffd_sys::pagemap::huge_regions(r.start, r.len)
+            .iter()
+            .map(|(a, b)| b - a)
+            .sum()
+    }
+
+    #[test]
+    fn a_huge_block_moves_in_whole_and_wakes_its_waiter_and_a_filled_destination_is_refused() {
+        const HUGE: usize = HUGE_BLOCK;
+        // Four huge pages of room so that three aligned ones lie inside.
+        let (m, r) = mem(4 * HUGE / PS);
+        advise(r.start, r.len, Advice::HugePage).unwrap();
+        let t = Arc::new(MissingTracker::new().unwrap());
+        t.register_memory(&m).unwrap();
+        let a = HostRange::new(r.start.next_multiple_of(HUGE), HUGE);
+        let (b, c) = (
+            HostRange::new(a.end(), HUGE),
+            HostRange::new(a.end() + HUGE, HUGE),
+        );
+        assert!(c.end() <= r.end());
+        let has_move = Userfaultfd::probe()
+            .unwrap()
+            .available
+            .contains(UFFD_FEATURE_MOVE);
+        assert_eq!(t.can_move(a), has_move);
+        let mut blk = HugeBlock::new().unwrap();
+        assert_eq!(blk.range().start % HUGE, 0);
+        if !has_move {
+            assert!(matches!(
+                t.move_in(a, &mut blk),
+                Err(MissingError::MoveUnsupported { .. })
+            ));
+            return;
+        }
+        let pattern = |k: u8| -> Vec<u8> { (0..HUGE).map(|i| (i / PS) as u8 ^ k).collect() };
+        let guest = |at: HostRange| -> Vec<u8> {
+            let mut v = vec![0u8; at.len];
+            m.read_slice(&mut v, GuestAddress((at.start - r.start) as u64))
+                .unwrap();
+            v
+        };
+
+        // A whole block: its bytes arrive, as one huge page, and the staging block is empty.
+        blk.as_mut_slice().copy_from_slice(&pattern(1));
+        if thp_enabled() {
+            assert!(blk.is_huge(), "the staging block is not a huge page");
+        }
+        t.move_in(a, &mut blk).unwrap();
+        if thp_enabled() {
+            assert_eq!(huge_bytes(a), HUGE, "the moved block is not a huge page");
+        }
+        assert!(blk.as_mut_slice().iter().all(|&x| x == 0));
+        assert!(guest(a) == pattern(1), "moved bytes differ");
+
+        // A reader blocked on a missing page is woken by the move that brings it.
+        let reader = {
+            let m = m.clone();
+            let at = (b.start - r.start + 7 * PS + 3) as u64;
+            std::thread::spawn(move || {
+                let mut x = [0u8; 1];
+                m.read_slice(&mut x, GuestAddress(at)).unwrap();
+                x[0]
+            })
+        };
+        let mut faults = Vec::new();
+        t.wait_faults(Duration::from_secs(10), &mut faults).unwrap();
+        assert_eq!(faults[0].addr, b.start + 7 * PS);
+        blk.as_mut_slice().copy_from_slice(&pattern(2));
+        t.move_in(b, &mut blk).unwrap();
+        assert_eq!(reader.join().unwrap(), 7 ^ 2);
+
+        // A destination with one page there already: a typed error, nothing overwritten, and a
+        // fill from the block completes it.
+        t.fill(HostRange::new(c.start + 5 * PS, PS), &[0xee; PS])
+            .unwrap();
+        blk.as_mut_slice().copy_from_slice(&pattern(3));
+        match t.move_in(c, &mut blk) {
+            Err(MissingError::DestinationNotMissing { range, moved }) => {
+                assert_eq!(range, c);
+                assert!(moved <= 5 * PS, "moved {moved} bytes past the filled page");
+            }
+            other => panic!("{other:?}"),
+        }
+        t.fill(c, blk.as_mut_slice()).unwrap();
+        let mut want = pattern(3);
+        want[5 * PS..6 * PS].fill(0xee);
+        assert!(
+            guest(c) == want,
+            "a partly filled block holds the wrong bytes"
+        );
+
+        // Not a whole aligned block.
+        assert!(matches!(
+            t.move_in(HostRange::new(a.start + PS, HUGE), &mut blk),
+            Err(MissingError::MoveUnsupported { .. })
+        ));
     }
 
     #[test]

@@ -125,7 +125,24 @@ pub(super) fn decompress(
     out.clear();
     out.reserve(raw);
     // The capacity bounds the output: a lying frame cannot make us allocate more.
-    match dec.decompress_to_buffer(payload, out) {
+    decoded(dec.decompress_to_buffer(payload, out), raw, i, pos)
+}
+
+/// Decompress a record's checked payload into `out`, which holds exactly its pages (the length
+/// bounds the output).
+pub(super) fn decompress_into(
+    dec: &mut zstd::bulk::Decompressor<'static>,
+    payload: &[u8],
+    out: &mut [u8],
+    i: u64,
+    pos: u64,
+) -> Result<(), FormatError> {
+    decoded(dec.decompress_to_buffer(payload, out), out.len(), i, pos)
+}
+
+/// A decompression must produce exactly `raw` bytes.
+fn decoded(r: std::io::Result<usize>, raw: usize, i: u64, pos: u64) -> Result<(), FormatError> {
+    match r {
         Ok(n) if n == raw => Ok(()),
         Ok(n) => Err(corrupt(
             format!("record decompresses to {n} bytes, expected {raw}"),

@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::io::{Read, Seek};
 
-use super::check::{decompress, Checker};
+use super::check::{decompress, decompress_into, Checker};
 use super::source::{Seq, Source};
 use super::{corrupt, unreadable, SnapshotReader};
 use crate::direct_io::Pread;
@@ -154,18 +154,49 @@ impl<R> SnapshotReader<R> {
     /// record is read. Readers built with `from_reader` have no file to read at positions:
     /// `Unsupported`.
     pub fn read_record_at(&self, i: usize, out: &mut Vec<u8>) -> Result<(), FormatError> {
+        let e = self
+            .trailer
+            .index
+            .get(i)
+            .ok_or_else(|| corrupt("record not listed in trailer index", Some(i as u64), 0))?;
+        let len = match e.kind {
+            RecordKind::ZeroRun => 0,
+            RecordKind::Data => {
+                (u64::from(e.page_count) * u64::from(self.header.page_size)) as usize
+            }
+        };
+        // A buffer of the same length is reused as is (no clearing).
+        out.resize(len, 0);
+        self.read_record_into(i, out)
+    }
+
+    /// Read the `i`-th record of the index as [`SnapshotReader::read_record_at`] does (the same
+    /// checks), straight into `out`, which must hold exactly its pages (`page_count *
+    /// page_size` bytes; a zero run also takes an empty buffer, and fills a full one with
+    /// zeros): e.g. a staging huge page, without an intermediate buffer. A buffer of another
+    /// length is refused (`LayoutMismatch`) before anything is read.
+    pub fn read_record_into(&self, i: usize, out: &mut [u8]) -> Result<(), FormatError> {
         let Some(f) = &self.file else {
             return Err(FormatError::Unsupported {
                 what: "reading records by index needs a snapshot opened by path".into(),
             });
         };
         let ri = i as u64;
-        let pos = self
+        let e = self
             .trailer
             .index
             .get(i)
-            .ok_or_else(|| corrupt("record not listed in trailer index", Some(ri), 0))?
-            .offset;
+            .ok_or_else(|| corrupt("record not listed in trailer index", Some(ri), 0))?;
+        let pos = e.offset;
+        let raw = (u64::from(e.page_count) * u64::from(self.header.page_size)) as usize;
+        if out.len() != raw && !(e.kind == RecordKind::ZeroRun && out.is_empty()) {
+            return Err(FormatError::LayoutMismatch {
+                what: format!(
+                    "record {i} holds {raw} bytes, the buffer for it {}",
+                    out.len()
+                ),
+            });
+        }
         let chk = Checker::new(
             &self.header,
             &self.trailer,
@@ -182,14 +213,13 @@ impl<R> SnapshotReader<R> {
         let crc_err = || corrupt("record checksum mismatch", Some(ri), pos);
         match (h.kind, h.codec) {
             (RecordKind::ZeroRun, _) => {
-                out.clear();
                 if h.compute_crc(&[]) != h.crc {
                     return Err(crc_err());
                 }
+                out.fill(0);
             }
             (RecordKind::Data, CODEC_RAW) => {
-                // A buffer of the same length is reused as is (no clearing).
-                out.resize(h.stored_len as usize, 0);
+                // The header check proved stored_len == page_count * page_size == out.len().
                 src.read_exact_at(out, at)?;
                 if h.compute_crc(out) != h.crc {
                     return Err(crc_err());
@@ -206,7 +236,7 @@ impl<R> SnapshotReader<R> {
                     *dec = Some(zstd::bulk::Decompressor::new().map_err(unreadable)?);
                 }
                 match dec {
-                    Some(d) => decompress(d, &h, payload, out, chk.ps, ri, pos),
+                    Some(d) => decompress_into(d, payload, out, ri, pos),
                     None => Ok(()),
                 }
             })?,
@@ -302,6 +332,36 @@ mod tests {
                     });
                 }
             });
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+
+    #[test]
+    fn records_read_into_a_buffer_of_their_size_hold_their_pages_and_other_sizes_are_refused() {
+        for (tag, c) in [
+            ("raw-into", Compression::None),
+            ("zstd-into", Compression::Zstd { level: 3 }),
+        ] {
+            let (bytes, pages) = snapshot(c);
+            let path = temp_file(tag, &bytes);
+            let rd = SnapshotReader::open(&path).unwrap();
+            for (i, e) in rd.trailer().index.iter().enumerate() {
+                let mut out = vec![0xa5u8; e.page_count as usize * PS];
+                rd.read_record_into(i, &mut out).unwrap();
+                for (j, page) in out.chunks(PS).enumerate() {
+                    let q = e.first_page as usize + j;
+                    assert!(page == pages[q].as_slice(), "{tag}: page {q}");
+                }
+                let mut short = vec![0u8; (e.page_count as usize - 1) * PS + 1];
+                let err = rd.read_record_into(i, &mut short).unwrap_err();
+                assert!(
+                    matches!(err, FormatError::LayoutMismatch { .. }),
+                    "{tag}: {err}"
+                );
+                if e.kind == RecordKind::ZeroRun {
+                    rd.read_record_into(i, &mut []).unwrap();
+                }
+            }
             std::fs::remove_file(&path).unwrap();
         }
     }

@@ -264,7 +264,8 @@ fn log_lazy(s: &vm_snapshot::LazyStatus) {
     info!(
         "lazy restore finished: {} resident after {:.3} s ({:.2} GB/s from the vCPUs' start), \
          {} faults served (wait p50 {} µs, p99 {} µs, max {} µs; {} filled by faults, {} by the \
-         fill); huge pages {} before, {} after collapsing ({:.0} ms, {} blocks not collapsed)",
+         fill, {} of it moved in as huge pages); huge pages {} before, {} after collapsing \
+         ({:.0} ms, {} blocks not collapsed)",
         fmt_bytes(s.resident_bytes),
         s.resident_s.unwrap_or(0.0),
         s.fill_gb_s.unwrap_or(0.0),
@@ -274,6 +275,7 @@ fn log_lazy(s: &vm_snapshot::LazyStatus) {
         s.fault_wait_max_us,
         fmt_bytes(s.fault_filled_bytes),
         fmt_bytes(s.fill_filled_bytes),
+        fmt_bytes(s.fill_moved_bytes),
         fmt_bytes(s.thp_before_bytes.unwrap_or(0)),
         fmt_bytes(s.thp_after_bytes.unwrap_or(0)),
         s.collapse_ms.unwrap_or(0.0),

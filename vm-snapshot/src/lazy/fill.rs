@@ -1,6 +1,7 @@
 //! The threads of a lazy restore: the fault thread (demand faults first, through a small cache of
-//! decoded records), the fill thread (touched pieces first, then file order, yielding to faults),
-//! and the end (unregister, then collapse back into huge pages).
+//! decoded records), the fill thread (touched pieces first, then file order, yielding to faults;
+//! untouched blocks moved in as whole huge pages), and the end (unregister, then collapse the
+//! blocks that are not huge pages back into huge pages).
 
 use super::*;
 
@@ -129,6 +130,7 @@ fn serve_fault(
     };
     let ch = s.chunks[c];
     let n = u64::from(ch.pages);
+    s.touch(c);
     if s.state(c) == RESIDENT {
         // Read after someone else filled the page (that fill woke the toucher, or will have).
         let ps = s.page_size as usize;
@@ -159,19 +161,172 @@ fn serve_fault(
     Ok(filled)
 }
 
-/// Fills chunk `c` whole if it is still missing.
+/// Fills chunk `c` whole if it is still missing: with the rest of its block in one move when
+/// the block can be moved whole, else by copies.
 fn fill_chunk(
+    s: &Shared,
+    tracker: &MissingTracker,
+    cache: &mut DecodeCache,
+    stage: &mut Option<HugeBlock>,
+    c: usize,
+) -> Result<(), LazyFailure> {
+    let b = s.block_of[c];
+    if b != NO_BLOCK && !s.no_move.load(Ordering::Relaxed) {
+        if let Some(stage) = stage {
+            return fill_block(s, tracker, cache, stage, b as usize);
+        }
+    }
+    if !s.claim(c, FILLING) {
+        return Ok(());
+    }
+    fill_claimed(s, tracker, cache, c)
+}
+
+/// Fills chunk `c`, which this thread claimed (FILLING), by copies, and marks it resident.
+fn fill_claimed(
     s: &Shared,
     tracker: &MissingTracker,
     cache: &mut DecodeCache,
     c: usize,
 ) -> Result<(), LazyFailure> {
-    if !s.claim(c, FILLING) {
-        return Ok(());
+    if !s.chunks[c].zero {
+        let t = Instant::now();
+        cache.get(&s.reader, s.chunks[c].record as usize)?;
+        s.fill_time(0, t);
     }
+    let t = Instant::now();
     let n = s.fill_pages(tracker, cache, c, 0, u64::from(s.chunks[c].pages))?;
+    s.fill_time(2, t);
     s.fill_filled.fetch_add(n, Ordering::Relaxed);
     s.mark_resident(c);
+    Ok(())
+}
+
+/// Fills block `b`: if no fault touched it and all its chunks are still missing, its bytes are
+/// assembled in the staging huge page and moved in at once (one huge page, waking whoever
+/// waits); otherwise, or if a fault fills a piece of it meanwhile (the move then stops at that
+/// piece), its chunks are filled by copies (pages that are there are skipped), and the end
+/// collapses it.
+fn fill_block(
+    s: &Shared,
+    tracker: &MissingTracker,
+    cache: &mut DecodeCache,
+    stage: &mut HugeBlock,
+    b: usize,
+) -> Result<(), LazyFailure> {
+    let blk = s.blocks[b];
+    let members = &s.by_page[blk.chunks.0 as usize..blk.chunks.1 as usize];
+    // Claim every chunk, in page order; one that is not missing any more (a fault filled it) or
+    // a touched block makes the block piecewise.
+    let mut claimed = 0;
+    while claimed < members.len()
+        && !s.touched[b].load(Ordering::SeqCst)
+        && s.claim(members[claimed] as usize, FILLING)
+    {
+        claimed += 1;
+    }
+    if claimed < members.len() {
+        // The first `claimed` are this thread's already; the others only if still missing.
+        for (k, &c) in members.iter().enumerate() {
+            if k < claimed || s.claim(c as usize, FILLING) {
+                fill_claimed(s, tracker, cache, c as usize)?;
+            }
+        }
+        return Ok(());
+    }
+    // The staging page is empty (a fresh mapping, or emptied by the last move or clear), so
+    // zero chunks need no bytes once it is populated with zeros.
+    let ps = s.page_size;
+    // The first touch of the empty staging page: the kernel allocates and zeroes a huge page
+    // (populated ahead of the writes, so that no page of it is left a hole to move).
+    let t = Instant::now();
+    let _ = stage.populate();
+    s.fill_time(1, t);
+    let whole = |c: u32| {
+        let ch = s.chunks[c as usize];
+        let e = &s.reader.trailer().index[ch.record as usize];
+        e.first_page == blk.first_page && u64::from(e.page_count) * ps == BLOCK
+    };
+    if let [c] = *members {
+        if whole(c) {
+            // The block is one record: read (and decode) it straight into the staging page.
+            let t = Instant::now();
+            s.reader
+                .read_record_into(s.chunks[c as usize].record as usize, stage.as_mut_slice())
+                .map_err(|e| LazyFailure::Record(chain(&e)))?;
+            s.fill_time(0, t);
+            return move_block(s, tracker, stage, blk, members);
+        }
+    }
+    for &c in members {
+        let ch = s.chunks[c as usize];
+        if ch.zero {
+            continue;
+        }
+        let t = Instant::now();
+        let data = cache.get(&s.reader, ch.record as usize)?;
+        s.fill_time(0, t);
+        let t = Instant::now();
+        let entry = &s.reader.trailer().index[ch.record as usize];
+        let from = ((ch.first_page - entry.first_page) * ps) as usize;
+        let at = ((ch.first_page - blk.first_page) * ps) as usize;
+        let len = (u64::from(ch.pages) * ps) as usize;
+        stage.as_mut_slice()[at..at + len].copy_from_slice(&data[from..from + len]);
+        s.fill_time(1, t);
+    }
+    move_block(s, tracker, stage, blk, members)
+}
+
+/// Moves the staged block `blk` (its chunks `members`, all claimed) in; if that stops short,
+/// copies the rest from the staging page.
+fn move_block(
+    s: &Shared,
+    tracker: &MissingTracker,
+    stage: &mut HugeBlock,
+    blk: Block,
+    members: &[u32],
+) -> Result<(), LazyFailure> {
+    let ps = s.page_size;
+    let t = Instant::now();
+    let dst = s.host(blk.first_page, BLOCK / ps);
+    match tracker.move_in(dst, stage) {
+        Ok(()) => {
+            s.fill_time(2, t);
+            s.fill_filled.fetch_add(BLOCK, Ordering::Relaxed);
+            s.fill_moved.fetch_add(BLOCK, Ordering::Relaxed);
+            for &c in members {
+                s.mark_resident(c as usize);
+            }
+            return Ok(());
+        }
+        // A fault filled a piece meanwhile: what moved is in place, the rest is still staged.
+        Err(MissingError::DestinationNotMissing { moved, .. }) => {
+            s.move_races.fetch_add(1, Ordering::Relaxed);
+            s.fill_filled.fetch_add(moved as u64, Ordering::Relaxed);
+        }
+        // Not expected (the block was checked to take moves): copy from now on.
+        Err(_) => s.no_move.store(true, Ordering::Relaxed),
+    }
+    // Copy what is still missing from the staging page (its moved-out pages read as zeros, but
+    // their guest pages exist and are skipped), zero chunks as zero pages.
+    let fill_err = |e: MissingError| LazyFailure::Fill(chain(&e));
+    for &c in members {
+        let ch = s.chunks[c as usize];
+        let range = s.host(ch.first_page, u64::from(ch.pages));
+        let n = if ch.zero {
+            tracker.fill_zero(range).map_err(fill_err)?
+        } else {
+            let at = ((ch.first_page - blk.first_page) * ps) as usize;
+            tracker
+                .fill(range, &stage.as_mut_slice()[at..at + range.len])
+                .map_err(fill_err)?
+        };
+        s.fill_filled.fetch_add(n as u64, Ordering::Relaxed);
+        s.mark_resident(c as usize);
+    }
+    s.fill_time(2, t);
+    // Small pages may be left in it: start the next block on a fresh huge page.
+    stage.clear();
     Ok(())
 }
 
@@ -180,6 +335,10 @@ pub(super) fn fill_thread(s: &Shared) {
         return;
     };
     let mut cache = DecodeCache::default();
+    // Without staging memory every block is copied (and collapsed at the end).
+    let mut stage = (!s.blocks.is_empty())
+        .then(HugeBlock::new)
+        .and_then(Result::ok);
     let mut next = 0;
     loop {
         if s.stop.load(Ordering::SeqCst) {
@@ -198,11 +357,12 @@ pub(super) fn fill_thread(s: &Shared) {
             }
             None => break,
         };
-        if let Err(e) = fill_chunk(s, &tracker, &mut cache, c) {
+        if let Err(e) = fill_chunk(s, &tracker, &mut cache, &mut stage, c) {
             return s.fail(e);
         }
     }
     drop(cache);
+    drop(stage);
     // Every chunk was filled here, or whole by a fault (a fault never leaves one half done for
     // itself: what it does not fill is queued here), so all are resident.
     while s.resident.load(Ordering::SeqCst) < s.total {
@@ -253,9 +413,29 @@ fn finish(s: &Shared, tracker: &MissingTracker) {
         .collect();
     data_blocks.sort_unstable();
     data_blocks.dedup();
+    // Blocks with data that are not huge pages (a call that fails may still collapse some):
+    // those the fill copied (a fault filled a piece first, or moves were not possible).
+    let small = || -> Vec<u64> {
+        let huge: Vec<(usize, usize)> = s
+            .regions
+            .iter()
+            .flat_map(|r| {
+                ram_saver::pagemap::huge_ranges(r.host, r.pages as usize * s.page_size as usize)
+            })
+            .collect();
+        data_blocks
+            .iter()
+            .copied()
+            .filter(|&first| {
+                let h = s.host(first, block_pages);
+                !huge.iter().any(|&(a, b)| a <= h.start && h.end() <= b)
+            })
+            .collect()
+    };
+    let mut left = small();
     // Runs of adjacent blocks inside one region, COLLAPSE_BATCH blocks per call at most.
     let mut runs: Vec<(u64, u64)> = Vec::new();
-    for &first in &data_blocks {
+    for &first in &left {
         match runs.last_mut() {
             Some((start, n))
                 if *start + *n * block_pages == first
@@ -291,28 +471,12 @@ fn finish(s: &Shared, tracker: &MissingTracker) {
         }
         busy += t.elapsed();
     }
-    // Blocks with data that are not huge now (a call that fails may still collapse some).
-    let small = || -> Vec<u64> {
-        let huge: Vec<(usize, usize)> = s
-            .regions
-            .iter()
-            .flat_map(|r| {
-                ram_saver::pagemap::huge_ranges(r.host, r.pages as usize * s.page_size as usize)
-            })
-            .collect();
-        data_blocks
-            .iter()
-            .copied()
-            .filter(|&first| {
-                let h = s.host(first, block_pages);
-                !huge.iter().any(|&(a, b)| a <= h.start && h.end() <= b)
-            })
-            .collect()
-    };
     // One more try, block by block, for those that failed (often a transient EAGAIN), unless
     // the kernel refused everything.
-    let mut left = small();
-    if !gave_up && (left.len() as u64) <= COLLAPSE_RETRY_MAX {
+    if !runs.is_empty() {
+        left = small();
+    }
+    if !gave_up && !left.is_empty() && (left.len() as u64) <= COLLAPSE_RETRY_MAX {
         for &first in &left {
             let Some(_call) = s.collapse_turn() else {
                 break;

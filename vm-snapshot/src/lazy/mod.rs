@@ -25,12 +25,27 @@
 //!   fault thread serves. Two threads filling the same pages is harmless: the kernel fills only
 //!   missing pages (one that exists answers EEXIST and is skipped), with the same bytes from the
 //!   same checked record.
+//! - **Whole huge pages**: on anonymous memory (and a kernel with `UFFDIO_MOVE`, Linux 6.8+) a
+//!   2 MiB block that holds data and that no fault touched is filled in one piece: the fill
+//!   claims all its chunks (MISSING → FILLING), reads its record straight into a staging huge
+//!   page (or, for a block made of several records or zero runs, copies their decoded pages
+//!   there; zero runs need nothing, the staging page starts empty), and moves that page into the
+//!   guest ([`MissingTracker::move_in`]): one huge page, no copy into the guest, waiters woken.
+//!   If a fault fills a piece of the block meanwhile, the move stops there and the rest is
+//!   copied from the staging page (pages that exist are skipped); a block a fault touched
+//!   first is copied chunk by chunk as above. The fill thread populates its one staging page
+//!   itself before each block (the kernel allocates and zeroes a fresh huge page: 0.2–0.4 s
+//!   per GiB here, far more on memory the host has not backed yet). No ring populated ahead by
+//!   a low-priority thread: it gains only where a core is idle (none was, in measurements on a
+//!   busy 2-core host), and such a thread holds the mmap lock while it is preempted. memfd
+//!   memory cannot take moves (shared memory): it is filled by copies.
 //! - **End**: once every chunk is resident the memory is unregistered (the VM runs without
-//!   userfaultfd from then on), and every 2 MiB block that holds data is collapsed back into a
-//!   huge page (`MADV_COLLAPSE`, best effort: UFFDIO_COPY maps 4 KiB pages), up to 32 adjacent
-//!   blocks per call, at low priority (nice 10), and not while a [`CollapseHold`] lives (a save:
-//!   a block it write-protects cannot be collapsed). Blocks that are all zeros stay on the
-//!   shared zero page (collapsing them would allocate 2 MiB of zeros each).
+//!   userfaultfd from then on), and every 2 MiB block that holds data but is not a huge page
+//!   (those filled piecewise: touched by faults, or not movable) is collapsed back into a huge
+//!   page (`MADV_COLLAPSE`, best effort), up to 32 adjacent blocks per call, at low priority
+//!   (nice 10), and not while a [`CollapseHold`] lives (a save: a block it write-protects
+//!   cannot be collapsed). Blocks that are all zeros stay on the shared zero page (collapsing
+//!   them would allocate 2 MiB of zeros each).
 //! - **Failure**: a record that fails its checks (crc, header against index, decompression) or a
 //!   fill the kernel refuses stops both threads and is reported ([`LazyRestore::failure`],
 //!   [`LazyRestore::wait`]). The registration is kept: a page that was never filled is never
@@ -40,7 +55,8 @@
 //!
 //! Not supported yet: hugetlbfs guest memory (its fills must be whole 2 MiB pages assembled from
 //! several records), hot-set-first prefetch, smaller independent decode units for compressed
-//! records (a fault on a 2 MiB zstd record decodes all of it).
+//! records (a fault on a 2 MiB zstd record decodes all of it), huge pages for memfd memory
+//! without a collapse (`UFFDIO_CONTINUE` in MINOR mode).
 
 use std::fs::File;
 use std::io::BufReader;
@@ -54,7 +70,7 @@ use ram_saver::{FormatError, IndexEntry, RecordKind, SnapshotHeader, SnapshotRea
 use serde::Serialize;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_core::{MemBackend, Vm, VmError};
-use wp_tracker::{HostRange, MissingError, MissingFault, MissingTracker};
+use wp_tracker::{HostRange, HugeBlock, MissingError, MissingFault, MissingTracker};
 
 use crate::{chain, machine_state, RestoreParams};
 
@@ -155,6 +171,18 @@ pub struct LazyStatus {
     pub fault_filled_bytes: u64,
     /// Guest bytes the fill thread filled.
     pub fill_filled_bytes: u64,
+    /// Of those, bytes moved in as whole huge pages (`UFFDIO_MOVE`).
+    pub fill_moved_bytes: u64,
+    /// Blocks whose move stopped at a piece a fault filled meanwhile (the rest was copied).
+    pub fill_move_races: u64,
+    /// Where the fill thread's time went so far, ms: reading records (positioned read, crc,
+    /// decompression).
+    pub fill_read_ms: f64,
+    /// … copying decoded pages into the staging huge page (its first write includes the
+    /// kernel's zeroing of a fresh huge page).
+    pub fill_stage_ms: f64,
+    /// … the fill ioctls (move, copy, zero page).
+    pub fill_map_ms: f64,
     /// When everything was resident, seconds from the start.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resident_s: Option<f64>,
@@ -200,6 +228,18 @@ const FILLING: u8 = 1;
 /// Every page is filled.
 const RESIDENT: u8 = 2;
 
+/// A 2 MiB guest block that the fill can move in whole: it holds data, lies inside one region at
+/// a 2 MiB-aligned host address, and its memory takes moves.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    first_page: u64,
+    /// Its chunks: `by_page[chunks.0..chunks.1]`.
+    chunks: (u32, u32),
+}
+
+/// `Shared::block_of` of a chunk whose block is not moved whole.
+const NO_BLOCK: u32 = u32::MAX;
+
 /// A region of guest memory: guest pages `[first_page, first_page + pages)` at `host`.
 #[derive(Debug, Clone, Copy)]
 struct Region {
@@ -221,6 +261,14 @@ struct Shared {
     /// Chunk numbers sorted by first page.
     by_page: Vec<u32>,
     state: Vec<AtomicU8>,
+    /// Blocks the fill moves in whole.
+    blocks: Vec<Block>,
+    /// Per chunk: its number in `blocks`, or [`NO_BLOCK`].
+    block_of: Vec<u32>,
+    /// Per block: a fault filled a piece of it (it is filled piecewise, then collapsed).
+    touched: Vec<AtomicBool>,
+    /// A move failed for another reason than a racing fault: the fill copies from then on.
+    no_move: AtomicBool,
     /// The fault thread is serving: the fill yields.
     fault_busy: AtomicBool,
     /// Chunks a fault filled a piece of, for the fill thread to complete first (most recent
@@ -242,6 +290,10 @@ struct Shared {
     faults: AtomicU64,
     fault_filled: AtomicU64,
     fill_filled: AtomicU64,
+    fill_moved: AtomicU64,
+    move_races: AtomicU64,
+    /// Fill thread time in read / stage / map, ns.
+    fill_ns: [AtomicU64; 3],
     waits: Mutex<Waits>,
     end: Mutex<End>,
     end_cv: Condvar,
@@ -299,6 +351,7 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
         .register_memory(&mem)
         .map_err(LazyError::Userfaultfd)?;
     let total = reader.header().total_pages() * page_size;
+    let (blocks, block_of) = plan_blocks(&chunks, &by_page, &regions, page_size, &tracker);
     let shared = Arc::new(Shared {
         reader,
         tracker: Mutex::new(Some(Arc::new(tracker))),
@@ -306,6 +359,10 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
         regions,
         page_size,
         state: chunks.iter().map(|_| AtomicU8::new(MISSING)).collect(),
+        touched: blocks.iter().map(|_| AtomicBool::new(false)).collect(),
+        blocks,
+        block_of,
+        no_move: AtomicBool::new(false),
         chunks,
         by_page,
         fault_busy: AtomicBool::new(false),
@@ -321,6 +378,9 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
         faults: AtomicU64::new(0),
         fault_filled: AtomicU64::new(0),
         fill_filled: AtomicU64::new(0),
+        fill_moved: AtomicU64::new(0),
+        move_races: AtomicU64::new(0),
+        fill_ns: Default::default(),
         waits: Mutex::new(Waits::default()),
         end: Mutex::new(End::default()),
         end_cv: Condvar::new(),
@@ -386,6 +446,11 @@ impl LazyRestore {
             fault_wait_max_us: max,
             fault_filled_bytes: s.fault_filled.load(Ordering::Relaxed),
             fill_filled_bytes: s.fill_filled.load(Ordering::Relaxed),
+            fill_moved_bytes: s.fill_moved.load(Ordering::Relaxed),
+            fill_move_races: s.move_races.load(Ordering::Relaxed),
+            fill_read_ms: s.fill_ns[0].load(Ordering::Relaxed) as f64 / 1e6,
+            fill_stage_ms: s.fill_ns[1].load(Ordering::Relaxed) as f64 / 1e6,
+            fill_map_ms: s.fill_ns[2].load(Ordering::Relaxed) as f64 / 1e6,
             resident_s: end.resident_at.map(|d| d.as_secs_f64()),
             fill_gb_s: end.resident_at.map(|d| {
                 s.total as f64 / (d.saturating_sub(end.start)).as_secs_f64().max(1e-9) / 1e9
@@ -575,6 +640,51 @@ fn plan_chunks(index: &[IndexEntry], page_size: u64) -> (Vec<Chunk>, Vec<u32>) {
     (chunks, by_page)
 }
 
+/// The 2 MiB blocks the fill can move in whole (see [`Block`]), and each chunk's block.
+fn plan_blocks(
+    chunks: &[Chunk],
+    by_page: &[u32],
+    regions: &[Region],
+    page_size: u64,
+    tracker: &MissingTracker,
+) -> (Vec<Block>, Vec<u32>) {
+    let block_pages = (BLOCK / page_size).max(1);
+    let mut blocks = Vec::new();
+    let mut block_of = vec![NO_BLOCK; chunks.len()];
+    let mut at = 0;
+    while at < by_page.len() {
+        let first = chunks[by_page[at] as usize].first_page / block_pages * block_pages;
+        let end = by_page[at..]
+            .iter()
+            .position(|&c| chunks[c as usize].first_page >= first + block_pages)
+            .map_or(by_page.len(), |n| at + n);
+        let members = &by_page[at..end];
+        let data = members.iter().any(|&c| !chunks[c as usize].zero);
+        let host = regions
+            .iter()
+            .find(|r| first >= r.first_page && first + block_pages <= r.first_page + r.pages)
+            .map(|r| {
+                HostRange::new(
+                    r.host + ((first - r.first_page) * page_size) as usize,
+                    BLOCK as usize,
+                )
+            });
+        let movable =
+            host.is_some_and(|h| h.start.is_multiple_of(BLOCK as usize) && tracker.can_move(h));
+        if data && movable {
+            for &c in members {
+                block_of[c as usize] = blocks.len() as u32;
+            }
+            blocks.push(Block {
+                first_page: first,
+                chunks: (at as u32, end as u32),
+            });
+        }
+        at = end;
+    }
+    (blocks, block_of)
+}
+
 /// Guest memory's regions, which must be the header's.
 fn regions_of(r: &Reader, mem: &GuestMemoryMmap) -> Result<Vec<Region>, LazyError> {
     let ps = u64::from(r.header().page_size);
@@ -644,6 +754,19 @@ impl Shared {
         self.state[c]
             .compare_exchange(MISSING, to, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+    }
+
+    /// Notes that a fault fills a piece of chunk `c`: its block is not moved in whole.
+    fn touch(&self, c: usize) {
+        if let Some(t) = self.touched.get(self.block_of[c] as usize) {
+            t.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Adds the time since `t` to fill phase `phase` (read, stage, map).
+    fn fill_time(&self, phase: usize, t: Instant) {
+        let ns = t.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.fill_ns[phase].fetch_add(ns, Ordering::Relaxed);
     }
 
     /// Marks chunk `c` resident (all of it is filled); counted once, whoever marks it.
