@@ -761,6 +761,7 @@ mod tests {
             } else {
                 RecordKind::Data
             },
+            hot: false,
         }
     }
 
