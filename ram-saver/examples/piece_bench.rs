@@ -315,7 +315,7 @@ fn rewrite(src: &Path, dst: &Path, piece: Option<u32>, replace: Option<(u64, &[u
 fn main() {
     let a = parse_args();
     if let (Some(src), Some(dst)) = (&a.snapshot, &a.rewrite) {
-        let piece = (a.piece_kib > 0).then(|| a.piece_kib << 10);
+        let piece = (a.piece_kib > 0).then_some(a.piece_kib << 10);
         let corpus = a.replace_from_mib.map(|_| corpus(&a.dir, a.mib << 20));
         let replace = a
             .replace_from_mib
@@ -332,11 +332,5 @@ fn main() {
             .map(|(k, c)| ((k * RECORD / PAGE) as u64, c.to_vec()))
             .collect(),
     };
-    let mib: usize = records.iter().map(|r| r.1.len()).sum::<usize>() >> 20;
-    println!(
-        "{} records, {mib} MiB, zstd level {}",
-        records.len(),
-        a.level
-    );
     compare(&a, &records);
 }

@@ -364,7 +364,7 @@ fn fixture_page(p: u64) -> Vec<u8> {
         for (i, c) in b.chunks_mut(8).enumerate() {
             c.copy_from_slice(&splitmix(p * 4096 + i as u64).to_le_bytes());
         }
-    } else if p % 5 != 0 {
+    } else if !p.is_multiple_of(5) {
         for (i, x) in b.iter_mut().enumerate() {
             *x = (p as u8).wrapping_mul(31) ^ (i / 64) as u8;
         }

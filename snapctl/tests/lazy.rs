@@ -33,7 +33,7 @@ struct Lazy {
 /// Starts `snapctl restore --lazy FILE EXTRA` with its socket and serial log in `dir`; waits until
 /// the socket answers (and, unless `paused`, every vCPU stepped past `freeze`).
 fn restore_lazy(dir: &Path, tag: &str, file: &Path, freeze: &[u64], extra: &[&str]) -> Lazy {
-    let sock = dir.join(&format!("{tag}.sock"));
+    let sock = dir.join(format!("{tag}.sock"));
     let mut cmd = Command::new(bin());
     cmd.arg("restore")
         .arg(file)
@@ -42,7 +42,7 @@ fn restore_lazy(dir: &Path, tag: &str, file: &Path, freeze: &[u64], extra: &[&st
         .arg("--api-sock")
         .arg(&sock)
         .arg("--serial-log")
-        .arg(dir.join(&format!("{tag}.serial")));
+        .arg(dir.join(format!("{tag}.serial")));
     let t0 = Instant::now();
     let mut vmm = Vmm {
         proc: Proc::spawn_cmd(&mut cmd, true),
