@@ -564,6 +564,8 @@ impl PieceLayout {
         }
         let piece_pages = raw / page_size;
         let last = first_page.checked_add(u64::from(page_count) - 1)?;
+        // Every piece boundary `span` computes is a page number that exists.
+        (last / piece_pages + 1).checked_mul(piece_pages)?;
         let count = (last / piece_pages - first_page / piece_pages + 1) as usize;
         Some(PieceLayout {
             first_page,
@@ -993,6 +995,29 @@ mod tests {
         let mut bad_tag = b;
         bad_tag[0] ^= 1;
         assert!(MachineStateHead::decode(&bad_tag, 100, end).is_err());
+    }
+
+    #[test]
+    fn pieces_are_aligned_in_guest_pages() {
+        // 64 KiB pieces (16 pages) of pages 10..60: 10..16, 16..32, 32..48, 48..60.
+        let l = PieceLayout::new(10, 50, 64 << 10, 4096).unwrap();
+        assert_eq!(l.count, 4);
+        let spans: Vec<_> = (0..l.count).map(|k| l.span(k)).collect();
+        assert_eq!(spans, [(0, 6), (6, 22), (22, 38), (38, 50)]);
+        for rel in 0..50 {
+            let (a, b) = l.span(l.piece_of(rel));
+            assert!(a <= rel && rel < b);
+        }
+        assert_eq!(l.table_len(), 8 + 4 * 8 + 4);
+        // One piece when the record lies inside one.
+        assert_eq!(PieceLayout::new(16, 16, 64 << 10, 4096).unwrap().count, 1);
+        // Piece sizes no reader accepts, and pages at the end of the page numbers.
+        for bad in [0, 2048, 12288, (MAX_RECORD_RAW * 2) as u32] {
+            assert!(PieceLayout::new(0, 1, bad, 4096).is_none(), "{bad}");
+        }
+        assert!(PieceLayout::new(u64::MAX - 4, 2, 64 << 10, 4096).is_none());
+        assert!(PieceLayout::new(u64::MAX, 2, 4096, 4096).is_none());
+        assert!(PieceLayout::new(0, 0, 4096, 4096).is_none());
     }
 
     #[test]

@@ -170,9 +170,8 @@ pub(super) fn piece_table<'p>(
     PieceTable::decode(h, layout, table, ps).map_err(bad)
 }
 
-/// Decode one checked piece (`frame`, whose crc is `crc`) of pages `[a, b)` of its record into
-/// `out` (exactly `(b - a) * ps` bytes).
-#[allow(clippy::too_many_arguments)]
+/// Check piece `k` (`frame`, whose crc must be `crc`) of the `i`-th record, at `pos`, and decode
+/// it into `out`, which it must fill exactly.
 pub(super) fn decode_piece(
     dec: &mut zstd::bulk::Decompressor<'static>,
     frame: &[u8],
