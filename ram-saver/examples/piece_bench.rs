@@ -17,7 +17,8 @@
 //! the record order and hot flags; with `--replace-from-mib M` the data records from guest
 //! address M MiB on carry `--dir`'s bytes instead of their own (a compressible image of a guest
 //! that only writes there, such as the built-in guest above its program and page tables, for
-//! timing lazy-restore faults on compressed records).
+//! timing lazy-restore faults on compressed records); `--clear-hot` writes no hot flags (to time
+//! a lazy restore's fill without hot records first).
 
 #![forbid(unsafe_code)]
 
@@ -41,6 +42,7 @@ struct Args {
     rewrite: Option<PathBuf>,
     piece_kib: u32,
     replace_from_mib: Option<u64>,
+    clear_hot: bool,
 }
 
 fn parse_args() -> Args {
@@ -53,6 +55,7 @@ fn parse_args() -> Args {
         rewrite: None,
         piece_kib: 64,
         replace_from_mib: None,
+        clear_hot: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -66,6 +69,7 @@ fn parse_args() -> Args {
             "--rewrite" => a.rewrite = Some(PathBuf::from(val())),
             "--piece-kib" => a.piece_kib = val().parse().expect("number"),
             "--replace-from-mib" => a.replace_from_mib = Some(val().parse().expect("number")),
+            "--clear-hot" => a.clear_hot = true,
             "--bench" => {}
             other => panic!("unknown option {other}"),
         }
@@ -275,7 +279,13 @@ fn compare(a: &Args, records: &[(u64, Vec<u8>)]) {
 
 /// Copy `src` to `dst` with its records re-encoded (`piece`: pieces, or one frame), keeping the
 /// order and the hot flags.
-fn rewrite(src: &Path, dst: &Path, piece: Option<u32>, replace: Option<(u64, &[u8])>) {
+fn rewrite(
+    src: &Path,
+    dst: &Path,
+    piece: Option<u32>,
+    replace: Option<(u64, &[u8])>,
+    keep_hot: bool,
+) {
     let mut rd = SnapshotReader::open(src).expect("open snapshot");
     let header = rd.header().clone();
     let state = rd.machine_state().to_vec();
@@ -290,7 +300,7 @@ fn rewrite(src: &Path, dst: &Path, piece: Option<u32>, replace: Option<(u64, &[u
     let recs: Vec<_> = rd.records().map(|r| r.expect("record")).collect();
     for r in recs {
         b.clear();
-        enc.set_hot(hot[r.index as usize]);
+        enc.set_hot(keep_hot && hot[r.index as usize]);
         match r.kind {
             RecordKind::ZeroRun => enc.zero_run(r.first_page, u64::from(r.page_count), &mut b),
             RecordKind::Data => {
@@ -320,7 +330,7 @@ fn main() {
         let replace = a
             .replace_from_mib
             .map(|m| (m << 20, corpus.as_deref().unwrap_or(&[])));
-        rewrite(src, dst, piece, replace);
+        rewrite(src, dst, piece, replace, !a.clear_hot);
         println!("{} → {} ({:?} pieces)", src.display(), dst.display(), piece);
         return;
     }
