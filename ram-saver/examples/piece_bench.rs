@@ -218,12 +218,13 @@ fn compare(a: &Args, records: &[(u64, Vec<u8>)]) {
         .map(|(i, e)| (i, e.first_page))
         .collect();
     drop(file);
-    assert!(!full.is_empty(), "no compressed record of 2 MiB");
     let n = CASES.len();
     let (mut whole, mut one) = (vec![Vec::new(); n], vec![Vec::new(); n]);
     let mut buf = Vec::new();
     let mut x = 0x5eed;
-    for _ in 0..a.faults {
+    // No compressed 2 MiB record (incompressible data): encoding figures only.
+    let faults = if full.is_empty() { 0 } else { a.faults };
+    for _ in 0..faults {
         let (_, first) = full[(splitmix(&mut x) % full.len() as u64) as usize];
         let page = first + splitmix(&mut x) % (RECORD / PAGE) as u64;
         for (k, rd) in readers.iter().enumerate() {
@@ -249,7 +250,7 @@ fn compare(a: &Args, records: &[(u64, Vec<u8>)]) {
         raw_bytes >> 20,
         records.len(),
         full.len(),
-        a.faults,
+        faults,
         a.level
     );
     println!("| records | ratio | encode MB/s (1 thread) | read whole record p50 / p99 µs | read one piece p50 / p99 µs |");
