@@ -100,7 +100,11 @@
 //!   the header's guest pages (every record carries at least one page, each page once) and
 //!   `records * RECORD_HEADER_LEN` at most the bytes between machine state and trailer; the
 //!   index is then read and checked entry by entry in bounded chunks, so a hole in a sparse
-//!   file stops it at its first (all-zero, invalid) entry, before the trailer crc is known.
+//!   file stops it at its first (all-zero, invalid) entry, before the trailer crc is known;
+//! - a record in zstd pieces: `stored_len` below its pages' bytes; its piece table's length
+//!   follows from `piece_raw` (checked first) and the record's pages and must fit in
+//!   `stored_len` before the table is read; each piece is at most zstd's bound for its pages and
+//!   decodes into a buffer of exactly its pages.
 
 pub use crate::error::{ErrorKind, FormatError};
 
