@@ -5,7 +5,7 @@
 //! ```text
 //! HEADER (variable length, header_len bytes)
 //!   0  magic            [u8; 8]  b"SNAPCTL\0"
-//!   8  version          u32      FORMAT_VERSION (= 1)
+//!   8  version          u32      FORMAT_VERSION (= 2; readers also read 1, see "Versions")
 //!  12  header_len       u32      total header bytes, magic..=header_crc (<= MAX_HEADER_LEN)
 //!  16  flags            u32      bit 0: parent reference present; other bits must be 0
 //!  20  page_size        u32      guest page size in bytes (4096)
@@ -29,12 +29,14 @@
 //! RAM RECORDS (any page order), each:
 //!   0  tag              [u8; 4]  b"RREC"
 //!   4  kind             u8       0 = ZeroRun (no payload), 1 = Data
-//!   5  codec            u8       0 = raw, 1 = zstd (ZeroRun: 0)
+//!   5  codec            u8       0 = raw, 1 = zstd (one frame), 2 = zstd in pieces (version 2;
+//!                                see "Zstd in pieces"); ZeroRun: 0
 //!   6  reserved         u16      0
 //!   8  first_page       u64      guest page number = gpa / page_size
 //!  16  page_count       u32      >= 1; Data: page_count * page_size <= MAX_RECORD_RAW
 //!  20  stored_len       u32      payload bytes (ZeroRun: 0; raw Data: page_count * page_size;
-//!                                zstd Data: at most ZSTD_compressBound(page_count * page_size))
+//!                                zstd Data: at most ZSTD_compressBound(page_count * page_size);
+//!                                zstd in pieces: less than page_count * page_size)
 //!  24  crc32            u32      crc32 of bytes 0..24 of this header followed by the payload
 //!  28  payload          [stored_len bytes]
 //!
@@ -42,8 +44,11 @@
 //!   tag b"TRLR"
 //!   totals: pages u64, zero_pages u64, data_pages u64, records u64, raw_bytes u64 (uncompressed
 //!           bytes of data pages), stored_bytes u64 (sum of record payload lengths)
-//!   index:  `records` x { offset u64, first_page u64, page_count u32, kind u8, pad [u8; 3] }
-//!           in file order
+//!   index:  `records` x { offset u64, first_page u64, page_count u32, kind u8, flags u8,
+//!           pad [u8; 2] = 0 } in file order. flags bit 0 = HOT: the save wrote this record out
+//!           of order because the guest wrote its pages during the save (the save's fault
+//!           path copied them); other bits must be 0. Hot records lie in the file in about the
+//!           order the guest wrote them.
 //!   trailer_crc u32  crc32 of every trailer byte before it
 //!   (the totals follow from the index: page counts by kind, `records` entries, raw_bytes =
 //!   data_pages * page_size, stored_bytes = trailer_offset - records start - 28 * records;
@@ -53,6 +58,34 @@
 //!   trailer_offset u64, trailer_len u64, footer_crc u32 (of the two u64), reserved u32 = 0,
 //!   end magic [u8; 8] b"SNAPEND\0"
 //! ```
+//!
+//! # Zstd in pieces (codec 2)
+//! A data record whose pages are decodable in independent pieces, so that a reader serving one
+//! page (lazy restore) reads and decodes only the piece holding it. Piece boundaries lie at
+//! guest page numbers that are multiples of `piece_pages = piece_raw / page_size`: piece 0 runs
+//! from `first_page` to the first such boundary after it, the last one ends with the record.
+//! The payload is a piece table followed by the pieces:
+//!
+//! ```text
+//!   0  piece_raw        u32      bytes of a whole piece: a power of two, page_size..=MAX_RECORD_RAW
+//!                                (writers: ZSTD_PIECE_RAW)
+//!   4  piece_count      u32      pieces the record's pages fall into (as above; exactly that)
+//!   8  pieces           piece_count x { stored_len u32 (>= 1), crc32 u32 (of the stored frame) }
+//!   .  table_crc        u32      crc32 of bytes 0..24 of the record header, then table bytes 0..
+//!                                before table_crc
+//!   .  frames           piece_count independent zstd frames back to back, in page order; frame
+//!                                k decodes to exactly its piece's pages
+//! ```
+//!
+//! The table is `8 + 8 * piece_count + 4` bytes; it and the frames fill `stored_len` exactly.
+//! The record crc still covers the whole payload (a full read checks it as for any record, and
+//! also the table and every frame's crc); a reader of one piece checks the table crc (which
+//! also covers the record header fields) and that piece's crc before decoding it.
+//!
+//! # Versions
+//! Writers write version 2. Version 1 files read as before: their index entries' flags byte is
+//! a pad byte (must be 0: no record is hot) and codec 2 does not exist there. Everything else
+//! is laid out the same in both.
 //!
 //! Records lie between the end of the machine state and `trailer_offset`, back to back. Every
 //! guest page (of the header's regions) appears in exactly one record. A file whose footer or
@@ -67,12 +100,18 @@
 //!   the header's guest pages (every record carries at least one page, each page once) and
 //!   `records * RECORD_HEADER_LEN` at most the bytes between machine state and trailer; the
 //!   index is then read and checked entry by entry in bounded chunks, so a hole in a sparse
-//!   file stops it at its first (all-zero, invalid) entry, before the trailer crc is known.
+//!   file stops it at its first (all-zero, invalid) entry, before the trailer crc is known;
+//! - a record in zstd pieces: `stored_len` below its pages' bytes; its piece table's length
+//!   follows from `piece_raw` (checked first) and the record's pages and must fit in
+//!   `stored_len` before the table is read; each piece is at most zstd's bound for its pages and
+//!   decodes into a buffer of exactly its pages.
 
 pub use crate::error::{ErrorKind, FormatError};
 
-/// Version of the layout above; bumped on any incompatible change.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the layout above that writers write; bumped on any incompatible change.
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest version readers still read.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// File magic at offset 0.
 pub const MAGIC: [u8; 8] = *b"SNAPCTL\0";
 /// Magic at the very end of a complete file.
@@ -117,6 +156,15 @@ pub const MAX_REGIONS: u32 = 1024;
 pub const MAX_RECORD_RAW: u64 = 64 << 20;
 /// Largest guest memory accepted (bounds the coverage bitmap: 1 TiB = 32 MiB of bitmap at 4 KiB).
 pub const MAX_GUEST_BYTES: u64 = 1 << 40;
+/// Index entry flag: the record is hot (see the layout above).
+pub const ENTRY_FLAG_HOT: u8 = 1;
+/// Bytes of guest memory per piece of a zstd-in-pieces record, as writers write them
+/// (`docs/PERFORMANCE.md`, "Zstd in pieces": fault decode time against ratio and save speed).
+pub const ZSTD_PIECE_RAW: u32 = 64 << 10;
+/// Size of a piece table before its entries (`piece_raw`, `piece_count`).
+pub const PIECE_TABLE_HEAD_LEN: usize = 8;
+/// Size of one piece table entry.
+pub const PIECE_ENTRY_LEN: usize = 8;
 /// Header flag: a parent snapshot reference is present.
 pub const FLAG_HAS_PARENT: u32 = 1;
 
@@ -423,9 +471,21 @@ impl RecordKind {
     }
 }
 
-/// Payload encoding of a record.
+/// Payload encoding of a record: the pages as they are.
 pub(crate) const CODEC_RAW: u8 = 0;
+/// One zstd frame of all the pages.
 pub(crate) const CODEC_ZSTD: u8 = 1;
+/// A piece table and one zstd frame per piece (version 2).
+pub(crate) const CODEC_ZSTD_PIECES: u8 = 2;
+
+/// The highest codec a file of `version` may use.
+pub(crate) fn max_codec(version: u32) -> u8 {
+    if version >= 2 {
+        CODEC_ZSTD_PIECES
+    } else {
+        CODEC_ZSTD
+    }
+}
 
 /// A decoded record header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -466,14 +526,15 @@ impl RecordHeader {
         b
     }
 
-    /// Decode raw fields; `None` when the tag, kind or reserved bytes are invalid.
-    pub fn decode(b: &[u8; RECORD_HEADER_LEN]) -> Option<Self> {
+    /// Decode raw fields; `None` when the tag, kind, codec (`max_codec` at most) or reserved
+    /// bytes are invalid.
+    pub fn decode(b: &[u8; RECORD_HEADER_LEN], max_codec: u8) -> Option<Self> {
         if b[0..4] != RECORD_TAG || b[6] != 0 || b[7] != 0 {
             return None;
         }
         let kind = RecordKind::from_code(b[4])?;
         let codec = b[5];
-        if codec > CODEC_ZSTD || (kind == RecordKind::ZeroRun && codec != CODEC_RAW) {
+        if codec > max_codec || (kind == RecordKind::ZeroRun && codec != CODEC_RAW) {
             return None;
         }
         Some(RecordHeader {
@@ -487,6 +548,155 @@ impl RecordHeader {
     }
 }
 
+/// The pieces of a zstd-in-pieces record: `count` pieces of `piece_pages` pages at most,
+/// aligned in guest memory (see the layout above).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PieceLayout {
+    pub first_page: u64,
+    pub page_count: u64,
+    pub piece_pages: u64,
+    pub count: usize,
+}
+
+impl PieceLayout {
+    /// The pieces of `page_count` pages from `first_page` in pieces of `piece_raw` bytes, when
+    /// `piece_raw` is valid for pages of `page_size` bytes.
+    pub fn new(first_page: u64, page_count: u32, piece_raw: u32, page_size: u64) -> Option<Self> {
+        let raw = u64::from(piece_raw);
+        if !raw.is_power_of_two() || raw < page_size || raw > MAX_RECORD_RAW || page_count == 0 {
+            return None;
+        }
+        let piece_pages = raw / page_size;
+        let last = first_page.checked_add(u64::from(page_count) - 1)?;
+        // Every piece boundary `span` computes is a page number that exists.
+        (last / piece_pages + 1).checked_mul(piece_pages)?;
+        let count = (last / piece_pages - first_page / piece_pages + 1) as usize;
+        Some(PieceLayout {
+            first_page,
+            page_count: u64::from(page_count),
+            piece_pages,
+            count,
+        })
+    }
+
+    /// Pages `[from, to)` of piece `k`, relative to the record's first page.
+    pub fn span(&self, k: usize) -> (u64, u64) {
+        let base = self.first_page / self.piece_pages * self.piece_pages;
+        let a = (base + k as u64 * self.piece_pages).max(self.first_page) - self.first_page;
+        let b = (base + (k as u64 + 1) * self.piece_pages - self.first_page).min(self.page_count);
+        (a, b)
+    }
+
+    /// The piece holding page `rel` (relative to the record's first page).
+    pub fn piece_of(&self, rel: u64) -> usize {
+        ((self.first_page + rel) / self.piece_pages - self.first_page / self.piece_pages) as usize
+    }
+
+    /// Bytes of the piece table.
+    pub fn table_len(&self) -> usize {
+        PIECE_TABLE_HEAD_LEN + PIECE_ENTRY_LEN * self.count + 4
+    }
+}
+
+/// A checked piece table (see the layout above) over the table bytes of one record.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PieceTable<'a> {
+    pub layout: PieceLayout,
+    entries: &'a [u8],
+}
+
+impl<'a> PieceTable<'a> {
+    /// Decode the table head (`piece_raw`, `piece_count`) of record `h`: the layout, when the
+    /// piece size is valid, the count is the one the record's pages need and the table fits in
+    /// the payload.
+    pub fn layout(
+        h: &RecordHeader,
+        head: &[u8; PIECE_TABLE_HEAD_LEN],
+        page_size: u64,
+    ) -> Option<PieceLayout> {
+        let l = PieceLayout::new(h.first_page, h.page_count, u32_at(head, 0), page_size)?;
+        let fits = l.table_len() as u64 + l.count as u64 <= u64::from(h.stored_len);
+        (u32_at(head, 4) as usize == l.count && fits).then_some(l)
+    }
+
+    /// Check a whole table (`layout.table_len()` bytes) of record `h`: its crc (over the
+    /// record header's first 24 bytes and the table), and that the pieces fill the payload
+    /// exactly, each at least one byte and at most zstd's bound for its pages. `Err` names what
+    /// is wrong.
+    pub fn decode(
+        h: &RecordHeader,
+        layout: PieceLayout,
+        table: &'a [u8],
+        page_size: u64,
+    ) -> Result<Self, &'static str> {
+        let n = layout.table_len();
+        if table.len() != n {
+            return Err("piece table length");
+        }
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&h.prefix());
+        crc.update(&table[..n - 4]);
+        if crc.finalize() != u32_at(table, n - 4) {
+            return Err("piece table checksum mismatch");
+        }
+        let t = PieceTable {
+            layout,
+            entries: &table[PIECE_TABLE_HEAD_LEN..n - 4],
+        };
+        let mut total = n as u64;
+        for k in 0..layout.count {
+            let (len, _) = t.entry(k);
+            let (a, b) = layout.span(k);
+            let bound = zstd::zstd_safe::compress_bound(((b - a) * page_size) as usize);
+            if len == 0 || len as usize > bound {
+                return Err("piece length out of range");
+            }
+            total += u64::from(len);
+        }
+        if total != u64::from(h.stored_len) {
+            return Err("pieces do not fill the record");
+        }
+        Ok(t)
+    }
+
+    /// Stored length and crc of piece `k`.
+    pub fn entry(&self, k: usize) -> (u32, u32) {
+        let at = k * PIECE_ENTRY_LEN;
+        (u32_at(self.entries, at), u32_at(self.entries, at + 4))
+    }
+
+    /// Payload offset, stored length and crc of piece `k`.
+    pub fn piece(&self, k: usize) -> (usize, usize, u32) {
+        let before: usize = (0..k).map(|j| self.entry(j).0 as usize).sum();
+        let (len, crc) = self.entry(k);
+        (self.layout.table_len() + before, len as usize, crc)
+    }
+}
+
+/// Encode the piece table for record `h` (its stored length final) into `table`
+/// (`layout.table_len()` bytes) from the pieces' (stored length, crc).
+pub(crate) fn encode_piece_table(
+    h: &RecordHeader,
+    layout: &PieceLayout,
+    piece_raw: u32,
+    pieces: &[(u32, u32)],
+    table: &mut [u8],
+) {
+    table[0..4].copy_from_slice(&piece_raw.to_le_bytes());
+    table[4..8].copy_from_slice(&(layout.count as u32).to_le_bytes());
+    for (k, (len, crc)) in pieces.iter().enumerate() {
+        let at = PIECE_TABLE_HEAD_LEN + k * PIECE_ENTRY_LEN;
+        table[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        table[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+    }
+    let n = layout.table_len();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h.prefix());
+    crc.update(&table[..n - 4]);
+    let c = crc.finalize();
+    table[n - 4..n].copy_from_slice(&c.to_le_bytes());
+}
+
 /// One trailer index entry: where a record is and which pages it carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct IndexEntry {
@@ -498,6 +708,9 @@ pub struct IndexEntry {
     pub page_count: u32,
     /// Record kind.
     pub kind: RecordKind,
+    /// Hot: the save wrote the record out of order because the guest wrote its pages meanwhile
+    /// (always false in version 1 files).
+    pub hot: bool,
 }
 
 /// Totals stored in the trailer.
@@ -546,15 +759,17 @@ impl Trailer {
             put_u64(&mut b, e.offset);
             put_u64(&mut b, e.first_page);
             put_u32(&mut b, e.page_count);
-            b.extend_from_slice(&[e.kind.code(), 0, 0, 0]);
+            let flags = if e.hot { ENTRY_FLAG_HOT } else { 0 };
+            b.extend_from_slice(&[e.kind.code(), flags, 0, 0]);
         }
         let crc = crc32fast::hash(&b);
         put_u32(&mut b, crc);
         b
     }
 
-    /// Decode a trailer from `buf` (exactly trailer_len bytes at `offset`).
-    pub fn decode(buf: &[u8], offset: u64) -> Result<Self, FormatError> {
+    /// Decode a trailer of a file of format `version` from `buf` (exactly trailer_len bytes at
+    /// `offset`).
+    pub fn decode(buf: &[u8], offset: u64, version: u32) -> Result<Self, FormatError> {
         if buf.len() < TRAILER_FIXED_LEN {
             return Err(trailer_corrupt("bad tag", offset));
         }
@@ -573,7 +788,7 @@ impl Trailer {
             .enumerate()
             .map(|(i, e)| {
                 let at = offset + (TRAILER_HEAD_LEN + i * INDEX_ENTRY_LEN) as u64;
-                Self::decode_entry(e, i as u64, at)
+                Self::decode_entry(e, i as u64, at, version)
             })
             .collect::<Result<_, _>>()?;
         Ok(Trailer { totals, index })
@@ -612,18 +827,26 @@ impl Trailer {
         Ok(totals)
     }
 
-    /// Decode the `i`-th index entry (`INDEX_ENTRY_LEN` bytes at file offset `at`).
-    pub fn decode_entry(b: &[u8], i: u64, at: u64) -> Result<IndexEntry, FormatError> {
+    /// Decode the `i`-th index entry (`INDEX_ENTRY_LEN` bytes at file offset `at`) of a file of
+    /// format `version`.
+    pub fn decode_entry(
+        b: &[u8],
+        i: u64,
+        at: u64,
+        version: u32,
+    ) -> Result<IndexEntry, FormatError> {
+        let known_flags = if version >= 2 { ENTRY_FLAG_HOT } else { 0 };
         let kind = (b.len() == INDEX_ENTRY_LEN)
             .then(|| RecordKind::from_code(b[20]))
             .flatten()
-            .filter(|_| b[21..24] == [0, 0, 0] && u32_at(b, 16) > 0)
+            .filter(|_| b[21] & !known_flags == 0 && b[22..24] == [0, 0] && u32_at(b, 16) > 0)
             .ok_or_else(|| trailer_corrupt(&format!("index entry {i} invalid"), at))?;
         Ok(IndexEntry {
             offset: u64_at(b, 0),
             first_page: u64_at(b, 8),
             page_count: u32_at(b, 16),
             kind,
+            hot: b[21] & ENTRY_FLAG_HOT != 0,
         })
     }
 }
@@ -779,6 +1002,29 @@ mod tests {
     }
 
     #[test]
+    fn pieces_are_aligned_in_guest_pages() {
+        // 64 KiB pieces (16 pages) of pages 10..60: 10..16, 16..32, 32..48, 48..60.
+        let l = PieceLayout::new(10, 50, 64 << 10, 4096).unwrap();
+        assert_eq!(l.count, 4);
+        let spans: Vec<_> = (0..l.count).map(|k| l.span(k)).collect();
+        assert_eq!(spans, [(0, 6), (6, 22), (22, 38), (38, 50)]);
+        for rel in 0..50 {
+            let (a, b) = l.span(l.piece_of(rel));
+            assert!(a <= rel && rel < b);
+        }
+        assert_eq!(l.table_len(), 8 + 4 * 8 + 4);
+        // One piece when the record lies inside one.
+        assert_eq!(PieceLayout::new(16, 16, 64 << 10, 4096).unwrap().count, 1);
+        // Piece sizes no reader accepts, and pages at the end of the page numbers.
+        for bad in [0, 2048, 12288, (MAX_RECORD_RAW * 2) as u32] {
+            assert!(PieceLayout::new(0, 1, bad, 4096).is_none(), "{bad}");
+        }
+        assert!(PieceLayout::new(u64::MAX - 4, 2, 64 << 10, 4096).is_none());
+        assert!(PieceLayout::new(u64::MAX, 2, 4096, 4096).is_none());
+        assert!(PieceLayout::new(0, 0, 4096, 4096).is_none());
+    }
+
+    #[test]
     fn trailer_round_trip() {
         let t = Trailer {
             totals: Totals {
@@ -795,17 +1041,21 @@ mod tests {
                     first_page: 0,
                     page_count: 2,
                     kind: RecordKind::Data,
+                    hot: true,
                 },
                 IndexEntry {
                     offset: 228,
                     first_page: 2,
                     page_count: 1,
                     kind: RecordKind::ZeroRun,
+                    hot: false,
                 },
             ],
         };
         let b = t.encode();
-        assert_eq!(Trailer::decode(&b, 0).unwrap(), t);
+        assert_eq!(Trailer::decode(&b, 0, FORMAT_VERSION).unwrap(), t);
+        // Version 1 knows no flags: a hot entry is invalid there.
+        assert!(Trailer::decode(&b, 0, 1).is_err());
         let f = encode_footer(5, b.len() as u64);
         assert_eq!(decode_footer(&f), Some((5, b.len() as u64)));
     }

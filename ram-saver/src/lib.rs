@@ -17,9 +17,9 @@ mod writer;
 
 pub use format::{
     Compression, ErrorKind, FormatError, IndexEntry, MemRegion, RecordKind, SnapshotHeader, Totals,
-    Trailer, FORMAT_VERSION,
+    Trailer, FORMAT_VERSION, OLDEST_FORMAT_VERSION, ZSTD_PIECE_RAW,
 };
-pub use reader::{ReadProgress, Record, Records, SnapshotReader, VerifyReport};
+pub use reader::{HotTotals, Piece, ReadProgress, Record, Records, SnapshotReader, VerifyReport};
 #[doc(hidden)]
 pub use save::InjectPoint;
 pub use save::{live_save, SaveError, SaveOptions, SaveProgress, SaveSummary, Staging};

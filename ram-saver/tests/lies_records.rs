@@ -1,6 +1,6 @@
 //! Lies in RAM records, re-encoded with valid checksums (see `common/sweep/mod.rs`): page
 //! counts (record and index), header fields, payload lengths, zstd frames that decompress to the
-//! wrong size. Every one must be refused with a typed error naming the record where the reader
+//! wrong size, piece tables and pieces of records in zstd pieces. Every one must be refused with a typed error naming the record where the reader
 //! can know it, never a panic or an absurd allocation.
 
 #![forbid(unsafe_code)]
@@ -107,7 +107,13 @@ fn record_fields(l: &mut Lies<'_>) {
         ex(CORRUPT),
     );
     l.add(
-        "record codec 2",
+        "record codec 3",
+        rec(dr, &|r| r.codec = 3),
+        ex_rec(CORRUPT, dr),
+        ex_rec(CORRUPT, dr),
+    );
+    l.add(
+        "raw data record relabelled zstd in pieces (no table)",
         rec(dr, &|r| r.codec = 2),
         ex_rec(CORRUPT, dr),
         ex_rec(CORRUPT, dr),
@@ -258,13 +264,149 @@ fn record_payloads(l: &mut Lies<'_>) {
     }
 }
 
+/// Records in zstd pieces (format 2): lies in the piece table and the pieces, each with a
+/// record crc that matches (and a table crc that matches, where the lie is in the table), so
+/// that only the lie can give the record away.
+fn record_pieces(l: &mut Lies<'_>) {
+    let m0 = l.m0;
+    let ps = l.ps;
+    // A record of several pieces.
+    let Some(dp) = m0
+        .recs
+        .iter()
+        .position(|r| r.codec == 2 && r.piece_table().1.len() >= 3)
+    else {
+        return;
+    };
+    let (piece_raw, pieces, table) = m0.recs[dp].piece_table();
+    let count = pieces.len() as u32;
+    let rec = |f: &dyn Fn(&mut Rec)| {
+        let mut m = m0.clone();
+        f(&mut m.recs[dp]);
+        m.assemble()
+    };
+    let both = |l: &mut Lies<'_>, what: &str, bytes: Vec<u8>| {
+        l.add(
+            &format!("record {dp} in pieces: {what}"),
+            bytes,
+            ex_rec(CORRUPT, dp),
+            ex_rec(CORRUPT, dp),
+        );
+    };
+    both(
+        l,
+        "a table entry flipped (table crc stale)",
+        rec(&|r| r.payload[8 + 8 + 2] ^= 0x10),
+    );
+    both(
+        l,
+        "a byte of piece 1 flipped (its crc stale)",
+        rec(&|r| {
+            let at = table + pieces[0].0 as usize + 3;
+            r.payload[at] ^= 0x10;
+        }),
+    );
+    for (raw, label) in [
+        (0, "0"),
+        (3 * ps as u32, "3 pages"),
+        (ps as u32 / 2, "half a page"),
+        (1 << 31, "2^31"),
+        ((MAX_RECORD_RAW * 2) as u32, "2 x MAX_RECORD_RAW"),
+        (piece_raw * 2, "twice the real one"),
+    ] {
+        both(
+            l,
+            &format!("piece_raw {label} (table crc matching)"),
+            rec(&|r| r.set_piece_table(raw, count, &pieces)),
+        );
+    }
+    for (n, label) in [
+        (count + 1, "+1"),
+        (count - 1, "-1"),
+        (u32::MAX, "u32::MAX"),
+        (0, "0"),
+    ] {
+        both(
+            l,
+            &format!("piece_count {label} (table crc matching)"),
+            rec(&|r| r.set_piece_table(piece_raw, n, &pieces)),
+        );
+    }
+    let with = |k: usize, len: u32| {
+        let mut p = pieces.clone();
+        p[k].0 = len;
+        p
+    };
+    for (k, len, label) in [
+        (0, u32::MAX, "piece 0 length u32::MAX"),
+        (1, 0, "piece 1 length 0"),
+        (
+            count as usize - 1,
+            pieces[count as usize - 1].0 + 1,
+            "last piece one byte long",
+        ),
+        (
+            count as usize - 1,
+            pieces[count as usize - 1].0 - 1,
+            "last piece one byte short",
+        ),
+    ] {
+        both(
+            l,
+            &format!("{label} (table crc matching)"),
+            rec(&|r| r.set_piece_table(piece_raw, count, &with(k, len))),
+        );
+    }
+    {
+        // Piece 0 one byte longer, piece 1 one shorter: the sum still fills the record.
+        let mut p = pieces.clone();
+        p[0].0 += 1;
+        p[1].0 -= 1;
+        both(
+            l,
+            "a byte moved from piece 1 to piece 0 (lengths sum right, table crc matching)",
+            rec(&|r| r.set_piece_table(piece_raw, count, &p)),
+        );
+    }
+    // Piece 1 replaced by a frame of the wrong size, or a bomb (its crc and length in the
+    // table, the table crc, the record crc all matching).
+    let (a, b) = (pieces[0].0 as usize, pieces[1].0 as usize);
+    let piece_bytes = (u64::from(piece_raw)) as usize;
+    let bomb = zstd_zeros(256 << 20);
+    for (frame, label) in [
+        (
+            zstd::bulk::compress(&vec![0x5a; piece_bytes - ps as usize], 3).expect("compress"),
+            "one page short",
+        ),
+        (
+            zstd::bulk::compress(&vec![0x5a; piece_bytes + 1], 3).expect("compress"),
+            "one byte long",
+        ),
+        (bomb, "a bomb of 256 MiB of zeros"),
+        (vec![0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3], "not a frame"),
+    ] {
+        let mut p = pieces.clone();
+        p[1] = (frame.len() as u32, crc32fast::hash(&frame));
+        both(
+            l,
+            &format!("piece 1 {label} (crcs matching)"),
+            rec(&|r| {
+                r.payload
+                    .splice(table + a..table + a + b, frame.iter().copied());
+                r.set_piece_table(piece_raw, count, &p);
+            }),
+        );
+    }
+}
+
 #[test]
 fn record_lies_are_refused() {
     with_deadline(Duration::from_secs(300), || {
         let t0 = Instant::now();
         let setup = Setup::new("record_lies_are_refused");
         let mut stats = Default::default();
-        let sections: [LieSection; 3] = [page_counts, record_fields, record_payloads];
+        let sections: [LieSection; 4] =
+            [page_counts, record_fields, record_payloads, record_pieces];
         let n = run_lies(&setup, &sections, &mut stats);
         let mut counts = BTreeMap::new();
         counts.insert("crafted lies", n);

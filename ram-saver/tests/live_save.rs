@@ -456,6 +456,73 @@ fn live_save_throttled_serves_faults() {
     assert!(s.fault_latency_max_us > 0);
 }
 
+/// The records the fault path wrote, and only those, are hot in the index: writers dirty one
+/// page in each of eight fault blocks at the end of guest memory, which a throttled scan reaches
+/// long after the first write to each (so every one of those blocks faults, and nothing else is
+/// written). Raw and zstd (records in pieces).
+#[test]
+fn hot_records_are_exactly_those_the_fault_path_wrote() {
+    for compression in [Compression::None, Compression::Zstd { level: 1 }] {
+        let mem = setup();
+        let tracker = tracker_for(&mem);
+        let region2 = 1u64 << 32;
+        let targets: Vec<u64> = (0..8u64)
+            .map(|k| region2 + k * 2 * MIB as u64 + (k + 1) * PS as u64)
+            .collect();
+        let opts = SaveOptions {
+            max_bandwidth: Some(64 * MIB as u64),
+            compression,
+            ..Default::default()
+        };
+        let mut file = Vec::new();
+        let out = save_with_writers_on(
+            &mem,
+            &tracker,
+            &mut file,
+            &opts,
+            None,
+            &targets,
+            OracleSource::Mapping,
+        );
+        let summary = out.result.expect("save failed");
+        assert_released(&mem, &tracker);
+        check_snapshot(&file, &out.oracle);
+        let block = summary.fault_block_size as u64;
+        let mut want: Vec<u64> = targets.iter().map(|g| g / block * block).collect();
+        want.dedup();
+        assert_eq!(summary.faults_served, want.len() as u64, "{summary:?}");
+        let rd = SnapshotReader::from_reader(Cursor::new(&file)).unwrap();
+        // Every hot record lies in one of those blocks; together they cover each exactly.
+        let mut hot_pages: HashMap<u64, u64> = HashMap::new();
+        for e in rd.trailer().index.iter() {
+            let gpa = e.first_page * PS as u64;
+            let end = gpa + u64::from(e.page_count) * PS as u64;
+            let b = gpa / block * block;
+            let in_target_block = want.contains(&b) && end <= b + block;
+            assert_eq!(
+                e.hot, in_target_block,
+                "{compression:?}: record at {gpa:#x}..{end:#x} (hot {}), blocks {want:x?}",
+                e.hot
+            );
+            if e.hot {
+                *hot_pages.entry(b).or_default() += u64::from(e.page_count);
+            }
+        }
+        assert_eq!(hot_pages.len(), want.len(), "{compression:?}");
+        assert!(hot_pages.values().all(|&n| n == block / PS as u64));
+        let hot = rd.hot_totals();
+        assert_eq!(hot.pages, want.len() as u64 * block / PS as u64);
+        eprintln!(
+            "{compression:?}: fault block {} KiB, {} hot records ({} pages, {} stored bytes) of {}",
+            block >> 10,
+            hot.records,
+            hot.pages,
+            hot.stored_bytes,
+            rd.trailer().totals.records
+        );
+    }
+}
+
 #[test]
 fn live_save_small_blocks_throttled() {
     let s = run_ok(SaveOptions {

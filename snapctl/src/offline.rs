@@ -131,6 +131,7 @@ pub fn info(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
         0.0
     };
     let cfg: Value = serde_json::from_slice(&h.vmm_config).unwrap_or(Value::Null);
+    let hot = r.hot_totals();
     if json {
         println!(
             "{}",
@@ -140,14 +141,16 @@ pub fn info(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 "created_unix_secs": h.created_unix_secs, "totals": t,
                 "file_bytes": r.file_len(), "image_size_ratio": ratio, "vmm_config": cfg,
                 "machine_state_bytes": r.machine_state().len(),
+                "format_version": r.format_version(), "hot": hot,
             })
         );
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "file:         {} ({})",
+        "file:         {} ({}, format {})",
         file.display(),
-        fmt_bytes(r.file_len())
+        fmt_bytes(r.file_len()),
+        r.format_version()
     );
     println!(
         "guest memory: {} in {} region(s)",
@@ -169,6 +172,13 @@ pub fn info(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
     println!(
         "pages:        {} ({} data, {} zero) in {} records",
         t.pages, t.data_pages, t.zero_pages, t.records
+    );
+    println!(
+        "hot:          {} records, {} pages ({} guest, {} stored): saved first, the guest wrote them during the save",
+        hot.records,
+        hot.pages,
+        fmt_bytes(hot.pages * u64::from(h.page_size)),
+        fmt_bytes(hot.stored_bytes)
     );
     println!("size ratio:   {ratio:.4} (file bytes / non-zero guest RAM)");
     if !cfg.is_null() {

@@ -1,7 +1,8 @@
 //! `snapctl restore --lazy`: the vCPUs run before guest memory is loaded, memory follows on demand
 //! and from a background fill. Raw and zstd images of a full-speed guest restore lazily, every
 //! vCPU runs on, the guest's self-check passes and `status` shows the fill completing; a record
-//! whose checksum fails ends the VM with an error instead of serving wrong bytes; a save of a VM
+//! whose checksum fails ends the VM with an error instead of serving wrong bytes, and so does a
+//! damaged piece or piece table of a zstd record (faults read one piece); a save of a VM
 //! still filling waits for the fill and its image passes the oracle; pause and resume work
 //! while it fills. Figures (time to first instruction, fault waits, fill rate, huge pages) are
 //! printed, never asserted.
@@ -180,11 +181,18 @@ fn print_figures(what: &str, l: &Lazy, r: &Value) {
     );
 }
 
-/// Saves the booted guest raw and zstd; returns the files and their freeze steps.
+/// Saves the booted guest (writing at full speed) raw and zstd; returns the files and their
+/// freeze steps.
 fn images(dir: &TempDir, mem: &str) -> Vec<(PathBuf, Vec<u64>)> {
+    images_at(dir, mem, "full")
+}
+
+/// Saves the booted guest writing at `rate` raw and zstd; returns the files and their freeze
+/// steps.
+fn images_at(dir: &TempDir, mem: &str, rate: &str) -> Vec<(PathBuf, Vec<u64>)> {
     let vmm = Vmm::boot(
         dir.path(),
-        &["--mem", mem, "--vcpus", "2", "--write-rate", "full"],
+        &["--mem", mem, "--vcpus", "2", "--write-rate", rate],
     );
     let mut out = Vec::new();
     for (name, extra) in [("raw.snap", &[][..]), ("zstd.snap", &["--zstd"][..])] {
@@ -308,7 +316,11 @@ fn a_hot_set_guest_restored_lazily_has_its_memory_on_huge_pages_before_any_colla
 
 /// File offsets of the payloads of data records, from the trailer index.
 fn data_payloads(path: &Path) -> Vec<u64> {
-    let b = std::fs::read(path).unwrap();
+    data_payloads_of(&std::fs::read(path).unwrap())
+}
+
+/// File offsets of the payloads of data records of the file `b`, from its trailer index.
+fn data_payloads_of(b: &[u8]) -> Vec<u64> {
     let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
     let footer = b.len() - 32;
     let (t_off, t_len) = (u64_at(footer) as usize, u64_at(footer + 8) as usize);
@@ -321,22 +333,12 @@ fn data_payloads(path: &Path) -> Vec<u64> {
         .collect()
 }
 
-#[test]
-fn a_record_that_fails_its_checksum_ends_the_vm_with_an_error() {
-    let _s = serial();
-    let dir = TempDir::new("lazy-bad");
-    let (path, freeze) = images(&dir, "128M").swap_remove(0);
-    // Damage the payload of every data record: the first one the guest or the fill reads fails.
-    // (Opening checks the footer, trailer, header and machine state, no record.)
-    let mut b = std::fs::read(&path).unwrap();
-    let payloads = data_payloads(&path);
-    assert!(!payloads.is_empty());
-    for at in &payloads {
-        b[*at as usize + 100] ^= 0x5a;
-    }
-    let bad = dir.join("bad.snap");
-    std::fs::write(&bad, &b).unwrap();
-    let sock = dir.join("bad.sock");
+/// Runs `snapctl restore --lazy` of the damaged `bytes` (as `tag`.snap) and checks that the VMM
+/// ends with the corrupt-file exit code, its stderr naming `want`.
+fn restore_fails(dir: &TempDir, tag: &str, bytes: &[u8], want: &str) {
+    let bad = dir.join(&format!("{tag}.snap"));
+    std::fs::write(&bad, bytes).unwrap();
+    let sock = dir.join(&format!("{tag}.sock"));
     let t0 = Instant::now();
     let p = Proc::spawn(&[
         "restore",
@@ -345,23 +347,85 @@ fn a_record_that_fails_its_checksum_ends_the_vm_with_an_error() {
         "--api-sock",
         sock.to_str().unwrap(),
         "--serial-log",
-        dir.join("bad.serial").to_str().unwrap(),
+        dir.join(&format!("{tag}.serial")).to_str().unwrap(),
     ]);
     let out = p.wait(T, "restore --lazy of a damaged file");
     eprintln!(
-        "damaged records: the VMM ended after {:.0} ms with {:?}; stderr: {}",
+        "{tag}: the VMM ended after {:.0} ms with {:?}; stderr: {}",
         t0.elapsed().as_secs_f64() * 1e3,
         out.code(),
         out.stderr.trim()
     );
-    assert_eq!(out.code(), Some(3), "not the corrupt-file exit code");
+    assert_eq!(out.code(), Some(3), "{tag}: not the corrupt-file exit code");
     assert!(
-        out.stderr.contains("checksum mismatch") && out.stderr.contains("lazy restore failed"),
-        "{}",
+        out.stderr.contains(want) && out.stderr.contains("lazy restore failed"),
+        "{tag}: {}",
         out.stderr
     );
-    assert!(!sock.exists(), "the failed VMM left its socket behind");
-    let _ = freeze;
+    assert!(
+        !sock.exists(),
+        "{tag}: the failed VMM left its socket behind"
+    );
+}
+
+/// (record offset, payload length, piece table length) of every record stored in zstd pieces.
+fn piece_records(b: &[u8]) -> Vec<(usize, usize, usize)> {
+    let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+    data_payloads_of(b)
+        .into_iter()
+        .map(|p| p as usize - 28)
+        .filter(|&at| b[at + 5] == 2)
+        .map(|at| (at, u32_at(at + 20), 8 + 8 * u32_at(at + 28 + 4) + 4))
+        .collect()
+}
+
+/// Flips a byte of every record in pieces at `rel(table_len)` bytes into its payload and
+/// reseals the record's crc: only the piece table's or a piece's own crc can tell.
+fn damage_pieces(b: &[u8], rel: impl Fn(usize) -> usize) -> Vec<u8> {
+    let mut b = b.to_vec();
+    let recs = piece_records(&b);
+    assert!(!recs.is_empty(), "no record in pieces in a zstd image");
+    for (at, stored, table) in recs {
+        b[at + 28 + rel(table)] ^= 0x5a;
+        let mut h = crc32fast::Hasher::new();
+        h.update(&b[at..at + 24]);
+        h.update(&b[at + 28..at + 28 + stored]);
+        let crc = h.finalize();
+        b[at + 24..at + 28].copy_from_slice(&crc.to_le_bytes());
+    }
+    b
+}
+
+#[test]
+fn a_record_that_fails_its_checksum_ends_the_vm_with_an_error() {
+    let _s = serial();
+    let dir = TempDir::new("lazy-bad");
+    // An idle guest: its generation-0 fill does not compress, its low memory (program, page
+    // tables) does, and without write faults the save compresses it (records in pieces) for sure
+    // (adaptive compression stores records raw for a while after data that did not compress).
+    let images = images_at(&dir, "64M", "idle");
+    // Damage the payload of every data record: the first one the guest or the fill reads fails.
+    // (Opening checks the footer, trailer, header and machine state, no record.)
+    let mut b = std::fs::read(&images[0].0).unwrap();
+    let payloads = data_payloads(&images[0].0);
+    assert!(!payloads.is_empty());
+    for at in &payloads {
+        b[*at as usize + 100] ^= 0x5a;
+    }
+    restore_fails(&dir, "bad-raw", &b, "checksum mismatch");
+    // A zstd image, whose records a fault reads one piece at a time: a damaged piece or piece
+    // table whose record crc was made to match is still never served (the fault thread checks
+    // the table's and the piece's own crc; so does the fill thread's whole read).
+    let z = std::fs::read(&images[1].0).unwrap();
+    let bad_piece = damage_pieces(&z, |table| table + 1);
+    restore_fails(&dir, "bad-piece", &bad_piece, "piece 0 checksum mismatch");
+    let bad_table = damage_pieces(&z, |_| 8 + 4);
+    restore_fails(
+        &dir,
+        "bad-table",
+        &bad_table,
+        "piece table checksum mismatch",
+    );
 }
 
 #[test]

@@ -4,8 +4,9 @@
 
 use super::corrupt;
 use crate::format::{
-    Compression, FormatError, IndexEntry, RecordHeader, RecordKind, SnapshotHeader, Trailer,
-    CODEC_RAW, MAX_RECORD_RAW, RECORD_HEADER_LEN,
+    max_codec, Compression, FormatError, IndexEntry, PieceTable, RecordHeader, RecordKind,
+    SnapshotHeader, Trailer, CODEC_RAW, CODEC_ZSTD_PIECES, MAX_RECORD_RAW, PIECE_TABLE_HEAD_LEN,
+    RECORD_HEADER_LEN,
 };
 
 /// The record checks that need only the file's layout and index.
@@ -16,6 +17,8 @@ pub(super) struct Checker<'a> {
     pub(super) trailer_offset: u64,
     pub(super) ps: u64,
     pub(super) zstd: bool,
+    /// The highest codec the file's version allows.
+    max_codec: u8,
 }
 
 impl<'a> Checker<'a> {
@@ -24,6 +27,7 @@ impl<'a> Checker<'a> {
         trailer: &'a Trailer,
         records_start: u64,
         trailer_offset: u64,
+        version: u32,
     ) -> Self {
         Checker {
             index: &trailer.index,
@@ -31,6 +35,7 @@ impl<'a> Checker<'a> {
             trailer_offset,
             ps: u64::from(header.page_size),
             zstd: matches!(header.compression, Compression::Zstd { .. }),
+            max_codec: max_codec(version),
         }
     }
 
@@ -60,8 +65,8 @@ impl<'a> Checker<'a> {
         pos: u64,
         i: u64,
     ) -> Result<RecordHeader, FormatError> {
-        let h =
-            RecordHeader::decode(hb).ok_or_else(|| corrupt("bad record header", Some(i), pos))?;
+        let h = RecordHeader::decode(hb, self.max_codec)
+            .ok_or_else(|| corrupt("bad record header", Some(i), pos))?;
         if u64::from(h.stored_len) > self.trailer_offset - pos - RECORD_HEADER_LEN as u64 {
             return Err(corrupt("record payload runs into trailer", Some(i), pos));
         }
@@ -72,11 +77,12 @@ impl<'a> Checker<'a> {
             RecordKind::Data => {
                 raw > MAX_RECORD_RAW
                     || stored == 0
-                    || if h.codec == CODEC_RAW {
-                        stored != raw
-                    } else {
+                    || match h.codec {
+                        CODEC_RAW => stored != raw,
+                        // Written only when smaller than the pages (bounds the read buffer).
+                        CODEC_ZSTD_PIECES => stored >= raw,
                         // No zstd frame of `raw` bytes is longer (bounds the read buffer).
-                        stored > zstd::zstd_safe::compress_bound(raw as usize) as u64
+                        _ => stored > zstd::zstd_safe::compress_bound(raw as usize) as u64,
                     }
             }
         };
@@ -112,6 +118,8 @@ impl<'a> Checker<'a> {
     }
 }
 
+/// Decode the (checked) compressed payload of the `i`-th record, at `pos`, into `out`: exactly
+/// its pages. A record in pieces has its table and every piece checked too.
 pub(super) fn decompress(
     dec: &mut zstd::bulk::Decompressor<'static>,
     h: &RecordHeader,
@@ -121,6 +129,9 @@ pub(super) fn decompress(
     i: u64,
     pos: u64,
 ) -> Result<(), FormatError> {
+    if h.codec == CODEC_ZSTD_PIECES {
+        return decompress_pieces(dec, h, payload, out, ps, i, pos);
+    }
     let raw = (u64::from(h.page_count) * ps) as usize;
     out.clear();
     out.reserve(raw);
@@ -151,6 +162,91 @@ fn decoded(r: std::io::Result<usize>, raw: usize, i: u64, pos: u64) -> Result<()
         )),
         Err(_) => Err(corrupt("record does not decompress", Some(i), pos)),
     }
+}
+
+/// The piece table of record `h` at the start of `payload` (all of it, or at least the table):
+/// decoded and checked.
+pub(super) fn piece_table<'p>(
+    h: &RecordHeader,
+    payload: &'p [u8],
+    ps: u64,
+    i: u64,
+    pos: u64,
+) -> Result<PieceTable<'p>, FormatError> {
+    let bad = |what: &str| corrupt(format!("record {what}"), Some(i), pos);
+    let mut head = [0u8; PIECE_TABLE_HEAD_LEN];
+    head.copy_from_slice(
+        payload
+            .get(..PIECE_TABLE_HEAD_LEN)
+            .ok_or_else(|| bad("piece table invalid"))?,
+    );
+    let layout = PieceTable::layout(h, &head, ps).ok_or_else(|| bad("piece table invalid"))?;
+    let table = payload
+        .get(..layout.table_len())
+        .ok_or_else(|| bad("piece table invalid"))?;
+    PieceTable::decode(h, layout, table, ps).map_err(bad)
+}
+
+/// Check piece `k` (`frame`, whose crc must be `crc`) of the `i`-th record, at `pos`, and decode
+/// it into `out`, which it must fill exactly.
+pub(super) fn decode_piece(
+    dec: &mut zstd::bulk::Decompressor<'static>,
+    frame: &[u8],
+    crc: u32,
+    k: usize,
+    out: &mut [u8],
+    i: u64,
+    pos: u64,
+) -> Result<(), FormatError> {
+    if crc32fast::hash(frame) != crc {
+        return Err(corrupt(
+            format!("record piece {k} checksum mismatch"),
+            Some(i),
+            pos,
+        ));
+    }
+    match dec.decompress_to_buffer(frame, out) {
+        Ok(n) if n == out.len() => Ok(()),
+        Ok(n) => Err(corrupt(
+            format!(
+                "record piece {k} decompresses to {n} bytes, expected {}",
+                out.len()
+            ),
+            Some(i),
+            pos,
+        )),
+        Err(_) => Err(corrupt(
+            format!("record piece {k} does not decompress"),
+            Some(i),
+            pos,
+        )),
+    }
+}
+
+/// Decode a whole record in pieces: table, then every piece, each checked.
+fn decompress_pieces(
+    dec: &mut zstd::bulk::Decompressor<'static>,
+    h: &RecordHeader,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+    ps: u64,
+    i: u64,
+    pos: u64,
+) -> Result<(), FormatError> {
+    let t = piece_table(h, payload, ps, i, pos)?;
+    let raw = (u64::from(h.page_count) * ps) as usize;
+    // Every byte is written by a piece (or the record fails).
+    out.resize(raw, 0);
+    let mut at = t.layout.table_len();
+    for k in 0..t.layout.count {
+        let (len, crc) = t.entry(k);
+        let (a, b) = t.layout.span(k);
+        let frame = &payload[at..at + len as usize];
+        let dst = &mut out[(a * ps) as usize..(b * ps) as usize];
+        decode_piece(dec, frame, crc, k, dst, i, pos)?;
+        at += len as usize;
+    }
+    Ok(())
 }
 
 /// A bitmap over every guest page of the header's layout: proves "exactly once".

@@ -24,7 +24,7 @@ use std::path::Path;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::direct_io::reopen_direct;
-use crate::format::{FormatError, SnapshotHeader, Totals, Trailer};
+use crate::format::{FormatError, SnapshotHeader, Totals, Trailer, RECORD_HEADER_LEN};
 use crate::pagemap;
 
 mod check;
@@ -35,7 +35,7 @@ mod source;
 
 use check::Coverage;
 use parallel::Mode;
-pub use records::{Record, Records};
+pub use records::{Piece, Record, Records};
 
 /// Progress of [`SnapshotReader::verify`] and [`SnapshotReader::load_into`].
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -48,6 +48,17 @@ pub struct ReadProgress {
     pub pages: u64,
     /// Pages in the file.
     pub total_pages: u64,
+}
+
+/// The hot records of a file ([`SnapshotReader::hot_totals`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HotTotals {
+    /// Hot records.
+    pub records: u64,
+    /// Guest pages in them.
+    pub pages: u64,
+    /// Their payload bytes as stored.
+    pub stored_bytes: u64,
 }
 
 /// What `verify` proved.
@@ -77,6 +88,8 @@ pub struct SnapshotReader<R> {
     /// where the file system allows it.
     direct: Option<File>,
     file_len: u64,
+    /// Format version of the file.
+    version: u32,
     header: SnapshotHeader,
     machine_state: Vec<u8>,
     records_start: u64,
@@ -154,6 +167,26 @@ impl<R: Read + Seek> SnapshotReader<R> {
     /// File size in bytes.
     pub fn file_len(&self) -> u64 {
         self.file_len
+    }
+
+    /// Format version of the file ([`OLDEST_FORMAT_VERSION`](crate::format::OLDEST_FORMAT_VERSION)
+    /// ..= [`FORMAT_VERSION`](crate::format::FORMAT_VERSION)).
+    pub fn format_version(&self) -> u32 {
+        self.version
+    }
+
+    /// The records the save wrote first because the guest wrote them during the save (hot in
+    /// the index): how many, their pages and stored payload bytes.
+    pub fn hot_totals(&self) -> HotTotals {
+        let index = &self.trailer.index;
+        let mut t = HotTotals::default();
+        for (i, e) in index.iter().enumerate().filter(|(_, e)| e.hot) {
+            let next = index.get(i + 1).map_or(self.trailer_offset, |n| n.offset);
+            t.records += 1;
+            t.pages += u64::from(e.page_count);
+            t.stored_bytes += next.saturating_sub(e.offset + RECORD_HEADER_LEN as u64);
+        }
+        t
     }
 
     /// Check everything: structure, every checksum (decompressing), that every guest page

@@ -12,8 +12,9 @@ use crate::direct_io::Pread;
 use crate::format::{
     decode_footer, state_corrupt, u32_at, FormatError, MachineStateHead, RecordKind,
     SnapshotHeader, Totals, Trailer, FOOTER_LEN, FORMAT_VERSION, HEADER_LEN_AT, HEADER_PREFIX_LEN,
-    INDEX_ENTRY_LEN, MAGIC, MAX_HEADER_LEN, MIN_HEADER_LEN, RECORD_HEADER_LEN, STATE_HEAD_LEN,
-    TRAILER_FIXED_LEN, TRAILER_HEAD_LEN, TRAILER_RECORDS_AT, VERSION_AT,
+    INDEX_ENTRY_LEN, MAGIC, MAX_HEADER_LEN, MIN_HEADER_LEN, OLDEST_FORMAT_VERSION,
+    RECORD_HEADER_LEN, STATE_HEAD_LEN, TRAILER_FIXED_LEN, TRAILER_HEAD_LEN, TRAILER_RECORDS_AT,
+    VERSION_AT,
 };
 
 /// Index entries read per chunk when reading the trailer.
@@ -27,6 +28,7 @@ fn read_index(
     head: &[u8; TRAILER_HEAD_LEN],
     totals: Totals,
     trailer_offset: u64,
+    version: u32,
 ) -> Result<Trailer, FormatError> {
     let n = totals.records as usize;
     let mut crc = crc32fast::Hasher::new();
@@ -41,7 +43,7 @@ fn read_index(
         crc.update(chunk);
         for (j, e) in chunk.chunks_exact(INDEX_ENTRY_LEN).enumerate() {
             let at = pos + (j * INDEX_ENTRY_LEN) as u64;
-            index.push(Trailer::decode_entry(e, index.len() as u64, at)?);
+            index.push(Trailer::decode_entry(e, index.len() as u64, at, version)?);
         }
         pos += chunk.len() as u64;
     }
@@ -104,7 +106,7 @@ impl<R: Read + Seek> SnapshotReader<R> {
             });
         }
         let version = u32_at(&fixed, VERSION_AT);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(FormatError::UnsupportedVersion {
                 found: version,
                 supported: FORMAT_VERSION,
@@ -159,13 +161,14 @@ impl<R: Read + Seek> SnapshotReader<R> {
                 trailer_offset + TRAILER_RECORDS_AT,
             ));
         }
-        let trailer = read_index(&mut src, &thead, totals, trailer_offset)?;
+        let trailer = read_index(&mut src, &thead, totals, trailer_offset, version)?;
         let mut rd = SnapshotReader {
             r,
             cur,
             file,
             direct: None,
             file_len,
+            version,
             header,
             machine_state,
             records_start,
@@ -211,6 +214,7 @@ impl<R: Read + Seek> SnapshotReader<R> {
             &self.trailer,
             self.records_start,
             self.trailer_offset,
+            self.version,
         );
         let mut cur = self.cur;
         let mut seq = Seq {

@@ -44,6 +44,7 @@ impl<R: Read + Seek> SnapshotReader<R> {
             &self.trailer,
             self.records_start,
             self.trailer_offset,
+            self.version,
         );
         let index = &self.trailer.index;
         if index.is_empty() && self.records_start != self.trailer_offset {

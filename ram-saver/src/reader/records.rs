@@ -5,11 +5,14 @@
 use std::cell::RefCell;
 use std::io::{Read, Seek};
 
-use super::check::{decompress, decompress_into, Checker};
+use super::check::{decode_piece, decompress, decompress_into, piece_table, Checker};
 use super::source::{Seq, Source};
 use super::{corrupt, unreadable, SnapshotReader};
 use crate::direct_io::Pread;
-use crate::format::{FormatError, RecordHeader, RecordKind, CODEC_RAW, RECORD_HEADER_LEN};
+use crate::format::{
+    FormatError, PieceTable, RecordHeader, RecordKind, CODEC_RAW, CODEC_ZSTD_PIECES,
+    PIECE_TABLE_HEAD_LEN, RECORD_HEADER_LEN,
+};
 
 /// One RAM record as read from the file, payload decompressed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +121,7 @@ impl<R: Read + Seek> SnapshotReader<R> {
             &self.trailer,
             self.records_start,
             self.trailer_offset,
+            self.version,
         );
         let mut src = Seq {
             r: &mut self.r,
@@ -202,6 +206,7 @@ impl<R> SnapshotReader<R> {
             &self.trailer,
             self.records_start,
             self.trailer_offset,
+            self.version,
         );
         chk.bounds(pos, ri)?;
         let mut src = Pread::new(f, None);
@@ -242,6 +247,101 @@ impl<R> SnapshotReader<R> {
             })?,
         }
         Ok(())
+    }
+}
+
+/// One piece of a record read by [`SnapshotReader::read_piece_at`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    /// Its number in the record.
+    pub index: usize,
+    /// First guest page it holds.
+    pub first_page: u64,
+    /// Pages it holds.
+    pub page_count: u32,
+}
+
+impl<R> SnapshotReader<R> {
+    /// Read only the piece of the `i`-th record that holds guest page `page`, when the record is
+    /// stored in pieces (zstd in pieces, see [`format`](crate::format)): by positioned reads
+    /// of its header, piece table and that piece, nothing else. Checks the header's bounds and
+    /// fields and its agreement with the index entry, the piece table's crc (which covers the
+    /// header fields too) and lengths, the piece's crc, and that it decodes to exactly its
+    /// pages; the record crc, which covers the whole payload, is not (that needs all of it:
+    /// [`read_record_at`](Self::read_record_at)). `out` receives the piece's pages.
+    ///
+    /// `Ok(None)` (nothing read into `out`) when the record is not stored in pieces or does not
+    /// hold `page`: read it whole. Readers built with `from_reader`: `Unsupported`.
+    pub fn read_piece_at(
+        &self,
+        i: usize,
+        page: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<Piece>, FormatError> {
+        let Some(f) = &self.file else {
+            return Err(FormatError::Unsupported {
+                what: "reading records by index needs a snapshot opened by path".into(),
+            });
+        };
+        let ri = i as u64;
+        let e = *self
+            .trailer
+            .index
+            .get(i)
+            .ok_or_else(|| corrupt("record not listed in trailer index", Some(ri), 0))?;
+        if page < e.first_page || page - e.first_page >= u64::from(e.page_count) {
+            return Ok(None);
+        }
+        let pos = e.offset;
+        let chk = Checker::new(
+            &self.header,
+            &self.trailer,
+            self.records_start,
+            self.trailer_offset,
+            self.version,
+        );
+        chk.bounds(pos, ri)?;
+        let mut src = Pread::new(f, None);
+        let mut hb = [0u8; RECORD_HEADER_LEN];
+        src.read_exact_at(&mut hb, pos)?;
+        let h = chk.header(&hb, pos, ri)?;
+        chk.against_index(&h, pos, ri)?;
+        if h.kind != RecordKind::Data || h.codec != CODEC_ZSTD_PIECES {
+            return Ok(None);
+        }
+        let at = pos + RECORD_HEADER_LEN as u64;
+        let ps = chk.ps;
+        SCRATCH.with(|s| {
+            let (buf, dec) = &mut *s.borrow_mut();
+            // The table's length follows from its head; both lie inside the payload (bounded
+            // by the header check), the head first.
+            let mut head = [0u8; PIECE_TABLE_HEAD_LEN];
+            if h.stored_len as usize >= PIECE_TABLE_HEAD_LEN {
+                src.read_exact_at(&mut head, at)?;
+            }
+            let layout = PieceTable::layout(&h, &head, ps)
+                .ok_or_else(|| corrupt("record piece table invalid", Some(ri), pos))?;
+            buf.resize(layout.table_len(), 0);
+            src.read_exact_at(buf, at)?;
+            let t = piece_table(&h, buf, ps, ri, pos)?;
+            let k = t.layout.piece_of(page - e.first_page);
+            let (off, len, crc) = t.piece(k);
+            let (a, b) = t.layout.span(k);
+            buf.resize(len, 0);
+            src.read_exact_at(buf, at + off as u64)?;
+            if dec.is_none() {
+                *dec = Some(zstd::bulk::Decompressor::new().map_err(unreadable)?);
+            }
+            out.resize(((b - a) * ps) as usize, 0);
+            if let Some(d) = dec {
+                decode_piece(d, buf, crc, k, out, ri, pos)?;
+            }
+            Ok(Some(Piece {
+                index: k,
+                first_page: e.first_page + a,
+                page_count: (b - a) as u32,
+            }))
+        })
     }
 }
 

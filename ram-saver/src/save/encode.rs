@@ -1,6 +1,6 @@
 //! Compression workers: staged runs become zero runs and (compressed) data records, fault work
-//! first (see `fault`), with adaptive compression so that incompressible memory does not cost
-//! zstd's time.
+//! first (see `fault`) and marked hot in the index, with adaptive compression so that
+//! incompressible memory does not cost zstd's time.
 
 use std::sync::atomic::Ordering;
 
@@ -50,6 +50,8 @@ impl Shared<'_> {
                 match w {
                     Work::Data { buf, runs, fault } => {
                         fault_batch |= fault;
+                        // What the fault path copied is hot in the index.
+                        enc.set_hot(fault);
                         for run in &runs {
                             if r.is_ok() {
                                 r = enc.encode(
@@ -61,7 +63,10 @@ impl Shared<'_> {
                         }
                         self.release_buffer(buf, fault);
                     }
-                    Work::Zero { first_page, pages } => enc.zero_run(first_page, pages, &mut batch),
+                    Work::Zero { first_page, pages } => {
+                        enc.set_hot(false);
+                        enc.zero_run(first_page, pages, &mut batch)
+                    }
                 }
             }
             r.map_err(|e| SaveError::Write(FormatError::Unwritable(e)))?;

@@ -4,8 +4,8 @@
 use std::io;
 
 use crate::format::{
-    Compression, IndexEntry, RecordHeader, RecordKind, Totals, CODEC_RAW, CODEC_ZSTD,
-    MAX_RECORD_RAW, RECORD_HEADER_LEN,
+    encode_piece_table, Compression, IndexEntry, PieceLayout, RecordHeader, RecordKind, Totals,
+    CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_PIECES, MAX_RECORD_RAW, RECORD_HEADER_LEN, ZSTD_PIECE_RAW,
 };
 
 /// Encoded records of one piece of guest memory, ready to be appended to a file.
@@ -32,7 +32,13 @@ impl EncodedBatch {
 pub struct RecordEncoder {
     page_size: usize,
     compressor: Option<zstd::bulk::Compressor<'static>>,
+    /// Bytes per piece of zstd records (zstd in pieces), or `None`: one frame per record.
+    piece_raw: Option<u32>,
+    /// Per piece: stored length and crc.
+    pieces: Vec<(u32, u32)>,
     scratch: Vec<u8>,
+    /// Marks the records it encodes hot.
+    hot: bool,
 }
 
 impl std::fmt::Debug for RecordEncoder {
@@ -54,8 +60,33 @@ impl RecordEncoder {
         Ok(RecordEncoder {
             page_size,
             compressor,
+            piece_raw: Some(ZSTD_PIECE_RAW),
+            pieces: Vec::new(),
             scratch: Vec::new(),
+            hot: false,
         })
+    }
+
+    /// Compressed records in pieces of `bytes` of guest memory (a power of two, at least a page,
+    /// at most [`MAX_RECORD_RAW`]), or one zstd frame per record (`None`). Writers use
+    /// [`ZSTD_PIECE_RAW`] unless told otherwise.
+    pub fn with_piece_raw(mut self, bytes: Option<u32>) -> io::Result<Self> {
+        if let Some(b) = bytes {
+            if PieceLayout::new(0, 1, b, self.page_size as u64).is_none() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("piece size {b} is not a power of two from a page to MAX_RECORD_RAW"),
+                ));
+            }
+        }
+        self.piece_raw = bytes;
+        Ok(self)
+    }
+
+    /// Mark the records encoded from now on hot (or not): written out of order because the
+    /// guest wrote their pages during the save.
+    pub fn set_hot(&mut self, hot: bool) {
+        self.hot = hot;
     }
 
     /// Append a zero run record of `count` pages starting at `first_page`.
@@ -72,7 +103,7 @@ impl RecordEncoder {
                 stored_len: 0,
                 crc: 0,
             };
-            push_record(h, &[], out);
+            push_record(h, &[], self.hot, out);
             first += u64::from(n);
             left -= u64::from(n);
         }
@@ -117,44 +148,93 @@ impl RecordEncoder {
 
     fn data_record(&mut self, first: u64, raw: &[u8], out: &mut EncodedBatch) -> io::Result<()> {
         let page_count = (raw.len() / self.page_size) as u32;
-        let mut codec = CODEC_RAW;
-        if let Some(c) = &mut self.compressor {
-            self.scratch.clear();
-            self.scratch
-                .reserve(zstd::zstd_safe::compress_bound(raw.len()));
-            c.compress_to_buffer(raw, &mut self.scratch)?;
-            if self.scratch.len() < raw.len() {
-                codec = CODEC_ZSTD;
-            }
-        }
-        let payload: &[u8] = if codec == CODEC_ZSTD {
-            &self.scratch
-        } else {
-            raw
-        };
-        let h = RecordHeader {
+        let mut h = RecordHeader {
             kind: RecordKind::Data,
-            codec,
+            codec: CODEC_RAW,
             first_page: first,
             page_count,
-            stored_len: payload.len() as u32,
+            stored_len: 0,
             crc: 0,
         };
-        push_record(h, payload, out);
+        if let Some(c) = &mut self.compressor {
+            self.scratch.clear();
+            match self.piece_raw {
+                None => {
+                    self.scratch
+                        .reserve(zstd::zstd_safe::compress_bound(raw.len()));
+                    c.compress_to_buffer(raw, &mut self.scratch)?;
+                    h.codec = CODEC_ZSTD;
+                }
+                Some(piece_raw) => {
+                    let ps = self.page_size as u64;
+                    let (pieces, out) = (&mut self.pieces, &mut self.scratch);
+                    compress_pieces(c, &mut h, piece_raw, raw, ps, pieces, out)?;
+                }
+            }
+            if self.scratch.len() >= raw.len() {
+                h.codec = CODEC_RAW;
+            }
+        }
+        let payload: &[u8] = if h.codec == CODEC_RAW {
+            raw
+        } else {
+            &self.scratch
+        };
+        h.stored_len = payload.len() as u32;
+        push_record(h, payload, self.hot, out);
         Ok(())
     }
+}
+
+/// Compress `raw` (the pages of record `h`) into `out` as a piece table and one zstd frame per
+/// piece of `piece_raw` bytes (see [`format`](crate::format)); sets `h.stored_len`. The table
+/// is left out when the result is not smaller than `raw` (the record goes raw then).
+fn compress_pieces(
+    c: &mut zstd::bulk::Compressor<'static>,
+    h: &mut RecordHeader,
+    piece_raw: u32,
+    raw: &[u8],
+    ps: u64,
+    pieces: &mut Vec<(u32, u32)>,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    let layout = PieceLayout::new(h.first_page, h.page_count, piece_raw, ps)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad piece size"))?;
+    let table = layout.table_len();
+    out.resize(table, 0);
+    pieces.clear();
+    for k in 0..layout.count {
+        let (a, b) = layout.span(k);
+        let src = &raw[(a * ps) as usize..(b * ps) as usize];
+        let at = out.len();
+        // Into the slice after what is there (a `Vec` buffer would be written from its start).
+        out.resize(at + zstd::zstd_safe::compress_bound(src.len()), 0);
+        let n = c.compress_to_buffer(src, &mut out[at..])?;
+        out.truncate(at + n);
+        let frame = &out[at..];
+        pieces.push((frame.len() as u32, crc32fast::hash(frame)));
+        if out.len() >= raw.len() {
+            return Ok(());
+        }
+    }
+    h.stored_len = out.len() as u32;
+    h.codec = CODEC_ZSTD_PIECES;
+    let (head, _) = out.split_at_mut(table);
+    encode_piece_table(h, &layout, piece_raw, pieces, head);
+    Ok(())
 }
 
 /// Bytes checksummed and then copied together, so the copy reads them from cache.
 const CRC_COPY_CHUNK: usize = 64 << 10;
 
-fn push_record(mut h: RecordHeader, payload: &[u8], out: &mut EncodedBatch) {
+fn push_record(mut h: RecordHeader, payload: &[u8], hot: bool, out: &mut EncodedBatch) {
     let at = out.bytes.len();
     out.entries.push(IndexEntry {
         offset: at as u64,
         first_page: h.first_page,
         page_count: h.page_count,
         kind: h.kind,
+        hot,
     });
     // One pass over the payload instead of two (checksum all, then copy all): a 2 MiB payload
     // no longer fits the cache by the time the copy would start.

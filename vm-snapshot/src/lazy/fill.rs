@@ -1,7 +1,8 @@
-//! The threads of a lazy restore: the fault thread (demand faults first, through a small cache of
-//! decoded records), the fill thread (touched pieces first, then file order, yielding to faults;
-//! untouched blocks moved in as whole huge pages), and the end (unregister, then collapse the
-//! blocks that are not huge pages back into huge pages).
+//! The threads of a lazy restore: the fault thread (demand faults first, one decoded piece at a
+//! time from records in zstd pieces, see `pieces`, else through a small cache of decoded
+//! records), the fill thread (touched pieces first, then hot records, then file order, yielding
+//! to faults; untouched blocks moved in as whole huge pages), and the end (unregister, then
+//! collapse the blocks that are not huge pages back into huge pages).
 
 use super::*;
 
@@ -145,10 +146,7 @@ fn serve_fault(
         s.mark_resident(c);
         return Ok(filled);
     }
-    let piece = (FAULT_PIECE / s.page_size).max(1);
-    let a = (page / piece * piece).max(ch.first_page) - ch.first_page;
-    let b = (a + piece).min(n);
-    let filled = s.fill_pages(tracker, cache, c, a, b)?;
+    let (a, b, filled) = s.fill_fault_piece(tracker, cache, c, page)?;
     if a == 0 && b == n {
         s.mark_resident(c);
     } else if s.state(c) == MISSING {
@@ -348,12 +346,13 @@ pub(super) fn fill_thread(s: &Shared) {
         if s.fault_busy.load(Ordering::SeqCst) {
             std::thread::yield_now();
         }
-        // Chunks the guest touched first (the most recent first), then file order.
+        // Chunks the guest touched first (the most recent first), then hot records, then file
+        // order (`fill_order`).
         let c = match lock(&s.hot).pop() {
             Some(c) => c as usize,
-            None if next < s.chunks.len() => {
+            None if next < s.fill_order.len() => {
                 next += 1;
-                next - 1
+                s.fill_order[next - 1] as usize
             }
             None => break,
         };

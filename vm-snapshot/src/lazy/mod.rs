@@ -11,17 +11,22 @@
 //!   forward: missing → filling (the fill thread has it) → resident, or missing → resident when
 //!   a fault fills all of it; it turns resident only once all its pages are filled.
 //! - **Fault thread** (first, high priority): a fault on a missing page finds its chunk (binary
-//!   search by first page), reads the chunk's record through the trailer index (positioned
-//!   read, crc check, decompression; the last few records stay decoded) and fills the 64 KiB
-//!   piece around the faulting page (`UFFDIO_COPY`, which wakes the vCPU); a zero chunk is one
-//!   `UFFDIO_ZEROPAGE` for all of it. The rest of the chunk goes to the front of the fill
+//!   search by first page) and fills the piece around the faulting page (`UFFDIO_COPY`, which
+//!   wakes the vCPU; `pieces`). A record stored in pieces (zstd in pieces, 64 KiB each as
+//!   written) is read one piece at a time: its header, piece table and the piece holding the
+//!   page, by positioned reads, the table's and the piece's crc checked before the piece is
+//!   decoded, nothing else read or decoded. Any other record is read whole through the trailer
+//!   index (positioned read, crc check, decompression; the last few records stay decoded) and
+//!   the 64 KiB around the page is filled. A zero chunk is one `UFFDIO_ZEROPAGE` for all of it. The rest of the chunk goes to the front of the fill
 //!   thread's queue: the fault thread never copies more than a vCPU waits for. A fault on a
 //!   resident chunk only wakes (its event was read after someone else filled the page). The
 //!   wait of each fault is measured from the moment its event is read until its piece is
 //!   filled (time before the read, a poll wake-up, is not seen).
-//! - **Fill thread**: fills whole chunks, those the guest touched first (the most recent
-//!   first: their records are still in the page cache, and the guest is likely to touch them
-//!   again), then every other one in file order (the disk reads forward). It yields while the
+//! - **Fill thread**: fills whole chunks (reading and checking whole records), those the guest
+//!   touched first (the most recent first: their records are still in the page cache, and the
+//!   guest is likely to touch them again), then those of hot records (the guest wrote them
+//!   during the save: its working set; in file order, about the order it wrote them), then
+//!   every other one in file order (the disk reads forward). It yields while the
 //!   fault thread serves. Two threads filling the same pages is harmless: the kernel fills only
 //!   missing pages (one that exists answers EEXIST and is skipped), with the same bytes from the
 //!   same checked record.
@@ -54,9 +59,9 @@
 //!   registration until the process ends for the same reason.
 //!
 //! Not supported yet: hugetlbfs guest memory (its fills must be whole 2 MiB pages assembled from
-//! several records), hot-set-first prefetch, smaller independent decode units for compressed
-//! records (a fault on a 2 MiB zstd record decodes all of it), huge pages for memfd memory
-//! without a collapse (`UFFDIO_CONTINUE` in MINOR mode).
+//! several records), huge pages for memfd memory without a collapse (`UFFDIO_CONTINUE` in MINOR
+//! mode). A fault on a record stored raw, or as one zstd frame (files of format 1), reads (and
+//! decodes) all of it.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -75,8 +80,10 @@ use wp_tracker::{HostRange, HugeBlock, MissingError, MissingFault, MissingTracke
 use crate::{chain, machine_state, RestoreParams};
 
 mod fill;
+mod pieces;
 
 use fill::{fault_thread, fill_thread, DecodeCache};
+use pieces::fill_order;
 
 /// The snapshot, opened by path (positioned reads from any thread).
 type Reader = SnapshotReader<BufReader<File>>;
@@ -260,6 +267,8 @@ struct Shared {
     chunks: Vec<Chunk>,
     /// Chunk numbers sorted by first page.
     by_page: Vec<u32>,
+    /// Chunk numbers in the fill thread's order (hot records first, see `fill_order`).
+    fill_order: Vec<u32>,
     state: Vec<AtomicU8>,
     /// Blocks the fill moves in whole.
     blocks: Vec<Block>,
@@ -344,6 +353,7 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
     let page_size = u64::from(reader.header().page_size);
     prove_coverage(reader.header(), &reader.trailer().index)?;
     let (chunks, by_page) = plan_chunks(reader.trailer().index.as_slice(), page_size);
+    let fill_order = fill_order(&chunks, &reader.trailer().index);
     let mem = vmm_core::create_guest_memory(cfg.mem_bytes, backend).map_err(LazyError::Memory)?;
     let regions = regions_of(&reader, &mem)?;
     let tracker = MissingTracker::new().map_err(LazyError::Userfaultfd)?;
@@ -365,6 +375,7 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
         no_move: AtomicBool::new(false),
         chunks,
         by_page,
+        fill_order,
         fault_busy: AtomicBool::new(false),
         hot: Mutex::new(Vec::new()),
         stop: AtomicBool::new(false),
@@ -884,6 +895,7 @@ mod tests {
             } else {
                 RecordKind::Data
             },
+            hot: false,
         }
     }
 
@@ -938,6 +950,23 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn the_fill_takes_hot_records_first_then_file_order() {
+        let mut index = [
+            entry(0, 600, false),
+            entry(600, 10, false),
+            entry(610, 414, true),
+            entry(4096, 512, false),
+        ];
+        index[0].hot = true;
+        index[3].hot = true;
+        let (chunks, _) = plan_chunks(&index, PS);
+        // Chunks: record 0 → 0 (pages 0..512), 1 (512..600); record 1 → 2; record 2 → 3;
+        // record 3 → 4.
+        assert_eq!(chunks.len(), 5);
+        assert_eq!(fill_order(&chunks, &index), [0, 1, 4, 2, 3]);
     }
 
     #[test]

@@ -152,7 +152,53 @@ impl Rec {
     }
 }
 
-/// One trailer index entry; `tail` is `kind` and the 3 pad bytes.
+impl Rec {
+    /// The piece table of a record in zstd pieces: (piece_raw, [(stored_len, crc)]), and the
+    /// table's length.
+    pub fn piece_table(&self) -> (u32, Vec<(u32, u32)>, usize) {
+        let p = &self.payload;
+        let count = get32(p, 4) as usize;
+        let pieces = (0..count)
+            .map(|k| (get32(p, 8 + 8 * k), get32(p, 12 + 8 * k)))
+            .collect();
+        (get32(p, 0), pieces, 8 + 8 * count + 4)
+    }
+
+    /// Replace the piece table (keeping its length) by one saying `piece_raw`, `count` and
+    /// `pieces`, with the table crc the reader computes (over the header prefix as encoded).
+    pub fn set_piece_table(&mut self, piece_raw: u32, count: u32, pieces: &[(u32, u32)]) {
+        let (_, _, n) = self.piece_table();
+        let mut t = Vec::new();
+        put32(&mut t, piece_raw);
+        put32(&mut t, count);
+        for &(len, crc) in pieces {
+            put32(&mut t, len);
+            put32(&mut t, crc);
+        }
+        t.resize(n - 4, 0);
+        let mut h = crc32fast::Hasher::new();
+        h.update(&self.prefix());
+        h.update(&t);
+        put32(&mut t, h.finalize());
+        self.payload[..n].copy_from_slice(&t);
+    }
+
+    /// The pages of a (good) record in zstd pieces.
+    pub fn pieces_decoded(&self, page_size: u64) -> Vec<u8> {
+        let (_, pieces, mut at) = self.piece_table();
+        let mut raw = Vec::new();
+        for (len, _) in pieces {
+            let frame = &self.payload[at..at + len as usize];
+            let cap = (u64::from(self.page_count) * page_size) as usize;
+            raw.extend(zstd::bulk::decompress(frame, cap).expect("decompress piece"));
+            at += len as usize;
+        }
+        assert_eq!(raw.len() as u64, u64::from(self.page_count) * page_size);
+        raw
+    }
+}
+
+/// One trailer index entry; `tail` is `kind`, the flags byte and 2 pad bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct Entry {
     pub offset: u64,
@@ -297,6 +343,19 @@ impl Model {
             footer_at,
         };
         (model, spans)
+    }
+
+    /// The same file in format version 1: records in zstd pieces (codec 2) become one zstd frame
+    /// each (codec 1), as the format-1 writer wrote them.
+    pub fn to_format_1(&self) -> Model {
+        let mut m = self.clone();
+        m.hdr.version = 1;
+        for r in m.recs.iter_mut().filter(|r| r.kind == 1 && r.codec == 2) {
+            let raw = r.pieces_decoded(u64::from(self.hdr.page_size));
+            r.codec = 1;
+            r.payload = zstd::bulk::compress(&raw, 3).expect("compress");
+        }
+        m
     }
 
     pub fn assemble(&self) -> Vec<u8> {

@@ -1,7 +1,9 @@
 //! Bad snapshot files, shared by the sweep tests (`sweep_*.rs`, `lies_*.rs`): real snapshots
 //! written by ram-saver's writer (8 MiB of guest memory in two regions: zero pages, random pages,
 //! repetitive pages and sparse pages, saved in shuffled block order, once raw and once with zstd
-//! and a parent reference, carrying the real machine state of a booted built-in guest captured
+//! (format 2: records in zstd pieces) and a parent reference, and that zstd file re-encoded as
+//! format 1 wrote it (one zstd frame per record), carrying the real machine state of a booted
+//! built-in guest captured
 //! once by vmm-core, `tests/data/`) are damaged in every way we can think of. For every damaged
 //! file, `SnapshotReader::open` + `verify` and, separately, `open` + `load_into` (into fresh
 //! guest memory) must return a typed [`FormatError`](ram_saver::FormatError): never `Ok`, never a

@@ -103,13 +103,18 @@ impl Setup {
         fs::create_dir_all(&dir).expect("temp dir");
         let source = new_mem();
         fill_guest(&source);
-        let bases = [
+        let mut bases: Vec<Base> = [
             ("raw", Compression::None, &b""[..]),
             ("zstd", Compression::Zstd { level: 3 }, &b"parent.snap"[..]),
         ]
         .into_iter()
         .map(|(name, compression, parent)| base(&dir, &source, name, compression, parent))
         .collect();
+        let pieces = bases[1].model.recs.iter().filter(|r| r.codec == 2).count();
+        assert!(pieces > 0, "the zstd base has no record in zstd pieces");
+        // The zstd file as format version 1 wrote it (one zstd frame per record).
+        let v1 = bases[1].model.to_format_1();
+        bases.push(checked_base(&dir, &source, "zstd-format-1", v1.assemble()));
         Setup { dir, source, bases }
     }
 }
@@ -129,6 +134,14 @@ fn base(
 ) -> Base {
     let path = dir.join(format!("{name}.snap"));
     let bytes = write_snapshot(source, &path, compression, parent);
+    checked_base(dir, source, name, bytes)
+}
+
+/// A base file `bytes`, checked: the test's encoder reproduces it, the reader agrees with the
+/// test's view of it, it verifies and loads back to `source`.
+fn checked_base(dir: &Path, source: &GuestMemoryMmap, name: &'static str, bytes: Vec<u8>) -> Base {
+    let path = dir.join(format!("{name}.snap"));
+    fs::write(&path, &bytes).expect("write base");
     let (model, spans) = Model::parse(&bytes);
     assert!(
         model.assemble() == bytes,
@@ -148,16 +161,19 @@ fn base(
         .expect("load good file");
     assert!(same_memory(source, &mem), "{name}: loaded memory differs");
     let zstd_records = model.recs.iter().filter(|r| r.codec == 1).count();
+    let piece_records = model.recs.iter().filter(|r| r.codec == 2).count();
     let zero_runs = model.recs.iter().filter(|r| r.kind == 0).count();
     eprintln!(
-        "base {name}: {} bytes, header {} B, machine state {} B, {} records \
-         ({} zero runs, {} zstd), trailer {} B",
+        "base {name}: format {}, {} bytes, header {} B, machine state {} B, {} records \
+         ({} zero runs, {} zstd, {} zstd in pieces), trailer {} B",
+        model.hdr.version,
         bytes.len(),
         spans.header_len,
         model.state.len(),
         model.recs.len(),
         zero_runs,
         zstd_records,
+        piece_records,
         spans.footer_at - spans.trailer_at
     );
     Base {
