@@ -129,10 +129,12 @@ pub(super) fn decompress(
     i: u64,
     pos: u64,
 ) -> Result<(), FormatError> {
+    let raw = (u64::from(h.page_count) * ps) as usize;
     if h.codec == CODEC_ZSTD_PIECES {
+        // Every byte is written by a piece (or the record fails).
+        out.resize(raw, 0);
         return decompress_pieces(dec, h, payload, out, ps, i, pos);
     }
-    let raw = (u64::from(h.page_count) * ps) as usize;
     out.clear();
     out.reserve(raw);
     // The capacity bounds the output: a lying frame cannot make us allocate more.
@@ -140,14 +142,19 @@ pub(super) fn decompress(
 }
 
 /// Decompress a record's checked payload into `out`, which holds exactly its pages (the length
-/// bounds the output).
+/// bounds the output), whatever its zstd codec (one frame, or pieces).
 pub(super) fn decompress_into(
     dec: &mut zstd::bulk::Decompressor<'static>,
+    h: &RecordHeader,
     payload: &[u8],
     out: &mut [u8],
+    ps: u64,
     i: u64,
     pos: u64,
 ) -> Result<(), FormatError> {
+    if h.codec == CODEC_ZSTD_PIECES {
+        return decompress_pieces(dec, h, payload, out, ps, i, pos);
+    }
     decoded(dec.decompress_to_buffer(payload, out), out.len(), i, pos)
 }
 
@@ -228,15 +235,20 @@ fn decompress_pieces(
     dec: &mut zstd::bulk::Decompressor<'static>,
     h: &RecordHeader,
     payload: &[u8],
-    out: &mut Vec<u8>,
+    out: &mut [u8],
     ps: u64,
     i: u64,
     pos: u64,
 ) -> Result<(), FormatError> {
     let t = piece_table(h, payload, ps, i, pos)?;
     let raw = (u64::from(h.page_count) * ps) as usize;
-    // Every byte is written by a piece (or the record fails).
-    out.resize(raw, 0);
+    if out.len() != raw {
+        return Err(corrupt(
+            format!("record holds {raw} bytes, its buffer {}", out.len()),
+            Some(i),
+            pos,
+        ));
+    }
     let mut at = t.layout.table_len();
     for k in 0..t.layout.count {
         let (len, crc) = t.entry(k);

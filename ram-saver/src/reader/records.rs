@@ -241,7 +241,7 @@ impl<R> SnapshotReader<R> {
                     *dec = Some(zstd::bulk::Decompressor::new().map_err(unreadable)?);
                 }
                 match dec {
-                    Some(d) => decompress_into(d, payload, out, ri, pos),
+                    Some(d) => decompress_into(d, &h, payload, out, chk.ps, ri, pos),
                     None => Ok(()),
                 }
             })?,
