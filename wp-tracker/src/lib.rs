@@ -33,6 +33,7 @@
 //!
 //! All methods take `&self`: one thread can read faults while others protect and release.
 
+mod armed;
 mod backing;
 mod error;
 mod missing;
@@ -51,6 +52,7 @@ use uffd_sys::{
     UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_WP,
 };
 
+pub use armed::{Armed, SealStats, ARM_UNIT};
 use backing::{backing_of, Backing, HugetlbProofs};
 pub use error::WpError;
 pub use missing::{MissingError, MissingFault, MissingTracker};
