@@ -186,6 +186,25 @@ fn a_freeze_failing_while_armed_releases_everything(backend: MemBackend) {
         }
     }
     vm.set_pause_timeout(Duration::from_secs(10));
+    // Cancelled before the freeze: armed, then released, never frozen.
+    let res = vm_snapshot::save_into(
+        &vm,
+        &t,
+        StreamSink::new(Vec::new()),
+        &SaveOptions::default(),
+        &AtomicBool::new(true),
+        &|_| {},
+    );
+    assert!(
+        matches!(res, Err(vm_snapshot::SaveError::Cancelled)),
+        "{backend:?} cancelled: {:?}",
+        res.err()
+    );
+    assert_eq!(
+        protected_pages(&vm),
+        0,
+        "{backend:?} cancelled: pages left protected"
+    );
     save_and_check(&vm, &t, &format!("{backend:?} after failed freezes"));
     vm.shutdown();
 }

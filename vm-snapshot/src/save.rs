@@ -83,6 +83,10 @@ pub struct FreezeMs {
     pub protect: f64,
     /// Letting the vCPUs run again.
     pub resume: f64,
+    /// The longest a vCPU was held out of guest execution (parked until running again): the
+    /// downtime as the guest sees it.
+    #[serde(default)]
+    pub guest_held: f64,
 }
 
 impl FreezeMs {
@@ -94,6 +98,7 @@ impl FreezeMs {
             capture: ms(t.capture),
             protect: ms(t.hold),
             resume: ms(t.resume),
+            guest_held: ms(t.guest_held),
         }
     }
 }
@@ -236,6 +241,10 @@ pub fn save_into<S: SnapshotSink>(
                 armed.converge().map_err(SaveError::Arm)?;
             }
             arm = t.elapsed();
+            // Cancelled while arming: released on the way out, never frozen.
+            if cancel.load(Ordering::SeqCst) {
+                return Err(SaveError::Cancelled);
+            }
             vm.freeze(|_| Protected::seal(armed, tracker))
                 .map_err(SaveError::Freeze)
         })
