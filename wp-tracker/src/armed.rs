@@ -33,8 +33,9 @@ use std::time::Duration;
 
 use crate::{lock, HostRange, WpError, WpFault, WpTracker};
 
-/// The unit the handler unprotects and the seal protects again: a huge page, so huge pages stay
-/// huge.
+/// The unit the handler unprotects and the seal protects again: a 2 MiB huge page, so transparent
+/// and 2 MiB hugetlbfs huge pages stay huge (hugetlbfs memory of larger pages would be refused by
+/// the unprotect, and the arming given up with everything released).
 pub const ARM_UNIT: usize = 2 << 20;
 
 /// How often the handler looks at its stop flag while no fault arrives.
