@@ -171,6 +171,16 @@ fn a_kernel_guest_from_a_non_utf8_path_is_saved_and_keeps_running() {
             "save summary of a kernel guest has {k}: {summary}"
         );
     }
+    // The freeze's phases, the arming before it, and the downtime as the guest saw it (a vCPU is
+    // parked only within the freeze).
+    let f = &summary["freeze_ms"];
+    for k in ["arm", "pause", "capture", "protect", "resume", "guest_held"] {
+        assert!(f[k].as_f64().is_some(), "freeze_ms without {k}: {summary}");
+    }
+    assert!(
+        f["guest_held"].as_f64().unwrap() <= summary["downtime_ms"].as_f64().unwrap(),
+        "{summary}"
+    );
     verify(&snap);
     // The guest runs on after the save: no page stayed write-protected.
     wait_kernel_steps(&log, before, "after the save");

@@ -31,7 +31,7 @@ use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -181,6 +181,9 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub(crate) struct Ctl {
     pub parked: Vec<bool>,
+    /// How long each vCPU's last parking lasted, from leaving guest execution to leaving the
+    /// parking spot (set before `parked` is cleared).
+    pub held: Vec<Duration>,
     pub exited: Vec<bool>,
     pub tids: Vec<Option<libc::pthread_t>>,
     pub exit_status: Option<VmExitStatus>,
@@ -193,6 +196,7 @@ impl Shared {
             stop_req: AtomicBool::new(false),
             ctl: Mutex::new(Ctl {
                 parked: vec![false; n],
+                held: vec![Duration::ZERO; n],
                 exited: vec![false; n],
                 tids: vec![None; n],
                 exit_status: None,
@@ -421,6 +425,7 @@ impl VcpuRunner {
     }
 
     fn park(&self) {
+        let since = Instant::now();
         let mut c = self.shared.lock();
         c.parked[usize::from(self.id)] = true;
         self.shared.cv.notify_all();
@@ -429,6 +434,7 @@ impl VcpuRunner {
         {
             c = self.shared.cv.wait(c).unwrap_or_else(|e| e.into_inner());
         }
+        c.held[usize::from(self.id)] = since.elapsed();
         c.parked[usize::from(self.id)] = false;
         self.shared.cv.notify_all();
     }

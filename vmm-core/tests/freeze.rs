@@ -143,6 +143,13 @@ fn a_freeze_holds_the_vcpus_against_concurrent_resumes() {
                 .expect("freeze");
             assert!(!f.stayed_paused);
             assert!(f.times.total() >= Duration::from_millis(20));
+            // Every vCPU was parked through the hold, and only within the freeze.
+            assert!(
+                f.times.guest_held >= Duration::from_millis(20),
+                "{:?}",
+                f.times
+            );
+            assert!(f.times.guest_held <= f.times.total(), "{:?}", f.times);
         }
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
     });
@@ -159,6 +166,7 @@ fn a_clients_pause_survives_a_freeze() {
     let f = vm.freeze(|_| Ok::<(), std::io::Error>(())).expect("freeze");
     assert!(f.stayed_paused);
     assert_eq!(f.times.pause, Duration::ZERO);
+    assert_eq!(f.times.guest_held, Duration::ZERO);
     assert!(vm.is_paused(), "the freeze resumed a paused VM");
     let at = vm.progress().steps;
     std::thread::sleep(Duration::from_millis(100));

@@ -163,4 +163,13 @@ pub enum WpError {
         /// The UFFD_EVENT_* code.
         event: u8,
     },
+    /// The thread that serves faults while armed could not be started; nothing was protected.
+    #[error("cannot start the thread that serves faults while armed")]
+    Thread(#[source] io::Error),
+    /// Serving faults while armed failed; everything was unprotected again.
+    #[error("serving write faults while armed failed; everything was unprotected again")]
+    Armed(#[source] Box<WpError>),
+    /// The armed protection was already sealed or given up.
+    #[error("the armed write-protection is no longer active (already sealed or given up)")]
+    ArmClosed,
 }

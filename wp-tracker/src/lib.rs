@@ -31,8 +31,15 @@
 //!   reading a hole through a shared mapping allocates a page (shmem), or a huge page from a
 //!   pool that may have none left (hugetlbfs: SIGBUS).
 //!
+//! - Protecting all memory costs a page table entry per never-touched or 4 KiB page, so a freeze
+//!   that protects everything grows with memory the guest never uses. [`WpTracker::protect_all_armed`]
+//!   protects everything while the writers still run, answers their faults by unprotecting (and
+//!   remembering) whole 2 MiB units, and at the seal, writers stopped, protects again only those
+//!   units (`armed.rs`).
+//!
 //! All methods take `&self`: one thread can read faults while others protect and release.
 
+mod armed;
 mod backing;
 mod error;
 mod missing;
@@ -51,6 +58,7 @@ use uffd_sys::{
     UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_WP,
 };
 
+pub use armed::{Armed, SealStats, ARM_UNIT};
 use backing::{backing_of, Backing, HugetlbProofs};
 pub use error::WpError;
 pub use missing::{HugeBlock, MissingError, MissingFault, MissingTracker, HUGE_BLOCK};

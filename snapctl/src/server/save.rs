@@ -230,13 +230,16 @@ fn log_report(r: &vm_snapshot::SaveReport) {
     };
     let f = &r.freeze_ms;
     debug!(
-        "save details: freeze {:.3}/{:.3}/{:.3}/{:.3} ms (pause/capture/protect/resume); {} pages ({} zero, \
+        "save details: armed in {:.3} ms; freeze {:.3}/{:.3}/{:.3}/{:.3} ms (pause/capture/protect/resume), vCPUs held \
+         {:.3} ms; {} pages ({} zero, \
          {} data) in {} {compression} records; fault latency p50 {} µs, max {} µs; {} faults waited for a \
          buffer; {} huge pages restored{}",
+        f.arm,
         f.pause,
         f.capture,
         f.protect,
         f.resume,
+        f.guest_held,
         r.pages_saved,
         r.zero_pages,
         r.data_pages,

@@ -28,6 +28,11 @@ pub struct FreezeTimes {
     pub hold: Duration,
     /// Letting the vCPUs run again (zero if the VM stays paused).
     pub resume: Duration,
+    /// The longest any vCPU was held out of guest execution, from leaving KVM_RUN for the pause
+    /// to leaving its parking spot at the resume: the downtime as the guest sees it (zero if the
+    /// VM stays paused). Shorter than [`FreezeTimes::total`] where vCPUs ran on while the pause
+    /// waited for the last one to stop.
+    pub guest_held: Duration,
 }
 
 impl FreezeTimes {
@@ -136,8 +141,8 @@ impl Vm {
     }
 
     /// Resumes parked vCPUs and waits until all have left their parking spot; the caller holds
-    /// the control lock.
-    fn resume_locked(&self) -> Result<Duration, VmError> {
+    /// the control lock. Returns how long that took and the longest a vCPU was parked.
+    fn resume_locked(&self) -> Result<(Duration, Duration), VmError> {
         let t0 = Instant::now();
         let mut c = self.shared.lock();
         if c.exit_status.is_some() {
@@ -153,7 +158,8 @@ impl Vm {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        Ok(t0.elapsed())
+        let held = c.held.iter().max().copied().unwrap_or_default();
+        Ok((t0.elapsed(), held))
     }
 
     /// Pauses every vCPU (a client's pause: it lasts until [`Vm::resume`], across freezes);
@@ -172,7 +178,7 @@ impl Vm {
     /// spot.
     pub fn resume(&self) -> Result<Duration, VmError> {
         let mut ctl = self.control();
-        let r = self.resume_locked();
+        let r = self.resume_locked().map(|(d, _)| d);
         if r.is_ok() {
             ctl.user_paused = false;
         }
@@ -207,14 +213,15 @@ impl Vm {
         };
         let frozen = frozen();
         let resumed = if stay_paused {
-            Ok(Duration::ZERO)
+            Ok((Duration::ZERO, Duration::ZERO))
         } else {
             self.resume_locked()
         };
         drop(ctl);
         match (frozen, resumed) {
-            (Ok((state, held)), Ok(d)) => {
+            (Ok((state, held)), Ok((d, guest_held))) => {
                 times.resume = d;
+                times.guest_held = guest_held;
                 Ok(Frozen {
                     state,
                     held,
