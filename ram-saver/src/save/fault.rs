@@ -25,9 +25,14 @@
 //!
 //! # Fault staging
 //! Faults copy into their own pool ([`staging`](super::staging)), so they never wait for the
-//! scan's buffers. When it runs dry, the fault thread first hands what it holds back to the
-//! workers, then waits for a buffer ([`SaveSummary::fault_buffer_waits`](super::SaveSummary)
-//! counts those waits).
+//! scan's buffers; it grows on demand up to its cap. At the cap, the fault thread first hands
+//! what it holds back to the workers, then waits for a buffer
+//! ([`StagingFigures`](super::StagingFigures) counts those waits and their time).
+//!
+//! # Phases
+//! [`FaultPhases`] splits the fault thread's time: reading queued events, a fault waiting in its
+//! batch behind earlier ones, the claim, getting a staging buffer, the copy, the release (unprotect
+//! and wake), and the per-batch bookkeeping.
 //!
 //! # When the scanner yields to faults
 //! [`Shared::yield_to_faults`]: while more than half of the fault pool is in use, the scanner
@@ -72,6 +77,70 @@ const SCAN_PAUSE_AT: (usize, usize) = (1, 2);
 /// … until less than this share is.
 const SCAN_RESUME_AT: (usize, usize) = (1, 4);
 
+/// Where the fault thread's time went, in µs summed over the save (divide by `faults` for a
+/// fault's mean). Together with the guest's own re-entry (on PVM: rebuilding its shadow page
+/// tables for a released range) this is what a guest write to protected memory costs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FaultPhases {
+    /// Faults served (copied and released by the fault thread).
+    pub faults: u64,
+    /// Batches of faults read.
+    pub batches: u64,
+    /// Reading events already queued (read(2) of the userfaultfd; time blocked in poll waiting
+    /// for a fault is not counted).
+    pub read_us: u64,
+    /// Faults waiting behind earlier faults of their batch.
+    pub queue_us: u64,
+    /// Claiming the sub-block.
+    pub claim_us: u64,
+    /// Getting a staging buffer (allocation, or a wait at the cap).
+    pub staging_us: u64,
+    /// Copying the sub-block into staging.
+    pub copy_us: u64,
+    /// Releasing it: unprotect and wake the vCPU.
+    pub release_us: u64,
+    /// Per batch, after every vCPU of the batch runs again: queueing the copies for the workers,
+    /// recording latencies.
+    pub bookkeeping_us: u64,
+}
+
+/// [`FaultPhases`] being measured, in nanoseconds.
+#[derive(Debug, Default)]
+struct PhaseClock {
+    faults: u64,
+    batches: u64,
+    read: u64,
+    queue: u64,
+    claim: u64,
+    staging: u64,
+    copy: u64,
+    release: u64,
+    bookkeeping: u64,
+}
+
+impl PhaseClock {
+    /// Nanoseconds from `t` to now, and now.
+    fn lap(t: &mut Instant) -> u64 {
+        let now = Instant::now();
+        let ns = now.duration_since(*t).as_nanos() as u64;
+        *t = now;
+        ns
+    }
+
+    fn add_to(&mut self, p: &mut FaultPhases) {
+        let us = |ns: &mut u64| std::mem::take(ns) / 1000;
+        p.faults += std::mem::take(&mut self.faults);
+        p.batches += std::mem::take(&mut self.batches);
+        p.read_us += us(&mut self.read);
+        p.queue_us += us(&mut self.queue);
+        p.claim_us += us(&mut self.claim);
+        p.staging_us += us(&mut self.staging);
+        p.copy_us += us(&mut self.copy);
+        p.release_us += us(&mut self.release);
+        p.bookkeeping_us += us(&mut self.bookkeeping);
+    }
+}
+
 /// The fault thread's unit: the caller's choice, else the whole unit on hugetlbfs (which cannot
 /// release less than a huge page) and on memory mostly backed by transparent huge pages (see the
 /// module docs: splitting them costs the guest far more than the longer copy), else
@@ -105,6 +174,7 @@ impl Shared<'_> {
         let mut faults = Vec::with_capacity(256);
         let mut pending = Vec::with_capacity(256);
         let mut lat = Vec::with_capacity(256);
+        let mut clock = PhaseClock::default();
         let mut idle_since = Instant::now();
         loop {
             if self.stopped() {
@@ -122,37 +192,49 @@ impl Shared<'_> {
                 return Ok(());
             }
             faults.clear();
-            if self.spin {
+            let mut t = Instant::now();
+            let queued = self
+                .tracker
+                .read_faults(&mut faults)
+                .map_err(SaveError::Tracker)?;
+            if queued > 0 {
+                clock.read += PhaseClock::lap(&mut t);
+            } else if self.spin {
                 // Busy-poll: no wakeup latency, at the price of a core while the save runs.
-                let n = self
-                    .tracker
-                    .read_faults(&mut faults)
-                    .map_err(SaveError::Tracker)?;
-                if n == 0 {
-                    if idle_since.elapsed() > SPIN_IDLE {
-                        // Let others run now and then; keeps a stuck save from hogging a core.
-                        thread::yield_now();
-                    }
-                    std::hint::spin_loop();
-                    continue;
+                if idle_since.elapsed() > SPIN_IDLE {
+                    // Let others run now and then; keeps a stuck save from hogging a core.
+                    thread::yield_now();
                 }
-                idle_since = Instant::now();
+                std::hint::spin_loop();
+                continue;
             } else {
                 self.tracker
                     .wait_faults(POLL, &mut faults)
                     .map_err(SaveError::Tracker)?;
             }
-            let read_at = Instant::now();
+            if faults.is_empty() {
+                continue;
+            }
+            idle_since = Instant::now();
+            let read_at = idle_since;
+            self.last_fault_us.store(
+                self.started.elapsed().as_micros().max(1) as u64,
+                Ordering::Relaxed,
+            );
+            clock.batches += 1;
             for f in &faults {
-                self.serve_fault(f.addr, read_at, &mut pending, &mut lat)?;
+                self.serve_fault(f.addr, read_at, &mut pending, &mut lat, &mut clock)?;
             }
             // Bookkeeping once per batch, after every vCPU of the batch was released.
+            let mut t = Instant::now();
             self.push_fault_work(&mut pending);
             if !lat.is_empty() {
                 self.faults_served
                     .fetch_add(lat.len() as u64, Ordering::Relaxed);
                 lock(&self.latencies_us).append(&mut lat);
             }
+            clock.bookkeeping += PhaseClock::lap(&mut t);
+            clock.add_to(&mut lock(&self.phases));
         }
     }
 
@@ -169,19 +251,24 @@ impl Shared<'_> {
             .map_err(SaveError::Tracker)
     }
 
-    /// Claim, copy and release the sub-block at `addr`; its work goes to `pending` and its
-    /// service latency to `lat` (both handed on once per batch of faults).
+    /// Claim, copy and release the sub-block at `addr`; its work goes to `pending`, its service
+    /// latency to `lat` (both handed on once per batch of faults) and its phase times to `clock`.
     fn serve_fault(
         &self,
         addr: usize,
         read_at: Instant,
         pending: &mut Vec<Work>,
         lat: &mut Vec<u64>,
+        clock: &mut PhaseClock,
     ) -> Result<(), SaveError> {
         let Some((i, u)) = self.blocks.find(addr) else {
             return Ok(());
         };
-        match self.blocks.claim(i) {
+        let mut t = Instant::now();
+        clock.queue += t.duration_since(read_at).as_nanos() as u64;
+        let claimed = self.blocks.claim(i);
+        clock.claim += PhaseClock::lap(&mut t);
+        match claimed {
             Ok(()) => {
                 if self.inject == Some(InjectPoint::FaultPanic) {
                     panic!("injected fault thread failure");
@@ -189,22 +276,26 @@ impl Shared<'_> {
                 let buf = match self.fault_pool.try_acquire() {
                     Some(b) => Some(b),
                     None => {
-                        // The pool is dry: what we hold back must reach the workers first,
-                        // or nothing would ever come back.
+                        // At the cap: what we hold back must reach the workers first, or
+                        // nothing would ever come back.
                         self.push_fault_work(pending);
                         self.acquire_buffer(true)
                     }
                 };
+                clock.staging += PhaseClock::lap(&mut t);
                 let Some(mut buf) = buf else {
                     return Ok(());
                 };
                 let b = self.blocks.block(i);
                 self.copy_claimed(self.range_of(i, 1), &mut buf[..b.len])?;
+                clock.copy += PhaseClock::lap(&mut t);
                 if self.blocks.huge[u] && b.len < self.blocks.units[u].len {
                     // Set before the release, so whoever sees RELEASED also sees the split.
                     self.blocks.split[u].store(true, Ordering::Release);
                 }
                 self.release_run(i, 1)?;
+                clock.release += PhaseClock::lap(&mut t);
+                clock.faults += 1;
                 lat.push(read_at.elapsed().as_micros() as u64);
                 self.bytes_scanned
                     .fetch_add(b.len as u64, Ordering::Relaxed);
@@ -226,8 +317,9 @@ impl Shared<'_> {
         }
     }
 
-    /// Queue fault work (never waits: fault staging is bounded by its pool).
-    fn push_fault_work(&self, w: &mut Vec<Work>) {
+    /// Queue fault work, and the scanner's work staged in fault staging (never waits: fault
+    /// staging is bounded by its cap).
+    pub(super) fn push_fault_work(&self, w: &mut Vec<Work>) {
         if w.is_empty() {
             return;
         }
