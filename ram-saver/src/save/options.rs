@@ -20,7 +20,7 @@ pub struct SaveOptions {
     /// Compression threads (default: the number of cores minus one, at least one).
     pub workers: usize,
     /// Unit the fault thread copies and releases; `None` chooses from the memory's backing: the
-    /// whole unit on hugetlbfs and mostly-THP memory, else 4 KiB (why: `docs/PERFORMANCE.md`,
+    /// whole unit on hugetlbfs and mostly-THP memory, else 64 KiB (why: `docs/PERFORMANCE.md`,
     /// "Fault unit").
     pub fault_block_size: Option<usize>,
     /// Busy-poll the userfaultfd while a save runs (default: false: on small hosts a spinning
