@@ -19,8 +19,8 @@
 //!
 //! Sub-block states (`blocks`) only move forward: PROTECTED → CLAIMED (one thread copies) →
 //! RELEASED. Staging buffers (`staging`) are reused; fault staging grows while the guest writes,
-//! up to a cap. Whatever goes wrong, the
-//! release guard and `abort` (`threads`) unprotect every range.
+//! up to a cap. Whatever goes wrong, the release guard and `abort` (`threads`) unprotect every
+//! range.
 //!
 //! Why each number is what it is (unit sizes, pools, priorities, workers) is measured in
 //! `docs/PERFORMANCE.md`, with the commands that measure it.

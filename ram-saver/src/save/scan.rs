@@ -123,6 +123,7 @@ impl Shared<'_> {
             fault: grown,
         };
         if grown {
+            self.scan_units_staged.fetch_add(1, Ordering::Relaxed);
             self.push_fault_work(&mut vec![work]);
         } else {
             self.push_scan_work(work);

@@ -339,7 +339,6 @@ impl Shared<'_> {
             if growable && self.guest_writing() {
                 if let Some(b) = self.fault_pool.try_acquire_below(self.fault_pool.cap / 2) {
                     self.fault_pool.keep_ready();
-                    self.scan_units_staged.fetch_add(1, Ordering::Relaxed);
                     return Some((b, true));
                 }
             }
