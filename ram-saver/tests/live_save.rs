@@ -1191,28 +1191,42 @@ fn zero_staging_cap_is_refused() {
 
 /// On THP memory (fault unit = scan unit) the scanner stages in fault staging while the writers
 /// fault, copying and releasing without waiting for the workers: the image is still exactly the
-/// freeze instant, each page once.
+/// freeze instant, each page once. The writers write the upper half only, so the scanner finds the
+/// lower half still protected while they fault (a race it wins within a few saves at most: up to
+/// 20 run until one shows it; every one is exact).
 #[test]
 fn scanner_staging_beside_faults_keeps_the_image_exact() {
     let Some((_lock, mem, _host, _before)) = filled_thp_memory(32 * MIB) else {
         return;
     };
     let tracker = tracker_for(&mem);
-    let mut file = Vec::new();
-    let opts = SaveOptions {
-        max_bandwidth: Some(64 * MIB as u64),
-        ..Default::default()
-    };
-    let out = save_with_writers(&mem, &tracker, &mut file, &opts, None);
-    let s = out.result.expect("save failed");
-    assert_released(&mem, &tracker);
-    check_snapshot(&file, &out.oracle);
-    assert_eq!(s.fault_block_size, 2 * MIB);
-    assert!(s.faults_served > 0, "no fault served");
+    let all = pages(&mem);
+    let upper = &all[all.len() / 2..];
+    let mut staged = Vec::new();
+    for _ in 0..20 {
+        let mut file = Vec::new();
+        let out = save_with_writers_on(
+            &mem,
+            &tracker,
+            &mut file,
+            &SaveOptions::default(),
+            None,
+            upper,
+            OracleSource::Mapping,
+        );
+        let s = out.result.expect("save failed");
+        assert_released(&mem, &tracker);
+        check_snapshot(&file, &out.oracle);
+        assert_eq!(s.fault_block_size, 2 * MIB);
+        assert!(s.staging.peak_bytes <= s.staging.cap_bytes + 32 * MIB as u64);
+        staged.push(s.staging.scan_units_staged);
+        if s.staging.scan_units_staged > 0 {
+            break;
+        }
+    }
+    eprintln!("units the scanner staged, save by save: {staged:?}");
     assert!(
-        s.staging.scan_units_staged > 0,
-        "the scanner never staged beside the faults: {:?}",
-        s.staging
+        staged.iter().any(|&n| n > 0),
+        "the scanner never staged beside the faults: {staged:?}"
     );
-    assert!(s.staging.peak_bytes <= s.staging.cap_bytes + 32 * MIB as u64);
 }

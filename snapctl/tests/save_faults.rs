@@ -498,7 +498,7 @@ fn max_staging_nonsense_is_refused() {
 
 /// A full-speed guest saved with a tiny staging cap: its writes reach the cap and wait for the output, the
 /// summary says so (JSON and text), and the image is still exactly the freeze instant (oracle). The same guest
-/// saved with the default cap (its RAM fits) never waits for staging.
+/// saved with the default cap (its RAM fits) never waits for staging, and the VMM gives the staging back.
 #[test]
 fn small_staging_cap_under_a_busy_guest_is_exact_and_reported() {
     let _s = serial();
@@ -542,8 +542,21 @@ fn small_staging_cap_under_a_busy_guest_is_exact_and_reported() {
     );
     std::fs::remove_file(&path).unwrap();
 
+    // Staging is given back when the save ends.
+    let rss_before = vmm.rss_kib();
     let s = vmm.save_and_verify(&path, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let rss_after = vmm.rss_kib();
     let st = &s["staging"];
+    eprintln!(
+        "default cap: staging peak {} MiB; VmRSS {rss_before} KiB before the save, {rss_after} KiB after",
+        st["peak_bytes"].as_u64().unwrap() >> 20
+    );
+    assert!(
+        rss_after <= rss_before + (32 << 10),
+        "the VMM kept staging: VmRSS {rss_before} KiB -> {rss_after} KiB (peak staging {})",
+        st["peak_bytes"]
+    );
     assert_eq!(st["cap_bytes"], vmm.mem_bytes, "default cap: {s}");
     assert_eq!(st["cap_reached"], false, "{s}");
     assert_eq!(st["waits"], 0, "{s}");

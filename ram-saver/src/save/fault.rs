@@ -15,8 +15,10 @@
 //!
 //! # How a fault is served
 //! The fault thread is the first saver thread started (vCPUs already run and block on their
-//! first write). It reads a batch of faults; for each it claims the faulting sub-block, copies
-//! it into fault staging and releases it, waking the vCPU; the bookkeeping (queueing the copy
+//! first write). It reads a batch of faults and hands all but the first to a helper thread
+//! ([`Handoff`]): each of them takes the next fault, so faults of several vCPUs are served side by
+//! side. For each fault: claim the faulting sub-block, copy it into fault staging and release it,
+//! waking the vCPU; the bookkeeping (queueing the copy
 //! for the workers, latencies) follows once per batch, after every vCPU of the batch runs again.
 //! No compression, no I/O. A sub-block the scanner holds is left to the scanner, whose release
 //! wakes the writer; a stale fault on a released one gets a wake. The thread blocks in poll
@@ -48,7 +50,9 @@
 //! their own bounded queue, which the writer empties before the scan's
 //! ([`Shared::send_batch`], [`Shared::recv_batch`]).
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
+use std::sync::{Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -142,6 +146,47 @@ impl PhaseClock {
     }
 }
 
+/// Faults of a batch that the fault thread has not served yet, for whichever of it and its helper
+/// is free first: with several vCPUs faulting at once, a fault need not wait behind another's
+/// copy.
+#[derive(Debug, Default)]
+pub(super) struct Handoff {
+    faults: Mutex<HandoffQueue>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct HandoffQueue {
+    queue: VecDeque<(usize, Instant)>,
+    /// The fault thread is done: the helper ends.
+    done: bool,
+}
+
+/// Tells the helper that the fault thread is done (when dropped, also on a panic, which then
+/// aborts the save first).
+struct HandoffEnd<'s, 'a>(&'s Shared<'a>);
+
+impl Drop for HandoffEnd<'_, '_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.0.abort(SaveError::ThreadPanicked("fault"));
+        }
+        lock(&self.0.handoff.faults).done = true;
+        self.0.handoff.cv.notify_all();
+    }
+}
+
+/// Aborts the save when the helper thread panics.
+struct HelperPanic<'s, 'a>(&'s Shared<'a>);
+
+impl Drop for HelperPanic<'_, '_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.0.abort(SaveError::ThreadPanicked("fault helper"));
+        }
+    }
+}
+
 /// The fault thread's unit: the caller's choice, else the whole unit on hugetlbfs (which cannot
 /// release less than a huge page) and on memory mostly backed by transparent huge pages (see the
 /// module docs: splitting them costs the guest far more than the longer copy), else
@@ -170,8 +215,42 @@ pub(super) fn fault_block_size(
 }
 
 impl Shared<'_> {
-    /// Fault thread: serve faults until every block is released (or the save stops).
-    pub(super) fn fault_loop(&self) -> Result<(), SaveError> {
+    /// Fault thread: serve faults until every block is released (or the save stops), with a
+    /// helper thread (at nice `nice`, like this one) that serves the faults of a batch this
+    /// thread has not got to yet.
+    pub(super) fn fault_loop(&self, nice: Option<i32>) -> Result<(), SaveError> {
+        thread::scope(|s| {
+            let helper = thread::Builder::new()
+                .name("saver-fault-2".into())
+                .spawn_scoped(s, || {
+                    // A panic here aborts the save at once: a sub-block it claimed would
+                    // otherwise stay protected with nobody to release it.
+                    let _p = HelperPanic(self);
+                    if let Some(n) = nice {
+                        // Best effort, as for the fault thread.
+                        let _ = uffd_sys::host::set_thread_nice(n);
+                    }
+                    if let Err(e) = self.help_with_faults() {
+                        self.abort(e);
+                    }
+                });
+            let r = {
+                // Ends the helper also when this thread panics: the scope joins it before the
+                // panic goes on.
+                let _end = HandoffEnd(self);
+                self.serve_faults()
+            };
+            if let Ok(h) = helper {
+                // Its panic already aborted the save (HelperPanic).
+                let _ = h.join();
+            }
+            r
+        })
+    }
+
+    /// The fault thread's loop: read a batch of faults, hand all but the first to the helper,
+    /// serve the first, then whatever the helper has not taken.
+    fn serve_faults(&self) -> Result<(), SaveError> {
         let mut faults = Vec::with_capacity(256);
         let mut pending = Vec::with_capacity(256);
         let mut lat = Vec::with_capacity(256);
@@ -223,8 +302,16 @@ impl Shared<'_> {
                 Ordering::Relaxed,
             );
             clock.batches += 1;
-            for f in &faults {
-                self.serve_fault(f.addr, read_at, &mut pending, &mut lat, &mut clock)?;
+            if faults.len() > 1 {
+                let mut h = lock(&self.handoff.faults);
+                h.queue
+                    .extend(faults[1..].iter().map(|f| (f.addr, read_at)));
+                drop(h);
+                self.handoff.cv.notify_one();
+            }
+            self.serve_fault(faults[0].addr, read_at, &mut pending, &mut lat, &mut clock)?;
+            while let Some((addr, at)) = self.take_handed_off(false) {
+                self.serve_fault(addr, at, &mut pending, &mut lat, &mut clock)?;
             }
             // Bookkeeping once per batch, after every vCPU of the batch was released.
             let mut t = Instant::now();
@@ -236,6 +323,46 @@ impl Shared<'_> {
             }
             clock.bookkeeping += PhaseClock::lap(&mut t);
             clock.add_to(&mut lock(&self.phases));
+        }
+    }
+
+    /// The helper: serve handed-off faults until the fault thread is done.
+    fn help_with_faults(&self) -> Result<(), SaveError> {
+        let mut pending = Vec::new();
+        let mut lat = Vec::new();
+        let mut clock = PhaseClock::default();
+        while let Some((addr, at)) = self.take_handed_off(true) {
+            self.serve_fault(addr, at, &mut pending, &mut lat, &mut clock)?;
+            while let Some((addr, at)) = self.take_handed_off(false) {
+                self.serve_fault(addr, at, &mut pending, &mut lat, &mut clock)?;
+            }
+            self.push_fault_work(&mut pending);
+            if !lat.is_empty() {
+                self.faults_served
+                    .fetch_add(lat.len() as u64, Ordering::Relaxed);
+                lock(&self.latencies_us).append(&mut lat);
+            }
+            clock.add_to(&mut lock(&self.phases));
+        }
+        Ok(())
+    }
+
+    /// The oldest handed-off fault (address, when it was read); with `wait`, waits for one
+    /// until the fault thread is done or the save stops.
+    fn take_handed_off(&self, wait: bool) -> Option<(usize, Instant)> {
+        let mut h = lock(&self.handoff.faults);
+        loop {
+            if let Some(f) = h.queue.pop_front() {
+                return Some(f);
+            }
+            if !wait || h.done || self.stopped() {
+                return None;
+            }
+            h = self
+                .handoff
+                .cv
+                .wait_timeout(h, POLL)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
         }
     }
 
@@ -335,9 +462,15 @@ impl Shared<'_> {
 
     /// While the fault pool is more than [`SCAN_PAUSE_AT`] in use, the scanner waits (holding
     /// nothing claimed) until it drains below [`SCAN_RESUME_AT`]: the workers and the writer
-    /// then serve fault data only, so the guest gets its buffers back before the scan's.
+    /// then serve fault data only, so the guest gets its buffers back before the scan's. Not
+    /// when fault staging can hold every sub-block at once (the default cap, on a host with the
+    /// memory to spare).
     pub(super) fn yield_to_faults(&self) {
         let pool = &self.fault_pool;
+        if self.staging_holds_everything() {
+            // Every sub-block fits in fault staging at once: no fault can ever wait for it.
+            return;
+        }
         let (pause, resume) = (
             pool.cap * SCAN_PAUSE_AT.0 / SCAN_PAUSE_AT.1,
             pool.cap * SCAN_RESUME_AT.0 / SCAN_RESUME_AT.1,

@@ -238,6 +238,8 @@ struct Shared<'a> {
     latencies_us: Mutex<Vec<u64>>,
     /// Phase times of the fault thread.
     phases: Mutex<FaultPhases>,
+    /// Faults the fault thread hands to its helper.
+    handoff: fault::Handoff,
     /// When the save started, and the last fault (µs after it; 0: none yet).
     started: Instant,
     last_fault_us: AtomicU64,
@@ -288,6 +290,7 @@ impl<'a> Shared<'a> {
             huge_restored: AtomicU64::new(0),
             latencies_us: Mutex::new(Vec::new()),
             phases: Mutex::new(FaultPhases::default()),
+            handoff: fault::Handoff::default(),
             started: Instant::now(),
             last_fault_us: AtomicU64::new(0),
             scan_units_staged: AtomicU64::new(0),

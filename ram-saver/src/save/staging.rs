@@ -6,7 +6,7 @@
 //! during a save, and freed when it ends. [`Staging`] faults buffers in before the freeze.
 //!
 //! While the guest writes (a fault within [`BUSY_AFTER_FAULT`]), the scanner too copies into
-//! fault staging, up to half of its cap, so that protected memory is staged at memory speed
+//! fault staging, up to half of its cap (all of it when the cap holds every sub-block), so that protected memory is staged at memory speed
 //! rather than at the output's: the guest stops faulting once everything is released, and the
 //! output drains the staged data afterwards. An idle guest's save never grows staging. Only past
 //! the cap does a fault wait, and then for the next buffer the workers give back (they take
@@ -329,15 +329,21 @@ impl Shared<'_> {
     }
 
     /// A staging buffer for the scanner (`true`: of fault staging). While the guest writes, fault
-    /// staging first (up to half of its cap, so faults keep the other half), keeping buffers
+    /// staging first (up to half of its cap, so faults keep the other half; all of it when it
+    /// holds every sub-block, since then no fault can wait for it), keeping buffers
     /// faulted in ahead for the fault thread: the scanner then copies and releases at memory
     /// speed instead of waiting for the workers and the output. Else its own pool, waiting for
     /// it; `None` once the save stops.
     pub(super) fn scan_buffer(&self) -> Option<(Vec<u8>, bool)> {
         let growable = self.fault_pool.size == self.scan_pool.size;
+        let limit = if self.staging_holds_everything() {
+            self.fault_pool.cap
+        } else {
+            self.fault_pool.cap / 2
+        };
         loop {
             if growable && self.guest_writing() {
-                if let Some(b) = self.fault_pool.try_acquire_below(self.fault_pool.cap / 2) {
+                if let Some(b) = self.fault_pool.try_acquire_below(limit) {
                     self.fault_pool.keep_ready();
                     return Some((b, true));
                 }
@@ -353,6 +359,12 @@ impl Shared<'_> {
                 let _ = self.scan_pool.cv.wait_timeout(g, POLL);
             }
         }
+    }
+
+    /// Fault staging has a buffer for every sub-block: each is staged at most once, so neither
+    /// faults nor the scanner can ever find it full.
+    pub(super) fn staging_holds_everything(&self) -> bool {
+        self.fault_pool.cap >= self.blocks.n_blocks()
     }
 
     /// The figures of this save's staging.
