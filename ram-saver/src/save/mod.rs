@@ -3,14 +3,15 @@
 //! then compressed and written elsewhere.
 //!
 //! Threads (all scoped, borrowing guest memory and the tracker):
-//! - fault thread (`fault`): reads write faults, claims the faulting sub-block, copies it to
-//!   staging, unprotects it (waking the vCPU) and queues it ahead of scan output. No
-//!   compression, no I/O. `fault` also holds the whole fault-priority policy: what a fault
-//!   copies, when the scanner yields to faults, and how fault data goes first to the output.
+//! - fault thread (`fault`), with a helper for the faults of a batch it has not reached: reads
+//!   write faults, claims the faulting sub-block, copies it to staging, unprotects it (waking the
+//!   vCPU) and queues it ahead of scan output. No compression, no I/O. `fault` also holds the
+//!   whole fault-priority policy: what a fault copies, when the scanner yields to faults, and
+//!   how fault data goes first to the output.
 //! - scanner (`scan`): walks units ([`SaveOptions::block_size`], 2 MiB) in address order, claims
 //!   every sub-block still protected, skips the copy for units the kernel says hold no page,
 //!   copies, releases each run of claimed sub-blocks in one call, queues; throttled by
-//!   `max_bandwidth`.
+//!   `max_bandwidth`. While the guest writes it stages in growable fault staging (`staging`).
 //! - compression workers (`encode`): turn staged runs into zero runs and (compressed) data
 //!   records; fault work always goes first.
 //! - the calling thread (`output`): writes encoded batches, fault batches first, reports
