@@ -369,7 +369,7 @@ fn one(args: &Args, thp: bool, to_file: bool, mem: &GuestMemoryMmap, tracker: &W
     if let Some(k) = args.workers {
         opts.workers = k;
     }
-    opts.fault_staging = args.fault_staging;
+    opts.max_staging = args.fault_staging;
     let rss_before = rss_bytes();
     let rss_peak = AtomicU64::new(rss_before);
     let sampling = AtomicBool::new(true);

@@ -22,7 +22,10 @@ pub use format::{
 pub use reader::{HotTotals, Piece, ReadProgress, Record, Records, SnapshotReader, VerifyReport};
 #[doc(hidden)]
 pub use save::InjectPoint;
-pub use save::{live_save, SaveError, SaveOptions, SaveProgress, SaveSummary, Staging};
+pub use save::{
+    default_max_staging, host_available_memory, host_total_memory, live_save, FaultPhases,
+    SaveError, SaveOptions, SaveProgress, SaveSummary, Staging, StagingFigures,
+};
 pub use writer::{
     AtomicFileSink, EncodedBatch, RecordEncoder, SnapshotSink, SnapshotWriter, StreamSink,
 };

@@ -148,13 +148,13 @@ fn run_save(
     live_save(mem, tracker, sink, header, b"state", opts, &|_| {}, cancel)
 }
 
-/// Options under which guest writes soon wait for the output: tiny fault staging, a 4 KiB
+/// Options under which guest writes soon wait for the output: a tiny fault staging cap, a 4 KiB
 /// fault unit, and a slow scan, so most memory stays protected and faults fill the pipeline.
 fn staging_starved() -> SaveOptions {
     SaveOptions {
         max_bandwidth: Some(2 * MIB as u64),
         fault_block_size: Some(PS),
-        fault_staging: Some(256 << 10),
+        max_staging: Some(256 << 10),
         workers: 1,
         ..Default::default()
     }

@@ -200,6 +200,7 @@ mod tests {
                 zstd: true,
                 level: Some(3),
                 max_bandwidth: Some(1 << 20),
+                max_staging: Some(512 << 20),
                 force: false,
                 fault_block: Some(2 << 20),
                 scan_block: None,

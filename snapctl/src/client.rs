@@ -163,9 +163,11 @@ impl Drop for StreamFifo {
     }
 }
 
-/// Hidden tuning knobs of `snapctl save` (see `SaveParams`).
+/// Memory and CPU knobs of `snapctl save`, and the hidden tuning ones (see `SaveParams`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SaveTuning {
+    /// Cap of staging memory, bytes.
+    pub max_staging: Option<u64>,
     /// Bytes per write fault.
     pub fault_block: Option<usize>,
     /// Bytes per scan unit.
@@ -284,6 +286,7 @@ pub fn save(
         level,
         max_bandwidth,
         force,
+        max_staging: tuning.max_staging,
         fault_block: tuning.fault_block,
         scan_block: tuning.scan_block,
         no_huge_restore: tuning.no_huge_restore,
@@ -395,6 +398,46 @@ fn print_summary(s: &Value, path: Option<&Path>) {
         u("fault_latency_p99_us"),
         u("fault_latency_max_us")
     );
+    let _ = writeln!(
+        e,
+        "  fault waits:     {:.1} ms in total",
+        f("fault_wait_total_ms")
+    );
+    let st = &s["staging"];
+    let su = |k: &str| st.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let _ = writeln!(
+        e,
+        "  staging:         peak {} (cap {}); {} faults waited for staging",
+        fmt_bytes(su("peak_bytes")),
+        fmt_bytes(su("cap_bytes")),
+        su("waits")
+    );
+    if st.get("cap_reached").and_then(Value::as_bool) == Some(true) {
+        let _ = writeln!(
+            e,
+            "  staging cap reached: faults waited {:.1} ms in total (longest {:.1} ms) for the output; \
+             a larger --max-staging spares the guest that",
+            su("wait_total_us") as f64 / 1e3,
+            su("wait_max_us") as f64 / 1e3
+        );
+    }
+    let ph = &s["fault_phases_us"];
+    let n = ph.get("faults").and_then(Value::as_u64).unwrap_or(0);
+    if n > 0 {
+        let per = |k: &str| ph.get(k).and_then(Value::as_u64).unwrap_or(0) as f64 / n as f64;
+        let _ = writeln!(
+            e,
+            "  per fault (µs):  queue {:.0}, claim {:.1}, staging {:.0}, copy {:.0}, release {:.0}; \
+             per batch read {:.0}, bookkeeping {:.0}",
+            per("queue_us"),
+            per("claim_us"),
+            per("staging_us"),
+            per("copy_us"),
+            per("release_us"),
+            per("read_us") * n as f64 / ph["batches"].as_u64().unwrap_or(1).max(1) as f64,
+            per("bookkeeping_us") * n as f64 / ph["batches"].as_u64().unwrap_or(1).max(1) as f64,
+        );
+    }
     let _ = writeln!(
         e,
         "  file:            {} (image size ratio {:.4})",

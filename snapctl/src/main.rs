@@ -130,6 +130,11 @@ enum Command {
         /// speed, the save takes longer (see docs/BENCH-RESULTS.md for the trade).
         #[arg(long)]
         background: bool,
+        /// Cap of the memory guest writes are staged in before they reach the output (e.g. 512M, 2G;
+        /// default: half of the host's available memory, at most the guest's RAM). Staging grows only
+        /// while the guest writes; past the cap, guest writes wait for the output.
+        #[arg(long, value_parser = parse_max_staging)]
+        max_staging: Option<u64>,
         /// Print the summary as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -218,6 +223,17 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+/// `--max-staging SIZE`: a size of at least 4 MiB (the VMM also refuses more than the host's memory).
+fn parse_max_staging(s: &str) -> Result<u64, String> {
+    let v = units::parse_size(s)?;
+    if v < vm_snapshot::MIN_MAX_STAGING {
+        return Err(format!(
+            "`{s}` is too small: staging needs at least 4M (guest writes would wait for the output)"
+        ));
+    }
+    Ok(v)
 }
 
 /// Logging of the long-running VMM (`boot`, `restore`): levels and timestamps on standard error, filtered
@@ -334,6 +350,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             force,
             background,
             json,
+            max_staging,
             fault_block,
             scan_block,
             no_huge_restore,
@@ -347,6 +364,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             force,
             json,
             client::SaveTuning {
+                max_staging,
                 fault_block: fault_block.map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
                 scan_block: scan_block.map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
                 no_huge_restore,

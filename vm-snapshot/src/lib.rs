@@ -20,7 +20,9 @@ mod save;
 
 pub use lazy::{restore_lazy, CollapseHold, LazyError, LazyFailure, LazyRestore, LazyStatus};
 pub use monitor::GuestDuringSave;
-pub use params::{SaveParams, DEFAULT_ZSTD_LEVEL, MAX_TUNING_BLOCK, MIN_BANDWIDTH};
+pub use params::{
+    SaveParams, DEFAULT_ZSTD_LEVEL, MAX_TUNING_BLOCK, MIN_BANDWIDTH, MIN_MAX_STAGING,
+};
 pub use restore::{load, machine_state, restore, RestoreError, RestoreParams};
 pub use save::{save, save_into, FreezeMs, SaveError, SaveReport, Saved, STREAM_OPEN_TIMEOUT};
 

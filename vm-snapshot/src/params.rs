@@ -16,6 +16,10 @@ pub const MAX_TUNING_BLOCK: usize = 64 << 20;
 /// crawling scan would keep the guest's memory protected (and its writes faulting) for hours.
 pub const MIN_BANDWIDTH: u64 = 1 << 20;
 
+/// Smallest accepted `max_staging`: less would make nearly every write of a busy guest wait for
+/// the output.
+pub const MIN_MAX_STAGING: u64 = 4 << 20;
+
 /// Default zstd level.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
@@ -48,6 +52,11 @@ pub struct SaveParams {
     /// speed, the save takes longer. Faulted pages are served first either way.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub background: bool,
+    /// Cap of the memory that guest writes are staged in before they are written, bytes
+    /// (default: half of the host's available memory, never more than guest RAM). At least
+    /// 4 MiB, at most the host's memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_staging: Option<u64>,
     /// Tuning knob: bytes the fault handler copies and releases per write fault (default: chosen
     /// by ram-saver from the memory's backing). A power of two from 4096 to 64 MiB, not larger than
     /// the scan block.
@@ -68,6 +77,24 @@ fn check_block(name: &str, b: usize) -> Result<(), String> {
         return Err(format!(
             "{name} must be a power of two from 4096 to {MAX_TUNING_BLOCK} bytes, not {b}"
         ));
+    }
+    Ok(())
+}
+
+/// Checks a staging cap against [`MIN_MAX_STAGING`] and the host's memory (`host_bytes`, if
+/// known): a cap the host could never give is a mistake, not a wish.
+fn check_max_staging(m: u64, host_bytes: Option<u64>) -> Result<(), String> {
+    if m < MIN_MAX_STAGING {
+        return Err(format!(
+            "max_staging must be at least {MIN_MAX_STAGING} bytes (4 MiB), not {m}"
+        ));
+    }
+    if let Some(host) = host_bytes {
+        if m > host {
+            return Err(format!(
+                "max_staging ({m} bytes) is more than the host's memory ({host} bytes)"
+            ));
+        }
     }
     Ok(())
 }
@@ -105,6 +132,9 @@ impl SaveParams {
                 ));
             }
         }
+        if let Some(m) = self.max_staging {
+            check_max_staging(m, ram_saver::host_total_memory())?;
+        }
         if let Some(b) = self.fault_block {
             check_block("fault_block", b)?;
         }
@@ -123,6 +153,9 @@ impl SaveParams {
         Ok(SaveOptions {
             compression: self.compression(),
             max_bandwidth: self.max_bandwidth,
+            max_staging: self
+                .max_staging
+                .map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
             block_size,
             fault_block_size: self.fault_block,
             bulk_nice: self.background.then_some(BACKGROUND_NICE),
@@ -188,6 +221,20 @@ mod tests {
                 },
                 "not be larger",
             ),
+            (
+                SaveParams {
+                    max_staging: Some(0),
+                    ..p()
+                },
+                "at least",
+            ),
+            (
+                SaveParams {
+                    max_staging: Some(u64::MAX),
+                    ..p()
+                },
+                "more than the host",
+            ),
         ];
         for (params, needle) in cases {
             let e = params.options().unwrap_err();
@@ -205,10 +252,12 @@ mod tests {
             fault_block: Some(4096),
             no_huge_restore: true,
             max_bandwidth: Some(1 << 30),
+            max_staging: Some(64 << 20),
             ..p()
         }
         .options()
         .unwrap();
+        assert_eq!(o.max_staging, Some(64 << 20));
         assert_eq!(o.compression, Compression::Zstd { level: 5 });
         assert_eq!(o.block_size, 4 << 20);
         assert_eq!(o.fault_block_size, Some(4096));
@@ -219,6 +268,17 @@ mod tests {
         assert_eq!(d.compression, Compression::None);
         assert_eq!(d.block_size, DEFAULT_SCAN_BLOCK);
         assert!(d.restore_huge_pages);
+        assert_eq!(d.max_staging, None);
+    }
+
+    #[test]
+    fn staging_cap_bounds() {
+        assert!(check_max_staging(MIN_MAX_STAGING, Some(1 << 30)).is_ok());
+        assert!(check_max_staging(MIN_MAX_STAGING - 1, None).is_err());
+        assert!(check_max_staging(1 << 30, Some(1 << 30)).is_ok());
+        assert!(check_max_staging((1 << 30) + 1, Some(1 << 30)).is_err());
+        // Unknown host memory: only the floor is checked.
+        assert!(check_max_staging(u64::MAX, None).is_ok());
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ram_saver::{
-    AtomicFileSink, Compression, SaveOptions, SaveProgress, SaveSummary, SnapshotHeader,
-    SnapshotSink, StreamSink,
+    AtomicFileSink, Compression, FaultPhases, SaveOptions, SaveProgress, SaveSummary,
+    SnapshotHeader, SnapshotSink, StagingFigures, StreamSink,
 };
 use serde::{Deserialize, Serialize};
 use vmm_core::{FreezeError, FreezeTimes, MachineState, Vm};
@@ -132,6 +132,15 @@ pub struct SaveReport {
     pub fault_latency_p99_us: u64,
     /// Fault service latency, maximum, µs.
     pub fault_latency_max_us: u64,
+    /// Fault service latency summed over every fault, milliseconds.
+    #[serde(default)]
+    pub fault_wait_total_ms: f64,
+    /// Where the fault thread's time went (µs summed over the save, per phase).
+    #[serde(default)]
+    pub fault_phases_us: FaultPhases,
+    /// Staging memory: cap, peak, whether faults reached the cap and how long they waited.
+    #[serde(default)]
+    pub staging: StagingFigures,
     /// Size of the snapshot.
     pub file_bytes: u64,
     /// File bytes / non-zero guest RAM bytes.
@@ -418,6 +427,9 @@ fn report(
         fault_latency_p50_us: s.fault_latency_p50_us,
         fault_latency_p99_us: s.fault_latency_p99_us,
         fault_latency_max_us: s.fault_latency_max_us,
+        fault_wait_total_ms: s.fault_latency_total_us as f64 / 1e3,
+        fault_phases_us: s.fault_phases,
+        staging: s.staging,
         file_bytes: s.file_bytes,
         image_size_ratio: s.image_size_ratio,
         records: s.records,

@@ -5,17 +5,20 @@
 //! # What a fault copies
 //! [`fault_block_size`]: the caller's choice, else the whole unit (2 MiB) on hugetlbfs (which
 //! cannot release less than a huge page) and on memory mostly (at least half) backed by
-//! transparent huge pages, else 4 KiB. On THP memory a fault then copies and releases a whole
+//! transparent huge pages, else 64 KiB. On THP memory a fault then copies and releases a whole
 //! huge page, which stays huge: smaller releases split it, and under shadow paging (PVM) every
 //! change to the host mapping of guest RAM invalidates KVM's shadow MMU for that range, so the
 //! guest re-faults its shadow entries 4 KiB at a time until the page is collapsed back; that
-//! costs the guest far more than the longer copy. On 4 KiB-page memory nothing stays huge
-//! anyway, and a 4 KiB fault is served in microseconds.
+//! costs the guest far more than the longer copy. On 4 KiB-page memory (memfd) nothing stays huge
+//! anyway; there 64 KiB units (16 pages per round trip, served in tens of µs) left the guest
+//! about three times the rate of 4 KiB ones.
 //!
 //! # How a fault is served
 //! The fault thread is the first saver thread started (vCPUs already run and block on their
-//! first write). It reads a batch of faults; for each it claims the faulting sub-block, copies
-//! it into fault staging and releases it, waking the vCPU; the bookkeeping (queueing the copy
+//! first write). It reads a batch of faults and hands all but the first to a helper thread
+//! ([`Handoff`]): each of them takes the next fault, so faults of several vCPUs are served side by
+//! side. For each fault: claim the faulting sub-block, copy it into fault staging and release it,
+//! waking the vCPU; the bookkeeping (queueing the copy
 //! for the workers, latencies) follows once per batch, after every vCPU of the batch runs again.
 //! No compression, no I/O. A sub-block the scanner holds is left to the scanner, whose release
 //! wakes the writer; a stale fault on a released one gets a wake. The thread blocks in poll
@@ -25,9 +28,14 @@
 //!
 //! # Fault staging
 //! Faults copy into their own pool ([`staging`](super::staging)), so they never wait for the
-//! scan's buffers. When it runs dry, the fault thread first hands what it holds back to the
-//! workers, then waits for a buffer ([`SaveSummary::fault_buffer_waits`](super::SaveSummary)
-//! counts those waits).
+//! scan's buffers; it grows on demand up to its cap. At the cap, the fault thread first hands
+//! what it holds back to the workers, then waits for a buffer
+//! ([`StagingFigures`](super::StagingFigures) counts those waits and their time).
+//!
+//! # Phases
+//! [`FaultPhases`] splits the fault thread's time: reading queued events, a fault waiting in its
+//! batch behind earlier ones, the claim, getting a staging buffer, the copy, the release (unprotect
+//! and wake), and the per-batch bookkeeping.
 //!
 //! # When the scanner yields to faults
 //! [`Shared::yield_to_faults`]: while more than half of the fault pool is in use, the scanner
@@ -42,7 +50,9 @@
 //! their own bounded queue, which the writer empties before the scan's
 //! ([`Shared::send_batch`], [`Shared::recv_batch`]).
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
+use std::sync::{Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -55,8 +65,8 @@ use super::{lock, InjectPoint, Run, SaveError, SaveOptions, Shared, Work, PAGE_S
 use crate::writer::EncodedBatch;
 
 /// Unit of the fault thread on 4 KiB-page memory (THP- and hugetlbfs-backed memory use the whole
-/// unit).
-const DEFAULT_FAULT_BLOCK: usize = 4096;
+/// unit): 16 pages per fault round trip (`docs/PERFORMANCE.md`, "Fault unit").
+const DEFAULT_FAULT_BLOCK: usize = 64 << 10;
 /// Default of [`SaveOptions::fault_nice`].
 pub(super) const DEFAULT_FAULT_NICE: i32 = -10;
 /// Default of [`SaveOptions::fault_spin`].
@@ -71,6 +81,111 @@ pub(super) const OUT_FAULT_CAP: usize = 16;
 const SCAN_PAUSE_AT: (usize, usize) = (1, 2);
 /// … until less than this share is.
 const SCAN_RESUME_AT: (usize, usize) = (1, 4);
+
+/// Where the fault thread's time went, in µs summed over the save (divide by `faults` for a
+/// fault's mean). Together with the guest's own re-entry (on PVM: rebuilding its shadow page
+/// tables for a released range) this is what a guest write to protected memory costs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FaultPhases {
+    /// Faults served (copied and released by the fault thread).
+    pub faults: u64,
+    /// Batches of faults read.
+    pub batches: u64,
+    /// Reading events already queued (read(2) of the userfaultfd; time blocked in poll waiting
+    /// for a fault is not counted).
+    pub read_us: u64,
+    /// Faults waiting behind earlier faults of their batch.
+    pub queue_us: u64,
+    /// Claiming the sub-block.
+    pub claim_us: u64,
+    /// Getting a staging buffer (allocation, or a wait at the cap).
+    pub staging_us: u64,
+    /// Copying the sub-block into staging.
+    pub copy_us: u64,
+    /// Releasing it: unprotect and wake the vCPU.
+    pub release_us: u64,
+    /// Per batch, after every vCPU of the batch runs again: queueing the copies for the workers,
+    /// recording latencies.
+    pub bookkeeping_us: u64,
+}
+
+/// [`FaultPhases`] being measured, in nanoseconds.
+#[derive(Debug, Default)]
+struct PhaseClock {
+    faults: u64,
+    batches: u64,
+    read: u64,
+    queue: u64,
+    claim: u64,
+    staging: u64,
+    copy: u64,
+    release: u64,
+    bookkeeping: u64,
+}
+
+impl PhaseClock {
+    /// Nanoseconds from `t` to now, and now.
+    fn lap(t: &mut Instant) -> u64 {
+        let now = Instant::now();
+        let ns = now.duration_since(*t).as_nanos() as u64;
+        *t = now;
+        ns
+    }
+
+    fn add_to(&mut self, p: &mut FaultPhases) {
+        let us = |ns: &mut u64| std::mem::take(ns) / 1000;
+        p.faults += std::mem::take(&mut self.faults);
+        p.batches += std::mem::take(&mut self.batches);
+        p.read_us += us(&mut self.read);
+        p.queue_us += us(&mut self.queue);
+        p.claim_us += us(&mut self.claim);
+        p.staging_us += us(&mut self.staging);
+        p.copy_us += us(&mut self.copy);
+        p.release_us += us(&mut self.release);
+        p.bookkeeping_us += us(&mut self.bookkeeping);
+    }
+}
+
+/// Faults of a batch that the fault thread has not served yet, for whichever of it and its helper
+/// is free first: with several vCPUs faulting at once, a fault need not wait behind another's
+/// copy.
+#[derive(Debug, Default)]
+pub(super) struct Handoff {
+    faults: Mutex<HandoffQueue>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct HandoffQueue {
+    queue: VecDeque<(usize, Instant)>,
+    /// The fault thread is done: the helper ends.
+    done: bool,
+}
+
+/// Tells the helper that the fault thread is done (when dropped, also on a panic, which then
+/// aborts the save first).
+struct HandoffEnd<'s, 'a>(&'s Shared<'a>);
+
+impl Drop for HandoffEnd<'_, '_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.0.abort(SaveError::ThreadPanicked("fault"));
+        }
+        lock(&self.0.handoff.faults).done = true;
+        self.0.handoff.cv.notify_all();
+    }
+}
+
+/// Aborts the save when the helper thread panics.
+struct HelperPanic<'s, 'a>(&'s Shared<'a>);
+
+impl Drop for HelperPanic<'_, '_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.0.abort(SaveError::ThreadPanicked("fault helper"));
+        }
+    }
+}
 
 /// The fault thread's unit: the caller's choice, else the whole unit on hugetlbfs (which cannot
 /// release less than a huge page) and on memory mostly backed by transparent huge pages (see the
@@ -100,11 +215,46 @@ pub(super) fn fault_block_size(
 }
 
 impl Shared<'_> {
-    /// Fault thread: serve faults until every block is released (or the save stops).
-    pub(super) fn fault_loop(&self) -> Result<(), SaveError> {
+    /// Fault thread: serve faults until every block is released (or the save stops), with a
+    /// helper thread (at nice `nice`, like this one) that serves the faults of a batch this
+    /// thread has not got to yet.
+    pub(super) fn fault_loop(&self, nice: Option<i32>) -> Result<(), SaveError> {
+        thread::scope(|s| {
+            let helper = thread::Builder::new()
+                .name("saver-fault-2".into())
+                .spawn_scoped(s, || {
+                    // A panic here aborts the save at once: a sub-block it claimed would
+                    // otherwise stay protected with nobody to release it.
+                    let _p = HelperPanic(self);
+                    if let Some(n) = nice {
+                        // Best effort, as for the fault thread.
+                        let _ = uffd_sys::host::set_thread_nice(n);
+                    }
+                    if let Err(e) = self.help_with_faults() {
+                        self.abort(e);
+                    }
+                });
+            let r = {
+                // Ends the helper also when this thread panics: the scope joins it before the
+                // panic goes on.
+                let _end = HandoffEnd(self);
+                self.serve_faults()
+            };
+            if let Ok(h) = helper {
+                // Its panic already aborted the save (HelperPanic).
+                let _ = h.join();
+            }
+            r
+        })
+    }
+
+    /// The fault thread's loop: read a batch of faults, hand all but the first to the helper,
+    /// serve the first, then whatever the helper has not taken.
+    fn serve_faults(&self) -> Result<(), SaveError> {
         let mut faults = Vec::with_capacity(256);
         let mut pending = Vec::with_capacity(256);
         let mut lat = Vec::with_capacity(256);
+        let mut clock = PhaseClock::default();
         let mut idle_since = Instant::now();
         loop {
             if self.stopped() {
@@ -122,37 +272,97 @@ impl Shared<'_> {
                 return Ok(());
             }
             faults.clear();
-            if self.spin {
+            let mut t = Instant::now();
+            let queued = self
+                .tracker
+                .read_faults(&mut faults)
+                .map_err(SaveError::Tracker)?;
+            if queued > 0 {
+                clock.read += PhaseClock::lap(&mut t);
+            } else if self.spin {
                 // Busy-poll: no wakeup latency, at the price of a core while the save runs.
-                let n = self
-                    .tracker
-                    .read_faults(&mut faults)
-                    .map_err(SaveError::Tracker)?;
-                if n == 0 {
-                    if idle_since.elapsed() > SPIN_IDLE {
-                        // Let others run now and then; keeps a stuck save from hogging a core.
-                        thread::yield_now();
-                    }
-                    std::hint::spin_loop();
-                    continue;
+                if idle_since.elapsed() > SPIN_IDLE {
+                    // Let others run now and then; keeps a stuck save from hogging a core.
+                    thread::yield_now();
                 }
-                idle_since = Instant::now();
+                std::hint::spin_loop();
+                continue;
             } else {
                 self.tracker
                     .wait_faults(POLL, &mut faults)
                     .map_err(SaveError::Tracker)?;
             }
-            let read_at = Instant::now();
-            for f in &faults {
-                self.serve_fault(f.addr, read_at, &mut pending, &mut lat)?;
+            if faults.is_empty() {
+                continue;
+            }
+            idle_since = Instant::now();
+            let read_at = idle_since;
+            self.last_fault_us.store(
+                self.started.elapsed().as_micros().max(1) as u64,
+                Ordering::Relaxed,
+            );
+            clock.batches += 1;
+            if faults.len() > 1 {
+                let mut h = lock(&self.handoff.faults);
+                h.queue
+                    .extend(faults[1..].iter().map(|f| (f.addr, read_at)));
+                drop(h);
+                self.handoff.cv.notify_one();
+            }
+            self.serve_fault(faults[0].addr, read_at, &mut pending, &mut lat, &mut clock)?;
+            while let Some((addr, at)) = self.take_handed_off(false) {
+                self.serve_fault(addr, at, &mut pending, &mut lat, &mut clock)?;
             }
             // Bookkeeping once per batch, after every vCPU of the batch was released.
+            let mut t = Instant::now();
             self.push_fault_work(&mut pending);
             if !lat.is_empty() {
                 self.faults_served
                     .fetch_add(lat.len() as u64, Ordering::Relaxed);
                 lock(&self.latencies_us).append(&mut lat);
             }
+            clock.bookkeeping += PhaseClock::lap(&mut t);
+            clock.add_to(&mut lock(&self.phases));
+        }
+    }
+
+    /// The helper: serve handed-off faults until the fault thread is done.
+    fn help_with_faults(&self) -> Result<(), SaveError> {
+        let mut pending = Vec::new();
+        let mut lat = Vec::new();
+        let mut clock = PhaseClock::default();
+        while let Some((addr, at)) = self.take_handed_off(true) {
+            self.serve_fault(addr, at, &mut pending, &mut lat, &mut clock)?;
+            while let Some((addr, at)) = self.take_handed_off(false) {
+                self.serve_fault(addr, at, &mut pending, &mut lat, &mut clock)?;
+            }
+            self.push_fault_work(&mut pending);
+            if !lat.is_empty() {
+                self.faults_served
+                    .fetch_add(lat.len() as u64, Ordering::Relaxed);
+                lock(&self.latencies_us).append(&mut lat);
+            }
+            clock.add_to(&mut lock(&self.phases));
+        }
+        Ok(())
+    }
+
+    /// The oldest handed-off fault (address, when it was read); with `wait`, waits for one
+    /// until the fault thread is done or the save stops.
+    fn take_handed_off(&self, wait: bool) -> Option<(usize, Instant)> {
+        let mut h = lock(&self.handoff.faults);
+        loop {
+            if let Some(f) = h.queue.pop_front() {
+                return Some(f);
+            }
+            if !wait || h.done || self.stopped() {
+                return None;
+            }
+            h = self
+                .handoff
+                .cv
+                .wait_timeout(h, POLL)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
         }
     }
 
@@ -169,19 +379,24 @@ impl Shared<'_> {
             .map_err(SaveError::Tracker)
     }
 
-    /// Claim, copy and release the sub-block at `addr`; its work goes to `pending` and its
-    /// service latency to `lat` (both handed on once per batch of faults).
+    /// Claim, copy and release the sub-block at `addr`; its work goes to `pending`, its service
+    /// latency to `lat` (both handed on once per batch of faults) and its phase times to `clock`.
     fn serve_fault(
         &self,
         addr: usize,
         read_at: Instant,
         pending: &mut Vec<Work>,
         lat: &mut Vec<u64>,
+        clock: &mut PhaseClock,
     ) -> Result<(), SaveError> {
         let Some((i, u)) = self.blocks.find(addr) else {
             return Ok(());
         };
-        match self.blocks.claim(i) {
+        let mut t = Instant::now();
+        clock.queue += t.duration_since(read_at).as_nanos() as u64;
+        let claimed = self.blocks.claim(i);
+        clock.claim += PhaseClock::lap(&mut t);
+        match claimed {
             Ok(()) => {
                 if self.inject == Some(InjectPoint::FaultPanic) {
                     panic!("injected fault thread failure");
@@ -189,22 +404,26 @@ impl Shared<'_> {
                 let buf = match self.fault_pool.try_acquire() {
                     Some(b) => Some(b),
                     None => {
-                        // The pool is dry: what we hold back must reach the workers first,
-                        // or nothing would ever come back.
+                        // At the cap: what we hold back must reach the workers first, or
+                        // nothing would ever come back.
                         self.push_fault_work(pending);
                         self.acquire_buffer(true)
                     }
                 };
+                clock.staging += PhaseClock::lap(&mut t);
                 let Some(mut buf) = buf else {
                     return Ok(());
                 };
                 let b = self.blocks.block(i);
                 self.copy_claimed(self.range_of(i, 1), &mut buf[..b.len])?;
+                clock.copy += PhaseClock::lap(&mut t);
                 if self.blocks.huge[u] && b.len < self.blocks.units[u].len {
                     // Set before the release, so whoever sees RELEASED also sees the split.
                     self.blocks.split[u].store(true, Ordering::Release);
                 }
                 self.release_run(i, 1)?;
+                clock.release += PhaseClock::lap(&mut t);
+                clock.faults += 1;
                 lat.push(read_at.elapsed().as_micros() as u64);
                 self.bytes_scanned
                     .fetch_add(b.len as u64, Ordering::Relaxed);
@@ -226,8 +445,9 @@ impl Shared<'_> {
         }
     }
 
-    /// Queue fault work (never waits: fault staging is bounded by its pool).
-    fn push_fault_work(&self, w: &mut Vec<Work>) {
+    /// Queue fault work, and the scanner's work staged in fault staging (never waits: fault
+    /// staging is bounded by its cap).
+    pub(super) fn push_fault_work(&self, w: &mut Vec<Work>) {
         if w.is_empty() {
             return;
         }
@@ -242,9 +462,15 @@ impl Shared<'_> {
 
     /// While the fault pool is more than [`SCAN_PAUSE_AT`] in use, the scanner waits (holding
     /// nothing claimed) until it drains below [`SCAN_RESUME_AT`]: the workers and the writer
-    /// then serve fault data only, so the guest gets its buffers back before the scan's.
+    /// then serve fault data only, so the guest gets its buffers back before the scan's. Not
+    /// when fault staging can hold every sub-block at once (the default cap, on a host with the
+    /// memory to spare).
     pub(super) fn yield_to_faults(&self) {
         let pool = &self.fault_pool;
+        if self.staging_holds_everything() {
+            // Every sub-block fits in fault staging at once: no fault can ever wait for it.
+            return;
+        }
         let (pause, resume) = (
             pool.cap * SCAN_PAUSE_AT.0 / SCAN_PAUSE_AT.1,
             pool.cap * SCAN_RESUME_AT.0 / SCAN_RESUME_AT.1,

@@ -3,14 +3,15 @@
 //! then compressed and written elsewhere.
 //!
 //! Threads (all scoped, borrowing guest memory and the tracker):
-//! - fault thread (`fault`): reads write faults, claims the faulting sub-block, copies it to
-//!   staging, unprotects it (waking the vCPU) and queues it ahead of scan output. No
-//!   compression, no I/O. `fault` also holds the whole fault-priority policy: what a fault
-//!   copies, when the scanner yields to faults, and how fault data goes first to the output.
+//! - fault thread (`fault`), with a helper for the faults of a batch it has not reached: reads
+//!   write faults, claims the faulting sub-block, copies it to staging, unprotects it (waking the
+//!   vCPU) and queues it ahead of scan output. No compression, no I/O. `fault` also holds the
+//!   whole fault-priority policy: what a fault copies, when the scanner yields to faults, and
+//!   how fault data goes first to the output.
 //! - scanner (`scan`): walks units ([`SaveOptions::block_size`], 2 MiB) in address order, claims
 //!   every sub-block still protected, skips the copy for units the kernel says hold no page,
 //!   copies, releases each run of claimed sub-blocks in one call, queues; throttled by
-//!   `max_bandwidth`.
+//!   `max_bandwidth`. While the guest writes it stages in growable fault staging (`staging`).
 //! - compression workers (`encode`): turn staged runs into zero runs and (compressed) data
 //!   records; fault work always goes first.
 //! - the calling thread (`output`): writes encoded batches, fault batches first, reports
@@ -18,14 +19,15 @@
 //!   (`huge`).
 //!
 //! Sub-block states (`blocks`) only move forward: PROTECTED → CLAIMED (one thread copies) →
-//! RELEASED. Staging buffers (`staging`) are bounded and reused. Whatever goes wrong, the
-//! release guard and `abort` (`threads`) unprotect every range.
+//! RELEASED. Staging buffers (`staging`) are reused; fault staging grows while the guest writes,
+//! up to a cap. Whatever goes wrong, the release guard and `abort` (`threads`) unprotect every
+//! range.
 //!
 //! Why each number is what it is (unit sizes, pools, priorities, workers) is measured in
 //! `docs/PERFORMANCE.md`, with the commands that measure it.
 //!
 //! # Cancel and failures never wait for the output
-//! Once fault staging is full, every guest write waits for the writer, and the writer may wait
+//! Once fault staging is at its cap, every guest write waits for the writer, and the writer may wait
 //! for a disk that does not answer (a hung NFS or FUSE mount, a dying disk): a write stuck in
 //! the kernel cannot be interrupted. So nothing that frees the guest runs on the writer: a
 //! watcher thread polls `cancel` every few milliseconds and aborts, and `abort` (from whichever
@@ -59,9 +61,12 @@ mod staging;
 mod threads;
 
 use blocks::BlockMap;
+pub use fault::FaultPhases;
 pub use options::{InjectPoint, SaveOptions};
 use staging::Pool;
-pub use staging::Staging;
+pub use staging::{
+    default_max_staging, host_available_memory, host_total_memory, Staging, StagingFigures,
+};
 use threads::ReleaseGuard;
 
 /// Guest page size used by the saver.
@@ -105,6 +110,12 @@ pub struct SaveSummary {
     pub fault_latency_p99_us: u64,
     /// Fault service latency, maximum, µs.
     pub fault_latency_max_us: u64,
+    /// Fault service latency summed over every fault, µs.
+    pub fault_latency_total_us: u64,
+    /// Where the fault thread's time went, phase by phase.
+    pub fault_phases: FaultPhases,
+    /// Staging memory: cap, peak, waits.
+    pub staging: StagingFigures,
     /// Size of the snapshot file.
     pub file_bytes: u64,
     /// Bytes of non-zero guest pages.
@@ -119,7 +130,8 @@ pub struct SaveSummary {
     pub huge_pages_restored: u64,
     /// Wall time of restoring huge pages, in seconds (overlaps the final flush and fsync).
     pub huge_restore_secs: f64,
-    /// Faults that had to wait for a fault staging buffer (the pool was exhausted).
+    /// Faults that had to wait for a fault staging buffer (staging was at its cap); also in
+    /// `staging`.
     pub fault_buffer_waits: u64,
     /// Longest such wait, µs.
     pub fault_buffer_wait_max_us: u64,
@@ -225,6 +237,15 @@ struct Shared<'a> {
     faults_served: AtomicU64,
     huge_restored: AtomicU64,
     latencies_us: Mutex<Vec<u64>>,
+    /// Phase times of the fault thread.
+    phases: Mutex<FaultPhases>,
+    /// Faults the fault thread hands to its helper.
+    handoff: fault::Handoff,
+    /// When the save started, and the last fault (µs after it; 0: none yet).
+    started: Instant,
+    last_fault_us: AtomicU64,
+    /// Units the scanner staged in fault staging.
+    scan_units_staged: AtomicU64,
     spin: bool,
     inject: Option<InjectPoint>,
 }
@@ -269,6 +290,11 @@ impl<'a> Shared<'a> {
             faults_served: AtomicU64::new(0),
             huge_restored: AtomicU64::new(0),
             latencies_us: Mutex::new(Vec::new()),
+            phases: Mutex::new(FaultPhases::default()),
+            handoff: fault::Handoff::default(),
+            started: Instant::now(),
+            last_fault_us: AtomicU64::new(0),
+            scan_units_staged: AtomicU64::new(0),
             spin: opts.fault_spin.unwrap_or(fault::DEFAULT_SPIN),
             inject: opts.inject_failure,
         }
@@ -399,6 +425,11 @@ fn check_options(opts: &SaveOptions) -> Result<(), SaveError> {
     if opts.max_bandwidth == Some(0) {
         return Err(SaveError::InvalidOptions(
             "max_bandwidth 0 would never finish the scan (and keep pages protected)".into(),
+        ));
+    }
+    if opts.max_staging == Some(0) {
+        return Err(SaveError::InvalidOptions(
+            "max_staging 0 leaves no memory to copy a faulting page into".into(),
         ));
     }
     if opts.block_size == 0 || !opts.block_size.is_multiple_of(PAGE_SIZE) {

@@ -20,7 +20,7 @@ pub struct SaveOptions {
     /// Compression threads (default: the number of cores minus one, at least one).
     pub workers: usize,
     /// Unit the fault thread copies and releases; `None` chooses from the memory's backing: the
-    /// whole unit on hugetlbfs and mostly-THP memory, else 4 KiB (why: `docs/PERFORMANCE.md`,
+    /// whole unit on hugetlbfs and mostly-THP memory, else 64 KiB (why: `docs/PERFORMANCE.md`,
     /// "Fault unit").
     pub fault_block_size: Option<usize>,
     /// Busy-poll the userfaultfd while a save runs (default: false: on small hosts a spinning
@@ -29,8 +29,12 @@ pub struct SaveOptions {
     /// After the save, collapse huge pages that 4 KiB releases split back into huge pages
     /// (MADV_COLLAPSE; default true).
     pub restore_huge_pages: bool,
-    /// Fault staging budget in bytes; `None`: guest size / 8 within 4..=128 MiB.
-    pub fault_staging: Option<usize>,
+    /// Cap of fault staging in bytes: staging grows on demand up to it while the guest writes,
+    /// and only past it does a fault wait (for the workers to give a buffer back). `None`: half
+    /// of the host's available memory, never more than guest RAM
+    /// ([`default_max_staging`](super::default_max_staging)). Never more than guest RAM is used;
+    /// the scan's fixed 32 MiB comes on top. 0 is refused.
+    pub max_staging: Option<usize>,
     /// Nice value of the fault thread (default −10: a fault preempts the bulk threads and the
     /// vCPUs; applied where permitted, i.e. with CAP_SYS_NICE). `None` leaves it alone.
     pub fault_nice: Option<i32>,
@@ -59,7 +63,7 @@ impl Default for SaveOptions {
             fault_block_size: None,
             fault_spin: None,
             restore_huge_pages: true,
-            fault_staging: None,
+            max_staging: None,
             staging: Staging::default(),
             fault_nice: Some(DEFAULT_FAULT_NICE),
             bulk_nice: None,

@@ -1,6 +1,7 @@
 //! The scanner: every unit in address order, claiming what is still protected, skipping the
 //! copy of units the kernel says hold no data, releasing each run of claimed sub-blocks in one
-//! call (one TLB flush per run; whole huge pages stay huge), throttled by `max_bandwidth`.
+//! call (one TLB flush per run; whole huge pages stay huge), throttled by `max_bandwidth`. While
+//! the guest writes, it stages into fault staging too (`staging`), at memory speed.
 
 use std::sync::atomic::Ordering;
 use std::thread;
@@ -66,7 +67,8 @@ impl Shared<'_> {
         if likely_data {
             self.yield_to_faults();
         }
-        let Some(mut buf) = self.acquire_buffer(false) else {
+        // `grown`: the buffer is fault staging (the guest writes), its work goes with faults'.
+        let Some((mut buf, grown)) = self.scan_buffer() else {
             return Ok(0);
         };
         // Claim every sub-block still protected, as runs of consecutive sub-blocks.
@@ -80,12 +82,12 @@ impl Shared<'_> {
             }
         }
         if runs.is_empty() {
-            self.release_buffer(buf, false);
+            self.release_buffer(buf, grown);
             return Ok(0);
         }
         // Authoritative check while claimed and protected: nothing can appear unseen.
         if !pagemap::may_hold_data(self.tracker, range) {
-            self.release_buffer(buf, false);
+            self.release_buffer(buf, grown);
             for &(first, n) in runs.iter() {
                 self.release_run(first, n)?;
                 let r = self.range_of(first, n);
@@ -115,11 +117,17 @@ impl Shared<'_> {
         }
         self.bytes_scanned
             .fetch_add(bytes as u64, Ordering::Relaxed);
-        self.push_scan_work(Work::Data {
+        let work = Work::Data {
             buf,
             runs: staged,
-            fault: false,
-        });
+            fault: grown,
+        };
+        if grown {
+            self.scan_units_staged.fetch_add(1, Ordering::Relaxed);
+            self.push_fault_work(&mut vec![work]);
+        } else {
+            self.push_scan_work(work);
+        }
         Ok(bytes as u64)
     }
 }

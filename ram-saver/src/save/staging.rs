@@ -1,26 +1,98 @@
 //! Staging: the buffers guest memory is copied into while still protected, before compression
-//! and I/O. Two bounded pools, so that faults never wait for the scan's buffers: scan staging
-//! (a fixed budget) and fault staging (a share of guest memory), both allocated as used and
-//! reused, never freed during a save. [`Staging`] faults buffers in before the freeze.
+//! and I/O. Two pools, so that faults never wait for the scan's buffers: scan staging (a fixed
+//! budget, reused at the pace of the output) and fault staging, which grows on demand up to a cap
+//! ([`SaveOptions::max_staging`], by default half of the host's available memory and never more
+//! than guest RAM: [`default_max_staging`]). Both are allocated as used and reused, never freed
+//! during a save, and freed when it ends. [`Staging`] faults buffers in before the freeze.
+//!
+//! While the guest writes (a fault within [`BUSY_AFTER_FAULT`]), the scanner too copies into
+//! fault staging, up to half of its cap (all of it when the cap holds every sub-block), so that protected memory is staged at memory speed
+//! rather than at the output's: the guest stops faulting once everything is released, and the
+//! output drains the staged data afterwards. An idle guest's save never grows staging. Only past
+//! the cap does a fault wait, and then for the next buffer the workers give back (they take
+//! staged data oldest first).
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{lock, SaveOptions, Shared, PAGE_SIZE, POLL};
 
 /// Staging memory budget of the scanner (bounded independent of guest size).
 const SCAN_STAGING: usize = 32 << 20;
-/// Staging memory budget of the fault thread, separate so that a burst of faults right after
-/// the freeze instant finds buffers without waiting for the scan's compression and I/O:
-/// guest size / [`FAULT_STAGING_SHARE`] within [`FAULT_STAGING_MIN`]..=[`FAULT_STAGING_MAX`],
-/// allocated as faults need it.
-const FAULT_STAGING_SHARE: usize = 8;
-const FAULT_STAGING_MIN: usize = 4 << 20;
-const FAULT_STAGING_MAX: usize = 128 << 20;
+/// Fault staging cap when the host's available memory cannot be read: guest size /
+/// [`FALLBACK_SHARE`] within [`MIN_STAGING`]..=[`FALLBACK_MAX`].
+const FALLBACK_SHARE: usize = 8;
+const FALLBACK_MAX: usize = 128 << 20;
+/// Smallest default fault staging cap.
+const MIN_STAGING: usize = 4 << 20;
+/// The default cap takes this share (1/n) of the host's available memory.
+const AVAILABLE_SHARE: u64 = 2;
 /// At most this many scan staging buffers (tiny blocks).
 const MAX_BUFFERS: usize = 1024;
 /// Fault staging faulted in ahead by [`Staging::prepare`], in bytes.
 const FAULT_WARM: usize = 16 << 20;
+/// The guest counts as writing (the scanner may grow fault staging) this long after a fault.
+pub(super) const BUSY_AFTER_FAULT: Duration = Duration::from_millis(100);
+/// While the guest writes, the scanner keeps this many fault buffers faulted in ahead, so that a
+/// fault that grows staging does not pay for zeroing fresh memory (~1 ms per 2 MiB here).
+const READY_AHEAD: usize = 8;
+
+/// Figures of a save's staging memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StagingFigures {
+    /// Cap of fault staging, bytes (the scan's fixed staging comes on top).
+    pub cap_bytes: u64,
+    /// Most staging memory held at once (fault and scan staging), bytes.
+    pub peak_bytes: u64,
+    /// Fault staging reached its cap: a fault found it full and waited.
+    pub cap_reached: bool,
+    /// Faults that waited for staging (only past the cap).
+    pub waits: u64,
+    /// Their total wait, µs.
+    pub wait_total_us: u64,
+    /// Their longest wait, µs.
+    pub wait_max_us: u64,
+    /// Units the scanner staged in fault staging while the guest wrote.
+    pub scan_units_staged: u64,
+}
+
+/// The host's available memory (MemAvailable of /proc/meminfo), bytes.
+pub fn host_available_memory() -> Option<u64> {
+    meminfo("MemAvailable:")
+}
+
+/// The host's memory (MemTotal of /proc/meminfo), bytes.
+pub fn host_total_memory() -> Option<u64> {
+    meminfo("MemTotal:")
+}
+
+fn meminfo(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Default fault staging cap for `guest_bytes` of guest RAM: half of the host's available memory
+/// (what the host can spare now without swapping or reclaiming much), never more than guest RAM
+/// (a save stages each page at most once), at least 4 MiB. Where the available memory cannot be
+/// read, guest size / 8 within 4..=128 MiB.
+pub fn default_max_staging(guest_bytes: usize) -> usize {
+    match host_available_memory() {
+        Some(avail) => usize::try_from(avail / AVAILABLE_SHARE)
+            .unwrap_or(usize::MAX)
+            .min(guest_bytes)
+            .max(MIN_STAGING),
+        None => (guest_bytes / FALLBACK_SHARE).clamp(MIN_STAGING, FALLBACK_MAX),
+    }
+}
 
 /// Staging memory faulted in ahead of a save, so the first copies after the thaw (the fault
 /// thread's above all) do not fault in fresh pages one by one while a vCPU waits: first-touch
@@ -78,10 +150,12 @@ fn scan_pool_len(opts: &SaveOptions) -> usize {
     (SCAN_STAGING / opts.block_size.max(PAGE_SIZE)).clamp(min_pool, MAX_BUFFERS.max(min_pool))
 }
 
-/// Fault staging budget of a save with `opts` for `guest_bytes` of guest memory.
-pub(super) fn fault_staging(opts: &SaveOptions, guest_bytes: usize) -> usize {
-    opts.fault_staging
-        .unwrap_or((guest_bytes / FAULT_STAGING_SHARE).clamp(FAULT_STAGING_MIN, FAULT_STAGING_MAX))
+/// Fault staging cap of a save with `opts` for `guest_bytes` of guest memory: the caller's, else
+/// [`default_max_staging`]; never more than guest RAM.
+pub(super) fn max_staging(opts: &SaveOptions, guest_bytes: usize) -> usize {
+    opts.max_staging
+        .unwrap_or_else(|| default_max_staging(guest_bytes))
+        .min(guest_bytes.max(PAGE_SIZE))
 }
 
 /// The scan pool and the fault pool (of `fault_block`-sized buffers) of a save with `opts`.
@@ -93,7 +167,7 @@ pub(super) fn pools(opts: &SaveOptions, fault_block: usize, guest_bytes: usize) 
         prepared.clear();
     }
     let fault_pool = Pool::with_buffers(
-        (fault_staging(opts, guest_bytes) / fault_block).max(min_pool(opts)),
+        (max_staging(opts, guest_bytes) / fault_block).max(min_pool(opts)),
         fault_block,
         &mut prepared,
     );
@@ -115,9 +189,23 @@ pub(super) struct Pool {
 pub(super) struct PoolState {
     pub(super) free: Vec<Vec<u8>>,
     pub(super) allocated: usize,
-    /// Acquisitions that had to wait for a buffer, and the longest wait (µs).
+    /// Acquisitions that had to wait for a buffer, their total and their longest wait (µs).
     pub(super) waits: u64,
+    pub(super) wait_total_us: u64,
     pub(super) wait_max_us: u64,
+    /// A taker found the pool at its cap with nothing free.
+    pub(super) exhausted: bool,
+}
+
+/// A fresh buffer of `size` bytes, each page written once so that a copy into it does not
+/// fault pages in (`vec![0; n]` alone maps nothing yet; a zero written there could be optimized
+/// away).
+fn faulted_in(size: usize) -> Vec<u8> {
+    let mut b = vec![0u8; size];
+    for i in (0..size).step_by(PAGE_SIZE) {
+        b[i] = 0xa5;
+    }
+    b
 }
 
 impl Pool {
@@ -145,7 +233,15 @@ impl Pool {
 
     /// A buffer if one is free or may still be allocated, without waiting.
     pub(super) fn try_acquire(&self) -> Option<Vec<u8>> {
+        self.try_acquire_below(self.cap)
+    }
+
+    /// A buffer if one is free, or may be allocated while fewer than `limit` are in use.
+    fn try_acquire_below(&self, limit: usize) -> Option<Vec<u8>> {
         let mut g = lock(&self.state);
+        if g.allocated - g.free.len() >= limit.min(self.cap) {
+            return None;
+        }
         if let Some(b) = g.free.pop() {
             return Some(b);
         }
@@ -155,6 +251,27 @@ impl Pool {
             return Some(vec![0u8; self.size]);
         }
         None
+    }
+
+    /// Fault in free buffers until [`READY_AHEAD`] are free or the pool is at its cap.
+    fn keep_ready(&self) {
+        loop {
+            {
+                let mut g = lock(&self.state);
+                if g.free.len() >= READY_AHEAD || g.allocated >= self.cap {
+                    return;
+                }
+                g.allocated += 1;
+            }
+            let b = faulted_in(self.size);
+            lock(&self.state).free.push(b);
+            self.cv.notify_all();
+        }
+    }
+
+    /// Staging memory held, bytes.
+    fn bytes(&self) -> u64 {
+        (lock(&self.state).allocated * self.size) as u64
     }
 }
 
@@ -167,6 +284,8 @@ impl Shared<'_> {
         }
     }
 
+    /// A buffer of the fault pool (`fault`) or the scan pool, waiting while it is at its cap;
+    /// `None` once the save stops.
     pub(super) fn acquire_buffer(&self, fault: bool) -> Option<Vec<u8>> {
         let pool = self.pool(fault);
         if let Some(b) = pool.try_acquire() {
@@ -174,10 +293,13 @@ impl Shared<'_> {
         }
         let t = Instant::now();
         let mut g = lock(&pool.state);
+        g.exhausted = true;
         loop {
             if let Some(b) = g.free.pop() {
+                let us = t.elapsed().as_micros() as u64;
                 g.waits += 1;
-                g.wait_max_us = g.wait_max_us.max(t.elapsed().as_micros() as u64);
+                g.wait_total_us += us;
+                g.wait_max_us = g.wait_max_us.max(us);
                 return Some(b);
             }
             if self.stopped() {
@@ -196,5 +318,66 @@ impl Shared<'_> {
         // One waiter per pool at most (the fault thread, or the scanner), and the scanner may
         // wait for the fault pool to drain.
         pool.cv.notify_all();
+    }
+
+    /// The guest wrote to protected memory within [`BUSY_AFTER_FAULT`].
+    pub(super) fn guest_writing(&self) -> bool {
+        let last = self.last_fault_us.load(Ordering::Relaxed);
+        last != 0
+            && self.started.elapsed().as_micros() as u64
+                <= last + BUSY_AFTER_FAULT.as_micros() as u64
+    }
+
+    /// A staging buffer for the scanner (`true`: of fault staging). While the guest writes, fault
+    /// staging first (up to half of its cap, so faults keep the other half; all of it when it
+    /// holds every sub-block, since then no fault can wait for it), keeping buffers
+    /// faulted in ahead for the fault thread: the scanner then copies and releases at memory
+    /// speed instead of waiting for the workers and the output. Else its own pool, waiting for
+    /// it; `None` once the save stops.
+    pub(super) fn scan_buffer(&self) -> Option<(Vec<u8>, bool)> {
+        let growable = self.fault_pool.size == self.scan_pool.size;
+        let limit = if self.staging_holds_everything() {
+            self.fault_pool.cap
+        } else {
+            self.fault_pool.cap / 2
+        };
+        loop {
+            if growable && self.guest_writing() {
+                if let Some(b) = self.fault_pool.try_acquire_below(limit) {
+                    self.fault_pool.keep_ready();
+                    return Some((b, true));
+                }
+            }
+            if let Some(b) = self.scan_pool.try_acquire() {
+                return Some((b, false));
+            }
+            if self.stopped() {
+                return None;
+            }
+            let g = lock(&self.scan_pool.state);
+            if g.free.is_empty() {
+                let _ = self.scan_pool.cv.wait_timeout(g, POLL);
+            }
+        }
+    }
+
+    /// Fault staging has a buffer for every sub-block: each is staged at most once, so neither
+    /// faults nor the scanner can ever find it full.
+    pub(super) fn staging_holds_everything(&self) -> bool {
+        self.fault_pool.cap >= self.blocks.n_blocks()
+    }
+
+    /// The figures of this save's staging.
+    pub(super) fn staging_figures(&self) -> StagingFigures {
+        let g = lock(&self.fault_pool.state);
+        StagingFigures {
+            cap_bytes: (self.fault_pool.cap * self.fault_pool.size) as u64,
+            peak_bytes: (g.allocated * self.fault_pool.size) as u64 + self.scan_pool.bytes(),
+            cap_reached: g.exhausted,
+            waits: g.waits,
+            wait_total_us: g.wait_total_us,
+            wait_max_us: g.wait_max_us,
+            scan_units_staged: self.scan_units_staged.load(Ordering::Relaxed),
+        }
     }
 }

@@ -152,7 +152,7 @@ pub(super) fn run<S: SnapshotSink>(
             watcher,
             spawn_saver(s, shared, "fault", opts.fault_nice, move || {
                 let _d = ProducerDone(shared);
-                shared.fault_loop()
+                shared.fault_loop(opts.fault_nice)
             }),
             spawn_saver(s, shared, "scanner", opts.bulk_nice, move || {
                 let _d = ProducerDone(shared);

@@ -204,6 +204,9 @@ fn describe_save(req: &SaveParams) -> String {
     if req.background {
         s.push_str(", background");
     }
+    if let Some(m) = req.max_staging {
+        s.push_str(&format!(", staging at most {}", fmt_bytes(m)));
+    }
     if req.force {
         s.push_str(", replacing");
     }
@@ -214,7 +217,7 @@ fn describe_save(req: &SaveParams) -> String {
 fn log_report(r: &vm_snapshot::SaveReport) {
     info!(
         "save finished: {} of guest RAM to {} in {:.3} s; downtime {:.3} ms; {} faults served (p99 {} µs); \
-         file {} (image size ratio {:.4})",
+         file {} (image size ratio {:.4}); staging peak {} of {}",
         fmt_bytes(r.guest_bytes),
         r.path,
         r.duration_s,
@@ -222,8 +225,18 @@ fn log_report(r: &vm_snapshot::SaveReport) {
         r.faults_served,
         r.fault_latency_p99_us,
         fmt_bytes(r.file_bytes),
-        r.image_size_ratio
+        r.image_size_ratio,
+        fmt_bytes(r.staging.peak_bytes),
+        fmt_bytes(r.staging.cap_bytes)
     );
+    if r.staging.cap_reached {
+        info!(
+            "save reached its staging cap ({}): {} guest writes waited {:.1} ms in total for the output",
+            fmt_bytes(r.staging.cap_bytes),
+            r.staging.waits,
+            r.staging.wait_total_us as f64 / 1e3
+        );
+    }
     let compression = match r.compression {
         ram_saver::Compression::None => "raw".to_string(),
         ram_saver::Compression::Zstd { level } => format!("zstd level {level}"),
