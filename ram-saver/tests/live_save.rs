@@ -1286,6 +1286,17 @@ fn scanner_staging_beside_faults_keeps_the_image_exact() {
         check_snapshot(&file, &out.oracle);
         assert_eq!(s.fault_block_size, 2 * MIB);
         assert!(s.staging.peak_bytes <= s.staging.cap_bytes + 32 * MIB as u64);
+        // Units the scanner stages beside the faults are not hot: only what the fault path
+        // copied is (every page of this memory holds data, so a served unit is a whole one).
+        let hot = SnapshotReader::from_reader(Cursor::new(&file))
+            .unwrap()
+            .hot_totals();
+        assert_eq!(
+            hot.pages,
+            s.faults_served * (2 * MIB / PS) as u64,
+            "hot pages against faults served ({} units staged by the scanner)",
+            s.staging.scan_units_staged
+        );
         staged.push(s.staging.scan_units_staged);
         if s.staging.scan_units_staged > 0 {
             break;

@@ -48,10 +48,15 @@ impl Shared<'_> {
             let mut r = Ok(());
             for w in work.drain(..) {
                 match w {
-                    Work::Data { buf, runs, fault } => {
+                    Work::Data {
+                        buf,
+                        runs,
+                        fault,
+                        hot,
+                    } => {
                         fault_batch |= fault;
                         // What the fault path copied is hot in the index.
-                        enc.set_hot(fault);
+                        enc.set_hot(hot);
                         for run in &runs {
                             if r.is_ok() {
                                 r = enc.encode(

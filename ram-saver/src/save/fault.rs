@@ -435,6 +435,7 @@ impl Shared<'_> {
                         len: b.len,
                     }],
                     fault: true,
+                    hot: true,
                 });
                 Ok(())
             }

@@ -184,6 +184,9 @@ enum Work {
         runs: Vec<Run>,
         /// The buffer belongs to the fault pool.
         fault: bool,
+        /// The guest wrote these pages during the save (the fault path copied them): hot in the
+        /// index. Units the scanner stages in the fault pool are not.
+        hot: bool,
     },
     Zero {
         first_page: u64,

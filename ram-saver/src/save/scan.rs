@@ -121,6 +121,7 @@ impl Shared<'_> {
             buf,
             runs: staged,
             fault: grown,
+            hot: false,
         };
         if grown {
             self.scan_units_staged.fetch_add(1, Ordering::Relaxed);
