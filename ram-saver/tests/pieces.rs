@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use ram_saver::{
     Compression, EncodedBatch, ErrorKind, FormatError, MemRegion, RecordEncoder, RecordKind,
-    SnapshotHeader, SnapshotReader, SnapshotWriter, FORMAT_VERSION, ZSTD_PIECE_RAW,
+    SnapshotHeader, SnapshotReader, SnapshotWriter, FORMAT_VERSION, PIECE_RAW,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -143,7 +143,7 @@ fn check_whole(path: &Path) {
 
 #[test]
 fn records_in_pieces_of_every_size_round_trip_and_read_one_piece_at_a_time() {
-    for piece_raw in [4096, 32 << 10, ZSTD_PIECE_RAW, 128 << 10, 2 << 20, 4 << 20] {
+    for piece_raw in [4096, 32 << 10, PIECE_RAW, 128 << 10, 2 << 20, 4 << 20] {
         let path = temp(&format!("round-{piece_raw}"));
         write_file(&path, Some(piece_raw));
         check_whole(&path);
@@ -220,7 +220,7 @@ fn piece_sizes_no_reader_accepts_are_refused_by_the_encoder() {
 #[test]
 fn hot_flags_round_trip_and_are_counted() {
     let path = temp("hot");
-    write_file(&path, Some(ZSTD_PIECE_RAW));
+    write_file(&path, Some(PIECE_RAW));
     let rd = SnapshotReader::open(&path).unwrap();
     let index = &rd.trailer().index;
     // Runs with an odd number of pages were written hot (each run's records, zero runs too).
@@ -270,7 +270,7 @@ fn corrupt_record(e: &FormatError) -> Option<u64> {
 #[test]
 fn a_damaged_piece_or_piece_table_is_named_and_other_pieces_still_read() {
     let path = temp("damage");
-    write_file(&path, Some(ZSTD_PIECE_RAW));
+    write_file(&path, Some(PIECE_RAW));
     let clean = std::fs::read(&path).unwrap();
     // The huge-page record (pages 512..1024) has 32 pieces of 16 pages.
     let rd = SnapshotReader::open(&path).unwrap();
