@@ -568,3 +568,55 @@ fn what_format_1_lacks_is_refused_in_a_format_1_file() {
     assert!(err.to_string().contains("bad record header"), "{err}");
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn zstd_records_that_do_not_compress_go_raw_in_pieces() {
+    // Random pages: zstd does not shrink them, the encoder stores them raw, in pieces when the
+    // record spans two or more, plain raw when it lies in one.
+    let random = |p: u64| -> Vec<u8> {
+        (0..PS / 8)
+            .flat_map(|i| splitmix(p * 4096 + i).to_le_bytes())
+            .collect()
+    };
+    let regions = vec![MemRegion {
+        gpa: 0,
+        size: 1024 * PS,
+    }];
+    let mut h = SnapshotHeader::new(regions, 1, Vec::new());
+    h.compression = Compression::Zstd { level: 3 };
+    let mut out = Vec::new();
+    let mut w = SnapshotWriter::new(&mut out, &h, b"state").unwrap();
+    for (first, n) in [(0, 8), (8, 504), (512, 512)] {
+        let data: Vec<u8> = (first..first + n).flat_map(random).collect();
+        w.write_pages(first, &data).unwrap();
+    }
+    w.finish().unwrap();
+    let path = temp("zstd-fallback");
+    std::fs::write(&path, &out).unwrap();
+    let b = std::fs::read(&path).unwrap();
+    let mut rd = SnapshotReader::open(&path).unwrap();
+    rd.verify(&mut |_| {}).unwrap();
+    let codecs: Vec<(u64, u8)> = rd
+        .trailer()
+        .index
+        .iter()
+        .map(|e| (e.first_page, b[e.offset as usize + 5]))
+        .collect();
+    assert_eq!(codecs, [(0, 0), (8, 3), (512, 3)]);
+    let mut buf = Vec::new();
+    for (i, &(first, codec)) in codecs.iter().enumerate() {
+        let piece = rd.read_piece_at(i, first + 3, &mut buf).unwrap();
+        assert_eq!(piece.is_some(), codec == 3, "record {i}");
+        if let Some(p) = piece {
+            for k in 0..u64::from(p.page_count) {
+                let got = &buf[(k * PS) as usize..((k + 1) * PS) as usize];
+                assert!(
+                    got == random(p.first_page + k).as_slice(),
+                    "page {}",
+                    p.first_page + k
+                );
+            }
+        }
+    }
+    std::fs::remove_file(&path).unwrap();
+}
