@@ -1,6 +1,6 @@
 //! The checks every record passes, whoever reads it: bounds, header fields and lengths, its index
-//! entry, decompression to exactly its pages; and the coverage bitmap that proves every guest
-//! page appears exactly once.
+//! entry, decompression to exactly its pages, the piece table and piece crcs of a record in
+//! pieces; and the coverage bitmap that proves every guest page appears exactly once.
 
 use super::corrupt;
 use crate::format::{

@@ -76,7 +76,9 @@ impl<R: Read + Seek> Records<'_, R> {
             (RecordKind::Data, CODEC_RAW_PIECES) => {
                 let mut pc = PieceCrcs::default();
                 let n = check_raw_pieces(&mut pc, &h, &payload, ps, i, pos)?;
-                payload[n..].to_vec()
+                let mut pages = payload;
+                pages.drain(..n);
+                pages
             }
             (RecordKind::Data, _) => {
                 if self.dec.is_none() {
@@ -181,9 +183,9 @@ impl<R> SnapshotReader<R> {
     /// Read the `i`-th record of the index by positioned reads through the page cache, from any
     /// number of threads at once (lazy restore: a fault thread and a fill thread). Checks what
     /// every record read checks: bounds, header fields and lengths, agreement with its index
-    /// entry, the crc, and that a compressed payload decompresses to exactly its pages. `out`
-    /// receives the pages (`page_count * page_size` bytes; empty for a zero run); its buffer is
-    /// reused. The back-to-back chain of records is not followed (that is `verify`'s): only this
+    /// entry, the crc, that a compressed payload decompresses to exactly its pages, and of a
+    /// record in pieces its piece table and every piece's crc. `out` receives the pages
+    /// (`page_count * page_size` bytes; empty for a zero run); its buffer is reused. The back-to-back chain of records is not followed (that is `verify`'s): only this
     /// record is read. Readers built with `from_reader` have no file to read at positions:
     /// `Unsupported`.
     pub fn read_record_at(&self, i: usize, out: &mut Vec<u8>) -> Result<(), FormatError> {
