@@ -29,14 +29,15 @@
 //! RAM RECORDS (any page order), each:
 //!   0  tag              [u8; 4]  b"RREC"
 //!   4  kind             u8       0 = ZeroRun (no payload), 1 = Data
-//!   5  codec            u8       0 = raw, 1 = zstd (one frame), 2 = zstd in pieces (version 2;
-//!                                see "Zstd in pieces"); ZeroRun: 0
+//!   5  codec            u8       0 = raw, 1 = zstd (one frame), 2 = zstd in pieces, 3 = raw in
+//!                                pieces (2 and 3: version 2, see "Records in pieces"); ZeroRun: 0
 //!   6  reserved         u16      0
 //!   8  first_page       u64      guest page number = gpa / page_size
 //!  16  page_count       u32      >= 1; Data: page_count * page_size <= MAX_RECORD_RAW
 //!  20  stored_len       u32      payload bytes (ZeroRun: 0; raw Data: page_count * page_size;
 //!                                zstd Data: at most ZSTD_compressBound(page_count * page_size);
-//!                                zstd in pieces: less than page_count * page_size)
+//!                                zstd in pieces: less than page_count * page_size;
+//!                                raw in pieces: page_count * page_size + its piece table)
 //!  24  crc32            u32      crc32 of bytes 0..24 of this header followed by the payload
 //!  28  payload          [stored_len bytes]
 //!
@@ -59,32 +60,40 @@
 //!   end magic [u8; 8] b"SNAPEND\0"
 //! ```
 //!
-//! # Zstd in pieces (codec 2)
-//! A data record whose pages are decodable in independent pieces, so that a reader serving one
-//! page (lazy restore) reads and decodes only the piece holding it. Piece boundaries lie at
-//! guest page numbers that are multiples of `piece_pages = piece_raw / page_size`: piece 0 runs
-//! from `first_page` to the first such boundary after it, the last one ends with the record.
-//! The payload is a piece table followed by the pieces:
+//! # Records in pieces (codecs 2 and 3)
+//! A data record whose pages are readable and checkable in independent pieces, so that a reader
+//! serving one page (lazy restore) reads, checks and decodes only the piece holding it. Piece
+//! boundaries lie at guest page numbers that are multiples of `piece_pages = piece_raw /
+//! page_size`: piece 0 runs from `first_page` to the first such boundary after it, the last one
+//! ends with the record. The payload is a piece table followed by the pieces:
 //!
 //! ```text
 //!   0  piece_raw        u32      bytes of a whole piece: a power of two, page_size..=MAX_RECORD_RAW
-//!                                (writers: ZSTD_PIECE_RAW)
+//!                                (writers: PIECE_RAW)
 //!   4  piece_count      u32      pieces the record's pages fall into (as above; exactly that)
-//!   8  pieces           piece_count x { stored_len u32 (>= 1), crc32 u32 (of the stored frame) }
+//!   8  pieces           piece_count x { stored_len u32 (>= 1), crc32 u32 (of the stored piece) }
 //!   .  table_crc        u32      crc32 of bytes 0..24 of the record header, then table bytes 0..
 //!                                before table_crc
-//!   .  frames           piece_count independent zstd frames back to back, in page order; frame
-//!                                k decodes to exactly its piece's pages
+//!   .  pieces           piece_count stored pieces back to back, in page order:
+//!                                zstd in pieces (codec 2): independent zstd frames, frame k
+//!                                decodes to exactly its piece's pages;
+//!                                raw in pieces (codec 3): the pages themselves, piece k's
+//!                                stored_len exactly its pages' bytes
 //! ```
 //!
-//! The table is `8 + 8 * piece_count + 4` bytes; it and the frames fill `stored_len` exactly.
+//! The table is `8 + 8 * piece_count + 4` bytes; it and the pieces fill `stored_len` exactly.
 //! The record crc still covers the whole payload (a full read checks it as for any record, and
-//! also the table and every frame's crc); a reader of one piece checks the table crc (which
-//! also covers the record header fields) and that piece's crc before decoding it.
+//! also the table and every piece's crc); a reader of one piece checks the table crc (which
+//! also covers the record header fields) and that piece's crc before using it.
+//!
+//! Writers store a raw data record of two or more pieces as raw in pieces (codec 3), and one
+//! of a single piece as plain raw (codec 0): its one piece is the whole record. Zstd records
+//! go in pieces too (codec 2) unless compression does not make them smaller: raw then, by the
+//! same rule.
 //!
 //! # Versions
 //! Writers write version 2. Version 1 files read as before: their index entries' flags byte is
-//! a pad byte (must be 0: no record is hot) and codec 2 does not exist there. Everything else
+//! a pad byte (must be 0: no record is hot) and codecs 2 and 3 do not exist there. Everything else
 //! is laid out the same in both.
 //!
 //! Records lie between the end of the machine state and `trailer_offset`, back to back. Every
@@ -101,10 +110,11 @@
 //!   `records * RECORD_HEADER_LEN` at most the bytes between machine state and trailer; the
 //!   index is then read and checked entry by entry in bounded chunks, so a hole in a sparse
 //!   file stops it at its first (all-zero, invalid) entry, before the trailer crc is known;
-//! - a record in zstd pieces: `stored_len` below its pages' bytes; its piece table's length
-//!   follows from `piece_raw` (checked first) and the record's pages and must fit in
-//!   `stored_len` before the table is read; each piece is at most zstd's bound for its pages and
-//!   decodes into a buffer of exactly its pages.
+//! - a record in zstd pieces: `stored_len` below its pages' bytes; raw in pieces: `stored_len`
+//!   above its pages' bytes by at most the table of one piece per page; either way its piece
+//!   table's length follows from `piece_raw` (checked first) and the record's pages and must
+//!   fit in `stored_len` before the table is read; a zstd piece is at most zstd's bound for its
+//!   pages and decodes into a buffer of exactly its pages, a raw piece is exactly its pages.
 
 pub use crate::error::{ErrorKind, FormatError};
 
@@ -158,9 +168,10 @@ pub const MAX_RECORD_RAW: u64 = 64 << 20;
 pub const MAX_GUEST_BYTES: u64 = 1 << 40;
 /// Index entry flag: the record is hot (see the layout above).
 pub const ENTRY_FLAG_HOT: u8 = 1;
-/// Bytes of guest memory per piece of a zstd-in-pieces record, as writers write them
-/// (`docs/PERFORMANCE.md`, "Zstd in pieces": fault decode time against ratio and save speed).
-pub const ZSTD_PIECE_RAW: u32 = 64 << 10;
+/// Bytes of guest memory per piece of a record in pieces (zstd or raw), as writers write them
+/// (`docs/PERFORMANCE.md`, "Zstd in pieces": fault decode time against ratio and save speed;
+/// "Raw in pieces").
+pub const PIECE_RAW: u32 = 64 << 10;
 /// Size of a piece table before its entries (`piece_raw`, `piece_count`).
 pub const PIECE_TABLE_HEAD_LEN: usize = 8;
 /// Size of one piece table entry.
@@ -477,11 +488,18 @@ pub(crate) const CODEC_RAW: u8 = 0;
 pub(crate) const CODEC_ZSTD: u8 = 1;
 /// A piece table and one zstd frame per piece (version 2).
 pub(crate) const CODEC_ZSTD_PIECES: u8 = 2;
+/// A piece table and the pages, each piece checksummed (version 2).
+pub(crate) const CODEC_RAW_PIECES: u8 = 3;
+
+/// True for the codecs whose payload is a piece table and pieces.
+pub(crate) fn in_pieces(codec: u8) -> bool {
+    codec == CODEC_ZSTD_PIECES || codec == CODEC_RAW_PIECES
+}
 
 /// The highest codec a file of `version` may use.
 pub(crate) fn max_codec(version: u32) -> u8 {
     if version >= 2 {
-        CODEC_ZSTD_PIECES
+        CODEC_RAW_PIECES
     } else {
         CODEC_ZSTD
     }
@@ -548,7 +566,7 @@ impl RecordHeader {
     }
 }
 
-/// The pieces of a zstd-in-pieces record: `count` pieces of `piece_pages` pages at most,
+/// The pieces of a record in pieces: `count` pieces of `piece_pages` pages at most,
 /// aligned in guest memory (see the layout above).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PieceLayout {
@@ -621,8 +639,8 @@ impl<'a> PieceTable<'a> {
 
     /// Check a whole table (`layout.table_len()` bytes) of record `h`: its crc (over the
     /// record header's first 24 bytes and the table), and that the pieces fill the payload
-    /// exactly, each at least one byte and at most zstd's bound for its pages. `Err` names what
-    /// is wrong.
+    /// exactly, each at least one byte and at most zstd's bound for its pages (zstd in pieces)
+    /// or exactly its pages' bytes (raw in pieces). `Err` names what is wrong.
     pub fn decode(
         h: &RecordHeader,
         layout: PieceLayout,
@@ -647,8 +665,13 @@ impl<'a> PieceTable<'a> {
         for k in 0..layout.count {
             let (len, _) = t.entry(k);
             let (a, b) = layout.span(k);
-            let bound = zstd::zstd_safe::compress_bound(((b - a) * page_size) as usize);
-            if len == 0 || len as usize > bound {
+            let raw = ((b - a) * page_size) as usize;
+            let bad = if h.codec == CODEC_RAW_PIECES {
+                len as usize != raw
+            } else {
+                len == 0 || len as usize > zstd::zstd_safe::compress_bound(raw)
+            };
+            if bad {
                 return Err("piece length out of range");
             }
             total += u64::from(len);

@@ -17,7 +17,7 @@ mod writer;
 
 pub use format::{
     Compression, ErrorKind, FormatError, IndexEntry, MemRegion, RecordKind, SnapshotHeader, Totals,
-    Trailer, FORMAT_VERSION, OLDEST_FORMAT_VERSION, ZSTD_PIECE_RAW,
+    Trailer, FORMAT_VERSION, OLDEST_FORMAT_VERSION, PIECE_RAW,
 };
 pub use reader::{HotTotals, Piece, ReadProgress, Record, Records, SnapshotReader, VerifyReport};
 #[doc(hidden)]

@@ -107,7 +107,13 @@ fn record_fields(l: &mut Lies<'_>) {
         ex(CORRUPT),
     );
     l.add(
-        "record codec 3",
+        "record codec 4",
+        rec(dr, &|r| r.codec = 4),
+        ex_rec(CORRUPT, dr),
+        ex_rec(CORRUPT, dr),
+    );
+    l.add(
+        "raw data record relabelled raw in pieces (no table)",
         rec(dr, &|r| r.codec = 3),
         ex_rec(CORRUPT, dr),
         ex_rec(CORRUPT, dr),
@@ -264,17 +270,23 @@ fn record_payloads(l: &mut Lies<'_>) {
     }
 }
 
-/// Records in zstd pieces (format 2): lies in the piece table and the pieces, each with a
-/// record crc that matches (and a table crc that matches, where the lie is in the table), so
-/// that only the lie can give the record away.
+/// Records in pieces (format 2), zstd and raw: lies in the piece table and the pieces, each
+/// with a record crc that matches (and a table crc that matches, where the lie is in the
+/// table), so that only the lie can give the record away.
 fn record_pieces(l: &mut Lies<'_>) {
+    record_pieces_of(l, 2);
+    record_pieces_of(l, 3);
+}
+
+/// The lies of [`record_pieces`] in a record of `codec` (2: zstd, 3: raw in pieces).
+fn record_pieces_of(l: &mut Lies<'_>, codec: u8) {
     let m0 = l.m0;
     let ps = l.ps;
     // A record of several pieces.
     let Some(dp) = m0
         .recs
         .iter()
-        .position(|r| r.codec == 2 && r.piece_table().1.len() >= 3)
+        .position(|r| r.codec == codec && r.piece_table().1.len() >= 3)
     else {
         return;
     };
@@ -367,6 +379,23 @@ fn record_pieces(l: &mut Lies<'_>) {
             "a byte moved from piece 1 to piece 0 (lengths sum right, table crc matching)",
             rec(&|r| r.set_piece_table(piece_raw, count, &p)),
         );
+    }
+    if codec == 3 {
+        // Raw in pieces: the pages of a zstd piece in a raw piece's place.
+        let (a, b) = (pieces[0].0 as usize, pieces[1].0 as usize);
+        let frame = zstd::bulk::compress(&vec![0x5a; b], 3).expect("compress");
+        let mut p = pieces.clone();
+        p[1] = (frame.len() as u32, crc32fast::hash(&frame));
+        both(
+            l,
+            "piece 1 a zstd frame of its pages (crcs matching)",
+            rec(&|r| {
+                r.payload
+                    .splice(table + a..table + a + b, frame.iter().copied());
+                r.set_piece_table(piece_raw, count, &p);
+            }),
+        );
+        return;
     }
     // Piece 1 replaced by a frame of the wrong size, or a bomb (its crc and length in the
     // table, the table crc, the record crc all matching).

@@ -1,5 +1,5 @@
-//! Format version 2: zstd records in independent pieces (every piece size, pieces read one at a
-//! time by `read_piece_at`, damaged pieces and piece tables named), the hot flag of index
+//! Format version 2: zstd and raw records in independent pieces (every piece size, pieces read
+//! one at a time by `read_piece_at`, damaged pieces and piece tables named), the hot flag of index
 //! entries, and files of format version 1 (written by the format-1 writer, `tests/data`) still
 //! read.
 
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use ram_saver::{
     Compression, EncodedBatch, ErrorKind, FormatError, MemRegion, RecordEncoder, RecordKind,
-    SnapshotHeader, SnapshotReader, SnapshotWriter, FORMAT_VERSION, ZSTD_PIECE_RAW,
+    SnapshotHeader, SnapshotReader, SnapshotWriter, FORMAT_VERSION, PIECE_RAW,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -59,15 +59,20 @@ fn runs() -> Vec<(u64, u64)> {
     ]
 }
 
-/// A file with every run of [`runs`] encoded by an encoder with pieces of `piece_raw` bytes
-/// (`None`: one zstd frame per record); runs with an odd number of pages are hot.
+/// A zstd file with every run of [`runs`] encoded by an encoder with pieces of `piece_raw`
+/// bytes (`None`: one zstd frame per record); runs with an odd number of pages are hot.
 fn write_file(path: &Path, piece_raw: Option<u32>) {
+    write_file_with(path, Compression::Zstd { level: 3 }, piece_raw);
+}
+
+/// [`write_file`] with `compression` (`None`: raw, in pieces of `piece_raw` bytes or not).
+fn write_file_with(path: &Path, compression: Compression, piece_raw: Option<u32>) {
     let regions = REGIONS
         .iter()
         .map(|&(gpa, size)| MemRegion { gpa, size })
         .collect();
     let mut h = SnapshotHeader::new(regions, 1, Vec::new());
-    h.compression = Compression::Zstd { level: 3 };
+    h.compression = compression;
     let mut enc = RecordEncoder::new(PS as usize, h.compression)
         .unwrap()
         .with_piece_raw(piece_raw)
@@ -143,7 +148,7 @@ fn check_whole(path: &Path) {
 
 #[test]
 fn records_in_pieces_of_every_size_round_trip_and_read_one_piece_at_a_time() {
-    for piece_raw in [4096, 32 << 10, ZSTD_PIECE_RAW, 128 << 10, 2 << 20, 4 << 20] {
+    for piece_raw in [4096, 32 << 10, PIECE_RAW, 128 << 10, 2 << 20, 4 << 20] {
         let path = temp(&format!("round-{piece_raw}"));
         write_file(&path, Some(piece_raw));
         check_whole(&path);
@@ -152,6 +157,73 @@ fn records_in_pieces_of_every_size_round_trip_and_read_one_piece_at_a_time() {
         let pieced = records_with_codec(&path, 2);
         assert!(!pieced.is_empty(), "{piece_raw}: no record in pieces");
         assert!(records_with_codec(&path, 1).is_empty());
+        check_pieces(&rd, &pieced, piece_raw);
+        std::fs::remove_file(&path).unwrap();
+    }
+    // One zstd frame per record (as format 1 writes them) is still a valid version-2 record.
+    let path = temp("whole");
+    write_file(&path, None);
+    check_whole(&path);
+    assert!(records_with_codec(&path, 2).is_empty());
+    assert!(!records_with_codec(&path, 1).is_empty());
+    let rd = SnapshotReader::open(&path).unwrap();
+    let mut out = Vec::new();
+    for (i, _) in records_with_codec(&path, 1) {
+        let first = rd.trailer().index[i].first_page;
+        assert!(rd.read_piece_at(i, first, &mut out).unwrap().is_none());
+    }
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn raw_records_in_pieces_of_every_size_round_trip_and_read_one_piece_at_a_time() {
+    for piece_raw in [4096, 32 << 10, PIECE_RAW, 128 << 10, 2 << 20, 4 << 20] {
+        let path = temp(&format!("raw-round-{piece_raw}"));
+        write_file_with(&path, Compression::None, Some(piece_raw));
+        check_whole(&path);
+        let rd = SnapshotReader::open(&path).unwrap();
+        let pieced = records_with_codec(&path, 3);
+        // (Pieces of 2 MiB and more hold every run of [`runs`] whole.)
+        if piece_raw < 2 << 20 {
+            assert!(!pieced.is_empty(), "{piece_raw}: no record raw in pieces");
+        }
+        assert!(records_with_codec(&path, 1).is_empty() && records_with_codec(&path, 2).is_empty());
+        // Every data record of two or more pieces is in pieces, the others plain raw.
+        let piece_pages = u64::from(piece_raw) / PS;
+        for (i, e) in rd.trailer().index.iter().enumerate() {
+            if e.kind != RecordKind::Data {
+                continue;
+            }
+            let last = e.first_page + u64::from(e.page_count) - 1;
+            let several = last / piece_pages != e.first_page / piece_pages;
+            let in_pieces = pieced.iter().any(|&(j, _)| j == i);
+            assert_eq!(several, in_pieces, "{piece_raw}: record {i} {e:?}");
+        }
+        check_pieces(&rd, &pieced, piece_raw);
+        std::fs::remove_file(&path).unwrap();
+    }
+    // Without pieces: every data record plain raw, read whole.
+    let path = temp("raw-whole");
+    write_file_with(&path, Compression::None, None);
+    check_whole(&path);
+    assert!(records_with_codec(&path, 3).is_empty());
+    let rd = SnapshotReader::open(&path).unwrap();
+    let mut out = Vec::new();
+    for (i, _) in records_with_codec(&path, 0) {
+        let first = rd.trailer().index[i].first_page;
+        assert!(rd.read_piece_at(i, first, &mut out).unwrap().is_none());
+    }
+    std::fs::remove_file(&path).unwrap();
+}
+
+/// Every page of every record of `rd` read by `read_piece_at`: a piece (of `piece_raw` bytes,
+/// holding the page, with [`page`]'s contents) exactly for the records `pieced`.
+fn check_pieces<R: std::io::Read + std::io::Seek>(
+    rd: &SnapshotReader<R>,
+    pieced: &[(usize, usize)],
+    piece_raw: u32,
+) {
+    {
         let piece_pages = u64::from(piece_raw) / PS;
         let mut out = Vec::new();
         for (i, e) in rd.trailer().index.iter().enumerate() {
@@ -186,27 +258,14 @@ fn records_in_pieces_of_every_size_round_trip_and_read_one_piece_at_a_time() {
             }
         }
         // A page outside the record, or a record not in pieces: nothing to read in pieces.
-        let (i, _) = pieced[0];
-        let e = rd.trailer().index[i];
-        assert!(rd
-            .read_piece_at(i, e.first_page + u64::from(e.page_count), &mut out)
-            .unwrap()
-            .is_none());
-        std::fs::remove_file(&path).unwrap();
+        if let Some(&(i, _)) = pieced.first() {
+            let e = rd.trailer().index[i];
+            assert!(rd
+                .read_piece_at(i, e.first_page + u64::from(e.page_count), &mut out)
+                .unwrap()
+                .is_none());
+        }
     }
-    // One zstd frame per record (as format 1 writes them) is still a valid version-2 record.
-    let path = temp("whole");
-    write_file(&path, None);
-    check_whole(&path);
-    assert!(records_with_codec(&path, 2).is_empty());
-    assert!(!records_with_codec(&path, 1).is_empty());
-    let rd = SnapshotReader::open(&path).unwrap();
-    let mut out = Vec::new();
-    for (i, _) in records_with_codec(&path, 1) {
-        let first = rd.trailer().index[i].first_page;
-        assert!(rd.read_piece_at(i, first, &mut out).unwrap().is_none());
-    }
-    std::fs::remove_file(&path).unwrap();
 }
 
 #[test]
@@ -220,7 +279,7 @@ fn piece_sizes_no_reader_accepts_are_refused_by_the_encoder() {
 #[test]
 fn hot_flags_round_trip_and_are_counted() {
     let path = temp("hot");
-    write_file(&path, Some(ZSTD_PIECE_RAW));
+    write_file(&path, Some(PIECE_RAW));
     let rd = SnapshotReader::open(&path).unwrap();
     let index = &rd.trailer().index;
     // Runs with an odd number of pages were written hot (each run's records, zero runs too).
@@ -269,12 +328,24 @@ fn corrupt_record(e: &FormatError) -> Option<u64> {
 
 #[test]
 fn a_damaged_piece_or_piece_table_is_named_and_other_pieces_still_read() {
-    let path = temp("damage");
-    write_file(&path, Some(ZSTD_PIECE_RAW));
+    damaged_pieces(Compression::Zstd { level: 3 }, 2);
+}
+
+#[test]
+fn a_damaged_raw_piece_or_its_piece_table_is_named_and_other_pieces_still_read() {
+    damaged_pieces(Compression::None, 3);
+}
+
+/// Damage the huge-page record of a file of `compression` (stored with `codec`) in its pieces
+/// and its table: a full read names the record, a read of one piece the piece (or the table).
+fn damaged_pieces(compression: Compression, codec: u8) {
+    let raw = codec == 3;
+    let path = temp(&format!("damage-{codec}"));
+    write_file_with(&path, compression, Some(PIECE_RAW));
     let clean = std::fs::read(&path).unwrap();
     // The huge-page record (pages 512..1024) has 32 pieces of 16 pages.
     let rd = SnapshotReader::open(&path).unwrap();
-    let (i, at) = records_with_codec(&path, 2)
+    let (i, at) = records_with_codec(&path, codec)
         .into_iter()
         .find(|&(i, _)| {
             rd.trailer().index[i].first_page == 512 && rd.trailer().index[i].page_count == 512
@@ -284,13 +355,23 @@ fn a_damaged_piece_or_piece_table_is_named_and_other_pieces_still_read() {
     let count = u32_at(&clean, at + 28 + 4) as usize;
     assert_eq!(count, 32);
     let table = 8 + 8 * count + 4;
-    // Piece 3's frame: after the table and the frames of pieces 0..3.
+    // Piece 3: after the table and pieces 0..3.
     let before: usize = (0..3)
         .map(|k| u32_at(&clean, at + 28 + 8 + 8 * k) as usize)
         .sum();
+    if raw {
+        assert_eq!(before, 3 * 16 * PS as usize);
+    }
     let piece3 = table + before + 5;
-    let bad_path = temp("damaged");
+    let bad_path = temp(&format!("damaged-{codec}"));
     let mut out = Vec::new();
+    // A full read of a raw record checks each piece as it streams by, and its table before
+    // its pages; one of zstd pieces checks the record crc first.
+    let (stale_piece, stale_table) = if raw {
+        ("piece 3 checksum mismatch", "piece table checksum mismatch")
+    } else {
+        ("record checksum mismatch", "record checksum mismatch")
+    };
     for (what, rel, reseal, whole_err, piece_err) in [
         (
             "piece 3",
@@ -303,7 +384,7 @@ fn a_damaged_piece_or_piece_table_is_named_and_other_pieces_still_read() {
             "piece 3, record crc stale",
             piece3,
             false,
-            "record checksum mismatch",
+            stale_piece,
             Some("piece 3 checksum mismatch"),
         ),
         (
@@ -314,22 +395,27 @@ fn a_damaged_piece_or_piece_table_is_named_and_other_pieces_still_read() {
             None,
         ),
         ("the table head", 1, true, "piece table invalid", None),
-        (
-            "the table crc",
-            table - 2,
-            false,
-            "record checksum mismatch",
-            None,
-        ),
+        ("the table crc", table - 2, false, stale_table, None),
     ] {
         let mut b = clean.clone();
         damage(&mut b, at, rel, reseal);
         std::fs::write(&bad_path, &b).unwrap();
         let mut rd = SnapshotReader::open(&bad_path).unwrap();
-        // Reading all of it (verify, load, read_record_at) names the record.
+        // Reading all of it (verify, records, load, read_record_at) names the record.
         let err = rd.verify(&mut |_| {}).unwrap_err();
         assert_eq!(corrupt_record(&err), Some(i as u64), "{what}: {err}");
         assert!(err.to_string().contains(whole_err), "{what}: {err}");
+        let err = rd.records().find_map(Result::err).expect("a bad record");
+        assert_eq!(corrupt_record(&err), Some(i as u64), "{what}: {err}");
+        let mem = GuestMemoryMmap::from_ranges(
+            &REGIONS
+                .iter()
+                .map(|&(gpa, size)| (GuestAddress(gpa), size as usize))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let err = rd.load_into(&mem, &mut |_| {}).unwrap_err();
+        assert_eq!(corrupt_record(&err), Some(i as u64), "{what}: {err}");
         let err = rd.read_record_at(i, &mut out).unwrap_err();
         assert_eq!(corrupt_record(&err), Some(i as u64), "{what}: {err}");
         // One piece at a time: the damaged piece (or any, for a damaged table) is refused;
@@ -480,5 +566,57 @@ fn what_format_1_lacks_is_refused_in_a_format_1_file() {
     let err = rd.verify(&mut |_| {}).unwrap_err();
     assert_eq!(corrupt_record(&err), Some(i as u64), "{err}");
     assert!(err.to_string().contains("bad record header"), "{err}");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn zstd_records_that_do_not_compress_go_raw_in_pieces() {
+    // Random pages: zstd does not shrink them, the encoder stores them raw, in pieces when the
+    // record spans two or more, plain raw when it lies in one.
+    let random = |p: u64| -> Vec<u8> {
+        (0..PS / 8)
+            .flat_map(|i| splitmix(p * 4096 + i).to_le_bytes())
+            .collect()
+    };
+    let regions = vec![MemRegion {
+        gpa: 0,
+        size: 1024 * PS,
+    }];
+    let mut h = SnapshotHeader::new(regions, 1, Vec::new());
+    h.compression = Compression::Zstd { level: 3 };
+    let mut out = Vec::new();
+    let mut w = SnapshotWriter::new(&mut out, &h, b"state").unwrap();
+    for (first, n) in [(0, 8), (8, 504), (512, 512)] {
+        let data: Vec<u8> = (first..first + n).flat_map(random).collect();
+        w.write_pages(first, &data).unwrap();
+    }
+    w.finish().unwrap();
+    let path = temp("zstd-fallback");
+    std::fs::write(&path, &out).unwrap();
+    let b = std::fs::read(&path).unwrap();
+    let mut rd = SnapshotReader::open(&path).unwrap();
+    rd.verify(&mut |_| {}).unwrap();
+    let codecs: Vec<(u64, u8)> = rd
+        .trailer()
+        .index
+        .iter()
+        .map(|e| (e.first_page, b[e.offset as usize + 5]))
+        .collect();
+    assert_eq!(codecs, [(0, 0), (8, 3), (512, 3)]);
+    let mut buf = Vec::new();
+    for (i, &(first, codec)) in codecs.iter().enumerate() {
+        let piece = rd.read_piece_at(i, first + 3, &mut buf).unwrap();
+        assert_eq!(piece.is_some(), codec == 3, "record {i}");
+        if let Some(p) = piece {
+            for k in 0..u64::from(p.page_count) {
+                let got = &buf[(k * PS) as usize..((k + 1) * PS) as usize];
+                assert!(
+                    got == random(p.first_page + k).as_slice(),
+                    "page {}",
+                    p.first_page + k
+                );
+            }
+        }
+    }
     std::fs::remove_file(&path).unwrap();
 }

@@ -368,23 +368,24 @@ fn restore_fails(dir: &TempDir, tag: &str, bytes: &[u8], want: &str) {
     );
 }
 
-/// (record offset, payload length, piece table length) of every record stored in zstd pieces.
-fn piece_records(b: &[u8]) -> Vec<(usize, usize, usize)> {
+/// (record offset, payload length, piece table length) of every record stored in pieces with
+/// `codec` (2: zstd, 3: raw).
+fn piece_records(b: &[u8], codec: u8) -> Vec<(usize, usize, usize)> {
     let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
     data_payloads_of(b)
         .into_iter()
         .map(|p| p as usize - 28)
-        .filter(|&at| b[at + 5] == 2)
+        .filter(|&at| b[at + 5] == codec)
         .map(|at| (at, u32_at(at + 20), 8 + 8 * u32_at(at + 28 + 4) + 4))
         .collect()
 }
 
-/// Flips a byte of every record in pieces at `rel(table_len)` bytes into its payload and
-/// reseals the record's crc: only the piece table's or a piece's own crc can tell.
-fn damage_pieces(b: &[u8], rel: impl Fn(usize) -> usize) -> Vec<u8> {
+/// Flips a byte of every record in pieces with `codec` at `rel(table_len)` bytes into its
+/// payload and reseals the record's crc: only the piece table's or a piece's own crc can tell.
+fn damage_pieces(b: &[u8], codec: u8, rel: impl Fn(usize) -> usize) -> Vec<u8> {
     let mut b = b.to_vec();
-    let recs = piece_records(&b);
-    assert!(!recs.is_empty(), "no record in pieces in a zstd image");
+    let recs = piece_records(&b, codec);
+    assert!(!recs.is_empty(), "no record in pieces with codec {codec}");
     for (at, stored, table) in recs {
         b[at + 28 + rel(table)] ^= 0x5a;
         let mut h = crc32fast::Hasher::new();
@@ -416,16 +417,17 @@ fn a_record_that_fails_its_checksum_ends_the_vm_with_an_error() {
     // A zstd image, whose records a fault reads one piece at a time: a damaged piece or piece
     // table whose record crc was made to match is still never served (the fault thread checks
     // the table's and the piece's own crc; so does the fill thread's whole read).
+    // The same for a raw image, whose records of several pieces are raw in pieces.
     let z = std::fs::read(&images[1].0).unwrap();
-    let bad_piece = damage_pieces(&z, |table| table + 1);
-    restore_fails(&dir, "bad-piece", &bad_piece, "piece 0 checksum mismatch");
-    let bad_table = damage_pieces(&z, |_| 8 + 4);
-    restore_fails(
-        &dir,
-        "bad-table",
-        &bad_table,
-        "piece table checksum mismatch",
-    );
+    let r = std::fs::read(&images[0].0).unwrap();
+    for (tag, b, codec) in [("zstd", &z, 2), ("raw", &r, 3)] {
+        let bad_piece = damage_pieces(b, codec, |table| table + 1);
+        let t = format!("bad-piece-{tag}");
+        restore_fails(&dir, &t, &bad_piece, "piece 0 checksum mismatch");
+        let bad_table = damage_pieces(b, codec, |_| 8 + 4);
+        let t = format!("bad-table-{tag}");
+        restore_fails(&dir, &t, &bad_table, "piece table checksum mismatch");
+    }
 }
 
 #[test]

@@ -1,12 +1,12 @@
 //! The checks every record passes, whoever reads it: bounds, header fields and lengths, its index
-//! entry, decompression to exactly its pages; and the coverage bitmap that proves every guest
-//! page appears exactly once.
+//! entry, decompression to exactly its pages, the piece table and piece crcs of a record in
+//! pieces; and the coverage bitmap that proves every guest page appears exactly once.
 
 use super::corrupt;
 use crate::format::{
     max_codec, Compression, FormatError, IndexEntry, PieceTable, RecordHeader, RecordKind,
-    SnapshotHeader, Trailer, CODEC_RAW, CODEC_ZSTD_PIECES, MAX_RECORD_RAW, PIECE_TABLE_HEAD_LEN,
-    RECORD_HEADER_LEN,
+    SnapshotHeader, Trailer, CODEC_RAW, CODEC_RAW_PIECES, CODEC_ZSTD_PIECES, MAX_RECORD_RAW,
+    PIECE_ENTRY_LEN, PIECE_TABLE_HEAD_LEN, RECORD_HEADER_LEN,
 };
 
 /// The record checks that need only the file's layout and index.
@@ -81,6 +81,13 @@ impl<'a> Checker<'a> {
                         CODEC_RAW => stored != raw,
                         // Written only when smaller than the pages (bounds the read buffer).
                         CODEC_ZSTD_PIECES => stored >= raw,
+                        // The pages and a table of at most one piece per page.
+                        CODEC_RAW_PIECES => {
+                            stored <= raw
+                                || stored - raw
+                                    > (PIECE_TABLE_HEAD_LEN + 4) as u64
+                                        + PIECE_ENTRY_LEN as u64 * u64::from(h.page_count)
+                        }
                         // No zstd frame of `raw` bytes is longer (bounds the read buffer).
                         _ => stored > zstd::zstd_safe::compress_bound(raw as usize) as u64,
                     }
@@ -141,8 +148,9 @@ pub(super) fn decompress(
     decoded(dec.decompress_to_buffer(payload, out), raw, i, pos)
 }
 
-/// Decompress a record's checked payload into `out`, which holds exactly its pages (the length
-/// bounds the output), whatever its zstd codec (one frame, or pieces).
+/// Decompress the checked payload of the `i`-th record `h`, at `pos`, into `out`, which holds
+/// exactly its pages (the length bounds the output). A record in pieces has its table and
+/// every piece checked too.
 pub(super) fn decompress_into(
     dec: &mut zstd::bulk::Decompressor<'static>,
     h: &RecordHeader,
@@ -230,7 +238,8 @@ pub(super) fn decode_piece(
     }
 }
 
-/// Decode a whole record in pieces: table, then every piece, each checked.
+/// Decode a whole record in zstd pieces into `out` (exactly its pages): table, then every
+/// piece, each checked.
 fn decompress_pieces(
     dec: &mut zstd::bulk::Decompressor<'static>,
     h: &RecordHeader,
@@ -241,14 +250,6 @@ fn decompress_pieces(
     pos: u64,
 ) -> Result<(), FormatError> {
     let t = piece_table(h, payload, ps, i, pos)?;
-    let raw = (u64::from(h.page_count) * ps) as usize;
-    if out.len() != raw {
-        return Err(corrupt(
-            format!("record holds {raw} bytes, its buffer {}", out.len()),
-            Some(i),
-            pos,
-        ));
-    }
     let mut at = t.layout.table_len();
     for k in 0..t.layout.count {
         let (len, crc) = t.entry(k);
@@ -259,6 +260,85 @@ fn decompress_pieces(
         at += len as usize;
     }
     Ok(())
+}
+
+/// The crc checks of a record raw in pieces, fed its pages in slices of any size as they are
+/// read: every piece's crc when its last byte arrives, and at the end the record crc, combined
+/// from the pieces' (the pages are read once for both).
+#[derive(Debug, Default)]
+pub(super) struct PieceCrcs {
+    /// Per piece: stored length and crc, from the table.
+    entries: Vec<(u32, u32)>,
+    /// The piece being fed, and its bytes so far.
+    k: usize,
+    done: usize,
+    piece: crc32fast::Hasher,
+    /// The record header's first 24 bytes, the table and the pieces completed.
+    record: crc32fast::Hasher,
+}
+
+impl PieceCrcs {
+    /// Start on the pages of record `h`, whose checked table `t` has the bytes `table`.
+    pub(super) fn start(&mut self, h: &RecordHeader, t: &PieceTable<'_>, table: &[u8]) {
+        self.entries.clear();
+        self.entries.extend((0..t.layout.count).map(|k| t.entry(k)));
+        self.k = 0;
+        self.done = 0;
+        self.piece = crc32fast::Hasher::new();
+        self.record = crc32fast::Hasher::new();
+        self.record.update(&h.prefix());
+        self.record.update(table);
+    }
+
+    /// The next bytes of the pages of the `i`-th record, at `pos`.
+    pub(super) fn update(&mut self, mut s: &[u8], i: u64, pos: u64) -> Result<(), FormatError> {
+        while !s.is_empty() {
+            let Some(&(len, crc)) = self.entries.get(self.k) else {
+                return Err(corrupt("record pieces overrun", Some(i), pos));
+            };
+            let n = (len as usize - self.done).min(s.len());
+            self.piece.update(&s[..n]);
+            self.done += n;
+            s = &s[n..];
+            if self.done == len as usize {
+                let piece = std::mem::take(&mut self.piece);
+                if piece.clone().finalize() != crc {
+                    let what = format!("record piece {} checksum mismatch", self.k);
+                    return Err(corrupt(what, Some(i), pos));
+                }
+                self.record.combine(&piece);
+                self.k += 1;
+                self.done = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// All pages fed: the record crc of the `i`-th record `h`, at `pos`.
+    pub(super) fn finish(&self, h: &RecordHeader, i: u64, pos: u64) -> Result<(), FormatError> {
+        if self.k != self.entries.len() || self.record.clone().finalize() != h.crc {
+            return Err(corrupt("record checksum mismatch", Some(i), pos));
+        }
+        Ok(())
+    }
+}
+
+/// Check the pages of the `i`-th record, at `pos`, raw in pieces: `payload` is all of it
+/// (table, then pages). Returns the table's length (the pages follow it).
+pub(super) fn check_raw_pieces(
+    pc: &mut PieceCrcs,
+    h: &RecordHeader,
+    payload: &[u8],
+    ps: u64,
+    i: u64,
+    pos: u64,
+) -> Result<usize, FormatError> {
+    let t = piece_table(h, payload, ps, i, pos)?;
+    let n = t.layout.table_len();
+    pc.start(h, &t, &payload[..n]);
+    pc.update(&payload[n..], i, pos)?;
+    pc.finish(h, i, pos)?;
+    Ok(n)
 }
 
 /// A bitmap over every guest page of the header's layout: proves "exactly once".

@@ -8,13 +8,13 @@ use std::sync::Mutex;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::check::{decompress, Checker};
+use super::check::{decompress, piece_table, Checker, PieceCrcs};
 use super::source::{Seq, Source};
 use super::{corrupt, unreadable, ReadProgress, SnapshotReader};
 use crate::direct_io::Pread;
 use crate::format::{
-    FormatError, IndexEntry, RecordHeader, RecordKind, Totals, CODEC_RAW, MAX_RECORD_RAW,
-    RECORD_HEADER_LEN,
+    FormatError, IndexEntry, PieceTable, RecordHeader, RecordKind, Totals, CODEC_RAW,
+    CODEC_RAW_PIECES, MAX_RECORD_RAW, PIECE_TABLE_HEAD_LEN, RECORD_HEADER_LEN,
 };
 use crate::pagemap;
 use crate::writer::is_zero;
@@ -178,6 +178,7 @@ impl Job<'_, '_> {
         let mut w = Worker {
             win: Window::default(),
             dec: None,
+            crcs: PieceCrcs::default(),
             out: Vec::new(),
             totals: Totals::default(),
         };
@@ -264,6 +265,7 @@ impl Job<'_, '_> {
 struct Worker {
     win: Window,
     dec: Option<zstd::bulk::Decompressor<'static>>,
+    crcs: PieceCrcs,
     out: Vec<u8>,
     totals: Totals,
 }
@@ -331,6 +333,30 @@ impl Worker {
                 if crc.finalize() != h.crc {
                     return Err(corrupt("record checksum mismatch", Some(ri), pos));
                 }
+            }
+            (RecordKind::Data, CODEC_RAW_PIECES) => {
+                // The table (checked), then the pages streamed as raw pages are, each piece's
+                // crc checked as it ends and the record crc combined from them.
+                let mut head = [0u8; PIECE_TABLE_HEAD_LEN];
+                head.copy_from_slice(self.win.get(src, at, PIECE_TABLE_HEAD_LEN, WINDOW, limit)?);
+                let layout = PieceTable::layout(&h, &head, ps)
+                    .ok_or_else(|| corrupt("record piece table invalid", Some(ri), pos))?;
+                let tl = layout.table_len();
+                let table = self.win.get(src, at, tl, WINDOW, limit)?;
+                let t = piece_table(&h, table, ps, ri, pos)?;
+                self.crcs.start(&h, &t, table);
+                let mut off = tl;
+                while off < stored {
+                    let p = at + off as u64;
+                    let s = self.win.get_some(src, p, stored - off, limit)?;
+                    self.crcs.update(s, ri, pos)?;
+                    if let Mode::Load { mem, .. } = mode {
+                        let g = gpa + (off - tl) as u64;
+                        mem.write_slice(s, GuestAddress(g)).map_err(mem_err)?;
+                    }
+                    off += s.len();
+                }
+                self.crcs.finish(&h, ri, pos)?;
             }
             (RecordKind::Data, _) => {
                 let payload = self.win.get(src, at, stored, stored, limit)?;

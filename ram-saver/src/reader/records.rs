@@ -5,13 +5,15 @@
 use std::cell::RefCell;
 use std::io::{Read, Seek};
 
-use super::check::{decode_piece, decompress, decompress_into, piece_table, Checker};
+use super::check::{
+    check_raw_pieces, decode_piece, decompress, decompress_into, piece_table, Checker, PieceCrcs,
+};
 use super::source::{Seq, Source};
 use super::{corrupt, unreadable, SnapshotReader};
 use crate::direct_io::Pread;
 use crate::format::{
-    FormatError, PieceTable, RecordHeader, RecordKind, CODEC_RAW, CODEC_ZSTD_PIECES,
-    PIECE_TABLE_HEAD_LEN, RECORD_HEADER_LEN,
+    in_pieces, FormatError, PieceLayout, PieceTable, RecordHeader, RecordKind, CODEC_RAW,
+    CODEC_RAW_PIECES, PIECE_TABLE_HEAD_LEN, RECORD_HEADER_LEN,
 };
 
 /// One RAM record as read from the file, payload decompressed.
@@ -71,6 +73,13 @@ impl<R: Read + Seek> Records<'_, R> {
         let data = match (h.kind, h.codec) {
             (RecordKind::ZeroRun, _) => Vec::new(),
             (RecordKind::Data, CODEC_RAW) => payload,
+            (RecordKind::Data, CODEC_RAW_PIECES) => {
+                let mut pc = PieceCrcs::default();
+                let n = check_raw_pieces(&mut pc, &h, &payload, ps, i, pos)?;
+                let mut pages = payload;
+                pages.drain(..n);
+                pages
+            }
             (RecordKind::Data, _) => {
                 if self.dec.is_none() {
                     self.dec = Some(zstd::bulk::Decompressor::new().map_err(unreadable)?);
@@ -146,15 +155,37 @@ thread_local! {
     /// Per thread: a compressed payload and a zstd context, reused by `read_record_at`.
     static SCRATCH: RefCell<(Vec<u8>, Option<zstd::bulk::Decompressor<'static>>)> =
         const { RefCell::new((Vec::new(), None)) };
+    /// Per thread: the piece crcs of a record raw in pieces read by `read_record_at`.
+    static PIECE_CRCS: RefCell<PieceCrcs> = RefCell::new(PieceCrcs::default());
+}
+
+/// Read the head of the piece table of record `h` (the `i`-th, at `pos`; its payload at `at`)
+/// and return its layout, checked to fit in the payload before anything else is read.
+fn read_layout(
+    src: &mut Pread<'_>,
+    h: &RecordHeader,
+    at: u64,
+    ps: u64,
+    i: u64,
+    pos: u64,
+) -> Result<PieceLayout, FormatError> {
+    // The table's length follows from its head; both lie inside the payload (bounded by the
+    // header check), the head first.
+    let mut head = [0u8; PIECE_TABLE_HEAD_LEN];
+    if h.stored_len as usize >= PIECE_TABLE_HEAD_LEN {
+        src.read_exact_at(&mut head, at)?;
+    }
+    PieceTable::layout(h, &head, ps)
+        .ok_or_else(|| corrupt("record piece table invalid", Some(i), pos))
 }
 
 impl<R> SnapshotReader<R> {
     /// Read the `i`-th record of the index by positioned reads through the page cache, from any
     /// number of threads at once (lazy restore: a fault thread and a fill thread). Checks what
     /// every record read checks: bounds, header fields and lengths, agreement with its index
-    /// entry, the crc, and that a compressed payload decompresses to exactly its pages. `out`
-    /// receives the pages (`page_count * page_size` bytes; empty for a zero run); its buffer is
-    /// reused. The back-to-back chain of records is not followed (that is `verify`'s): only this
+    /// entry, the crc, that a compressed payload decompresses to exactly its pages, and of a
+    /// record in pieces its piece table and every piece's crc. `out` receives the pages
+    /// (`page_count * page_size` bytes; empty for a zero run); its buffer is reused. The back-to-back chain of records is not followed (that is `verify`'s): only this
     /// record is read. Readers built with `from_reader` have no file to read at positions:
     /// `Unsupported`.
     pub fn read_record_at(&self, i: usize, out: &mut Vec<u8>) -> Result<(), FormatError> {
@@ -230,6 +261,23 @@ impl<R> SnapshotReader<R> {
                     return Err(crc_err());
                 }
             }
+            (RecordKind::Data, CODEC_RAW_PIECES) => SCRATCH.with(|s| {
+                let (table, _) = &mut *s.borrow_mut();
+                let ps = chk.ps;
+                let layout = read_layout(&mut src, &h, at, ps, ri, pos)?;
+                table.resize(layout.table_len(), 0);
+                src.read_exact_at(table, at)?;
+                let t = piece_table(&h, table, ps, ri, pos)?;
+                // The header check bounds stored_len, the table check makes the rest exactly
+                // the pages: out.len().
+                src.read_exact_at(out, at + table.len() as u64)?;
+                PIECE_CRCS.with(|pc| {
+                    let pc = &mut *pc.borrow_mut();
+                    pc.start(&h, &t, table);
+                    pc.update(out, ri, pos)?;
+                    pc.finish(&h, ri, pos)
+                })
+            })?,
             (RecordKind::Data, _) => SCRATCH.with(|s| {
                 let (payload, dec) = &mut *s.borrow_mut();
                 payload.resize(h.stored_len as usize, 0);
@@ -263,11 +311,11 @@ pub struct Piece {
 
 impl<R> SnapshotReader<R> {
     /// Read only the piece of the `i`-th record that holds guest page `page`, when the record is
-    /// stored in pieces (zstd in pieces, see [`format`](crate::format)): by positioned reads
-    /// of its header, piece table and that piece, nothing else. Checks the header's bounds and
-    /// fields and its agreement with the index entry, the piece table's crc (which covers the
-    /// header fields too) and lengths, the piece's crc, and that it decodes to exactly its
-    /// pages; the record crc, which covers the whole payload, is not (that needs all of it:
+    /// stored in pieces (zstd or raw in pieces, see [`format`](crate::format)): by positioned
+    /// reads of its header, piece table and that piece, nothing else. Checks the header's
+    /// bounds and fields and its agreement with the index entry, the piece table's crc (which
+    /// covers the header fields too) and lengths, the piece's crc, and that it decodes to
+    /// exactly its pages; the record crc, which covers the whole payload, is not (that needs all of it:
     /// [`read_record_at`](Self::read_record_at)). `out` receives the piece's pages.
     ///
     /// `Ok(None)` (nothing read into `out`) when the record is not stored in pieces or does not
@@ -306,27 +354,35 @@ impl<R> SnapshotReader<R> {
         src.read_exact_at(&mut hb, pos)?;
         let h = chk.header(&hb, pos, ri)?;
         chk.against_index(&h, pos, ri)?;
-        if h.kind != RecordKind::Data || h.codec != CODEC_ZSTD_PIECES {
+        if h.kind != RecordKind::Data || !in_pieces(h.codec) {
             return Ok(None);
         }
         let at = pos + RECORD_HEADER_LEN as u64;
         let ps = chk.ps;
         SCRATCH.with(|s| {
             let (buf, dec) = &mut *s.borrow_mut();
-            // The table's length follows from its head; both lie inside the payload (bounded
-            // by the header check), the head first.
-            let mut head = [0u8; PIECE_TABLE_HEAD_LEN];
-            if h.stored_len as usize >= PIECE_TABLE_HEAD_LEN {
-                src.read_exact_at(&mut head, at)?;
-            }
-            let layout = PieceTable::layout(&h, &head, ps)
-                .ok_or_else(|| corrupt("record piece table invalid", Some(ri), pos))?;
+            let layout = read_layout(&mut src, &h, at, ps, ri, pos)?;
             buf.resize(layout.table_len(), 0);
             src.read_exact_at(buf, at)?;
             let t = piece_table(&h, buf, ps, ri, pos)?;
             let k = t.layout.piece_of(page - e.first_page);
             let (off, len, crc) = t.piece(k);
             let (a, b) = t.layout.span(k);
+            let piece = Piece {
+                index: k,
+                first_page: e.first_page + a,
+                page_count: (b - a) as u32,
+            };
+            if h.codec == CODEC_RAW_PIECES {
+                // The table check made the piece exactly its pages: read straight into `out`.
+                out.resize(len, 0);
+                src.read_exact_at(out, at + off as u64)?;
+                if crc32fast::hash(out) != crc {
+                    let what = format!("record piece {k} checksum mismatch");
+                    return Err(corrupt(what, Some(ri), pos));
+                }
+                return Ok(Some(piece));
+            }
             buf.resize(len, 0);
             src.read_exact_at(buf, at + off as u64)?;
             if dec.is_none() {
@@ -336,11 +392,7 @@ impl<R> SnapshotReader<R> {
             if let Some(d) = dec {
                 decode_piece(d, buf, crc, k, out, ri, pos)?;
             }
-            Ok(Some(Piece {
-                index: k,
-                first_page: e.first_page + a,
-                page_count: (b - a) as u32,
-            }))
+            Ok(Some(piece))
         })
     }
 }

@@ -5,7 +5,8 @@ use std::io;
 
 use crate::format::{
     encode_piece_table, Compression, IndexEntry, PieceLayout, RecordHeader, RecordKind, Totals,
-    CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_PIECES, MAX_RECORD_RAW, RECORD_HEADER_LEN, ZSTD_PIECE_RAW,
+    CODEC_RAW, CODEC_RAW_PIECES, CODEC_ZSTD, CODEC_ZSTD_PIECES, MAX_RECORD_RAW, PIECE_RAW,
+    RECORD_HEADER_LEN,
 };
 
 /// Encoded records of one piece of guest memory, ready to be appended to a file.
@@ -32,7 +33,8 @@ impl EncodedBatch {
 pub struct RecordEncoder {
     page_size: usize,
     compressor: Option<zstd::bulk::Compressor<'static>>,
-    /// Bytes per piece of zstd records (zstd in pieces), or `None`: one frame per record.
+    /// Bytes per piece of data records (zstd or raw in pieces), or `None`: one zstd frame or
+    /// one raw payload per record.
     piece_raw: Option<u32>,
     /// Per piece: stored length and crc.
     pieces: Vec<(u32, u32)>,
@@ -60,16 +62,17 @@ impl RecordEncoder {
         Ok(RecordEncoder {
             page_size,
             compressor,
-            piece_raw: Some(ZSTD_PIECE_RAW),
+            piece_raw: Some(PIECE_RAW),
             pieces: Vec::new(),
             scratch: Vec::new(),
             hot: false,
         })
     }
 
-    /// Compressed records in pieces of `bytes` of guest memory (a power of two, at least a page,
-    /// at most [`MAX_RECORD_RAW`]), or one zstd frame per record (`None`). Writers use
-    /// [`ZSTD_PIECE_RAW`] unless told otherwise.
+    /// Data records in pieces of `bytes` of guest memory (a power of two, at least a page, at
+    /// most [`MAX_RECORD_RAW`]): zstd in pieces, or raw in pieces for a raw record of two or
+    /// more pieces; or no pieces (`None`): one zstd frame or one raw payload per record.
+    /// Writers use [`PIECE_RAW`] unless told otherwise.
     pub fn with_piece_raw(mut self, bytes: Option<u32>) -> io::Result<Self> {
         if let Some(b) = bytes {
             if PieceLayout::new(0, 1, b, self.page_size as u64).is_none() {
@@ -175,6 +178,17 @@ impl RecordEncoder {
                 h.codec = CODEC_RAW;
             }
         }
+        if h.codec == CODEC_RAW {
+            if let Some(layout) = self.piece_raw.and_then(|p| {
+                PieceLayout::new(first, page_count, p, self.page_size as u64)
+                    .filter(|l| l.count >= 2)
+                    .map(|l| (p, l))
+            }) {
+                let pieces = &mut self.pieces;
+                push_raw_pieces(h, layout, raw, self.page_size as u64, pieces, self.hot, out);
+                return Ok(());
+            }
+        }
         let payload: &[u8] = if h.codec == CODEC_RAW {
             raw
         } else {
@@ -184,6 +198,50 @@ impl RecordEncoder {
         push_record(h, payload, self.hot, out);
         Ok(())
     }
+}
+
+/// Append record `h` of `raw` (its pages) as raw in pieces of `layout`: the piece table, then
+/// the pages. Every piece's crc is computed as it is copied, and the record crc combined from
+/// them, so the pages are read once.
+fn push_raw_pieces(
+    mut h: RecordHeader,
+    (piece_raw, layout): (u32, PieceLayout),
+    raw: &[u8],
+    ps: u64,
+    pieces: &mut Vec<(u32, u32)>,
+    hot: bool,
+    out: &mut EncodedBatch,
+) {
+    let table = layout.table_len();
+    h.codec = CODEC_RAW_PIECES;
+    h.stored_len = (table + raw.len()) as u32;
+    let at = out.bytes.len();
+    out.bytes.extend_from_slice(&h.encode());
+    out.bytes.resize(at + RECORD_HEADER_LEN + table, 0);
+    out.bytes.reserve(raw.len());
+    pieces.clear();
+    let mut all = crc32fast::Hasher::new();
+    for k in 0..layout.count {
+        let (a, b) = layout.span(k);
+        let src = &raw[(a * ps) as usize..(b * ps) as usize];
+        let mut crc = crc32fast::Hasher::new();
+        for chunk in src.chunks(CRC_COPY_CHUNK) {
+            crc.update(chunk);
+            out.bytes.extend_from_slice(chunk);
+        }
+        pieces.push((src.len() as u32, crc.clone().finalize()));
+        all.combine(&crc);
+    }
+    let t = at + RECORD_HEADER_LEN;
+    encode_piece_table(&h, &layout, piece_raw, pieces, &mut out.bytes[t..t + table]);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h.prefix());
+    crc.update(&out.bytes[t..t + table]);
+    crc.combine(&all);
+    h.crc = crc.finalize();
+    debug_assert_eq!(h.crc, h.compute_crc(&out.bytes[t..]));
+    out.bytes[at..at + RECORD_HEADER_LEN].copy_from_slice(&h.encode());
+    account(&h, hot, at, out);
 }
 
 /// Compress `raw` (the pages of record `h`) into `out` as a piece table and one zstd frame per
@@ -229,13 +287,6 @@ const CRC_COPY_CHUNK: usize = 64 << 10;
 
 fn push_record(mut h: RecordHeader, payload: &[u8], hot: bool, out: &mut EncodedBatch) {
     let at = out.bytes.len();
-    out.entries.push(IndexEntry {
-        offset: at as u64,
-        first_page: h.first_page,
-        page_count: h.page_count,
-        kind: h.kind,
-        hot,
-    });
     // One pass over the payload instead of two (checksum all, then copy all): a 2 MiB payload
     // no longer fits the cache by the time the copy would start.
     out.bytes.extend_from_slice(&h.encode());
@@ -249,11 +300,23 @@ fn push_record(mut h: RecordHeader, payload: &[u8], hot: bool, out: &mut Encoded
     h.crc = crc.finalize();
     debug_assert_eq!(h.crc, h.compute_crc(payload));
     out.bytes[at..at + RECORD_HEADER_LEN].copy_from_slice(&h.encode());
+    account(&h, hot, at, out);
+}
+
+/// List record `h`, appended at `at` of the batch, in its index entries and totals.
+fn account(h: &RecordHeader, hot: bool, at: usize, out: &mut EncodedBatch) {
+    out.entries.push(IndexEntry {
+        offset: at as u64,
+        first_page: h.first_page,
+        page_count: h.page_count,
+        kind: h.kind,
+        hot,
+    });
     let t = &mut out.totals;
     let n = u64::from(h.page_count);
     t.pages += n;
     t.records += 1;
-    t.stored_bytes += payload.len() as u64;
+    t.stored_bytes += u64::from(h.stored_len);
     match h.kind {
         RecordKind::ZeroRun => t.zero_pages += n,
         RecordKind::Data => t.data_pages += n,

@@ -1,5 +1,5 @@
-//! The threads of a lazy restore: the fault thread (demand faults first, one decoded piece at a
-//! time from records in zstd pieces, see `pieces`, else through a small cache of decoded
+//! The threads of a lazy restore: the fault thread (demand faults first, one checked piece at a
+//! time from records in pieces, zstd or raw, see `pieces`, else through a small cache of decoded
 //! records), the fill thread (touched pieces first, then hot records, then file order, yielding
 //! to faults; untouched blocks moved in as whole huge pages), and the end (unregister, then
 //! collapse the blocks that are not huge pages back into huge pages).

@@ -12,10 +12,10 @@
 //!   a fault fills all of it; it turns resident only once all its pages are filled.
 //! - **Fault thread** (first, high priority): a fault on a missing page finds its chunk (binary
 //!   search by first page) and fills the piece around the faulting page (`UFFDIO_COPY`, which
-//!   wakes the vCPU; `pieces`). A record stored in pieces (zstd in pieces, 64 KiB each as
-//!   written) is read one piece at a time: its header, piece table and the piece holding the
+//!   wakes the vCPU; `pieces`). A record stored in pieces (zstd or raw in pieces, 64 KiB each
+//!   as written) is read one piece at a time: its header, piece table and the piece holding the
 //!   page, by positioned reads, the table's and the piece's crc checked before the piece is
-//!   decoded, nothing else read or decoded. Any other record is read whole through the trailer
+//!   decoded or filled, nothing else read or decoded. Any other record is read whole through the trailer
 //!   index (positioned read, crc check, decompression; the last few records stay decoded) and
 //!   the 64 KiB around the page is filled. A zero chunk is one `UFFDIO_ZEROPAGE` for all of it. The rest of the chunk goes to the front of the fill
 //!   thread's queue: the fault thread never copies more than a vCPU waits for. A fault on a

@@ -1,6 +1,7 @@
 //! What a fault fills: the piece of its record around the faulting page. A record stored in
-//! pieces (zstd in pieces) is read and decoded one checked piece at a time (its header, piece
-//! table and that piece, never the rest); any other record is read whole (through the fault
+//! pieces (zstd or raw in pieces) is read (and decoded) one checked piece at a time (its
+//! header, piece table and that piece, never the rest); any other record (plain raw or one zstd
+//! frame: a single-piece record, or a file of format 1) is read whole (through the fault
 //! thread's [`DecodeCache`]) and the [`FAULT_PIECE`] around the page is filled.
 
 use std::cell::RefCell;
@@ -9,7 +10,7 @@ use super::fill::DecodeCache;
 use super::*;
 
 thread_local! {
-    /// The fault thread's decoded piece.
+    /// The fault thread's piece (decoded, or raw pages as read).
     static PIECE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 

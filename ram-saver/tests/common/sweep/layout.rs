@@ -153,7 +153,7 @@ impl Rec {
 }
 
 impl Rec {
-    /// The piece table of a record in zstd pieces: (piece_raw, [(stored_len, crc)]), and the
+    /// The piece table of a record in pieces (zstd or raw): (piece_raw, [(stored_len, crc)]), and the
     /// table's length.
     pub fn piece_table(&self) -> (u32, Vec<(u32, u32)>, usize) {
         let p = &self.payload;
@@ -346,7 +346,8 @@ impl Model {
     }
 
     /// The same file in format version 1: records in zstd pieces (codec 2) become one zstd frame
-    /// each (codec 1), as the format-1 writer wrote them.
+    /// each (codec 1), records raw in pieces (codec 3) plain raw ones (codec 0), as the
+    /// format-1 writer wrote them.
     pub fn to_format_1(&self) -> Model {
         let mut m = self.clone();
         m.hdr.version = 1;
@@ -354,6 +355,11 @@ impl Model {
             let raw = r.pieces_decoded(u64::from(self.hdr.page_size));
             r.codec = 1;
             r.payload = zstd::bulk::compress(&raw, 3).expect("compress");
+        }
+        for r in m.recs.iter_mut().filter(|r| r.kind == 1 && r.codec == 3) {
+            let (_, _, table) = r.piece_table();
+            r.codec = 0;
+            r.payload.drain(..table);
         }
         m
     }

@@ -112,6 +112,8 @@ impl Setup {
         .collect();
         let pieces = bases[1].model.recs.iter().filter(|r| r.codec == 2).count();
         assert!(pieces > 0, "the zstd base has no record in zstd pieces");
+        let raw_pieces = bases[0].model.recs.iter().filter(|r| r.codec == 3).count();
+        assert!(raw_pieces > 0, "the raw base has no record raw in pieces");
         // The zstd file as format version 1 wrote it (one zstd frame per record).
         let v1 = bases[1].model.to_format_1();
         bases.push(checked_base(&dir, &source, "zstd-format-1", v1.assemble()));
@@ -162,10 +164,11 @@ fn checked_base(dir: &Path, source: &GuestMemoryMmap, name: &'static str, bytes:
     assert!(same_memory(source, &mem), "{name}: loaded memory differs");
     let zstd_records = model.recs.iter().filter(|r| r.codec == 1).count();
     let piece_records = model.recs.iter().filter(|r| r.codec == 2).count();
+    let raw_piece_records = model.recs.iter().filter(|r| r.codec == 3).count();
     let zero_runs = model.recs.iter().filter(|r| r.kind == 0).count();
     eprintln!(
         "base {name}: format {}, {} bytes, header {} B, machine state {} B, {} records \
-         ({} zero runs, {} zstd, {} zstd in pieces), trailer {} B",
+         ({} zero runs, {} zstd, {} zstd in pieces, {} raw in pieces), trailer {} B",
         model.hdr.version,
         bytes.len(),
         spans.header_len,
@@ -174,6 +177,7 @@ fn checked_base(dir: &Path, source: &GuestMemoryMmap, name: &'static str, bytes:
         zero_runs,
         zstd_records,
         piece_records,
+        raw_piece_records,
         spans.footer_at - spans.trailer_at
     );
     Base {
