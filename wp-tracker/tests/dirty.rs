@@ -299,3 +299,28 @@ fn drop_releases_everything_and_writers_run() {
     m.write(5 * PAGE, 6); // would block forever if still protected
     assert_eq!(m.read(5 * PAGE), 6);
 }
+
+/// The kernel fact that rules out switching a range between an async and a synchronous
+/// userfaultfd context at each freeze: `UFFDIO_UNREGISTER` itself clears the uffd-wp bits (raw
+/// ioctls here: `WpTracker::unregister` releases first), so the record of what was not written
+/// is gone with the registration.
+#[test]
+fn unregistering_drops_the_write_protect_record() {
+    let m = Mapping::anon(64 * PAGE);
+    for i in 0..64 {
+        m.write(i * PAGE, 1);
+    }
+    let uffd = uffd_sys::Userfaultfd::open(0).unwrap();
+    uffd.register(m.addr, m.len, uffd_sys::UFFDIO_REGISTER_MODE_WP)
+        .unwrap();
+    uffd.writeprotect(m.addr, m.len, uffd_sys::UFFDIO_WRITEPROTECT_MODE_WP)
+        .unwrap();
+    let protected: usize = wp_protected_regions(m.addr, m.len)
+        .unwrap()
+        .iter()
+        .map(|r| r.len())
+        .sum();
+    assert_eq!(protected, m.len);
+    uffd.unregister(m.addr, m.len).unwrap();
+    assert!(wp_protected_regions(m.addr, m.len).unwrap().is_empty());
+}
