@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use uffd_sys::pagemap::{scan, ScanQuery};
+use uffd_sys::pagemap::{open_self, scan_in, ScanQuery};
 use uffd_sys::{PAGE_IS_HUGE, PAGE_IS_PRESENT};
 
 use crate::{HostRange, WpError, WpFault, WpTracker};
@@ -108,6 +108,9 @@ struct Shared {
     faults: AtomicU64,
     /// Why the handler stopped, if it stopped on an error.
     failed: Mutex<Option<String>>,
+    /// `/proc/self/pagemap`, open for [`Precision::Backing`] (None: no pagemap, every unit is
+    /// taken as 4 KiB-mapped).
+    pagemap: Option<std::fs::File>,
 }
 
 /// Keeps knowing which registered memory was written since the last harvest.
@@ -149,6 +152,10 @@ impl DirtyTracker {
             stop: AtomicBool::new(false),
             faults: AtomicU64::new(0),
             failed: Mutex::new(None),
+            pagemap: match precision {
+                Precision::Backing => open_self().ok(),
+                _ => None,
+            },
         });
         if let Err(e) = shared.wp.protect_all() {
             let _ = shared.wp.unprotect_all();
@@ -299,9 +306,25 @@ impl Shared {
         match self.precision {
             Precision::Page => page,
             Precision::Unit => unit,
-            Precision::Backing if unit.len == DIRTY_UNIT && huge_mapped(unit) => unit,
+            Precision::Backing if unit.len == DIRTY_UNIT && self.huge_mapped(unit) => unit,
             Precision::Backing => page,
         }
+    }
+
+    /// True if one huge page maps the whole 2 MiB `unit`: PAGEMAP_SCAN reports `PAGE_IS_HUGE`
+    /// only for a page mapped by a PMD (or hugetlb) entry, which maps the whole aligned unit, so
+    /// asking about the unit's first page is enough.
+    fn huge_mapped(&self, unit: HostRange) -> bool {
+        let Some(pagemap) = &self.pagemap else {
+            return false;
+        };
+        let q = ScanQuery {
+            inverted: 0,
+            required: PAGE_IS_HUGE | PAGE_IS_PRESENT,
+            anyof: 0,
+            return_mask: PAGE_IS_HUGE,
+        };
+        scan_in(pagemap, unit.start, self.page, q).is_ok_and(|v| !v.is_empty())
     }
 
     /// The set bits of `bits` as merged address runs.
@@ -329,17 +352,4 @@ impl Shared {
         }
         DirtySet { ranges }
     }
-}
-
-/// True if one huge page maps the whole 2 MiB `unit` (PAGEMAP_SCAN).
-fn huge_mapped(unit: HostRange) -> bool {
-    let q = ScanQuery {
-        inverted: 0,
-        required: PAGE_IS_HUGE | PAGE_IS_PRESENT,
-        anyof: 0,
-        return_mask: PAGE_IS_HUGE,
-    };
-    scan(unit.start, unit.len, q)
-        .map(|v| v.iter().map(|r| r.len()).sum::<usize>() == unit.len)
-        .unwrap_or(false)
 }
