@@ -67,10 +67,24 @@ fn open_pagemap() -> io::Result<File> {
     File::open("/proc/self/pagemap")
 }
 
+/// Open `/proc/self/pagemap` once for repeated [`scan_in`] calls.
+pub fn open_self() -> io::Result<File> {
+    open_pagemap()
+}
+
 /// Run PAGEMAP_SCAN over `[start, start+len)` (start page aligned); returns the matching runs in
 /// address order, merged across batches. Unmapped holes are skipped, not errors.
 pub fn scan(start: usize, len: usize, query: ScanQuery) -> io::Result<Vec<PageRegion>> {
-    let file = open_pagemap()?;
+    scan_in(&open_pagemap()?, start, len, query)
+}
+
+/// [`scan`] through an open `/proc/self/pagemap` ([`open_self`]), for callers that scan often.
+pub fn scan_in(
+    file: &File,
+    start: usize,
+    len: usize,
+    query: ScanQuery,
+) -> io::Result<Vec<PageRegion>> {
     let end = start
         .checked_add(len)
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;

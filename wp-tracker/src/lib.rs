@@ -41,6 +41,7 @@
 
 mod armed;
 mod backing;
+mod dirty;
 mod error;
 mod missing;
 
@@ -60,6 +61,7 @@ use uffd_sys::{
 
 pub use armed::{Armed, SealStats, ARM_UNIT};
 use backing::{backing_of, Backing, HugetlbProofs};
+pub use dirty::{DirtyError, DirtySet, DirtyTracker, Precision, DIRTY_UNIT};
 pub use error::WpError;
 pub use missing::{HugeBlock, MissingError, MissingFault, MissingTracker, HUGE_BLOCK};
 pub use uffd_sys::Features as UffdFeatures;
