@@ -12,8 +12,8 @@ use super::source::{Seq, Source};
 use super::{corrupt, unreadable, SnapshotReader};
 use crate::direct_io::Pread;
 use crate::format::{
-    in_pieces, FormatError, PieceLayout, PieceTable, RecordHeader, RecordKind, CODEC_RAW,
-    CODEC_RAW_PIECES, PIECE_TABLE_HEAD_LEN, RECORD_HEADER_LEN,
+    in_pieces, FormatError, IndexEntry, PieceLayout, PieceTable, RecordHeader, RecordKind,
+    CODEC_RAW, CODEC_RAW_PIECES, PIECE_TABLE_HEAD_LEN, RECORD_HEADER_LEN,
 };
 
 /// One RAM record as read from the file, payload decompressed.
@@ -211,17 +211,8 @@ impl<R> SnapshotReader<R> {
     /// zeros): e.g. a staging huge page, without an intermediate buffer. A buffer of another
     /// length is refused (`LayoutMismatch`) before anything is read.
     pub fn read_record_into(&self, i: usize, out: &mut [u8]) -> Result<(), FormatError> {
-        let Some(f) = &self.file else {
-            return Err(FormatError::Unsupported {
-                what: "reading records by index needs a snapshot opened by path".into(),
-            });
-        };
+        let (f, e) = self.by_index(i)?;
         let ri = i as u64;
-        let e = self
-            .trailer
-            .index
-            .get(i)
-            .ok_or_else(|| corrupt("record not listed in trailer index", Some(ri), 0))?;
         let pos = e.offset;
         let raw = (u64::from(e.page_count) * u64::from(self.header.page_size)) as usize;
         if out.len() != raw && !(e.kind == RecordKind::ZeroRun && out.is_empty()) {
@@ -232,19 +223,9 @@ impl<R> SnapshotReader<R> {
                 ),
             });
         }
-        let chk = Checker::new(
-            &self.header,
-            &self.trailer,
-            self.records_start,
-            self.trailer_offset,
-            self.version,
-        );
-        chk.bounds(pos, ri)?;
+        let chk = self.checker();
         let mut src = Pread::new(f, None);
-        let mut hb = [0u8; RECORD_HEADER_LEN];
-        src.read_exact_at(&mut hb, pos)?;
-        let h = chk.header(&hb, pos, ri)?;
-        chk.against_index(&h, pos, ri)?;
+        let h = record_header_at(&chk, &mut src, pos, ri)?;
         let at = pos + RECORD_HEADER_LEN as u64;
         let crc_err = || corrupt("record checksum mismatch", Some(ri), pos);
         match (h.kind, h.codec) {
@@ -298,6 +279,50 @@ impl<R> SnapshotReader<R> {
     }
 }
 
+impl<R> SnapshotReader<R> {
+    /// The file and the `i`-th index entry, for reading a record by index (positioned reads):
+    /// readers built with `from_reader` cannot.
+    fn by_index(&self, i: usize) -> Result<(&std::fs::File, IndexEntry), FormatError> {
+        let Some(f) = &self.file else {
+            return Err(FormatError::Unsupported {
+                what: "reading records by index needs a snapshot opened by path".into(),
+            });
+        };
+        let e = self
+            .trailer
+            .index
+            .get(i)
+            .ok_or_else(|| corrupt("record not listed in trailer index", Some(i as u64), 0))?;
+        Ok((f, *e))
+    }
+
+    fn checker(&self) -> Checker<'_> {
+        Checker::new(
+            &self.header,
+            &self.trailer,
+            self.records_start,
+            self.trailer_offset,
+            self.version,
+        )
+    }
+}
+
+/// Read and check the header of the `i`-th record at `pos`: within the records, its fields, and
+/// in agreement with its index entry.
+fn record_header_at(
+    chk: &Checker<'_>,
+    src: &mut Pread<'_>,
+    pos: u64,
+    i: u64,
+) -> Result<RecordHeader, FormatError> {
+    chk.bounds(pos, i)?;
+    let mut hb = [0u8; RECORD_HEADER_LEN];
+    src.read_exact_at(&mut hb, pos)?;
+    let h = chk.header(&hb, pos, i)?;
+    chk.against_index(&h, pos, i)?;
+    Ok(h)
+}
+
 /// One piece of a record read by [`SnapshotReader::read_piece_at`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
@@ -326,34 +351,15 @@ impl<R> SnapshotReader<R> {
         page: u64,
         out: &mut Vec<u8>,
     ) -> Result<Option<Piece>, FormatError> {
-        let Some(f) = &self.file else {
-            return Err(FormatError::Unsupported {
-                what: "reading records by index needs a snapshot opened by path".into(),
-            });
-        };
+        let (f, e) = self.by_index(i)?;
         let ri = i as u64;
-        let e = *self
-            .trailer
-            .index
-            .get(i)
-            .ok_or_else(|| corrupt("record not listed in trailer index", Some(ri), 0))?;
         if page < e.first_page || page - e.first_page >= u64::from(e.page_count) {
             return Ok(None);
         }
         let pos = e.offset;
-        let chk = Checker::new(
-            &self.header,
-            &self.trailer,
-            self.records_start,
-            self.trailer_offset,
-            self.version,
-        );
-        chk.bounds(pos, ri)?;
+        let chk = self.checker();
         let mut src = Pread::new(f, None);
-        let mut hb = [0u8; RECORD_HEADER_LEN];
-        src.read_exact_at(&mut hb, pos)?;
-        let h = chk.header(&hb, pos, ri)?;
-        chk.against_index(&h, pos, ri)?;
+        let h = record_header_at(&chk, &mut src, pos, ri)?;
         if h.kind != RecordKind::Data || !in_pieces(h.codec) {
             return Ok(None);
         }
