@@ -296,7 +296,11 @@ fn drop_releases_everything_and_writers_run() {
     // The 2 MiB unit of the written page, clipped to the range (which may cross a unit border).
     let unit = written & !(HUGE - 1);
     let (start, end) = (unit.max(m.addr), (unit + HUGE).min(m.addr + m.len));
-    assert_eq!(t.dirty_bytes(), end - start, "the unit clipped to the range");
+    assert_eq!(
+        t.dirty_bytes(),
+        end - start,
+        "the unit clipped to the range"
+    );
     let pending = t.finish().unwrap();
     assert_eq!(pending.ranges, vec![HostRange::new(start, end - start)]);
     assert!(wp_protected_regions(m.addr, m.len).unwrap().is_empty());
