@@ -574,7 +574,16 @@ fn run_case(
         ),
     };
     let extra_rss = peak.load(Ordering::Relaxed).saturating_sub(rss_before);
-    std::thread::sleep(Duration::from_secs(2));
+    let recovery_s = if c.full {
+        let steps = || match &probe {
+            Some(p) => p.steps(),
+            None => Ok(vm.steps()?.iter().sum()),
+        };
+        recovery(steps, rate_before)?.map_or(Value::Null, Value::from)
+    } else {
+        std::thread::sleep(Duration::from_secs(2));
+        Value::Null
+    };
     let rate_after = match &probe {
         Some(p) => p.rate(window)?,
         None if c.full => rate(&vm, window)?,
@@ -633,7 +642,7 @@ fn run_case(
         "save_gbps": guest_bytes as f64 / dur.max(1e-9) / 1e9,
         "image_size_ratio": summary["image_size_ratio"], "file_bytes": file_bytes,
         "rate_before": rate_before, "rate_during": rate_during,
-        "rate_after": rate_after, "max_stall_ms": max_stall_ms,
+        "rate_after": rate_after, "recovery_s": recovery_s, "max_stall_ms": max_stall_ms,
         "faults": summary["faults_served"], "p50_us": summary["fault_latency_p50_us"],
         "p99_us": summary["fault_latency_p99_us"], "max_us": summary["fault_latency_max_us"],
         "fault_wait_total_ms": summary["fault_wait_total_ms"],
@@ -643,6 +652,30 @@ fn run_case(
         "thp_before_mib": thp_before >> 20, "thp_after_mib": thp_after >> 20,
         "lazy": lazy,
     }))
+}
+
+/// A busy guest's rate counts as recovered after a save at this share of its rate before.
+const RECOVERED: f64 = 0.8;
+/// How long [`recovery`] watches.
+const RECOVERY_MAX: Duration = Duration::from_secs(15);
+
+/// Seconds from the end of a save to the end of the first 100 ms interval in which the guest's
+/// rate is back to [`RECOVERED`] of `before` (so at least 0.1 s), or `None` if not within
+/// [`RECOVERY_MAX`]. A save can leave the guest slow after it ends (e.g. pages to map again);
+/// the save's own rate during does not show that.
+fn recovery(steps: impl Fn() -> anyhow::Result<u64>, before: f64) -> anyhow::Result<Option<f64>> {
+    let t0 = Instant::now();
+    let (mut prev, mut at) = (steps()?, Instant::now());
+    while t0.elapsed() < RECOVERY_MAX {
+        std::thread::sleep(Duration::from_millis(100));
+        let (s, now) = (steps()?, Instant::now());
+        let r = s.saturating_sub(prev) as f64 / now.duration_since(at).as_secs_f64().max(1e-9);
+        if r >= RECOVERED * before {
+            return Ok(Some(now.duration_since(t0).as_secs_f64()));
+        }
+        (prev, at) = (s, now);
+    }
+    Ok(None)
 }
 
 /// How long [`lazy_restore`] waits for `restore.done`.
@@ -1058,16 +1091,18 @@ fn busy_markdown(rows: &[Value]) -> String {
     s += "\n## Busy guests during the save\n\n";
     s += "Rate kept: guest steps/s during the save over its rate before. Longest gap: the longest time a vCPU's step \
           counter did not move during the save (the freeze included). Faults that waited: faults that found fault \
-          staging at its cap. Downtime: the VMM's figure; guest held: the longest a vCPU was kept out of the guest.\n\n";
-    s += "| case | rate before steps/s | rate kept | longest gap ms | faults | faults that waited | peak staging MiB | downtime ms | guest held ms |\n";
-    s += "|---|---|---|---|---|---|---|---|---|\n";
+          staging at its cap. Downtime: the VMM's figure; guest held: the longest a vCPU was kept out of the guest. \
+          Recovery: seconds from the end of the save to the end of the first 100 ms interval the guest ran at \
+          ≥ 80 % of its rate before (at least 0.1; “> 15” if not within 15 s; the memfd table counts that as 15).\n\n";
+    s += "| case | rate before steps/s | rate kept | longest gap ms | faults | faults that waited | peak staging MiB | downtime ms | guest held ms | recovery s |\n";
+    s += "|---|---|---|---|---|---|---|---|---|---|\n";
     for r in rows {
         if r.get("error").is_some() || r["full"] != Value::Bool(true) {
             continue;
         }
         let st = &r["staging"];
         s += &format!(
-            "| {} | {:.2e} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {:.2e} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r["case"].as_str().unwrap_or("?"),
             f(r, "rate_before"),
             kept(r).map_or("–".into(), |k| format!("{:.0} %", 100.0 * k)),
@@ -1079,9 +1114,18 @@ fn busy_markdown(rows: &[Value]) -> String {
                 .map_or("–".into(), |b| (b >> 20).to_string()),
             num(&r["downtime_ms"], 2),
             num(&r["freeze_ms"]["guest_held"], 2),
+            recovered(r),
         );
     }
     s
+}
+
+/// The recovery figure of a busy row.
+fn recovered(r: &Value) -> String {
+    match r["recovery_s"].as_f64() {
+        Some(x) => format!("{x:.1}"),
+        None => format!("> {}", RECOVERY_MAX.as_secs()),
+    }
 }
 
 /// memfd cases against the same case on anonymous memory, with how many times worse memfd is.
@@ -1090,8 +1134,8 @@ fn memfd_markdown(rows: &[Value]) -> String {
     s += "\n## memfd against anonymous memory\n\n";
     s += "Each memfd case next to the same case on anonymous memory (anon → memfd), and ×: how many times worse memfd \
           is (memfd ÷ anon for costs; anon ÷ memfd for the rate kept). Within 2× on every figure is the target.\n\n";
-    s += "| case | downtime ms | × | save s | × | rate kept | × | longest gap ms | × | fault waits ms | × | peak staging MiB | × | extra RSS MiB | × |\n";
-    s += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    s += "| case | downtime ms | × | save s | × | rate kept | × | longest gap ms | × | recovery s | × | fault waits ms | × | peak staging MiB | × | extra RSS MiB | × |\n";
+    s += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     let ok = |r: &&Value| r.get("error").is_none();
     for m in rows
         .iter()
@@ -1118,13 +1162,21 @@ fn memfd_markdown(rows: &[Value]) -> String {
             format!("{} → {} | {}", show(x), show(y), ratio)
         };
         let get = |r: &Value, k: &str| r[k].as_f64();
+        // Not recovered within the watch: counted as the watch's length (a lower bound).
+        let recovery_or_max = |r: &Value| {
+            Some(
+                r["recovery_s"]
+                    .as_f64()
+                    .unwrap_or(RECOVERY_MAX.as_secs_f64()),
+            )
+        };
         let peak = |r: &Value| {
             r["staging"]["peak_bytes"]
                 .as_u64()
                 .map(|b| (b >> 20) as f64)
         };
         s += &format!(
-            "| {anon_name} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {anon_name} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             pair(get(a, "downtime_ms"), get(m, "downtime_ms"), 2, false),
             pair(get(a, "duration_s"), get(m, "duration_s"), 2, false),
             pair(
@@ -1134,6 +1186,7 @@ fn memfd_markdown(rows: &[Value]) -> String {
                 true
             ),
             pair(get(a, "max_stall_ms"), get(m, "max_stall_ms"), 1, false),
+            pair(recovery_or_max(a), recovery_or_max(m), 1, false),
             pair(
                 get(a, "fault_wait_total_ms"),
                 get(m, "fault_wait_total_ms"),
