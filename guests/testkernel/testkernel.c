@@ -22,6 +22,11 @@
  * counts in `steps` forever, reading the PIT now and then. Without such a bitmap the first ring-3
  * port access raises #GP, which cannot be delivered (RSP0 = 0): a triple fault.
  *
+ * With the word "tk.full" on its command line, after the checks it writes random pages over all of
+ * its RAM above the kernel (up to the end of that e820 range, at most 4 GiB) at full speed instead
+ * of the verified sequence: each step stores its number in the first word of a page drawn by a
+ * xorshift generator and counts in `steps` (phase 4); it prints a status line every 100 ticks.
+ *
  * The status block at 0x100100 (see entry.S, struct status) lets the host read progress.
  * Build: cc -ffreestanding -nostdlib -static ... -T testkernel.ld entry.S testkernel.c
  */
@@ -38,7 +43,7 @@ typedef unsigned long u64;
 
 struct status {
     u64 magic;      /* "TKSTAT01" */
-    u64 phase;      /* 1 = checks done, 2 = write loop running */
+    u64 phase;      /* 1 = checks done, 2 = write loop running, 3 = boot_tss loop, 4 = tk.full loop */
     u64 failures;   /* failed boot checks */
     u64 steps;      /* write steps done */
     u64 ticks;      /* timer interrupts (incremented by isr_timer) */
@@ -68,6 +73,7 @@ static u64 idt[512] __attribute__((aligned(4096)));
 static const u8 *bp; /* boot_params */
 static const char *cmdline;
 static int boot_tss;   /* tk.boot_tss: run ring 3 on the loader's TSS */
+static int full;       /* tk.full: random page writes over all RAM */
 static u16 loader_tr;  /* TR selector at entry */
 
 /* 64-bit TSS followed by an I/O permission bitmap allowing ports 0..0x7ff. */
@@ -188,6 +194,7 @@ u64 kmain(const u8 *boot_params) {
     bp = boot_params;
     cmdline = (const char *)((u64)(*(const u32 *)(bp + 0x228)) | (u64)(*(const u32 *)(bp + 0xc8)) << 32);
     boot_tss = flag("tk.boot_tss");
+    full = flag("tk.full");
     __asm__ volatile("str %0" : "=r"(loader_tr));
     /* Identity map of the first 4 GiB with 2 MiB user pages. */
     pml4[0] = (u64)pdpt | 7;
@@ -529,6 +536,40 @@ static __attribute__((noreturn)) void user_boot_tss(void) {
     }
 }
 
+/* tk.full: random page writes over [start, end) at full speed, forever. */
+static __attribute__((noreturn)) void user_full(u64 start, u64 end) {
+    u64 pages = (end - start) / PAGE;
+    status.data_start = start;
+    status.data_pages = pages;
+    status.phase = 4;
+    puts("tk: full: data ");
+    puthex(start);
+    puts(" pages ");
+    putdec(pages);
+    puts("\n");
+    u64 x = 0x9e3779b97f4a7c15UL, last_tick = status.ticks, last_print = last_tick;
+    for (u64 s = status.steps + 1;; s++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *(volatile u64 *)(start + (x % pages) * PAGE) = s;
+        status.steps = s;
+        u64 t = status.ticks;
+        if (t != last_tick) {
+            last_tick = t;
+            poll_rx();
+            if (t - last_print >= HZ) {
+                last_print = t;
+                puts("tk: t=");
+                putdec(t);
+                puts(" steps=");
+                putdec(s);
+                puts("\n");
+            }
+        }
+    }
+}
+
 __attribute__((noreturn)) void user_main(void) {
     if (boot_tss) user_boot_tss();
     outb(COM1 + 1, 0); /* no UART interrupts: we poll */
@@ -543,6 +584,8 @@ __attribute__((noreturn)) void user_main(void) {
     u64 end = e820_usable_end_of(start);
     u64 rd = (u64)rd32(0x218) | (u64)rd32(0xc0) << 32;
     if (rd > start && rd < end) end = rd;
+    if (end > (4UL << 30)) end = 4UL << 30; /* the identity map */
+    if (full && end > start) user_full(start, end);
     u64 pages = 1;
     while (pages * 2 <= (end > start ? (end - start) / PAGE : 0) && pages * 2 <= DATA_MAX_PAGES) pages *= 2;
     status.data_start = start;

@@ -8,6 +8,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use vm_memory::{Bytes, GuestAddress};
+
 use common::testkernel::{self, Status};
 use common::*;
 use vmm_core::{
@@ -264,6 +266,51 @@ fn testkernel_ring3_port_io_through_the_boot_tss() {
     // Every port it used is one the VMM emulates (or KVM's in-kernel PIC/PIT).
     let u = vm.unhandled_accesses();
     assert!(u.ports.is_empty() && u.port_writes == 0, "{u:?}");
+    assert_clean(&buf);
+    drop(vm);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn testkernel_full_mode_writes_random_pages_over_all_its_ram() {
+    let k = testkernel::build();
+    let dir = scratch("full");
+    let mut cfg = cfg_for(&k.elf, &dir, 1, "full");
+    cfg.kernel.as_mut().unwrap().cmdline.push_str(" tk.full");
+    let (vm, buf) = boot(cfg);
+    let word = |gpa: u64| -> u64 { vm.memory().read_obj(GuestAddress(gpa)).unwrap() };
+    wait_status(&vm, &buf, "the tk.full loop", |s| s.phase == 4);
+    // Status block words 7 and 8: the data range it writes over.
+    let (start, pages) = (
+        word(testkernel::STATUS_GPA + 56),
+        word(testkernel::STATUS_GPA + 64),
+    );
+    // All of RAM above the kernel up to the initrd (near the top of RAM), far more than the
+    // 16 MiB the verified sequence uses.
+    assert!(start >= 2 << 20 && start % (2 << 20) == 0, "{start:#x}");
+    assert!(pages * 4096 >= MEM / 2, "{pages} pages from {start:#x}");
+    // Random pages: after 40 steps per page every page has been written (a page missed has
+    // probability e^-40 per page), each with the number of a step done (or of the step under
+    // way, whose page is written before its count).
+    wait_status(&vm, &buf, "40 steps per data page", |s| {
+        s.steps > 40 * pages
+    });
+    vm.pause().unwrap();
+    let steps = testkernel::status(vm.memory()).steps;
+    for p in 0..pages {
+        let stamp = word(start + p * 4096);
+        assert!(
+            stamp != 0 && stamp <= steps + 1,
+            "page {p} at {:#x} holds {stamp} after {steps} steps",
+            start + p * 4096
+        );
+    }
+    assert!(
+        buf.text()
+            .contains(&format!("tk: full: data {start:#x} pages {pages}\n")),
+        "{}",
+        buf.text()
+    );
     assert_clean(&buf);
     drop(vm);
     std::fs::remove_dir_all(&dir).unwrap();

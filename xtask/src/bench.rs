@@ -1,8 +1,11 @@
-//! `cargo xtask bench [--quick] [--mem MIB,…] [--save-args ARGS] [uffd]`: performance figures on the built-in guest, in one run, written as
-//! Markdown and JSON under `target/bench/`.
+//! `cargo xtask bench [--quick] [--mem MIB,…] [--save-args ARGS] [--only TEXT] [uffd]`: performance figures on the built-in guest
+//! and the test kernel (guests/testkernel), in one run, written as Markdown and JSON under `target/bench/`.
 //!
 //! Guest modes per case: idle, full (random page writes over all of RAM at full speed) and hot
-//! (full speed over a small working set per vCPU); see [`Mode`].
+//! (full speed over a small working set per vCPU); see [`Mode`]. Busy cases also run on
+//! `--mem-backend memfd`, side by side with anonymous memory, and the test kernel runs its
+//! `tk.full` mode (random page writes over all of its RAM from ring 3); its progress is read from
+//! its status block in the VMM's memory (`/proc/PID/mem`) every millisecond.
 //!
 //! Every figure is also given as a fraction of the machine's own limit measured in the same run (memcpy
 //! bandwidth, sequential file write with fsync, zstd level 1 on the guest's data), so runs on different or busy
@@ -12,7 +15,8 @@ use crate::{build_snapctl, root, VmmProc};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
-use std::path::Path;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -46,7 +50,16 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             .collect(),
         None => Vec::new(),
     };
-    matrix(quick, mems, &save_args)
+    // `--only memfd`: only the cases whose name contains the text, e.g. to measure one figure again.
+    let only = match args.iter().position(|a| a == "--only") {
+        Some(i) => Some(
+            args.get(i + 1)
+                .context("--only needs a text that case names contain, e.g. --only kernel")?
+                .clone(),
+        ),
+        None => None,
+    };
+    matrix(quick, mems, &save_args, only.as_deref())
 }
 
 /// userfaultfd figures: fault service latency, write-protect time for 1 and 4 GiB.
@@ -81,6 +94,10 @@ struct Case {
     hot: bool,
     vcpus: u8,
     zstd: bool,
+    /// Guest memory on `--mem-backend memfd` (else anonymous memory).
+    memfd: bool,
+    /// The test kernel in `tk.full` mode instead of the built-in guest.
+    kernel: bool,
 }
 
 /// What the guest does during a case.
@@ -102,7 +119,8 @@ const HOT_SET: &str = "32M";
 impl Case {
     fn name(&self) -> String {
         format!(
-            "{} {} {}vcpu {}",
+            "{}{} {} {}vcpu {}{}",
+            if self.kernel { "kernel " } else { "" },
             if self.mem_mib >= 1024 {
                 format!("{}G", self.mem_mib / 1024)
             } else {
@@ -114,7 +132,8 @@ impl Case {
                 (false, false) => "idle",
             },
             self.vcpus,
-            if self.zstd { "zstd" } else { "raw" }
+            if self.zstd { "zstd" } else { "raw" },
+            if self.memfd { " memfd" } else { "" }
         )
     }
 }
@@ -290,8 +309,178 @@ fn wait_fill(vm: &VmmProc) -> anyhow::Result<()> {
     }
 }
 
+/// Where the test kernel's status block is (guests/testkernel: entry.S, `struct status`).
+const TK_STATUS_GPA: u64 = 0x10_0100;
+/// Offsets in it: phase, steps.
+const TK_PHASE: u64 = 8;
+const TK_STEPS: u64 = 24;
+/// The phase of its `tk.full` loop.
+const TK_PHASE_FULL: u64 = 4;
+
+/// Builds the test kernel's ELF with the system C compiler (the flags of
+/// vmm-core/tests/common/testkernel.rs) into `dir`.
+fn build_testkernel(dir: &Path) -> anyhow::Result<PathBuf> {
+    let src = root().join("guests/testkernel");
+    let out = dir.join("testkernel.elf");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let st = Command::new(&cc)
+        .args([
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-ffreestanding",
+            "-nostdlib",
+            "-static",
+            "-fno-pic",
+            "-no-pie",
+            "-mno-red-zone",
+            "-mgeneral-regs-only",
+            "-fno-stack-protector",
+            "-fno-asynchronous-unwind-tables",
+            "-fno-builtin",
+            "-mcmodel=small",
+            "-Wl,--build-id=none",
+            "-Wl,-z,max-page-size=0x1000",
+            "-Wl,-z,noexecstack",
+            "-Wl,--no-warn-rwx-segments",
+        ])
+        .arg(format!("-Wl,-T,{}", src.join("testkernel.ld").display()))
+        .arg("-o")
+        .arg(&out)
+        .arg(src.join("entry.S"))
+        .arg(src.join("testkernel.c"))
+        .status()
+        .with_context(|| format!("running {cc} (the test kernel needs a C compiler)"))?;
+    if !st.success() {
+        bail!("building the test kernel with {cc} failed");
+    }
+    Ok(out)
+}
+
+/// The test kernel's status block, read from the VMM's memory through `/proc/PID/mem`.
+struct KernelProbe {
+    mem: std::fs::File,
+    /// Host address of the status block.
+    status: u64,
+}
+
+impl KernelProbe {
+    /// Finds the mapping that holds guest RAM from GPA 0 (the one of `low_bytes` bytes) in the VMM
+    /// process `pid` and checks the status block's magic there.
+    fn open(pid: u32, low_bytes: u64) -> anyhow::Result<Self> {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+        let mut found = Vec::new();
+        for l in maps.lines() {
+            let range = l.split_whitespace().next().unwrap_or("");
+            let (a, b) = range.split_once('-').unwrap_or(("0", "0"));
+            let (a, b) = (
+                u64::from_str_radix(a, 16).unwrap_or(0),
+                u64::from_str_radix(b, 16).unwrap_or(0),
+            );
+            if b.saturating_sub(a) == low_bytes {
+                found.push(a);
+            }
+        }
+        let [base] = found[..] else {
+            bail!(
+                "VMM {pid}: {} mappings of {low_bytes} bytes, expected exactly one (guest RAM)",
+                found.len()
+            );
+        };
+        let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+        let p = KernelProbe {
+            mem,
+            status: base + TK_STATUS_GPA,
+        };
+        let mut magic = [0u8; 8];
+        p.mem.read_exact_at(&mut magic, p.status)?;
+        if &magic != b"TKSTAT01" {
+            bail!("VMM {pid}: no test kernel status block at GPA {TK_STATUS_GPA:#x}");
+        }
+        Ok(p)
+    }
+
+    fn word(&self, off: u64) -> anyhow::Result<u64> {
+        let mut b = [0u8; 8];
+        self.mem.read_exact_at(&mut b, self.status + off)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn steps(&self) -> anyhow::Result<u64> {
+        self.word(TK_STEPS)
+    }
+
+    /// Steps per second over `window`.
+    fn rate(&self, window: Duration) -> anyhow::Result<f64> {
+        let a = self.steps()?;
+        let t0 = Instant::now();
+        std::thread::sleep(window);
+        let b = self.steps()?;
+        Ok(b.saturating_sub(a) as f64 / t0.elapsed().as_secs_f64())
+    }
+
+    /// Waits until the kernel runs its `tk.full` loop.
+    fn wait_full(&self) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        while self.word(TK_PHASE)? != TK_PHASE_FULL {
+            if t0.elapsed() > Duration::from_secs(120) {
+                bail!("test kernel not in its tk.full loop after 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Waits until the steps go past `min`.
+    fn wait_beyond(&self, min: u64, timeout: Duration) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        while self.steps()? <= min {
+            if t0.elapsed() > timeout {
+                bail!("test kernel made no progress past step {min} in {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+}
+
+/// The guest's progress while `stop` is false, sampled every [`PROBE_EVERY`] as the save's own
+/// monitor does for the built-in guest: steps per second, and the longest time the counter did not
+/// move (up to the end if it did not move again).
+fn watch_kernel(p: &KernelProbe, stop: &AtomicBool) -> anyhow::Result<(f64, f64)> {
+    let t0 = Instant::now();
+    let first = p.steps()?;
+    let (mut last, mut last_change, mut max_gap) = (first, t0, Duration::ZERO);
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(PROBE_EVERY);
+        let now = Instant::now();
+        let s = p.steps()?;
+        if s != last {
+            max_gap = max_gap.max(now.duration_since(last_change));
+            last_change = now;
+            last = s;
+        }
+    }
+    let end = Instant::now();
+    max_gap = max_gap.max(end.duration_since(last_change));
+    Ok((
+        last.saturating_sub(first) as f64 / end.duration_since(t0).as_secs_f64().max(1e-9),
+        max_gap.as_secs_f64() * 1e3,
+    ))
+}
+
+/// How often [`watch_kernel`] reads the step counter.
+const PROBE_EVERY: Duration = Duration::from_millis(1);
+
+/// Guest RAM from GPA 0: all of it below the 3 GiB hole.
+fn low_ram_bytes(mem_mib: u64) -> u64 {
+    (mem_mib << 20).min(3 << 30)
+}
+
 fn run_case(
     bin: &Path,
+    kernel: &Path,
     dir: &Path,
     c: &Case,
     quick: bool,
@@ -302,29 +491,46 @@ fn run_case(
     let _ = std::fs::remove_file(&snap);
     let mem = format!("{}M", c.mem_mib);
     let vcpus = c.vcpus.to_string();
-    let mut boot = vec![
-        "boot",
-        "--mem",
-        &mem,
-        "--vcpus",
-        &vcpus,
-        "--write-rate",
-        if c.full { "full" } else { "idle" },
-    ];
+    let kernel_s = kernel.to_str().context("path")?;
+    let mut boot = vec!["boot", "--mem", &mem, "--vcpus", &vcpus];
+    if c.kernel {
+        boot.extend(["--kernel", kernel_s, "--cmdline", "console=ttyS0 tk.full"]);
+    } else {
+        boot.extend(["--write-rate", if c.full { "full" } else { "idle" }]);
+    }
     if c.hot {
         boot.extend(["--working-set", HOT_SET]);
     }
+    let backend: &[&str] = if c.memfd {
+        &["--mem-backend", "memfd"]
+    } else {
+        &[]
+    };
+    boot.extend(backend);
     let vm = VmmProc::start(bin, &boot, &sock, &dir.join("bench.serial"))?;
     let pid = vm.child.id();
-    wait_fill(&vm)?;
     let window = if quick {
         Duration::from_secs(2)
     } else {
         Duration::from_secs(5)
     };
+    let probe = if c.kernel {
+        let p = KernelProbe::open(pid, low_ram_bytes(c.mem_mib))?;
+        p.wait_full()?;
+        // Random pages: every page is written within a second or so.
+        std::thread::sleep(Duration::from_secs(1));
+        Some(p)
+    } else {
+        wait_fill(&vm)?;
+        None
+    };
     std::thread::sleep(Duration::from_millis(500));
     let thp_before = guest_thp(pid);
-    let rate_before = if c.full { rate(&vm, window)? } else { 0.0 };
+    let rate_before = match &probe {
+        Some(p) => p.rate(window)?,
+        None if c.full => rate(&vm, window)?,
+        None => 0.0,
+    };
     let rss_before = rss(pid);
     let peak = Arc::new(AtomicU64::new(rss_before));
     let stop = Arc::new(AtomicBool::new(false));
@@ -345,13 +551,46 @@ fn run_case(
         args.push("1");
     }
     args.extend(save_args.iter().map(String::as_str));
-    let summary: Value = serde_json::from_str(vm.ctl(&args)?.trim()).context("save summary")?;
+    let steps_before_save = match &probe {
+        Some(p) => p.steps()?,
+        None => 0,
+    };
+    let kstop = AtomicBool::new(false);
+    let (saved, kernel_during) = std::thread::scope(|s| {
+        let watcher = probe.as_ref().map(|p| s.spawn(|| watch_kernel(p, &kstop)));
+        let saved = vm.ctl(&args);
+        kstop.store(true, Ordering::Relaxed);
+        let during = watcher.map(|w| w.join().expect("kernel watcher"));
+        (saved, during)
+    });
+    let summary: Value = serde_json::from_str(saved?.trim()).context("save summary")?;
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
+    let (rate_during, max_stall_ms) = match kernel_during.transpose()? {
+        Some((r, g)) => (Value::from(r), Value::from(g)),
+        None => (
+            summary["guest_steps_per_s_during"].clone(),
+            summary["guest_max_stall_ms"].clone(),
+        ),
+    };
     let extra_rss = peak.load(Ordering::Relaxed).saturating_sub(rss_before);
-    std::thread::sleep(Duration::from_secs(2));
-    let rate_after = if c.full { rate(&vm, window)? } else { 0.0 };
+    let recovery_s = if c.full {
+        let steps = || match &probe {
+            Some(p) => p.steps(),
+            None => Ok(vm.steps()?.iter().sum()),
+        };
+        recovery(steps, rate_before)?.map_or(Value::Null, Value::from)
+    } else {
+        std::thread::sleep(Duration::from_secs(2));
+        Value::Null
+    };
+    let rate_after = match &probe {
+        Some(p) => p.rate(window)?,
+        None if c.full => rate(&vm, window)?,
+        None => 0.0,
+    };
     let thp_after = guest_thp(pid);
+    drop(probe);
     vm.shutdown()?;
 
     // Restore: time from process start to the guest's first progress past its freeze instant.
@@ -360,13 +599,15 @@ fn run_case(
         .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(0)).collect())
         .unwrap_or_default();
     let t0 = Instant::now();
-    let rvm = VmmProc::start(
-        bin,
-        &["restore", snap_s],
-        &sock,
-        &dir.join("restore.serial"),
-    )?;
-    let restore_s = if c.full {
+    let mut restore = vec!["restore", snap_s];
+    restore.extend(backend);
+    let rvm = VmmProc::start(bin, &restore, &sock, &dir.join("restore.serial"))?;
+    let restore_s = if c.kernel {
+        // The restored kernel starts from its freeze instant, past `steps_before_save`.
+        KernelProbe::open(rvm.child.id(), low_ram_bytes(c.mem_mib))?
+            .wait_beyond(steps_before_save, Duration::from_secs(120))?;
+        t0.elapsed().as_secs_f64()
+    } else if c.full {
         rvm.wait_steps_beyond(&freeze, Duration::from_secs(120))?;
         t0.elapsed().as_secs_f64()
     } else {
@@ -384,19 +625,24 @@ fn run_case(
     rvm.shutdown()?;
     // The same file restored lazily, in a new VMM process of its own; its failure is the row's
     // `lazy.error`, not the case's.
-    let lazy = lazy_restore(bin, dir, c, snap_s, &freeze, rate_before, window)
-        .unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+    let lazy = if c.kernel {
+        json!({"skipped": "kernel guest (its progress is read from guest memory)"})
+    } else {
+        lazy_restore(bin, dir, c, snap_s, &freeze, rate_before, window)
+            .unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
+    };
     let file_bytes = summary["file_bytes"].as_u64().unwrap_or(0);
     let _ = std::fs::remove_file(&snap);
     let guest_bytes = c.mem_mib << 20;
     let dur = summary["duration_s"].as_f64().unwrap_or(0.0);
     Ok(json!({
         "case": c.name(), "mem_mib": c.mem_mib, "full": c.full, "hot": c.hot, "vcpus": c.vcpus, "zstd": c.zstd,
-        "downtime_ms": summary["downtime_ms"], "duration_s": dur,
+        "memfd": c.memfd, "kernel": c.kernel,
+        "downtime_ms": summary["downtime_ms"], "freeze_ms": summary["freeze_ms"], "duration_s": dur,
         "save_gbps": guest_bytes as f64 / dur.max(1e-9) / 1e9,
         "image_size_ratio": summary["image_size_ratio"], "file_bytes": file_bytes,
-        "rate_before": rate_before, "rate_during": summary["guest_steps_per_s_during"],
-        "rate_after": rate_after, "max_stall_ms": summary["guest_max_stall_ms"],
+        "rate_before": rate_before, "rate_during": rate_during,
+        "rate_after": rate_after, "recovery_s": recovery_s, "max_stall_ms": max_stall_ms,
         "faults": summary["faults_served"], "p50_us": summary["fault_latency_p50_us"],
         "p99_us": summary["fault_latency_p99_us"], "max_us": summary["fault_latency_max_us"],
         "fault_wait_total_ms": summary["fault_wait_total_ms"],
@@ -406,6 +652,30 @@ fn run_case(
         "thp_before_mib": thp_before >> 20, "thp_after_mib": thp_after >> 20,
         "lazy": lazy,
     }))
+}
+
+/// A busy guest's rate counts as recovered after a save at this share of its rate before.
+const RECOVERED: f64 = 0.8;
+/// How long [`recovery`] watches.
+const RECOVERY_MAX: Duration = Duration::from_secs(15);
+
+/// Seconds from the end of a save to the end of the first 100 ms interval in which the guest's
+/// rate is back to [`RECOVERED`] of `before` (so at least 0.1 s), or `None` if not within
+/// [`RECOVERY_MAX`]. A save can leave the guest slow after it ends (e.g. pages to map again);
+/// the save's own rate during does not show that.
+fn recovery(steps: impl Fn() -> anyhow::Result<u64>, before: f64) -> anyhow::Result<Option<f64>> {
+    let t0 = Instant::now();
+    let (mut prev, mut at) = (steps()?, Instant::now());
+    while t0.elapsed() < RECOVERY_MAX {
+        std::thread::sleep(Duration::from_millis(100));
+        let (s, now) = (steps()?, Instant::now());
+        let r = s.saturating_sub(prev) as f64 / now.duration_since(at).as_secs_f64().max(1e-9);
+        if r >= RECOVERED * before {
+            return Ok(Some(now.duration_since(t0).as_secs_f64()));
+        }
+        (prev, at) = (s, now);
+    }
+    Ok(None)
 }
 
 /// How long [`lazy_restore`] waits for `restore.done`.
@@ -429,7 +699,13 @@ fn lazy_restore(
     // Started here rather than with `VmmProc::start`, whose 100 ms socket poll would blur the
     // time to the first guest progress.
     let child = Command::new(bin)
-        .args(["restore", "--lazy", snap, "--api-sock"])
+        .args(["restore", "--lazy", snap])
+        .args(if c.memfd {
+            &["--mem-backend", "memfd"][..]
+        } else {
+            &[]
+        })
+        .arg("--api-sock")
         .arg(&sock)
         .arg("--serial-log")
         .arg(dir.join("lazy.serial"))
@@ -523,9 +799,14 @@ fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(0.0)
 }
 
-fn matrix(quick: bool, mems: Option<Vec<u64>>, save_args: &[String]) -> anyhow::Result<()> {
+fn matrix(
+    quick: bool,
+    mems: Option<Vec<u64>>,
+    save_args: &[String],
+    only: Option<&str>,
+) -> anyhow::Result<()> {
     let stem = match (&mems, quick) {
-        _ if !save_args.is_empty() => "results-custom",
+        _ if !save_args.is_empty() || only.is_some() => "results-custom",
         (Some(_), _) => "results-custom",
         (None, true) => "results-quick",
         (None, false) => "results",
@@ -533,6 +814,7 @@ fn matrix(quick: bool, mems: Option<Vec<u64>>, save_args: &[String]) -> anyhow::
     let bin = build_snapctl()?;
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
+    let kernel_elf = build_testkernel(&dir)?;
     let mut cases = Vec::new();
     let case = |mem_mib, mode, vcpus, zstd| Case {
         mem_mib,
@@ -540,6 +822,13 @@ fn matrix(quick: bool, mems: Option<Vec<u64>>, save_args: &[String]) -> anyhow::
         hot: mode == Mode::Hot,
         vcpus,
         zstd,
+        memfd: false,
+        kernel: false,
+    };
+    let memfd = |c: Case| Case { memfd: true, ..c };
+    let kernel = |mem_mib| Case {
+        kernel: true,
+        ..case(mem_mib, Mode::Full, 1, false)
     };
     if let Some(mems) = mems {
         for mem_mib in mems {
@@ -553,8 +842,11 @@ fn matrix(quick: bool, mems: Option<Vec<u64>>, save_args: &[String]) -> anyhow::
         for zstd in [false, true] {
             cases.push(case(1024, Mode::Full, 2, zstd));
         }
+        cases.push(memfd(case(1024, Mode::Full, 2, false)));
         cases.push(case(1024, Mode::Hot, 2, false));
+        cases.push(memfd(case(1024, Mode::Hot, 2, false)));
         cases.push(case(256, Mode::Idle, 1, false));
+        cases.push(kernel(1024));
     } else {
         for mem_mib in [256, 1024, 4096] {
             for mode in [Mode::Idle, Mode::Full, Mode::Hot] {
@@ -564,6 +856,25 @@ fn matrix(quick: bool, mems: Option<Vec<u64>>, save_args: &[String]) -> anyhow::
                     }
                 }
             }
+        }
+        // The busy 1 GiB cases again on memfd, for the side-by-side table.
+        for (mode, vcpus) in [
+            (Mode::Full, 1),
+            (Mode::Full, 2),
+            (Mode::Hot, 1),
+            (Mode::Hot, 2),
+        ] {
+            cases.push(memfd(case(1024, mode, vcpus, false)));
+        }
+        for mem_mib in [1024, 2048] {
+            cases.push(kernel(mem_mib));
+        }
+    }
+
+    if let Some(only) = only {
+        cases.retain(|c| c.name().contains(only));
+        if cases.is_empty() {
+            bail!("no bench case name contains {only:?}");
         }
     }
 
@@ -615,7 +926,7 @@ fn matrix(quick: bool, mems: Option<Vec<u64>>, save_args: &[String]) -> anyhow::
     let mut rows = Vec::new();
     for c in &cases {
         eprintln!("bench: {}", c.name());
-        match run_case(&bin, &dir, c, quick, save_args) {
+        match run_case(&bin, &kernel_elf, &dir, c, quick, save_args) {
             Ok(r) => {
                 eprintln!("bench:   {r}");
                 rows.push(r);
@@ -675,7 +986,12 @@ fn markdown(l: &Limits, rows: &[Value], save_args: &[String]) -> String {
     s += &format!(
         "Guest modes: idle (timer ticks only); full (each vCPU rewrites random pages of its whole slice of RAM at \
          full speed: every 2 MiB unit is hit within milliseconds of the thaw, the worst case for a live snapshot); \
-         hot (full speed over a {HOT_SET} working set per vCPU, the rest of RAM filled but cold).\n\n"
+         hot (full speed over a {HOT_SET} working set per vCPU, the rest of RAM filled but cold). `kernel` cases: \
+         the test kernel (guests/testkernel) in its `tk.full` mode, writing random pages over all of its RAM from \
+         ring 3; its rate and longest gap come from its step counter, read from the VMM's memory every \
+         {} ms, the built-in guest's from the save's own monitor. `memfd` cases: guest memory on \
+         `--mem-backend memfd` (save, eager and lazy restore).\n\n",
+        PROBE_EVERY.as_millis()
     );
     s += "Save GB/s is guest RAM over save duration, as a share of the file write limit (raw) or of the zstd limit (zstd; \
           then also of what zstd + disk can reach). Guest time lost = save duration × (1 − rate during/before): \
@@ -745,7 +1061,191 @@ fn markdown(l: &Limits, rows: &[Value], save_args: &[String]) -> String {
             frac(f(r, "rate_after"), f(r, "rate_before")),
         );
     }
-    s + &fault_markdown(rows) + &lazy_markdown(rows)
+    s + &busy_markdown(rows)
+        + &memfd_markdown(rows)
+        + &phases_markdown(rows)
+        + &fault_markdown(rows)
+        + &lazy_markdown(rows)
+}
+
+/// A number of `v` with `digits`, or "–".
+fn num(v: &Value, digits: usize) -> String {
+    match v.as_f64() {
+        Some(x) => format!("{x:.digits$}"),
+        None => "–".into(),
+    }
+}
+
+/// Guest rate during the save as a share of its rate before, if both are known.
+fn kept(r: &Value) -> Option<f64> {
+    let before = f(r, "rate_before");
+    match r["rate_during"].as_f64() {
+        Some(d) if r["full"] == Value::Bool(true) && before > 0.0 => Some(d / before),
+        _ => None,
+    }
+}
+
+/// The busy cases' figures that show whether the guest noticed the save.
+fn busy_markdown(rows: &[Value]) -> String {
+    let mut s = String::new();
+    s += "\n## Busy guests during the save\n\n";
+    s += "Rate kept: guest steps/s during the save over its rate before. Longest gap: the longest time a vCPU's step \
+          counter did not move during the save (the freeze included). Faults that waited: faults that found fault \
+          staging at its cap. Downtime: the VMM's figure; guest held: the longest a vCPU was kept out of the guest. \
+          Recovery: seconds from the end of the save to the end of the first 100 ms interval the guest ran at \
+          ≥ 80 % of its rate before (at least 0.1; “> 15” if not within 15 s; the memfd table counts that as 15).\n\n";
+    s += "| case | rate before steps/s | rate kept | longest gap ms | faults | faults that waited | peak staging MiB | downtime ms | guest held ms | recovery s |\n";
+    s += "|---|---|---|---|---|---|---|---|---|---|\n";
+    for r in rows {
+        if r.get("error").is_some() || r["full"] != Value::Bool(true) {
+            continue;
+        }
+        let st = &r["staging"];
+        s += &format!(
+            "| {} | {:.2e} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r["case"].as_str().unwrap_or("?"),
+            f(r, "rate_before"),
+            kept(r).map_or("–".into(), |k| format!("{:.0} %", 100.0 * k)),
+            num(&r["max_stall_ms"], 1),
+            r["faults"],
+            st["waits"],
+            st["peak_bytes"]
+                .as_u64()
+                .map_or("–".into(), |b| (b >> 20).to_string()),
+            num(&r["downtime_ms"], 2),
+            num(&r["freeze_ms"]["guest_held"], 2),
+            recovered(r),
+        );
+    }
+    s
+}
+
+/// The recovery figure of a busy row.
+fn recovered(r: &Value) -> String {
+    match r["recovery_s"].as_f64() {
+        Some(x) => format!("{x:.1}"),
+        None => format!("> {}", RECOVERY_MAX.as_secs()),
+    }
+}
+
+/// memfd cases against the same case on anonymous memory, with how many times worse memfd is.
+fn memfd_markdown(rows: &[Value]) -> String {
+    let mut s = String::new();
+    s += "\n## memfd against anonymous memory\n\n";
+    s += "Each memfd case next to the same case on anonymous memory (anon → memfd), and ×: how many times worse memfd \
+          is (memfd ÷ anon for costs; anon ÷ memfd for the rate kept). Within 2× on every figure is the target.\n\n";
+    s += "| case | downtime ms | × | save s | × | rate kept | × | longest gap ms | × | recovery s | × | fault waits ms | × | peak staging MiB | × | extra RSS MiB | × |\n";
+    s += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    let ok = |r: &&Value| r.get("error").is_none();
+    for m in rows
+        .iter()
+        .filter(ok)
+        .filter(|r| r["memfd"] == Value::Bool(true))
+    {
+        let name = m["case"].as_str().unwrap_or("?");
+        let anon_name = name.trim_end_matches(" memfd");
+        let Some(a) = rows
+            .iter()
+            .filter(ok)
+            .find(|r| r["case"].as_str() == Some(anon_name))
+        else {
+            s += &format!("| {name} | no anonymous-memory case to compare |\n");
+            continue;
+        };
+        let pair = |x: Option<f64>, y: Option<f64>, digits: usize, inverse: bool| {
+            let show = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.digits$}"));
+            let ratio = match (x, y) {
+                (Some(x), Some(y)) if inverse && y > 0.0 => format!("{:.2}", x / y),
+                (Some(x), Some(y)) if !inverse && x > 0.0 => format!("{:.2}", y / x),
+                _ => "–".into(),
+            };
+            format!("{} → {} | {}", show(x), show(y), ratio)
+        };
+        let get = |r: &Value, k: &str| r[k].as_f64();
+        // Not recovered within the watch: counted as the watch's length (a lower bound).
+        let recovery_or_max = |r: &Value| {
+            Some(
+                r["recovery_s"]
+                    .as_f64()
+                    .unwrap_or(RECOVERY_MAX.as_secs_f64()),
+            )
+        };
+        let peak = |r: &Value| {
+            r["staging"]["peak_bytes"]
+                .as_u64()
+                .map(|b| (b >> 20) as f64)
+        };
+        s += &format!(
+            "| {anon_name} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            pair(get(a, "downtime_ms"), get(m, "downtime_ms"), 2, false),
+            pair(get(a, "duration_s"), get(m, "duration_s"), 2, false),
+            pair(
+                kept(a).map(|k| 100.0 * k),
+                kept(m).map(|k| 100.0 * k),
+                0,
+                true
+            ),
+            pair(get(a, "max_stall_ms"), get(m, "max_stall_ms"), 1, false),
+            pair(recovery_or_max(a), recovery_or_max(m), 1, false),
+            pair(
+                get(a, "fault_wait_total_ms"),
+                get(m, "fault_wait_total_ms"),
+                1,
+                false
+            ),
+            pair(peak(a), peak(m), 0, false),
+            pair(get(a, "extra_rss_mib"), get(m, "extra_rss_mib"), 0, false),
+        );
+    }
+    s
+}
+
+/// The freeze's phases per case (`freeze_ms` of `snapctl save --json`), then p50 and max over the cases.
+fn phases_markdown(rows: &[Value]) -> String {
+    const PHASES: [&str; 6] = ["arm", "pause", "capture", "protect", "resume", "guest_held"];
+    let mut s = String::new();
+    s += "\n## Downtime phases\n\n";
+    s += "The freeze's phases in ms (`freeze_ms` of `snapctl save --json`): arm (write-protect all RAM while the \
+          guest still runs, not downtime), pause (park every vCPU), capture (machine state), protect (write-protect \
+          again what the guest wrote since the arming), resume, guest held (the longest a vCPU was out of the \
+          guest: the downtime as the guest sees it). Last rows: p50 and max over the cases above.\n\n";
+    s += "| case | downtime | arm | pause | capture | protect | resume | guest held |\n";
+    s += "|---|---|---|---|---|---|---|---|\n";
+    let mut cols: Vec<Vec<f64>> = vec![Vec::new(); PHASES.len() + 1];
+    for r in rows {
+        if r.get("error").is_some() {
+            continue;
+        }
+        let mut line = format!(
+            "| {} | {}",
+            r["case"].as_str().unwrap_or("?"),
+            num(&r["downtime_ms"], 2)
+        );
+        if let Some(d) = r["downtime_ms"].as_f64() {
+            cols[0].push(d);
+        }
+        for (i, p) in PHASES.iter().enumerate() {
+            let v = &r["freeze_ms"][p];
+            line += &format!(" | {}", num(v, 2));
+            if let Some(x) = v.as_f64() {
+                cols[i + 1].push(x);
+            }
+        }
+        s += &line;
+        s += " |\n";
+    }
+    for (label, pick) in [("p50", 0.5), ("max", 1.0)] {
+        s += &format!("| **{label}** |");
+        for c in &mut cols {
+            c.sort_by(f64::total_cmp);
+            s += &match c.len() {
+                0 => " – |".to_string(),
+                n => format!(" {:.2} |", c[((n - 1) as f64 * pick).round() as usize]),
+            };
+        }
+        s += "\n";
+    }
+    s
 }
 
 /// The fault table: where a fault's service time goes, and staging memory.
@@ -815,6 +1315,10 @@ fn lazy_markdown(rows: &[Value]) -> String {
         let z = &r["lazy"];
         if let Some(e) = r.get("error").or_else(|| z.get("error")) {
             s += &format!("| {case} | FAILED: {e} |\n");
+            continue;
+        }
+        if let Some(why) = z["skipped"].as_str() {
+            s += &format!("| {case} | not measured: {why} |\n");
             continue;
         }
         let full = r["full"] == Value::Bool(true);

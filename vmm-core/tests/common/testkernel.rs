@@ -151,7 +151,8 @@ pub fn wrap_bzimage(elf: &[u8]) -> Vec<u8> {
 /// The test kernel's status block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Status {
-    /// 1 = checks done, 2 = write loop running, 3 = `tk.boot_tss` port checks done.
+    /// 1 = checks done, 2 = write loop running, 3 = `tk.boot_tss` port checks done, 4 = `tk.full`
+    /// loop running.
     pub phase: u64,
     /// Failed boot checks.
     pub failures: u64,
