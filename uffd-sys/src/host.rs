@@ -55,6 +55,25 @@ pub fn set_thread_nice(nice: i32) -> io::Result<()> {
     }
 }
 
+/// Runs the calling thread under the real-time FIFO policy at `priority` (1 lowest … 99): it
+/// then preempts every ordinary thread the moment it wakes. Meant for a thread that sleeps until
+/// a short, latency-critical job arrives (a vCPU blocked on a page fault): a FIFO thread that
+/// spins holds its CPU, up to the kernel's real-time throttling. Needs CAP_SYS_NICE (or
+/// RLIMIT_RTPRIO); the error is returned and the caller decides whether it matters.
+pub fn set_thread_fifo(priority: i32) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: sched_setscheduler(0, …) changes the policy of the calling thread only and reads
+    // `param`, which lives across the call.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Gives memory that the allocator holds free back to the kernel (glibc `malloc_trim`). A save
 /// allocates tens of MiB of staging and I/O buffers on threads that come and go, and glibc keeps
 /// freed chunks in those threads' arenas; trimming after each save keeps a long-running VMM's RSS

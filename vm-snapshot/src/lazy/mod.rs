@@ -10,8 +10,8 @@
 //!   inside one huge page), the unit that is filled and counted. A chunk's state only moves
 //!   forward: missing → filling (the fill thread has it) → resident, or missing → resident when
 //!   a fault fills all of it; it turns resident only once all its pages are filled.
-//! - **Fault thread** (first, high priority): a fault on a missing page finds its chunk (binary
-//!   search by first page) and fills the piece around the faulting page (`UFFDIO_COPY`, which
+//! - **Fault thread** (first; real-time priority where permitted): a fault on a missing page
+//!   finds its chunk (binary search by first page) and fills the piece around the faulting page (`UFFDIO_COPY`, which
 //!   wakes the vCPU; `pieces`). A record stored in pieces (zstd or raw in pieces, 64 KiB each
 //!   as written) is read one piece at a time: its header, piece table and the piece holding the
 //!   page, by positioned reads, the table's and the piece's crc checked before the piece is
@@ -94,7 +94,13 @@ const BLOCK: u64 = 2 << 20;
 const FAULT_PIECE: u64 = 64 << 10;
 /// How long the fault thread waits for events before it looks at the stop flag.
 const FAULT_POLL: Duration = Duration::from_millis(20);
-/// Nice value of the fault thread (ahead of the vCPUs and the fill; needs CAP_SYS_NICE).
+/// Real-time (SCHED_FIFO) priority of the fault thread: it preempts the vCPUs and the fill the
+/// moment a fault arrives. A vCPU waits for every fault it raises, so the thread runs only while
+/// some vCPU is stopped; on a host where all cores run busy vCPUs, a high nice value alone left
+/// the fault thread waiting for a CPU for milliseconds (`docs/PERFORMANCE.md`, "Lazy restore").
+/// Needs CAP_SYS_NICE.
+const FAULT_RT_PRIORITY: i32 = 1;
+/// Nice value of the fault thread where real-time priority is not permitted.
 const FAULT_NICE: i32 = -10;
 /// Collapse calls tried before the collapse gives up on memory where every one fails.
 const COLLAPSE_PROBE: usize = 8;
@@ -402,7 +408,10 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
     };
     // The fault thread serves before anything can touch guest memory.
     lazy.spawn("lazy-fault", move || {
-        let _ = uffd_sys::host::set_thread_nice(FAULT_NICE);
+        // Real-time where permitted (it sleeps until a vCPU waits on it), else a high nice.
+        if uffd_sys::host::set_thread_fifo(FAULT_RT_PRIORITY).is_err() {
+            let _ = uffd_sys::host::set_thread_nice(FAULT_NICE);
+        }
         fault_thread(&shared)
     })?;
     let vm = Vm::restore(&state, mem, params.serial, params.paused).map_err(LazyError::Vm)?;
