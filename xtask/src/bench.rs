@@ -317,34 +317,21 @@ const TK_STEPS: u64 = 24;
 /// The phase of its `tk.full` loop.
 const TK_PHASE_FULL: u64 = 4;
 
-/// Builds the test kernel's ELF with the system C compiler (the flags of
-/// vmm-core/tests/common/testkernel.rs) into `dir`.
+/// The test kernel's compiler flags (guests/testkernel/cflags, one per line; the tests build it
+/// with the same file).
+fn cflags(src: &Path) -> anyhow::Result<Vec<String>> {
+    let f = src.join("cflags");
+    let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+    Ok(text.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Builds the test kernel's ELF with the system C compiler into `dir`.
 fn build_testkernel(dir: &Path) -> anyhow::Result<PathBuf> {
     let src = root().join("guests/testkernel");
     let out = dir.join("testkernel.elf");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let st = Command::new(&cc)
-        .args([
-            "-O2",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-ffreestanding",
-            "-nostdlib",
-            "-static",
-            "-fno-pic",
-            "-no-pie",
-            "-mno-red-zone",
-            "-mgeneral-regs-only",
-            "-fno-stack-protector",
-            "-fno-asynchronous-unwind-tables",
-            "-fno-builtin",
-            "-mcmodel=small",
-            "-Wl,--build-id=none",
-            "-Wl,-z,max-page-size=0x1000",
-            "-Wl,-z,noexecstack",
-            "-Wl,--no-warn-rwx-segments",
-        ])
+        .args(cflags(&src)?)
         .arg(format!("-Wl,-T,{}", src.join("testkernel.ld").display()))
         .arg("-o")
         .arg(&out)

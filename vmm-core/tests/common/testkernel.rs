@@ -39,27 +39,11 @@ pub fn build() -> &'static TestKernel {
         let tmp = out.join(format!("testkernel.elf.{pid}"));
         let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
         let st = Command::new(&cc)
-            .args([
-                "-O2",
-                "-Wall",
-                "-Wextra",
-                "-Werror",
-                "-ffreestanding",
-                "-nostdlib",
-                "-static",
-                "-fno-pic",
-                "-no-pie",
-                "-mno-red-zone",
-                "-mgeneral-regs-only",
-                "-fno-stack-protector",
-                "-fno-asynchronous-unwind-tables",
-                "-fno-builtin",
-                "-mcmodel=small",
-                "-Wl,--build-id=none",
-                "-Wl,-z,max-page-size=0x1000",
-                "-Wl,-z,noexecstack",
-                "-Wl,--no-warn-rwx-segments",
-            ])
+            .args(
+                std::fs::read_to_string(src.join("cflags"))
+                    .expect("reading guests/testkernel/cflags")
+                    .split_whitespace(),
+            )
             .arg(format!("-Wl,-T,{}", src.join("testkernel.ld").display()))
             .arg("-o")
             .arg(&tmp)
