@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use wp_tracker::{WpError, WpTracker};
 
-use crate::format::{FormatError, MemRegion, SnapshotHeader};
+use crate::format::{FormatError, Identity, MemRegion, SnapshotHeader};
 use crate::writer::{EncodedBatch, SnapshotSink, SnapshotWriter};
 
 mod blocks;
@@ -102,6 +102,10 @@ pub struct SaveSummary {
     pub zero_pages: u64,
     /// Pages stored as data.
     pub data_pages: u64,
+    /// Pages left to the parent (Parent records; 0 without a parent reference).
+    pub parent_pages: u64,
+    /// The written file's identity: what a child of it names it by.
+    pub identity: Identity,
     /// Blocks copied by the fault thread.
     pub faults_served: u64,
     /// Fault service latency (fault read → release), median, µs.
@@ -411,14 +415,14 @@ pub fn live_save<S: SnapshotSink>(
     let shared = Shared::new(tracker, blocks, abandon, pools, workers, opts);
 
     threads::run(&shared, &mut writer, opts, total_pages, progress, cancel);
-    let (totals, file_bytes, huge_restore_secs) =
+    let (totals, identity, huge_restore_secs) =
         output::finish(&shared, writer, opts, total_pages, cancel)?;
     guard.disarm();
     Ok(output::summary(
         &shared,
         started,
         totals,
-        file_bytes,
+        identity,
         huge_restore_secs,
     ))
 }
