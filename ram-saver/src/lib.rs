@@ -7,6 +7,7 @@
 //!   freeze instant, racing a linear scan against write faults, one block at a time.
 #![forbid(unsafe_code)]
 
+mod chain;
 mod direct_io;
 mod error;
 pub mod format;
@@ -15,6 +16,10 @@ mod reader;
 mod save;
 mod writer;
 
+pub use chain::{
+    Chain, ChainVerifyReport, FileReader, Layer, LayerFigures, MergeProgress, MergeSummary, Span,
+    MAX_CHAIN_LAYERS,
+};
 pub use format::{
     Compression, ErrorKind, FormatError, Identity, IndexEntry, MemRegion, ParentRef, RecordKind,
     SnapshotHeader, Totals, Trailer, FORMAT_VERSION, OLDEST_FORMAT_VERSION, PIECE_RAW,
