@@ -83,7 +83,7 @@ fn write_layer(
     parent: Option<&Path>,
     gen: u64,
 ) {
-    let compression = if gen % 2 == 0 {
+    let compression = if gen.is_multiple_of(2) {
         Compression::Zstd { level: 1 }
     } else {
         Compression::None
@@ -135,10 +135,10 @@ fn write_layer(
 fn changes(gen: u64) -> impl Fn(u64) -> bool {
     move |p: u64| {
         let run_start = (gen * 97) % 900;
-        splitmix(gen * 31 + p) % 9 == 0
+        splitmix(gen * 31 + p).is_multiple_of(9)
             || (run_start..run_start + 70).contains(&p)
             || p == (1 << 20) + 299
-            || (gen % 3 == 0 && p < 3)
+            || (gen.is_multiple_of(3) && p < 3)
     }
 }
 
