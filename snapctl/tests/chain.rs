@@ -1,61 +1,78 @@
-//! Incremental snapshots through the CLI: a real built-in guest is saved (`snapctl boot` +
-//! `save`), a child of that file is written with ram-saver's writer (every third record of the
-//! parent copied into it, cut in two: half stored in the child, half left to the parent; every
-//! other record left to the parent, so its content is the parent's), and the child is then
-//! verified, shown, checked by the oracle, merged, and restored eagerly and lazily: the guest's
+//! Incremental snapshots through the CLI: a real built-in guest is saved twice (`snapctl boot` +
+//! `save`, a moment apart); the second save is written again with ram-saver's writer as a child
+//! of the first (the pages that differ stored, the others left to the parent: records of both
+//! layers cut anywhere), and that child is then verified, shown, checked by the oracle against
+//! the second save's freeze instant, merged, and restored eagerly and lazily: the guest's
 //! self-check passes and every vCPU runs on. A child whose parent is gone is refused by name.
 
 mod common;
 
 use common::*;
-use ram_saver::{AtomicFileSink, ParentRef, RecordKind, SnapshotReader, SnapshotWriter};
+use ram_saver::{AtomicFileSink, ParentRef, SnapshotReader, SnapshotWriter};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const T: Duration = Duration::from_secs(120);
 
-/// Writes at `child` a child of `parent` whose content is the parent's.
-fn write_child(parent: &Path, child: &Path) -> (u64, u64) {
-    let rd = SnapshotReader::open(parent).unwrap();
-    let mut h = rd.header().clone();
-    h.parent = Some(ParentRef::of(&rd, parent, child));
+/// Writes at `child` the incremental form of `full` against `parent` (two saves of one guest):
+/// `full`'s header and machine state, the pages where `full` differs from `parent` stored, the
+/// others left to the parent. Its content is exactly `full`'s. Returns (pages stored, pages left
+/// to the parent).
+fn write_child(parent: &Path, full: &Path, child: &Path) -> (u64, u64) {
+    let load = |p: &Path| {
+        let mut rd = SnapshotReader::open(p).unwrap();
+        let ranges: Vec<(GuestAddress, usize)> = rd
+            .header()
+            .regions
+            .iter()
+            .map(|r| (GuestAddress(r.gpa), r.size as usize))
+            .collect();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap();
+        rd.load_into(&mem, &mut |_| {}).unwrap();
+        (rd, mem)
+    };
+    let (prd, pmem) = load(parent);
+    let (frd, fmem) = load(full);
+    assert_eq!(prd.header().regions, frd.header().regions);
+    let mut h = frd.header().clone();
+    h.parent = Some(ParentRef::of(&prd, parent, child));
     h.snapshot_id = ram_saver::format::random_snapshot_id();
     let mut w = SnapshotWriter::new(
         AtomicFileSink::create(child).unwrap(),
         &h,
-        rd.machine_state(),
+        frd.machine_state(),
     )
     .unwrap();
-    let index = &rd.trailer().index;
-    let mut order: Vec<usize> = (0..index.len()).collect();
-    order.sort_by_key(|&i| index[i].first_page);
-    let ps = u64::from(h.page_size) as usize;
-    let mut out = Vec::new();
+    let ps = u64::from(h.page_size);
     let (mut stored, mut left) = (0, 0);
-    for (n, &i) in order.iter().enumerate() {
-        let e = index[i];
-        let pages = u64::from(e.page_count);
-        if n % 3 != 0 {
-            w.write_parent_run(e.first_page, pages).unwrap();
-            left += pages;
-            continue;
-        }
-        let half = pages.div_ceil(2);
-        match e.kind {
-            RecordKind::ZeroRun => w.write_zero_run(e.first_page, half).unwrap(),
-            _ => {
-                rd.read_record_at(i, &mut out).unwrap();
-                w.write_pages(e.first_page, &out[..half as usize * ps])
-                    .unwrap();
+    let (mut a, mut b) = (vec![0u8; ps as usize], vec![0u8; ps as usize]);
+    for r in &h.regions {
+        let (first, end) = (r.gpa / ps, (r.gpa + r.size) / ps);
+        let mut p = first;
+        while p < end {
+            let differs = |q: u64, a: &mut Vec<u8>, b: &mut Vec<u8>| {
+                pmem.read_slice(a, GuestAddress(q * ps)).unwrap();
+                fmem.read_slice(b, GuestAddress(q * ps)).unwrap();
+                a != b
+            };
+            let d = differs(p, &mut a, &mut b);
+            let mut q = p + 1;
+            while q < end && q - p < 512 && differs(q, &mut a, &mut b) == d {
+                q += 1;
             }
-        }
-        stored += half;
-        if pages > half {
-            w.write_parent_run(e.first_page + half, pages - half)
-                .unwrap();
-            left += pages - half;
+            if d {
+                let mut data = vec![0u8; ((q - p) * ps) as usize];
+                fmem.read_slice(&mut data, GuestAddress(p * ps)).unwrap();
+                w.write_pages(p, &data).unwrap();
+                stored += q - p;
+            } else {
+                w.write_parent_run(p, q - p).unwrap();
+                left += q - p;
+            }
+            p = q;
         }
     }
     w.finish().unwrap();
@@ -128,17 +145,30 @@ fn a_child_of_a_real_save_verifies_merges_and_restores_eagerly_and_lazily() {
     let dir = TempDir::new("chain");
     let vmm = Vmm::boot(
         dir.path(),
-        &["--mem", "128M", "--vcpus", "2", "--write-rate", "full"],
+        &[
+            "--mem",
+            "128M",
+            "--vcpus",
+            "2",
+            "--write-rate",
+            "full",
+            "--working-set",
+            "8M",
+        ],
     );
     let base = dir.join("base.snap");
     vmm.save_and_verify(&base, &["--zstd"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let full = dir.join("full.snap");
+    vmm.save_and_verify(&full, &[]);
     let out = vmm.ctl(&["shutdown"], T);
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     drop(vmm);
 
     let child = dir.join("child.snap");
-    let (stored, left) = write_child(&base, &child);
+    let (stored, left) = write_child(&base, &full, &child);
     assert!(stored > 0 && left > 0, "{stored} {left}");
+    eprintln!("child: {stored} pages stored, {left} left to the parent");
     let v = ok(&["verify", child.to_str().unwrap()]);
     assert!(v.contains("a chain of 2 layers"), "{v}");
     let info = ok(&["info", child.to_str().unwrap()]);
