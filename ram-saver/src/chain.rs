@@ -20,17 +20,19 @@
 //!
 //! - [`Chain::verify`]: every layer verified as a file (every crc, coverage, trailer), errors
 //!   naming the layer.
-//! - [`Chain::load_into`]: eager restore, layer by layer from the base (each on all cores as
-//!   [`SnapshotReader::load_into`]); a layer's Parent records leave the memory below as it is.
+//! - [`Chain::load_into`]: eager restore on all cores, span by span of the flattened index: each
+//!   guest page written once, from the record of the layer that holds it.
 //! - [`Chain::merge`]: one standalone file with the chain's content (records used whole are
 //!   copied as stored, only records cut by a newer layer are decoded and encoded again).
 
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::format::{
     random_snapshot_id, Compression, FormatError, Identity, IndexEntry, ParentRef, RecordKind,
@@ -41,6 +43,9 @@ use crate::writer::{EncodedBatch, SnapshotSink, SnapshotWriter};
 
 /// Most layers a chain may have (the file named and its ancestors).
 pub const MAX_CHAIN_LAYERS: usize = 64;
+
+/// Guest pages of one unit of work of [`Chain::load_into`] (about; whole spans).
+pub const LOAD_UNIT_PAGES: u64 = 1024;
 
 /// Bytes of stored records [`Chain::merge`] copies with one read at most.
 const COPY_CHUNK: u64 = 16 << 20;
@@ -295,48 +300,148 @@ impl Chain {
         })
     }
 
-    /// Restore the chain's memory into `mem` eagerly (its layout must be the header's): the
-    /// base, then each layer above over it (its Data and ZeroRun records; Parent records leave
-    /// what is below), each layer on all cores with every record checked. `progress` counts
-    /// the pages of all layers. On error the contents of `mem` are unspecified.
+    /// Restore the chain's memory into `mem` eagerly (its layout must be the header's), on all
+    /// cores: the flattened index is cut into units of about [`LOAD_UNIT_PAGES`] pages that
+    /// workers claim in page order; each span's record is read from its layer (positioned
+    /// reads, every check of [`SnapshotReader::read_record_at`], the last record decoded kept
+    /// for the next span of it) and only the span's pages are written, so each guest page is
+    /// written once, from the newest layer that holds it. Zero spans are skipped in fresh memory
+    /// (it reads as zeros), else cleared. `progress` counts pages. On error the contents of
+    /// `mem` are unspecified; the error names the layer (the first failing span in page order
+    /// among those read).
     pub fn load_into(
         &mut self,
         mem: &GuestMemoryMmap,
         progress: &mut dyn FnMut(&ReadProgress),
     ) -> Result<(), FormatError> {
-        let total_pages: u64 = self
-            .layers
-            .iter()
-            .map(|l| l.reader.trailer().totals.pages)
-            .sum();
-        let total_records: u64 = self
-            .layers
-            .iter()
-            .map(|l| l.reader.trailer().totals.records)
-            .sum();
-        let mut done = ReadProgress {
+        let top = &self.layers[0].reader;
+        check_layout(top.header(), mem)?;
+        let mut fresh = true;
+        for r in mem.iter() {
+            let host =
+                mem.get_host_address(r.start_addr())
+                    .map_err(|e| FormatError::LayoutMismatch {
+                        what: format!("region at {:#x}: {e}", r.start_addr().0),
+                    })?;
+            if crate::pagemap::may_have_data(host as usize, r.len() as usize) {
+                fresh = false;
+                break;
+            }
+        }
+        let ps = u64::from(top.header().page_size);
+        // Units: runs of spans of about LOAD_UNIT_PAGES pages.
+        let mut units: Vec<(usize, usize)> = Vec::new();
+        let mut at = 0;
+        while at < self.spans.len() {
+            let mut end = at;
+            let mut pages = 0;
+            while end < self.spans.len() && (end == at || pages < LOAD_UNIT_PAGES) {
+                pages += self.spans[end].pages;
+                end += 1;
+            }
+            units.push((at, end));
+            at = end;
+        }
+        let total_pages: u64 = self.spans.iter().map(|s| s.pages).sum();
+        let next = AtomicUsize::new(0);
+        let done_pages = AtomicU64::new(0);
+        let running = AtomicUsize::new(0);
+        let failed: Mutex<Option<(usize, FormatError)>> = Mutex::new(None);
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(units.len())
+            .max(1);
+        let this = &*self;
+        let work = || {
+            let mut buf = Vec::new();
+            let mut cached: Option<(u16, u32)> = None;
+            let mut zeros = Vec::new();
+            loop {
+                let u = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(a, b)) = units.get(u) else {
+                    break;
+                };
+                if lock(&failed).as_ref().is_some_and(|(f, _)| *f < a) {
+                    break;
+                }
+                for k in a..b {
+                    let s = this.spans[k];
+                    let r = this.load_span(mem, &s, fresh, ps, &mut buf, &mut cached, &mut zeros);
+                    if let Err(e) = r {
+                        let mut f = lock(&failed);
+                        if f.as_ref().is_none_or(|(at, _)| k < *at) {
+                            *f = Some((k, e));
+                        }
+                        break;
+                    }
+                    done_pages.fetch_add(s.pages, Ordering::Relaxed);
+                }
+            }
+            running.fetch_sub(1, Ordering::SeqCst);
+        };
+        let mut prog = ReadProgress {
             total_pages,
-            total_records,
+            total_records: self.spans.len() as u64,
             ..ReadProgress::default()
         };
-        for k in (0..self.layers.len()).rev() {
-            let l = &mut self.layers[k];
-            let base = done;
-            l.reader
-                .load_layer_into(mem, &mut |p| {
-                    progress(&ReadProgress {
-                        records: base.records + p.records,
-                        pages: base.pages + p.pages,
-                        ..base
-                    })
-                })
-                .map_err(|e| in_layer(k, &l.path, e))?;
-            let t = l.reader.trailer().totals;
-            done.records += t.records;
-            done.pages += t.pages;
+        std::thread::scope(|sc| {
+            running.store(threads, Ordering::SeqCst);
+            for _ in 0..threads {
+                sc.spawn(work);
+            }
+            // This thread reports progress.
+            while running.load(Ordering::SeqCst) > 0 {
+                prog.pages = done_pages.load(Ordering::Relaxed);
+                progress(&prog);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        if let Some((_, e)) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
         }
-        progress(&done);
+        prog.pages = total_pages;
+        prog.records = prog.total_records;
+        progress(&prog);
         Ok(())
+    }
+
+    /// Write span `s`'s pages into `mem` (see [`Chain::load_into`]).
+    #[allow(clippy::too_many_arguments)]
+    fn load_span(
+        &self,
+        mem: &GuestMemoryMmap,
+        s: &Span,
+        fresh: bool,
+        ps: u64,
+        buf: &mut Vec<u8>,
+        cached: &mut Option<(u16, u32)>,
+        zeros: &mut Vec<u8>,
+    ) -> Result<(), FormatError> {
+        let layer = &self.layers[s.layer as usize];
+        let e = self.entry(s);
+        let gpa = s.first_page * ps;
+        let mem_err = |err: vm_memory::GuestMemoryError| FormatError::LayoutMismatch {
+            what: format!("pages at {gpa:#x}: {err}"),
+        };
+        if e.kind == RecordKind::ZeroRun {
+            if !fresh {
+                crate::reader::parallel::clear_pages(mem, gpa, s.pages * ps, ps, zeros)
+                    .map_err(mem_err)?;
+            }
+            return Ok(());
+        }
+        if *cached != Some((s.layer, s.record)) {
+            *cached = None;
+            layer
+                .reader
+                .read_record_at(s.record as usize, buf)
+                .map_err(|err| in_layer(s.layer as usize, &layer.path, err))?;
+            *cached = Some((s.layer, s.record));
+        }
+        let off = ((s.first_page - e.first_page) * ps) as usize;
+        let len = (s.pages * ps) as usize;
+        mem.write_slice(&buf[off..off + len], GuestAddress(gpa))
+            .map_err(mem_err)
     }
 
     /// Write the chain's content as one standalone file (no parent) to `sink`: the header of
@@ -478,6 +583,22 @@ impl Chain {
             secs: t0.elapsed().as_secs_f64(),
         })
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The header's memory layout is `mem`'s.
+fn check_layout(h: &SnapshotHeader, mem: &GuestMemoryMmap) -> Result<(), FormatError> {
+    let ours: Vec<(u64, u64)> = h.regions.iter().map(|r| (r.gpa, r.size)).collect();
+    let theirs: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    if ours != theirs {
+        return Err(FormatError::LayoutMismatch {
+            what: format!("snapshot regions {ours:x?}, guest regions {theirs:x?}"),
+        });
+    }
+    Ok(())
 }
 
 /// Layer `k`'s index sorted by first page, checked to cover the header's regions exactly once
