@@ -3,6 +3,8 @@
 //! - [`format`](mod@format): the on-disk layout (documented there, versioned by [`FORMAT_VERSION`]).
 //! - [`SnapshotWriter`] with an [`AtomicFileSink`] or [`StreamSink`]; [`SnapshotReader`] to
 //!   open, iterate, [`verify`](SnapshotReader::verify) and [`load_into`](SnapshotReader::load_into).
+//! - [`Chain`]: an incremental snapshot and its parents read as one (flattened index,
+//!   [`verify`](Chain::verify), [`load_into`](Chain::load_into), [`merge`](Chain::merge)).
 //! - [`live_save`]: saves the RAM of a running guest whose memory was write-protected at the
 //!   freeze instant, racing a linear scan against write faults, one block at a time.
 #![forbid(unsafe_code)]
