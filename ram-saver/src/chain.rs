@@ -7,7 +7,8 @@
 //! and checked as any snapshot is, must have the identity its child names
 //! ([`FormatError::ParentChanged`] otherwise, [`FormatError::ParentNotFound`] when it cannot be
 //! opened) and the same page size and regions, and its index must cover guest memory exactly
-//! once. Errors name the layer ([`FormatError::InLayer`]).
+//! once. In a chain of several layers, errors name the layer ([`FormatError::InLayer`]); a
+//! standalone file's are the file's, as [`SnapshotReader`] gives them.
 //!
 //! It then builds one **flattened index**: the guest pages in order, cut into [`Span`]s, each
 //! naming the layer and the record (of that layer's index) that holds its pages. Going up from
@@ -144,6 +145,16 @@ pub struct Chain {
     spans: Vec<Span>,
 }
 
+/// `e` of layer `k` (0-based) at `path` of a chain of `n` layers: named by its layer
+/// ([`FormatError::InLayer`]) when there are several, as it is for a standalone file.
+fn wrap(n: usize, k: usize, path: &Path, e: FormatError) -> FormatError {
+    if n == 1 {
+        e
+    } else {
+        in_layer(k, path, e)
+    }
+}
+
 /// Wrap `e` as an error of layer `k` (0-based) at `path`.
 fn in_layer(k: usize, path: &Path, e: FormatError) -> FormatError {
     FormatError::InLayer {
@@ -157,7 +168,8 @@ impl Chain {
     /// Open the snapshot at `path` and every parent it names (see the module docs).
     pub fn open(path: impl AsRef<Path>) -> Result<Chain, FormatError> {
         let path = path.as_ref().to_path_buf();
-        let top = SnapshotReader::open(&path).map_err(|e| in_layer(0, &path, e))?;
+        // The file named: its errors are the file's (no layer to name yet).
+        let top = SnapshotReader::open(&path)?;
         let mut layers = vec![Layer { path, reader: top }];
         loop {
             let k = layers.len();
@@ -286,12 +298,13 @@ impl Chain {
         &mut self,
         progress: &mut dyn FnMut(usize, &ReadProgress),
     ) -> Result<ChainVerifyReport, FormatError> {
-        let mut layers = Vec::with_capacity(self.layers.len());
+        let n = self.layers.len();
+        let mut layers = Vec::with_capacity(n);
         for (k, l) in self.layers.iter_mut().enumerate() {
             let rep = l
                 .reader
                 .verify(&mut |p| progress(k, p))
-                .map_err(|e| in_layer(k, &l.path, e))?;
+                .map_err(|e| wrap(n, k, &l.path, e))?;
             layers.push(rep);
         }
         Ok(ChainVerifyReport {
@@ -435,7 +448,7 @@ impl Chain {
             layer
                 .reader
                 .read_record_at(s.record as usize, buf)
-                .map_err(|err| in_layer(s.layer as usize, &layer.path, err))?;
+                .map_err(|err| wrap(self.layers.len(), s.layer as usize, &layer.path, err))?;
             *cached = Some((s.layer, s.record));
         }
         let off = ((s.first_page - e.first_page) * ps) as usize;
@@ -512,7 +525,7 @@ impl Chain {
                 layer
                     .reader
                     .read_stored_records(s.record as usize, count, &mut buf)
-                    .map_err(|e| in_layer(s.layer as usize, &layer.path, e))?;
+                    .map_err(|e| wrap(self.layers.len(), s.layer as usize, &layer.path, e))?;
                 batch.clear();
                 let base = e.offset;
                 for k in 0..count {
@@ -551,7 +564,9 @@ impl Chain {
                             layer
                                 .reader
                                 .read_record_at(s.record as usize, &mut out)
-                                .map_err(|e| in_layer(s.layer as usize, &layer.path, e))?;
+                                .map_err(|e| {
+                                    wrap(self.layers.len(), s.layer as usize, &layer.path, e)
+                                })?;
                             decoded = Some((s.layer, s.record, out));
                         }
                         let data = &decoded.as_ref().map_or(&[][..], |d| &d.2[..]);
@@ -601,9 +616,9 @@ fn check_layout(h: &SnapshotHeader, mem: &GuestMemoryMmap) -> Result<(), FormatE
     Ok(())
 }
 
-/// Layer `k`'s index sorted by first page, checked to cover the header's regions exactly once
-/// (from the index alone).
-fn sorted_index(l: &Layer, k: usize) -> Result<Vec<u32>, FormatError> {
+/// Layer `k`'s index (of `n` layers) sorted by first page, checked to cover the header's regions
+/// exactly once (from the index alone).
+fn sorted_index(l: &Layer, k: usize, n: usize) -> Result<Vec<u32>, FormatError> {
     let h = l.reader.header();
     let index = &l.reader.trailer().index;
     let mut order: Vec<u32> = (0..index.len() as u32).collect();
@@ -615,7 +630,7 @@ fn sorted_index(l: &Layer, k: usize) -> Result<Vec<u32>, FormatError> {
         .map(|m| (m.gpa / ps, (m.gpa + m.size) / ps));
     let mut cur = regions.next();
     let cov = |what: &'static str, page: u64, record: Option<u64>| {
-        in_layer(k, &l.path, FormatError::Coverage { what, page, record })
+        wrap(n, k, &l.path, FormatError::Coverage { what, page, record })
     };
     for &i in &order {
         let e = &index[i as usize];
@@ -653,7 +668,7 @@ fn sorted_index(l: &Layer, k: usize) -> Result<Vec<u32>, FormatError> {
 fn flatten(layers: &[Layer]) -> Result<Vec<Span>, FormatError> {
     let mut below: Vec<Span> = Vec::new();
     for k in (0..layers.len()).rev() {
-        let order = sorted_index(&layers[k], k)?;
+        let order = sorted_index(&layers[k], k, layers.len())?;
         let index = &layers[k].reader.trailer().index;
         let mut out: Vec<Span> = Vec::with_capacity(order.len() + below.len() / 4);
         let mut c = 0;
