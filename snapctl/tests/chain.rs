@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use ram_saver::{AtomicFileSink, ParentRef, SnapshotReader, SnapshotWriter};
+use ram_saver::{AtomicFileSink, ParentRef, RecordKind, SnapshotReader, SnapshotWriter};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
@@ -203,6 +203,48 @@ fn a_child_of_a_real_save_verifies_merges_and_restores_eagerly_and_lazily() {
 
     restore_and_check(dir.path(), "eager", &child, false);
     restore_and_check(dir.path(), "lazy", &child, true);
+
+    // Every data record of the parent damaged in place (its identity unchanged: no record is
+    // read to compute it): verify and both restores fail with the corrupt-file code, naming
+    // layer 2; the lazy VM ends instead of running on wrong bytes.
+    let good = std::fs::read(&base).unwrap();
+    let mut bad = good.clone();
+    {
+        let rd = SnapshotReader::open(&base).unwrap();
+        for e in rd
+            .trailer()
+            .index
+            .iter()
+            .filter(|e| e.kind == RecordKind::Data)
+        {
+            bad[e.offset as usize + 28] ^= 0x5a;
+        }
+    }
+    std::fs::write(&base, &bad).unwrap();
+    let out = run(&["verify", child.to_str().unwrap()], T);
+    assert_eq!(out.code(), Some(3), "verify: {}", out.stderr);
+    assert!(out.stderr.contains("layer 2 ("), "verify: {}", out.stderr);
+    for (tag, lazy) in [("bad-eager", false), ("bad-lazy", true)] {
+        let sock = dir.join(&format!("{tag}.sock"));
+        let mut args = vec![
+            "restore",
+            child.to_str().unwrap(),
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ];
+        if lazy {
+            args.push("--lazy");
+        }
+        let out = run(&args, T);
+        assert_eq!(out.code(), Some(3), "{tag}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("layer 2 (") && out.stderr.contains("snapshot is corrupt"),
+            "{tag}: {}",
+            out.stderr
+        );
+        assert!(!sock.exists(), "{tag}: the socket is left behind");
+    }
+    std::fs::write(&base, &good).unwrap();
 
     // The parent gone: the child is refused, naming the missing layer.
     std::fs::remove_file(&base).unwrap();
