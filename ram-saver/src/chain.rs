@@ -46,7 +46,7 @@ use crate::writer::{EncodedBatch, SnapshotSink, SnapshotWriter};
 pub const MAX_CHAIN_LAYERS: usize = 64;
 
 /// Guest pages of one unit of work of [`Chain::load_into`] (about; whole spans).
-pub const LOAD_UNIT_PAGES: u64 = 1024;
+const LOAD_UNIT_PAGES: u64 = 1024;
 
 /// Bytes of stored records [`Chain::merge`] copies with one read at most.
 const COPY_CHUNK: u64 = 16 << 20;
@@ -314,7 +314,7 @@ impl Chain {
     }
 
     /// Restore the chain's memory into `mem` eagerly (its layout must be the header's), on all
-    /// cores: the flattened index is cut into units of about [`LOAD_UNIT_PAGES`] pages that
+    /// cores: the flattened index is cut into units of about 1024 pages (whole spans) that
     /// workers claim in page order; each span's record is read from its layer (positioned
     /// reads, every check of [`SnapshotReader::read_record_at`], the last record decoded kept
     /// for the next span of it) and only the span's pages are written, so each guest page is

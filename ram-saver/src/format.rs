@@ -408,7 +408,8 @@ pub fn random_snapshot_id() -> [u8; SNAPSHOT_ID_LEN] {
 }
 
 impl SnapshotHeader {
-    /// A header for `regions` with 4 KiB pages, created now, no compression, no parent.
+    /// A header for `regions` with 4 KiB pages, created now, no compression, no parent, and a
+    /// fresh random snapshot id.
     pub fn new(regions: Vec<MemRegion>, vcpu_count: u32, vmm_config: Vec<u8>) -> Self {
         let created_unix_secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
