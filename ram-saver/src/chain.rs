@@ -321,12 +321,17 @@ impl Chain {
     /// written once, from the newest layer that holds it. Zero spans are skipped in fresh memory
     /// (it reads as zeros), else cleared. `progress` counts pages. On error the contents of
     /// `mem` are unspecified; the error names the layer (the first failing span in page order
-    /// among those read).
+    /// among those read). A chain of one layer (a standalone file) is loaded by
+    /// [`SnapshotReader::load_into`].
     pub fn load_into(
         &mut self,
         mem: &GuestMemoryMmap,
         progress: &mut dyn FnMut(&ReadProgress),
     ) -> Result<(), FormatError> {
+        if self.layers.len() == 1 {
+            // A standalone file: its own loader (direct reads, read-ahead, windows of records).
+            return self.layers[0].reader.load_into(mem, progress).map(|_| ());
+        }
         let top = &self.layers[0].reader;
         check_layout(top.header(), mem)?;
         let mut fresh = true;
