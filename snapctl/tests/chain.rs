@@ -174,6 +174,25 @@ fn a_child_of_a_real_save_verifies_merges_and_restores_eagerly_and_lazily() {
     let info = ok(&["info", child.to_str().unwrap()]);
     assert!(info.contains("chain:        2 layers"), "{info}");
     assert!(info.contains("parent:       base.snap"), "{info}");
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(&["info", child.to_str().unwrap(), "--json"])).unwrap();
+    let layers = j["chain"]["layers"].as_array().expect("chain layers");
+    assert_eq!(layers.len(), 2, "{j}");
+    let used: u64 = layers
+        .iter()
+        .map(|l| l["pages_used"].as_u64().unwrap())
+        .sum();
+    assert_eq!(used, stored + left, "{j}");
+    assert_eq!(layers[0]["pages_used"].as_u64(), Some(stored), "{j}");
+    assert_eq!(j["parent"]["path"], "base.snap", "{j}");
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(&["verify", child.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(j["ok"], true, "{j}");
+    assert_eq!(
+        j["report"]["layers"].as_array().map(Vec::len),
+        Some(2),
+        "{j}"
+    );
     let o = ok(&["oracle", child.to_str().unwrap()]);
     assert!(o.contains("oracle PASS"), "{o}");
 
