@@ -124,7 +124,18 @@
 //! has an identity of its own even with equal content; the trailer crc (which covers the
 //! index: every record's offset, pages and kind) and the length make a file that was rewritten
 //! in place or copied over from another save differ too. Damage to a record's payload leaves
-//! the identity alone and is what record crcs (`verify`) are for.
+//! the identity alone and is what record crcs (`verify`) are for. Why not a hash of the content:
+//! it would take reading every record of every layer each time a chain is opened (a lazy restore
+//! would no longer start in milliseconds), and two saves of an idle guest with equal content are
+//! still different files that the child was not written against.
+//!
+//! Writing a child: a [`SnapshotHeader`] whose `parent` is [`ParentRef::new`] (or
+//! `ParentRef::of` an open parent; the identity of a file just written is what
+//! [`SnapshotWriter::finish_identity`](crate::SnapshotWriter::finish_identity) and
+//! [`SaveSummary::identity`](crate::SaveSummary::identity) return), and Parent records through
+//! [`SnapshotWriter::write_parent_run`](crate::SnapshotWriter::write_parent_run) or
+//! [`RecordEncoder::parent_run`](crate::RecordEncoder::parent_run), the sibling of zero runs
+//! (a writer refuses them without a parent reference). Reading one: [`Chain`](crate::Chain).
 //!
 //! # Versions
 //! Writers write version 3. Version 2 files read as before: no snapshot id (their identity has
