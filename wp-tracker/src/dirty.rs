@@ -106,6 +106,9 @@ struct Shared {
     dirty: Mutex<Vec<u64>>,
     stop: AtomicBool,
     faults: AtomicU64,
+    /// The handler reads no more events (set under the `dirty` lock by
+    /// [`DirtyTracker::suspend`]): faults stay queued for whoever serves them next.
+    closed: AtomicBool,
     /// Why the handler stopped, if it stopped on an error.
     failed: Mutex<Option<String>>,
     /// `/proc/self/pagemap`, open for [`Precision::Backing`] (None: no pagemap, every unit is
@@ -121,6 +124,8 @@ struct Shared {
 pub struct DirtyTracker {
     shared: Arc<Shared>,
     handler: Option<JoinHandle<()>>,
+    /// Dropping releases all memory (false once [`DirtyTracker::suspend`] handed it over).
+    owns_protection: bool,
 }
 
 /// How long the handler waits for faults before it looks at the stop flag.
@@ -130,37 +135,41 @@ impl DirtyTracker {
     /// Protect every range registered with `wp` and start tracking writes at `precision`.
     /// `wp` must not be used by anyone else for protecting or reading faults while this runs.
     pub fn start(wp: Arc<WpTracker>, precision: Precision) -> Result<Self, DirtyError> {
-        let page = wp.page_size();
-        let mut regions = Vec::new();
-        let mut pages = 0;
-        for range in wp.registered() {
-            regions.push(Region {
-                range,
-                first_page: pages,
-            });
-            pages += range.len / page;
-        }
-        if regions.is_empty() {
-            return Err(DirtyError::NothingRegistered);
-        }
-        let shared = Arc::new(Shared {
-            wp,
-            precision,
-            page,
-            regions,
-            dirty: Mutex::new(vec![0; pages.div_ceil(64)]),
-            stop: AtomicBool::new(false),
-            faults: AtomicU64::new(0),
-            failed: Mutex::new(None),
-            pagemap: match precision {
-                Precision::Backing => open_self().ok(),
-                _ => None,
-            },
-        });
+        let shared = Shared::new(wp, precision)?;
         if let Err(e) = shared.wp.protect_all() {
             let _ = shared.wp.unprotect_all();
             return Err(e.into());
         }
+        Self::spawn(shared)
+    }
+
+    /// Go on tracking from a state left by someone else (a live save that kept what it saved
+    /// write-protected): every registered page outside `initial` is write-protected, the pages
+    /// of `initial` may not be and count as written. Nothing is protected here; faults already
+    /// queued are served by the handler. Nobody else may read `wp`'s faults from now on. On
+    /// error everything is released.
+    pub fn resume(
+        wp: Arc<WpTracker>,
+        precision: Precision,
+        initial: &[HostRange],
+    ) -> Result<Self, DirtyError> {
+        let shared = match Shared::new(wp.clone(), precision) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = wp.unprotect_all();
+                return Err(e);
+            }
+        };
+        {
+            let mut dirty = shared.lock_dirty();
+            for r in initial {
+                shared.mark(&mut dirty, *r);
+            }
+        }
+        Self::spawn(shared)
+    }
+
+    fn spawn(shared: Arc<Shared>) -> Result<Self, DirtyError> {
         let for_handler = Arc::clone(&shared);
         let handler = std::thread::Builder::new()
             .name("dirty-track".into())
@@ -172,7 +181,35 @@ impl DirtyTracker {
         Ok(DirtyTracker {
             shared,
             handler: Some(handler),
+            owns_protection: true,
         })
+    }
+
+    /// Stop serving faults and take what was written since the last harvest, protected again:
+    /// the handler reads no event from the moment this takes the set's lock (faults stay
+    /// queued, their writers blocked), then the taken units are protected again. On success
+    /// every registered page is write-protected and the caller owns the protection and the
+    /// faults (e.g. a live save, which must serve or release them); call it with the writers
+    /// stopped (inside a freeze) for a point-in-time cut. On error everything is released and
+    /// tracking is over.
+    pub fn suspend(mut self) -> Result<DirtySet, DirtyError> {
+        let taken = {
+            let mut dirty = self.shared.lock_dirty();
+            self.shared.closed.store(true, Ordering::Release);
+            let fresh = vec![0; dirty.len()];
+            std::mem::replace(&mut *dirty, fresh)
+        };
+        // The handler reads nothing more; it ends within its poll without touching memory.
+        self.shared.stop.store(true, Ordering::Release);
+        drop(self.handler.take());
+        self.shared.check_handler()?;
+        let set = self.shared.runs(&taken);
+        for r in &set.ranges {
+            // On error `self` drops owning the protection: everything is released.
+            self.shared.wp.protect(*r)?;
+        }
+        self.owns_protection = false;
+        Ok(set)
     }
 
     /// The precision writes are recorded at.
@@ -237,7 +274,9 @@ impl DirtyTracker {
         if let Some(h) = self.handler.take() {
             let _ = h.join();
         }
-        self.shared.wp.unprotect_all()?;
+        if self.owns_protection {
+            self.shared.wp.unprotect_all()?;
+        }
         Ok(())
     }
 }
@@ -249,6 +288,53 @@ impl Drop for DirtyTracker {
 }
 
 impl Shared {
+    fn new(wp: Arc<WpTracker>, precision: Precision) -> Result<Arc<Self>, DirtyError> {
+        let page = wp.page_size();
+        let mut regions = Vec::new();
+        let mut pages = 0;
+        for range in wp.registered() {
+            regions.push(Region {
+                range,
+                first_page: pages,
+            });
+            pages += range.len / page;
+        }
+        if regions.is_empty() {
+            return Err(DirtyError::NothingRegistered);
+        }
+        Ok(Arc::new(Shared {
+            wp,
+            precision,
+            page,
+            regions,
+            dirty: Mutex::new(vec![0; pages.div_ceil(64)]),
+            stop: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            faults: AtomicU64::new(0),
+            failed: Mutex::new(None),
+            pagemap: match precision {
+                Precision::Backing => open_self().ok(),
+                _ => None,
+            },
+        }))
+    }
+
+    /// Mark every page of `range` (clipped to the registered regions) in `dirty`.
+    fn mark(&self, dirty: &mut [u64], range: HostRange) {
+        for region in &self.regions {
+            let start = range.start.max(region.range.start);
+            let end = range.end().min(region.range.end());
+            if start >= end {
+                continue;
+            }
+            let first = region.first_page + (start - region.range.start) / self.page;
+            let last = region.first_page + (end - region.range.start).div_ceil(self.page);
+            for bit in first..last {
+                dirty[bit / 64] |= 1 << (bit % 64);
+            }
+        }
+    }
+
     fn lock_dirty(&self) -> MutexGuard<'_, Vec<u64>> {
         self.dirty.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -260,16 +346,28 @@ impl Shared {
         }
     }
 
-    /// The handler thread: serve faults until told to stop; on an error release everything
-    /// (no writer stays blocked) and record why.
+    /// The handler thread: serve faults until told to stop or closed; on an error release
+    /// everything (no writer stays blocked) and record why. Events are read under the dirty-set
+    /// lock after a look at `closed`, so once [`DirtyTracker::suspend`] closed it under that
+    /// lock, this thread reads no event.
     fn serve(&self) {
         let mut faults: Vec<WpFault> = Vec::with_capacity(128);
         while !self.stop.load(Ordering::Acquire) {
-            faults.clear();
-            let r = self
-                .wp
-                .wait_faults(POLL, &mut faults)
-                .and_then(|_| faults.iter().try_for_each(|f| self.record(f.addr)));
+            let r = self.wp.uffd.wait_readable(Some(POLL)).map_err(WpError::Poll);
+            let r = r.and_then(|ready| {
+                if !ready {
+                    return Ok(());
+                }
+                let mut dirty = self.lock_dirty();
+                if self.closed.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                faults.clear();
+                self.wp.read_faults(&mut faults)?;
+                faults
+                    .iter()
+                    .try_for_each(|f| self.record(&mut dirty, f.addr))
+            });
             if let Err(e) = r {
                 let _ = self.wp.unprotect_all();
                 *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
@@ -282,7 +380,7 @@ impl Shared {
     /// mark comes first, so a write never proceeds unrecorded, and no harvest can take the mark
     /// and protect the unit in between, which the release would undo (the unit would then be
     /// writable with its mark gone).
-    fn record(&self, addr: usize) -> Result<(), WpError> {
+    fn record(&self, dirty: &mut [u64], addr: usize) -> Result<(), WpError> {
         let page_addr = addr & !(self.page - 1);
         let Some(region) = self.regions.iter().find(|r| r.range.contains(page_addr)) else {
             // Not ours (cannot happen with one owner of the userfaultfd): wake it, change nothing.
@@ -290,11 +388,7 @@ impl Shared {
         };
         let unit = self.unit_of(region.range, page_addr);
         self.faults.fetch_add(1, Ordering::Relaxed);
-        let first = region.first_page + (unit.start - region.range.start) / self.page;
-        let mut dirty = self.lock_dirty();
-        for bit in first..first + unit.len / self.page {
-            dirty[bit / 64] |= 1 << (bit % 64);
-        }
+        self.mark(dirty, unit);
         self.wp.unprotect(unit, true)
     }
 

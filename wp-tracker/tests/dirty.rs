@@ -332,3 +332,47 @@ fn unregistering_drops_the_write_protect_record() {
     uffd.unregister(m.addr, m.len).unwrap();
     assert!(wp_protected_regions(m.addr, m.len).unwrap().is_empty());
 }
+
+#[test]
+fn suspend_hands_over_all_protected_and_resume_loses_no_fault() {
+    const PAGES: usize = 512;
+    let m = Mapping::anon(PAGES * PAGE);
+    for i in 0..PAGES {
+        m.write(i * PAGE, 1);
+    }
+    let wp = Arc::new(WpTracker::new().unwrap());
+    // SAFETY: `m` outlives the registration (declared before the tracker).
+    unsafe { wp.register(m.range()) }.unwrap();
+    let t = DirtyTracker::start(wp.clone(), Precision::Page).unwrap();
+    write_from_thread(vec![m.page(3), m.page(4), m.page(100)], 5);
+    let set = t.suspend().unwrap();
+    assert_eq!(
+        set.ranges,
+        vec![HostRange::new(m.page(3), 2 * PAGE), HostRange::new(m.page(100), PAGE)]
+    );
+    // Everything is protected again and nobody reads the faults: a writer blocks, its fault
+    // queued.
+    let prot: usize = wp_protected_regions(m.addr, m.len)
+        .unwrap()
+        .iter()
+        .map(|r| r.end - r.start)
+        .sum();
+    assert_eq!(prot, m.len, "all protected after the suspend");
+    let blocked = m.page(200);
+    let writer = std::thread::spawn(move || write_at(blocked + 17, 9));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(!writer.is_finished(), "the write waits for a fault reader");
+    // Someone else (a save) released a range written meanwhile; tracking resumes with it.
+    let released = HostRange::new(m.page(10), 3 * PAGE);
+    wp.unprotect(released, true).unwrap();
+    let t = DirtyTracker::resume(wp.clone(), Precision::Page, &[released]).unwrap();
+    writer.join().unwrap();
+    assert_eq!(m.read(200 * PAGE + 17), 9);
+    assert_eq!(
+        t.harvest().unwrap().ranges,
+        vec![released, HostRange::new(m.page(200), PAGE)],
+        "the initial set and the queued fault"
+    );
+    assert_eq!(t.finish().unwrap(), DirtySet::default());
+    assert!(wp_protected_regions(m.addr, m.len).unwrap().is_empty());
+}
