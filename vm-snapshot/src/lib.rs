@@ -17,6 +17,8 @@ mod monitor;
 mod params;
 mod restore;
 mod save;
+mod tracking;
+mod shim;
 
 pub use lazy::{restore_lazy, CollapseHold, LazyError, LazyFailure, LazyRestore, LazyStatus};
 pub use monitor::GuestDuringSave;
@@ -25,6 +27,7 @@ pub use params::{
 };
 pub use restore::{load, machine_state, restore, RestoreError, RestoreParams};
 pub use save::{save, save_into, FreezeMs, SaveError, SaveReport, Saved, STREAM_OPEN_TIMEOUT};
+pub use tracking::{save_tracked, TrackingStatus, WriteRecord};
 
 /// An error and its sources, once each.
 pub(crate) fn chain(e: &dyn std::error::Error) -> String {

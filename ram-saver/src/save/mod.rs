@@ -135,6 +135,12 @@ pub struct SaveSummary {
     pub fault_buffer_waits: u64,
     /// Longest such wait, µs.
     pub fault_buffer_wait_max_us: u64,
+    /// Pages stored as Parent runs (an incremental save: unchanged since the parent).
+    pub parent_pages: u64,
+    /// With [`SaveOptions::keep_protected`]: the host ranges released because they were written
+    /// since the freeze (everything else is still write-protected), merged, in address order.
+    #[serde(skip)]
+    pub released: Vec<wp_tracker::HostRange>,
 }
 
 /// Errors of [`live_save`]. Whatever the error, guest RAM is left unprotected.
@@ -189,6 +195,11 @@ enum Work {
         hot: bool,
     },
     Zero {
+        first_page: u64,
+        pages: u64,
+    },
+    /// Pages the parent holds (an incremental save).
+    Parent {
         first_page: u64,
         pages: u64,
     },
@@ -250,6 +261,11 @@ struct Shared<'a> {
     /// Units the scanner staged in fault staging.
     scan_units_staged: AtomicU64,
     spin: bool,
+    /// Leave saved sub-blocks protected ([`SaveOptions::keep_protected`]).
+    keep_protected: bool,
+    /// With `keep_protected`: the fault thread serves until this is set (after the file is
+    /// committed), so guest writes never wait for the final flush.
+    serve_until: AtomicBool,
     inject: Option<InjectPoint>,
 }
 
@@ -299,6 +315,8 @@ impl<'a> Shared<'a> {
             last_fault_us: AtomicU64::new(0),
             scan_units_staged: AtomicU64::new(0),
             spin: opts.fault_spin.unwrap_or(fault::DEFAULT_SPIN),
+            keep_protected: opts.keep_protected,
+            serve_until: AtomicBool::new(false),
             inject: opts.inject_failure,
         }
     }
@@ -405,14 +423,18 @@ pub fn live_save<S: SnapshotSink>(
     if fault_block < opts.block_size {
         blocks.find_huge(&huge);
     }
+    let inherited = match &opts.increment {
+        Some(inc) => blocks.inherit_outside(inc),
+        None => 0,
+    };
     let abandon = sink.abandon_flag();
-    let mut writer = SnapshotWriter::new(sink, &header, machine_state).map_err(SaveError::Write)?;
+    let writer = SnapshotWriter::new(sink, &header, machine_state).map_err(SaveError::Write)?;
     let pools = staging::pools(opts, fault_block, total_pages as usize * PAGE_SIZE);
     let shared = Shared::new(tracker, blocks, abandon, pools, workers, opts);
+    shared.released.store(inherited, Ordering::Release);
 
-    threads::run(&shared, &mut writer, opts, total_pages, progress, cancel);
     let (totals, file_bytes, huge_restore_secs) =
-        output::finish(&shared, writer, opts, total_pages, cancel)?;
+        threads::run(&shared, writer, opts, total_pages, progress, cancel)?;
     guard.disarm();
     Ok(output::summary(
         &shared,
@@ -433,6 +455,11 @@ fn check_options(opts: &SaveOptions) -> Result<(), SaveError> {
     if opts.max_staging == Some(0) {
         return Err(SaveError::InvalidOptions(
             "max_staging 0 leaves no memory to copy a faulting page into".into(),
+        ));
+    }
+    if opts.increment.is_some() && !opts.keep_protected {
+        return Err(SaveError::InvalidOptions(
+            "an incremental save (increment) needs keep_protected".into(),
         ));
     }
     if opts.block_size == 0 || !opts.block_size.is_multiple_of(PAGE_SIZE) {

@@ -327,6 +327,8 @@ struct Vmm {
     /// The lazy restore that fills this VM's memory (`restore --lazy`), kept while the VM runs.
     lazy: Option<vm_snapshot::LazyRestore>,
     tracker: Mutex<Option<Arc<WpTracker>>>,
+    /// What the guest wrote since the last save (held by a save while it runs).
+    record: Mutex<vm_snapshot::WriteRecord>,
     save: Mutex<Option<Arc<AtomicBool>>>,
     started: Instant,
     stop: AtomicBool,
@@ -343,6 +345,7 @@ fn serve(
         vm: Arc::new(vm),
         lazy,
         tracker: Mutex::new(None),
+        record: Mutex::new(vm_snapshot::WriteRecord::new()),
         save: Mutex::new(None),
         started: Instant::now(),
         stop: AtomicBool::new(false),
