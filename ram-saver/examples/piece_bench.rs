@@ -304,6 +304,7 @@ fn rewrite(
         enc.set_hot(keep_hot && hot[r.index as usize]);
         match r.kind {
             RecordKind::ZeroRun => enc.zero_run(r.first_page, u64::from(r.page_count), &mut b),
+            RecordKind::Parent => enc.parent_run(r.first_page, u64::from(r.page_count), &mut b),
             RecordKind::Data => {
                 let mut data = r.data;
                 if let Some((from, corpus)) = replace {

@@ -80,12 +80,30 @@ pub enum FormatError {
         /// The feature.
         what: String,
     },
+    /// Pages of an incremental snapshot (a child) are its parent's (Parent records): the file
+    /// alone cannot give them; open it with its parents as a [`Chain`](crate::Chain).
+    #[error("{} in the parent snapshot: read it as a chain with its parents", in_parent_what(*record))]
+    InParent {
+        /// The Parent record asked for (index), or `None`: the file as a whole.
+        record: Option<u64>,
+    },
+    /// A writer was given Parent records (pages the parent holds) for a file whose header has
+    /// no parent reference.
+    #[error("parent records need a header with a parent reference")]
+    ParentRunWithoutParent,
     /// The snapshot does not match the target guest memory.
     #[error("snapshot does not match guest memory: {what}")]
     LayoutMismatch {
         /// How they differ.
         what: String,
     },
+}
+
+fn in_parent_what(record: Option<u64>) -> String {
+    match record {
+        Some(r) => format!("the pages of record {r} are"),
+        None => "some pages of this snapshot are".into(),
+    }
 }
 
 fn record_suffix(record: Option<u64>) -> String {
@@ -106,7 +124,9 @@ impl FormatError {
             FormatError::Corrupt { .. } | FormatError::Coverage { .. } => ErrorKind::Corrupt,
             FormatError::UnsupportedVersion { .. }
             | FormatError::WrongArchitecture { .. }
-            | FormatError::Unsupported { .. } => ErrorKind::Unsupported,
+            | FormatError::Unsupported { .. }
+            | FormatError::InParent { .. }
+            | FormatError::ParentRunWithoutParent => ErrorKind::Unsupported,
             FormatError::LayoutMismatch { .. } => ErrorKind::Mismatch,
         }
     }

@@ -5,7 +5,7 @@
 //! ```text
 //! HEADER (variable length, header_len bytes)
 //!   0  magic            [u8; 8]  b"SNAPCTL\0"
-//!   8  version          u32      FORMAT_VERSION (= 2; readers also read 1, see "Versions")
+//!   8  version          u32      FORMAT_VERSION (= 3; readers also read 1 and 2, see "Versions")
 //!  12  header_len       u32      total header bytes, magic..=header_crc (<= MAX_HEADER_LEN)
 //!  16  flags            u32      bit 0: parent reference present; other bits must be 0
 //!  20  page_size        u32      guest page size in bytes (4096)
@@ -17,7 +17,9 @@
 //!  48  region_count     u32      (<= MAX_REGIONS)
 //!  52  regions          region_count x { gpa: u64, size: u64 }  sorted, page aligned, disjoint
 //!   .  config_len       u32, then config_len bytes   opaque VMM configuration (the CLI stores JSON)
-//!   .  parent_len       u32, then parent_len bytes   parent snapshot reference (empty: none)
+//!   .  parent_len       u32, then parent_len bytes   parent reference (empty: none; else a
+//!                                PARENT REFERENCE, below, and flags bit 0 set)
+//!   .  snapshot_id      [u8; 16] (version 3) random, drawn by the writer of this file
 //!   .  header_crc       u32      crc32 of every header byte before it
 //!
 //! MACHINE STATE (at header_len; STATE_HEAD_LEN = 16 bytes, then the blob)
@@ -28,13 +30,16 @@
 //!
 //! RAM RECORDS (any page order), each:
 //!   0  tag              [u8; 4]  b"RREC"
-//!   4  kind             u8       0 = ZeroRun (no payload), 1 = Data
+//!   4  kind             u8       0 = ZeroRun (no payload), 1 = Data, 2 = Parent (version 3,
+//!                                no payload: the pages are the parent's; only in a file with a
+//!                                parent reference)
 //!   5  codec            u8       0 = raw, 1 = zstd (one frame), 2 = zstd in pieces, 3 = raw in
-//!                                pieces (2 and 3: version 2, see "Records in pieces"); ZeroRun: 0
+//!                                pieces (2 and 3: version 2, see "Records in pieces");
+//!                                ZeroRun and Parent: 0
 //!   6  reserved         u16      0
 //!   8  first_page       u64      guest page number = gpa / page_size
 //!  16  page_count       u32      >= 1; Data: page_count * page_size <= MAX_RECORD_RAW
-//!  20  stored_len       u32      payload bytes (ZeroRun: 0; raw Data: page_count * page_size;
+//!  20  stored_len       u32      payload bytes (ZeroRun, Parent: 0; raw Data: page_count * page_size;
 //!                                zstd Data: at most ZSTD_compressBound(page_count * page_size);
 //!                                zstd in pieces: less than page_count * page_size;
 //!                                raw in pieces: page_count * page_size + its piece table)
@@ -53,7 +58,8 @@
 //!   trailer_crc u32  crc32 of every trailer byte before it
 //!   (the totals follow from the index: page counts by kind, `records` entries, raw_bytes =
 //!   data_pages * page_size, stored_bytes = trailer_offset - records start - 28 * records;
-//!   readers refuse a trailer whose totals disagree)
+//!   the pages of Parent records are pages - zero_pages - data_pages (0 in a file without a
+//!   parent reference, and in versions 1 and 2); readers refuse a trailer whose totals disagree)
 //!
 //! FOOTER (last FOOTER_LEN = 32 bytes)
 //!   trailer_offset u64, trailer_len u64, footer_crc u32 (of the two u64), reserved u32 = 0,
@@ -91,10 +97,41 @@
 //! go in pieces too (codec 2) unless compression does not make them smaller: raw then, by the
 //! same rule.
 //!
+//! # Incremental snapshots: parent reference, Parent records, identity
+//! A *child* file stores only the pages written since its parent's freeze instant; every other
+//! page lies in a Parent record ("these pages are the parent's": whatever the parent's chain
+//! holds there). A child is still a complete description of guest memory: every page of the
+//! header's regions lies in exactly one record of every file, so a child alone proves its
+//! coverage, and a chain (child, parent, grandparent, … down to a file without a parent) gives
+//! each page from the newest layer whose record for it is not a Parent record. A parent and its
+//! child have the same page size and regions.
+//!
+//! ```text
+//! PARENT REFERENCE (the header's parent bytes, version 3)
+//!   0  snapshot_id      [u8; 16] the parent's header snapshot_id (zeros: a version 1 or 2 parent)
+//!  16  trailer_crc      u32      the parent's trailer crc (last 4 bytes of its trailer)
+//!  20  file_len         u64      the parent's file size in bytes
+//!  28  path_len         u32      1..=MAX_PARENT_PATH_LEN
+//!  32  path             [path_len bytes]  where the parent was: relative to the child's
+//!                                directory when both were in the same directory, else absolute
+//!                                (Unix path bytes); a hint only, the identity decides
+//! ```
+//!
+//! The parent's *identity* is (snapshot_id, trailer_crc, file_len): a reader opening the file
+//! the path names computes it from the open file (header, trailer and length, which opening reads
+//! anyway; no record is read) and refuses a file whose identity differs. The snapshot id is 128
+//! random bits each writer draws, so every file written (a re-save to the same name, a merge)
+//! has an identity of its own even with equal content; the trailer crc (which covers the
+//! index: every record's offset, pages and kind) and the length make a file that was rewritten
+//! in place or copied over from another save differ too. Damage to a record's payload leaves
+//! the identity alone and is what record crcs (`verify`) are for.
+//!
 //! # Versions
-//! Writers write version 2. Version 1 files read as before: their index entries' flags byte is
-//! a pad byte (must be 0: no record is hot) and codecs 2 and 3 do not exist there. Everything else
-//! is laid out the same in both.
+//! Writers write version 3. Version 2 files read as before: no snapshot id (their identity has
+//! a zero id), no Parent records, and a parent reference is refused (`Unsupported`: no writer
+//! wrote one). Version 1 files also read: their index entries' flags byte is a pad byte (must
+//! be 0: no record is hot) and codecs 2 and 3 do not exist there. Everything else is laid out
+//! the same in all three.
 //!
 //! Records lie between the end of the machine state and `trailer_offset`, back to back. Every
 //! guest page (of the header's regions) appears in exactly one record. A file whose footer or
@@ -119,7 +156,7 @@
 pub use crate::error::{ErrorKind, FormatError};
 
 /// Version of the layout above that writers write; bumped on any incompatible change.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Oldest version readers still read.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// File magic at offset 0.
@@ -178,6 +215,12 @@ pub const PIECE_TABLE_HEAD_LEN: usize = 8;
 pub const PIECE_ENTRY_LEN: usize = 8;
 /// Header flag: a parent snapshot reference is present.
 pub const FLAG_HAS_PARENT: u32 = 1;
+/// Bytes of a snapshot id (header, version 3).
+pub const SNAPSHOT_ID_LEN: usize = 16;
+/// Bytes of a parent reference before its path.
+pub const PARENT_REF_FIXED_LEN: usize = SNAPSHOT_ID_LEN + 4 + 8 + 4;
+/// Longest path hint of a parent reference (Linux `PATH_MAX`).
+pub const MAX_PARENT_PATH_LEN: u32 = 4096;
 
 /// Architecture code of x86_64.
 pub const ARCH_X86_64: u32 = 1;
@@ -219,8 +262,149 @@ pub struct SnapshotHeader {
     pub created_unix_secs: u64,
     /// Opaque VMM configuration needed to restore (JSON from the CLI).
     pub vmm_config: Vec<u8>,
-    /// Reference to a parent snapshot (incremental snapshots, future); empty when none.
-    pub parent: Vec<u8>,
+    /// The parent of an incremental snapshot (a child); `None`: a standalone file.
+    pub parent: Option<ParentRef>,
+    /// Random id drawn by the writer ([`SnapshotHeader::new`]); all zeros in version 1 and 2
+    /// files. Part of the file's [`Identity`].
+    pub snapshot_id: [u8; SNAPSHOT_ID_LEN],
+}
+
+/// What identifies one snapshot file's content: a child's parent reference names its parent by
+/// it (see "Incremental snapshots" above).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Identity {
+    /// The file's header snapshot id (zeros for version 1 and 2 files).
+    pub snapshot_id: [u8; SNAPSHOT_ID_LEN],
+    /// The crc of the file's trailer.
+    pub trailer_crc: u32,
+    /// The file's size in bytes.
+    pub file_len: u64,
+}
+
+impl std::fmt::Display for Identity {
+    /// `id-hex/trailer-crc-hex/length`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in &self.snapshot_id {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "/{:08x}/{}", self.trailer_crc, self.file_len)
+    }
+}
+
+/// A child's reference to its parent (the header's parent bytes, see "Incremental snapshots").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentRef {
+    /// The parent's identity, checked when the parent is opened.
+    pub identity: Identity,
+    /// Where the parent was when the child was written: relative to the child's directory, or
+    /// absolute (a hint; [`ParentRef::resolve`]).
+    pub path: std::path::PathBuf,
+}
+
+impl ParentRef {
+    /// A reference to the file at `parent_path` of identity `identity` from a child to be
+    /// written at `child_path`: the path hint is the parent's file name when both lie in the
+    /// same directory, else the parent's absolute path (made absolute from the current
+    /// directory when relative).
+    pub fn new(
+        identity: Identity,
+        parent_path: &std::path::Path,
+        child_path: &std::path::Path,
+    ) -> Self {
+        let abs = |p: &std::path::Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                std::env::current_dir()
+                    .map(|d| d.join(p))
+                    .unwrap_or_else(|_| p.to_path_buf())
+            }
+        };
+        let (pa, ca) = (abs(parent_path), abs(child_path));
+        let same_dir = pa.parent().is_some() && pa.parent() == ca.parent();
+        let path = match pa.file_name() {
+            Some(name) if same_dir => std::path::PathBuf::from(name),
+            _ => pa,
+        };
+        ParentRef { identity, path }
+    }
+
+    /// The path of the parent for a child at `child_path`: the hint itself when absolute, else
+    /// the hint in the child's directory.
+    pub fn resolve(&self, child_path: &std::path::Path) -> std::path::PathBuf {
+        if self.path.is_absolute() {
+            return self.path.clone();
+        }
+        match child_path.parent() {
+            Some(d) => d.join(&self.path),
+            None => self.path.clone(),
+        }
+    }
+
+    /// The parent reference bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = self.path.as_os_str().as_bytes();
+        let mut b = Vec::with_capacity(PARENT_REF_FIXED_LEN + path.len());
+        b.extend_from_slice(&self.identity.snapshot_id);
+        put_u32(&mut b, self.identity.trailer_crc);
+        put_u64(&mut b, self.identity.file_len);
+        put_u32(&mut b, len_u32(path.len()));
+        b.extend_from_slice(path);
+        b
+    }
+
+    /// Decode parent reference bytes; `Err` says what is wrong.
+    pub fn decode(b: &[u8]) -> Result<Self, &'static str> {
+        use std::os::unix::ffi::OsStrExt;
+        if b.len() < PARENT_REF_FIXED_LEN {
+            return Err("parent reference too short");
+        }
+        let mut snapshot_id = [0u8; SNAPSHOT_ID_LEN];
+        snapshot_id.copy_from_slice(&b[..SNAPSHOT_ID_LEN]);
+        let n = u32_at(b, PARENT_REF_FIXED_LEN - 4);
+        if n == 0 || n > MAX_PARENT_PATH_LEN || b.len() - PARENT_REF_FIXED_LEN != n as usize {
+            return Err("parent path length invalid");
+        }
+        let path = &b[PARENT_REF_FIXED_LEN..];
+        if path.contains(&0) {
+            return Err("parent path holds a NUL byte");
+        }
+        Ok(ParentRef {
+            identity: Identity {
+                snapshot_id,
+                trailer_crc: u32_at(b, SNAPSHOT_ID_LEN),
+                file_len: u64_at(b, SNAPSHOT_ID_LEN + 4),
+            },
+            path: std::path::PathBuf::from(std::ffi::OsStr::from_bytes(path)),
+        })
+    }
+}
+
+/// 128 random bits for a snapshot id: from the kernel (`/dev/urandom`), or, where that cannot
+/// be read, from the standard library's randomly keyed hasher mixed with the time and process.
+pub fn random_snapshot_id() -> [u8; SNAPSHOT_ID_LEN] {
+    use std::io::Read;
+    let mut id = [0u8; SNAPSHOT_ID_LEN];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut id))
+        .is_ok()
+    {
+        return id;
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    for (k, half) in id.chunks_mut(8).enumerate() {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(now);
+        h.write_u32(std::process::id());
+        h.write_usize(k);
+        half.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    id
 }
 
 impl SnapshotHeader {
@@ -237,7 +421,8 @@ impl SnapshotHeader {
             compression: Compression::None,
             created_unix_secs,
             vmm_config,
-            parent: Vec::new(),
+            parent: None,
+            snapshot_id: random_snapshot_id(),
         }
     }
 
@@ -255,7 +440,12 @@ impl SnapshotHeader {
         b.extend_from_slice(&MAGIC);
         put_u32(&mut b, FORMAT_VERSION);
         put_u32(&mut b, 0); // header_len, patched below
-        let flags = if self.parent.is_empty() {
+        let parent = self
+            .parent
+            .as_ref()
+            .map(ParentRef::encode)
+            .unwrap_or_default();
+        let flags = if parent.is_empty() {
             0
         } else {
             FLAG_HAS_PARENT
@@ -278,8 +468,9 @@ impl SnapshotHeader {
         }
         put_u32(&mut b, len_u32(self.vmm_config.len()));
         b.extend_from_slice(&self.vmm_config);
-        put_u32(&mut b, len_u32(self.parent.len()));
-        b.extend_from_slice(&self.parent);
+        put_u32(&mut b, len_u32(parent.len()));
+        b.extend_from_slice(&parent);
+        b.extend_from_slice(&self.snapshot_id);
         let total = len_u32(b.len() + 4);
         b[HEADER_LEN_AT..HEADER_LEN_AT + 4].copy_from_slice(&total.to_le_bytes());
         let crc = crc32fast::hash(&b);
@@ -287,7 +478,8 @@ impl SnapshotHeader {
         b
     }
 
-    /// Decode a header from `buf` (exactly `header_len` bytes), checking crc and every field.
+    /// Decode a header from `buf` (exactly `header_len` bytes; its version one readers read),
+    /// checking crc and every field.
     pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
         let corrupt = |what: &str, offset: usize| FormatError::Corrupt {
             what: format!("header: {what}"),
@@ -363,15 +555,33 @@ impl SnapshotHeader {
         let vmm_config = c
             .blob()
             .ok_or_else(|| corrupt("bad config length", c.pos))?;
+        let parent_at = c.pos;
         let parent = c
             .blob()
             .ok_or_else(|| corrupt("bad parent length", c.pos))?;
+        let version = u32_at(buf, VERSION_AT);
+        let mut snapshot_id = [0u8; SNAPSHOT_ID_LEN];
+        if version >= 3 {
+            let id = c
+                .take(SNAPSHOT_ID_LEN)
+                .ok_or_else(|| corrupt("truncated", c.pos))?;
+            snapshot_id.copy_from_slice(id);
+        }
         if c.remaining() != 0 {
             return Err(corrupt("trailing bytes", c.pos));
         }
         if (flags & FLAG_HAS_PARENT != 0) == parent.is_empty() {
             return Err(corrupt("parent flag disagrees with parent reference", 16));
         }
+        let parent = if parent.is_empty() {
+            None
+        } else if version < 3 {
+            return Err(FormatError::Unsupported {
+                what: format!("a parent reference in a version {version} file"),
+            });
+        } else {
+            Some(ParentRef::decode(&parent).map_err(|what| corrupt(what, parent_at + 4))?)
+        };
         Ok(SnapshotHeader {
             page_size,
             regions,
@@ -380,6 +590,7 @@ impl SnapshotHeader {
             created_unix_secs,
             vmm_config,
             parent,
+            snapshot_id,
         })
     }
 }
@@ -464,6 +675,9 @@ pub enum RecordKind {
     ZeroRun,
     /// A run of pages with data.
     Data,
+    /// A run of pages the parent holds (version 3, in a file with a parent reference), no
+    /// payload.
+    Parent,
 }
 
 impl RecordKind {
@@ -471,12 +685,14 @@ impl RecordKind {
         match self {
             RecordKind::ZeroRun => 0,
             RecordKind::Data => 1,
+            RecordKind::Parent => 2,
         }
     }
     pub(crate) fn from_code(c: u8) -> Option<Self> {
         match c {
             0 => Some(RecordKind::ZeroRun),
             1 => Some(RecordKind::Data),
+            2 => Some(RecordKind::Parent),
             _ => None,
         }
     }
@@ -552,7 +768,7 @@ impl RecordHeader {
         }
         let kind = RecordKind::from_code(b[4])?;
         let codec = b[5];
-        if codec > max_codec || (kind == RecordKind::ZeroRun && codec != CODEC_RAW) {
+        if codec > max_codec || (kind != RecordKind::Data && codec != CODEC_RAW) {
             return None;
         }
         Some(RecordHeader {
@@ -745,6 +961,8 @@ pub struct Totals {
     pub zero_pages: u64,
     /// Pages in data records.
     pub data_pages: u64,
+    /// Pages in Parent records (not stored: `pages - zero_pages - data_pages`).
+    pub parent_pages: u64,
     /// Number of records.
     pub records: u64,
     /// Uncompressed bytes of data pages.
@@ -833,6 +1051,9 @@ impl Trailer {
             pages: v(0),
             zero_pages: v(1),
             data_pages: v(2),
+            // A trailer claiming fewer pages than zero and data pages disagrees with any
+            // index (no index has that many parent pages).
+            parent_pages: v(0).wrapping_sub(v(1)).wrapping_sub(v(2)),
             records: v(3),
             raw_bytes: v(4),
             stored_bytes: v(5),
@@ -862,6 +1083,7 @@ impl Trailer {
         let kind = (b.len() == INDEX_ENTRY_LEN)
             .then(|| RecordKind::from_code(b[20]))
             .flatten()
+            .filter(|k| *k != RecordKind::Parent || version >= 3)
             .filter(|_| b[21] & !known_flags == 0 && b[22..24] == [0, 0] && u32_at(b, 16) > 0)
             .ok_or_else(|| trailer_corrupt(&format!("index entry {i} invalid"), at))?;
         Ok(IndexEntry {
@@ -991,6 +1213,74 @@ mod tests {
         assert_eq!(SnapshotHeader::decode(&b).unwrap(), h);
     }
 
+    /// A child's header: the parent reference round trips, its path hint is the file name in
+    /// the same directory and absolute elsewhere, and a bad reference is refused.
+    #[test]
+    fn parent_reference_round_trip_and_path_hint() {
+        use std::path::Path;
+        let identity = Identity {
+            snapshot_id: [9; SNAPSHOT_ID_LEN],
+            trailer_crc: 0x0102_0304,
+            file_len: 1 << 33,
+        };
+        let same = ParentRef::new(
+            identity,
+            Path::new("/s/a/base.snap"),
+            Path::new("/s/a/c.snap"),
+        );
+        assert_eq!(same.path, Path::new("base.snap"));
+        assert_eq!(
+            same.resolve(Path::new("/t/c.snap")),
+            Path::new("/t/base.snap")
+        );
+        let other = ParentRef::new(
+            identity,
+            Path::new("/s/b/base.snap"),
+            Path::new("/s/a/c.snap"),
+        );
+        assert_eq!(other.path, Path::new("/s/b/base.snap"));
+        assert_eq!(
+            other.resolve(Path::new("/t/c.snap")),
+            Path::new("/s/b/base.snap")
+        );
+        let mut h = header();
+        h.parent = Some(other.clone());
+        let b = h.encode();
+        assert_eq!(u32_at(&b, 16), FLAG_HAS_PARENT);
+        assert_eq!(SnapshotHeader::decode(&b).unwrap(), h);
+        assert_eq!(ParentRef::decode(&other.encode()).unwrap(), other);
+        let enc = other.encode();
+        assert!(ParentRef::decode(&enc[..enc.len() - 1]).is_err());
+        let mut nul = enc.clone();
+        nul[PARENT_REF_FIXED_LEN] = 0;
+        assert!(ParentRef::decode(&nul).is_err());
+        let mut empty = enc[..PARENT_REF_FIXED_LEN].to_vec();
+        empty[PARENT_REF_FIXED_LEN - 4..].copy_from_slice(&0u32.to_le_bytes());
+        assert!(ParentRef::decode(&empty).is_err());
+        let id = identity.to_string();
+        assert!(
+            id.starts_with("0909") && id.ends_with("/01020304/8589934592"),
+            "{id}"
+        );
+    }
+
+    /// A version-2 header has no snapshot id (it decodes as zeros) and no parent reference.
+    #[test]
+    fn version_2_headers_have_no_snapshot_id() {
+        let mut h = header();
+        let mut b = h.encode();
+        // Drop the id and re-seal as version 2.
+        let n = b.len();
+        b.drain(n - 4 - SNAPSHOT_ID_LEN..n - 4);
+        b[VERSION_AT..VERSION_AT + 4].copy_from_slice(&2u32.to_le_bytes());
+        let n = b.len();
+        b[HEADER_LEN_AT..HEADER_LEN_AT + 4].copy_from_slice(&(n as u32).to_le_bytes());
+        let crc = crc32fast::hash(&b[..n - 4]);
+        b[n - 4..].copy_from_slice(&crc.to_le_bytes());
+        h.snapshot_id = [0; SNAPSHOT_ID_LEN];
+        assert_eq!(SnapshotHeader::decode(&b).unwrap(), h);
+    }
+
     #[test]
     fn header_any_flip_detected() {
         let b = header().encode();
@@ -1054,6 +1344,7 @@ mod tests {
                 pages: 3,
                 zero_pages: 1,
                 data_pages: 2,
+                parent_pages: 0,
                 records: 2,
                 raw_bytes: 8192,
                 stored_bytes: 100,

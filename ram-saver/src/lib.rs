@@ -16,8 +16,8 @@ mod save;
 mod writer;
 
 pub use format::{
-    Compression, ErrorKind, FormatError, IndexEntry, MemRegion, RecordKind, SnapshotHeader, Totals,
-    Trailer, FORMAT_VERSION, OLDEST_FORMAT_VERSION, PIECE_RAW,
+    Compression, ErrorKind, FormatError, Identity, IndexEntry, MemRegion, ParentRef, RecordKind,
+    SnapshotHeader, Totals, Trailer, FORMAT_VERSION, OLDEST_FORMAT_VERSION, PIECE_RAW,
 };
 pub use reader::{HotTotals, Piece, ReadProgress, Record, Records, SnapshotReader, VerifyReport};
 #[doc(hidden)]

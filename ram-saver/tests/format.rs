@@ -127,6 +127,7 @@ fn check_contents(bytes: &[u8], oracle: &[(u64, Vec<u8>)]) {
             let page = match r.kind {
                 RecordKind::ZeroRun => vec![0u8; PS],
                 RecordKind::Data => r.data[k as usize * PS..(k as usize + 1) * PS].to_vec(),
+                RecordKind::Parent => panic!("parent record in a standalone file"),
             };
             assert!(got.insert(r.first_page + k, page).is_none());
         }

@@ -357,6 +357,7 @@ fn check_snapshot(bytes: &[u8], oracle: &Oracle) {
             let got: &[u8] = match r.kind {
                 RecordKind::ZeroRun => &zero,
                 RecordKind::Data => &r.data[k * PS..(k + 1) * PS],
+                RecordKind::Parent => panic!("parent record in a save without a parent"),
             };
             let want = oracle.data.get(&page).map_or(&zero[..], |d| &d[..]);
             assert!(

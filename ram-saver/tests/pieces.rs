@@ -120,6 +120,7 @@ fn check_whole(path: &Path) {
             let got = match r.kind {
                 RecordKind::ZeroRun => vec![0u8; PS as usize],
                 RecordKind::Data => r.data[(k * PS) as usize..((k + 1) * PS) as usize].to_vec(),
+                RecordKind::Parent => panic!("a parent record in a file without a parent"),
             };
             assert!(got == want, "page {}", r.first_page + k);
         }
@@ -465,14 +466,39 @@ fn fixture() -> PathBuf {
 #[test]
 fn a_format_1_file_still_reads() {
     let path = fixture();
-    let mut rd = SnapshotReader::open(&path).unwrap();
-    assert_eq!(rd.format_version(), 1);
-    assert_eq!(rd.machine_state(), b"format-1 machine state");
-    assert_eq!(rd.header().compression, Compression::Zstd { level: 3 });
+    let rd = SnapshotReader::open(&path).unwrap();
     assert!(rd.trailer().index.iter().all(|e| !e.hot));
     assert_eq!(rd.hot_totals(), ram_saver::HotTotals::default());
+    fixture_reads(&path, 1);
+}
+
+/// The format-2 fixture (`tests/data/README.md`): hot records, zstd and raw in pieces, no
+/// snapshot id (its identity has a zero id).
+#[test]
+fn a_format_2_file_still_reads() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/format-2-zstd.snap");
+    let rd = SnapshotReader::open(&path).unwrap();
+    assert_eq!(rd.header().snapshot_id, [0; 16]);
+    assert_eq!(rd.header().parent, None);
+    assert_eq!(rd.identity().snapshot_id, [0; 16]);
+    assert_eq!(
+        rd.identity().file_len,
+        std::fs::metadata(&path).unwrap().len()
+    );
+    assert!(rd.hot_totals().records > 0, "{:?}", rd.hot_totals());
+    fixture_reads(&path, 2);
+}
+
+/// A fixture of format `version` reads, verifies and loads page by page.
+fn fixture_reads(path: &Path, version: u32) {
+    let mut rd = SnapshotReader::open(path).unwrap();
+    assert_eq!(rd.format_version(), version);
+    let ms = format!("format-{version} machine state");
+    assert_eq!(rd.machine_state(), ms.as_bytes());
+    assert_eq!(rd.header().compression, Compression::Zstd { level: 3 });
+    assert_eq!(rd.trailer().totals.parent_pages, 0);
     rd.verify(&mut |_| {}).unwrap();
-    let b = std::fs::read(&path).unwrap();
+    let b = std::fs::read(path).unwrap();
     let codecs: Vec<u8> = rd
         .trailer()
         .index
@@ -480,7 +506,8 @@ fn a_format_1_file_still_reads() {
         .filter(|e| e.kind == RecordKind::Data)
         .map(|e| b[e.offset as usize + 5])
         .collect();
-    assert!(codecs.contains(&1), "{codecs:?}");
+    let want = if version == 1 { 1 } else { 2 };
+    assert!(codecs.contains(&want), "{codecs:?}");
     let regions: Vec<(u64, u64)> = rd
         .header()
         .regions
@@ -502,10 +529,13 @@ fn a_format_1_file_still_reads() {
     }
     let mut out = Vec::new();
     for (i, e) in rd.trailer().index.iter().enumerate() {
-        assert!(rd
-            .read_piece_at(i, e.first_page, &mut out)
-            .unwrap()
-            .is_none());
+        // Version 1 has no records in pieces.
+        let piece = rd.read_piece_at(i, e.first_page, &mut out).unwrap();
+        if let Some(piece) = piece {
+            assert!(version >= 2);
+            let at = ((e.first_page - piece.first_page) * PS) as usize;
+            assert!(out[at..at + PS as usize] == fixture_page(e.first_page)[..]);
+        }
         rd.read_record_at(i, &mut out).unwrap();
         for k in 0..u64::from(e.page_count) {
             if e.kind == RecordKind::Data {

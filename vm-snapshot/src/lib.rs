@@ -18,7 +18,6 @@ mod params;
 mod restore;
 mod save;
 mod tracking;
-mod shim;
 
 pub use lazy::{restore_lazy, CollapseHold, LazyError, LazyFailure, LazyRestore, LazyStatus};
 pub use monitor::GuestDuringSave;

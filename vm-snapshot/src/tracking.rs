@@ -26,8 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use ram_saver::{SaveProgress, SnapshotSink};
-use crate::shim::{Identity, ParentRef};
+use ram_saver::{Identity, ParentRef, SaveProgress, SnapshotSink};
 use serde::{Deserialize, Serialize};
 use vmm_core::Vm;
 use wp_tracker::{DirtyTracker, Precision, WpTracker};
@@ -199,7 +198,7 @@ impl WriteRecord {
                     let child = path.ok_or_else(|| {
                         SaveError::Params("an incremental save needs a file target".into())
                     })?;
-                    header.parent = ParentRef::new(id, Path::new(p), child).encode();
+                    header.parent = Some(ParentRef::new(id, Path::new(p), child));
                     incremental = true;
                 }
                 Some(why) => {
@@ -237,11 +236,9 @@ impl WriteRecord {
                 return Err(e);
             }
         };
-        let since = path.and_then(|p| {
-            identity_of(p).ok().map(|identity| Since {
-                path: p.to_path_buf(),
-                identity,
-            })
+        let since = path.map(|p| Since {
+            path: p.to_path_buf(),
+            identity: saved.summary.identity,
         });
         let tracking =
             match DirtyTracker::resume(wp.clone(), Precision::Backing, &saved.summary.released) {
@@ -267,7 +264,7 @@ impl WriteRecord {
 /// The identity of the snapshot file at `path`.
 fn identity_of(path: &Path) -> Result<Identity, String> {
     let r = ram_saver::SnapshotReader::open(path).map_err(|e| crate::chain(&e))?;
-    Ok(crate::shim::identity(&r))
+    Ok(r.identity())
 }
 
 /// A save as [`crate::save`] with the VM's write record: see [`WriteRecord`].

@@ -73,7 +73,7 @@ impl<'a> Checker<'a> {
         let raw = u64::from(h.page_count) * self.ps;
         let stored = u64::from(h.stored_len);
         let bad_len = match h.kind {
-            RecordKind::ZeroRun => stored != 0,
+            RecordKind::ZeroRun | RecordKind::Parent => stored != 0,
             RecordKind::Data => {
                 raw > MAX_RECORD_RAW
                     || stored == 0

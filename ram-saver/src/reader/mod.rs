@@ -24,7 +24,9 @@ use std::path::Path;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::direct_io::reopen_direct;
-use crate::format::{FormatError, SnapshotHeader, Totals, Trailer, RECORD_HEADER_LEN};
+use crate::format::{
+    FormatError, Identity, ParentRef, SnapshotHeader, Totals, Trailer, RECORD_HEADER_LEN,
+};
 use crate::pagemap;
 
 mod check;
@@ -95,6 +97,8 @@ pub struct SnapshotReader<R> {
     records_start: u64,
     trailer_offset: u64,
     trailer: Trailer,
+    /// The trailer's crc (part of the file's identity).
+    trailer_crc: u32,
 }
 
 fn unreadable(e: io::Error) -> FormatError {
@@ -138,6 +142,18 @@ impl SnapshotReader<BufReader<File>> {
     }
 }
 
+impl ParentRef {
+    /// The reference a child to be written at `child_path` stores for the parent `rd`, opened
+    /// from `parent_path` (see [`ParentRef::new`] for the path hint).
+    pub fn of<R: Read + Seek>(
+        rd: &SnapshotReader<R>,
+        parent_path: &Path,
+        child_path: &Path,
+    ) -> Self {
+        ParentRef::new(rd.identity(), parent_path, child_path)
+    }
+}
+
 impl<R: Read + Seek> SnapshotReader<R> {
     /// Check a snapshot readable from `r` (any `Read + Seek`).
     pub fn from_reader(r: R) -> Result<Self, FormatError> {
@@ -167,6 +183,16 @@ impl<R: Read + Seek> SnapshotReader<R> {
     /// File size in bytes.
     pub fn file_len(&self) -> u64 {
         self.file_len
+    }
+
+    /// The file's identity (snapshot id, trailer crc, length), what a child's parent reference
+    /// names it by.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            snapshot_id: self.header.snapshot_id,
+            trailer_crc: self.trailer_crc,
+            file_len: self.file_len,
+        }
     }
 
     /// Format version of the file ([`OLDEST_FORMAT_VERSION`](crate::format::OLDEST_FORMAT_VERSION)
@@ -230,8 +256,22 @@ impl<R: Read + Seek> SnapshotReader<R> {
     /// index entry names; incomplete files were already refused by `open`. Zero runs are
     /// skipped when the guest memory held no data to begin with (fresh memory stays
     /// unpopulated), else only pages that are not zero are cleared. On error the contents of
-    /// `mem` are unspecified.
+    /// `mem` are unspecified. A child (with Parent records) is refused
+    /// ([`FormatError::InParent`]): load it as a [`Chain`](crate::Chain).
     pub fn load_into(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        progress: &mut dyn FnMut(&ReadProgress),
+    ) -> Result<Totals, FormatError> {
+        if self.trailer.totals.parent_pages > 0 {
+            return Err(FormatError::InParent { record: None });
+        }
+        self.load_layer_into(mem, progress)
+    }
+
+    /// [`SnapshotReader::load_into`] that leaves the pages of Parent records as they are in
+    /// `mem` (a chain loads the layers below first).
+    pub(crate) fn load_layer_into(
         &mut self,
         mem: &GuestMemoryMmap,
         progress: &mut dyn FnMut(&ReadProgress),

@@ -29,7 +29,7 @@ fn read_index(
     totals: Totals,
     trailer_offset: u64,
     version: u32,
-) -> Result<Trailer, FormatError> {
+) -> Result<(Trailer, u32), FormatError> {
     let n = totals.records as usize;
     let mut crc = crc32fast::Hasher::new();
     crc.update(head);
@@ -49,10 +49,11 @@ fn read_index(
     }
     let mut c = [0u8; 4];
     src.read_exact_at(&mut c, pos)?;
-    if crc.finalize() != u32::from_le_bytes(c) {
+    let trailer_crc = u32::from_le_bytes(c);
+    if crc.finalize() != trailer_crc {
         return Err(corrupt("trailer: checksum mismatch", None, pos));
     }
-    Ok(Trailer { totals, index })
+    Ok((Trailer { totals, index }, trailer_crc))
 }
 
 /// Read the machine state section at `at` (right after the header), whose blob must end by
@@ -161,7 +162,7 @@ impl<R: Read + Seek> SnapshotReader<R> {
                 trailer_offset + TRAILER_RECORDS_AT,
             ));
         }
-        let trailer = read_index(&mut src, &thead, totals, trailer_offset, version)?;
+        let (trailer, trailer_crc) = read_index(&mut src, &thead, totals, trailer_offset, version)?;
         let mut rd = SnapshotReader {
             r,
             cur,
@@ -174,11 +175,25 @@ impl<R: Read + Seek> SnapshotReader<R> {
             records_start,
             trailer_offset,
             trailer,
+            trailer_crc,
         };
         // The totals are what `load_into` returns and what tools print: they must follow from
         // the (checksummed) index, or the trailer is not a valid trailer.
         if rd.index_totals() != Some(rd.trailer.totals) {
             return Err(rd.diagnose_totals());
+        }
+        if rd.header.parent.is_none() && rd.trailer.totals.parent_pages > 0 {
+            let i = rd
+                .trailer
+                .index
+                .iter()
+                .position(|e| e.kind == RecordKind::Parent);
+            let at = i.map_or(trailer_offset, |i| rd.trailer.index[i].offset);
+            return Err(corrupt(
+                "parent record in a file without a parent reference",
+                i.map(|i| i as u64),
+                at,
+            ));
         }
         Ok(rd)
     }
@@ -198,6 +213,7 @@ impl<R: Read + Seek> SnapshotReader<R> {
             match e.kind {
                 RecordKind::ZeroRun => t.zero_pages += n,
                 RecordKind::Data => t.data_pages += n,
+                RecordKind::Parent => t.parent_pages += n,
             }
         }
         t.raw_bytes = t.data_pages.checked_mul(ps)?;

@@ -216,6 +216,7 @@ impl Job<'_, '_> {
         let w = w.totals;
         t.pages += w.pages;
         t.zero_pages += w.zero_pages;
+        t.parent_pages += w.parent_pages;
         t.data_pages += w.data_pages;
         t.records += w.records;
         t.raw_bytes += w.raw_bytes;
@@ -306,6 +307,12 @@ impl Worker {
             what: format!("record {i} at {gpa:#x}: {e}"),
         };
         match (h.kind, h.codec) {
+            (RecordKind::Parent, _) => {
+                // The pages are the parent's: nothing here to load.
+                if h.compute_crc(&[]) != h.crc {
+                    return Err(corrupt("record checksum mismatch", Some(ri), pos));
+                }
+            }
             (RecordKind::ZeroRun, _) => {
                 if h.compute_crc(&[]) != h.crc {
                     return Err(corrupt("record checksum mismatch", Some(ri), pos));
@@ -381,6 +388,7 @@ impl Worker {
         t.stored_bytes += stored as u64;
         match h.kind {
             RecordKind::ZeroRun => t.zero_pages += n,
+            RecordKind::Parent => t.parent_pages += n,
             RecordKind::Data => {
                 t.data_pages += n;
                 t.raw_bytes += n * ps;

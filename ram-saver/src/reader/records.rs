@@ -71,7 +71,7 @@ impl<R: Read + Seek> Records<'_, R> {
         let h = self.rd.read_raw(pos, i, &mut payload)?;
         let ps = u64::from(self.rd.header.page_size);
         let data = match (h.kind, h.codec) {
-            (RecordKind::ZeroRun, _) => Vec::new(),
+            (RecordKind::ZeroRun | RecordKind::Parent, _) => Vec::new(),
             (RecordKind::Data, CODEC_RAW) => payload,
             (RecordKind::Data, CODEC_RAW_PIECES) => {
                 let mut pc = PieceCrcs::default();
@@ -196,6 +196,11 @@ impl<R> SnapshotReader<R> {
             .ok_or_else(|| corrupt("record not listed in trailer index", Some(i as u64), 0))?;
         let len = match e.kind {
             RecordKind::ZeroRun => 0,
+            RecordKind::Parent => {
+                return Err(FormatError::InParent {
+                    record: Some(i as u64),
+                })
+            }
             RecordKind::Data => {
                 (u64::from(e.page_count) * u64::from(self.header.page_size)) as usize
             }
@@ -215,6 +220,9 @@ impl<R> SnapshotReader<R> {
         let ri = i as u64;
         let pos = e.offset;
         let raw = (u64::from(e.page_count) * u64::from(self.header.page_size)) as usize;
+        if e.kind == RecordKind::Parent {
+            return Err(FormatError::InParent { record: Some(ri) });
+        }
         if out.len() != raw && !(e.kind == RecordKind::ZeroRun && out.is_empty()) {
             return Err(FormatError::LayoutMismatch {
                 what: format!(
@@ -229,6 +237,7 @@ impl<R> SnapshotReader<R> {
         let at = pos + RECORD_HEADER_LEN as u64;
         let crc_err = || corrupt("record checksum mismatch", Some(ri), pos);
         match (h.kind, h.codec) {
+            (RecordKind::Parent, _) => return Err(FormatError::InParent { record: Some(ri) }),
             (RecordKind::ZeroRun, _) => {
                 if h.compute_crc(&[]) != h.crc {
                     return Err(crc_err());

@@ -72,11 +72,9 @@ impl Shared<'_> {
                         enc.set_hot(false);
                         enc.zero_run(first_page, pages, &mut batch)
                     }
-                    Work::Parent { .. } => {
-                        // PENDING-FORMAT3: the writer's Parent-run hook.
-                        if r.is_ok() {
-                            r = Err(std::io::Error::other("Parent runs need format 3"));
-                        }
+                    Work::Parent { first_page, pages } => {
+                        enc.set_hot(false);
+                        enc.parent_run(first_page, pages, &mut batch)
                     }
                 }
             }

@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use wp_tracker::{WpError, WpTracker};
 
-use crate::format::{FormatError, MemRegion, SnapshotHeader};
+use crate::format::{FormatError, Identity, MemRegion, SnapshotHeader};
 use crate::writer::{EncodedBatch, SnapshotSink, SnapshotWriter};
 
 mod blocks;
@@ -102,6 +102,10 @@ pub struct SaveSummary {
     pub zero_pages: u64,
     /// Pages stored as data.
     pub data_pages: u64,
+    /// Pages left to the parent (Parent records; 0 without a parent reference).
+    pub parent_pages: u64,
+    /// The written file's identity: what a child of it names it by.
+    pub identity: Identity,
     /// Blocks copied by the fault thread.
     pub faults_served: u64,
     /// Fault service latency (fault read → release), median, µs.
@@ -135,8 +139,6 @@ pub struct SaveSummary {
     pub fault_buffer_waits: u64,
     /// Longest such wait, µs.
     pub fault_buffer_wait_max_us: u64,
-    /// Pages stored as Parent runs (an incremental save: unchanged since the parent).
-    pub parent_pages: u64,
     /// With [`SaveOptions::keep_protected`]: the host ranges released because they were written
     /// since the freeze (everything else is still write-protected), merged, in address order.
     #[serde(skip)]
@@ -433,14 +435,14 @@ pub fn live_save<S: SnapshotSink>(
     let shared = Shared::new(tracker, blocks, abandon, pools, workers, opts);
     shared.released.store(inherited, Ordering::Release);
 
-    let (totals, file_bytes, huge_restore_secs) =
+    let (totals, identity, huge_restore_secs) =
         threads::run(&shared, writer, opts, total_pages, progress, cancel)?;
     guard.disarm();
     Ok(output::summary(
         &shared,
         started,
         totals,
-        file_bytes,
+        identity,
         huge_restore_secs,
     ))
 }

@@ -13,7 +13,7 @@ use super::{
     blocks::{RELEASED, SAVED}, lock, InjectPoint, SaveError, SaveOptions, SaveProgress, SaveSummary, Shared,
     PAGE_SIZE, POLL,
 };
-use crate::format::{FormatError, Totals};
+use crate::format::{FormatError, Identity, Totals};
 use crate::writer::{SnapshotSink, SnapshotWriter};
 
 /// How often the writer reports progress.
@@ -86,7 +86,7 @@ pub(super) fn write_batches<S: SnapshotSink>(
 
 /// After the saver threads are joined: the save's error if any, else check that every block
 /// was released and every page written, and commit the file (trailer, footer, sync) while the
-/// huge pages faults split are collapsed back. Returns the totals, the file size and the
+/// huge pages faults split are collapsed back. Returns the totals, the file's identity and the
 /// seconds the collapse took.
 pub(super) fn finish<S: SnapshotSink>(
     shared: &Shared<'_>,
@@ -94,7 +94,7 @@ pub(super) fn finish<S: SnapshotSink>(
     opts: &SaveOptions,
     total_pages: u64,
     cancel: &AtomicBool,
-) -> Result<(Totals, u64, f64), SaveError> {
+) -> Result<(Totals, Identity, f64), SaveError> {
     // Nothing is protected any more (every block released, or `abort` released everything).
     // Huge pages are collapsed back while the file is flushed and synced (CPU vs. I/O).
     let restore = |shared: &Shared<'_>| {
@@ -149,7 +149,7 @@ pub(super) fn finish<S: SnapshotSink>(
         let h = thread::Builder::new()
             .name("saver-collapse".into())
             .spawn_scoped(s, || restore(shared));
-        let f = writer.finish();
+        let f = writer.finish_identity();
         finish_done.store(true, Ordering::Release);
         if let Some(w) = &watcher {
             w.thread().unpark();
@@ -160,14 +160,14 @@ pub(super) fn finish<S: SnapshotSink>(
         };
         (f, secs)
     });
-    let file_bytes = finished.map_err(|e| {
+    let identity = finished.map_err(|e| {
         if cancel.load(Ordering::Acquire) {
             SaveError::Cancelled
         } else {
             SaveError::Write(e)
         }
     })?;
-    Ok((totals, file_bytes, huge_restore_secs))
+    Ok((totals, identity, huge_restore_secs))
 }
 
 /// The summary of a successful save.
@@ -175,9 +175,10 @@ pub(super) fn summary(
     shared: &Shared<'_>,
     started: Instant,
     totals: Totals,
-    file_bytes: u64,
+    identity: Identity,
     huge_restore_secs: f64,
 ) -> SaveSummary {
+    let file_bytes = identity.file_len;
     let fp = {
         let g = lock(&shared.fault_pool.state);
         (g.waits, g.wait_max_us)
@@ -198,6 +199,8 @@ pub(super) fn summary(
         pages_saved: totals.pages,
         zero_pages: totals.zero_pages,
         data_pages: totals.data_pages,
+        parent_pages: totals.parent_pages,
+        identity,
         faults_served: shared.faults_served.load(Ordering::Relaxed),
         fault_latency_p50_us: pct(50),
         fault_latency_p99_us: pct(99),
@@ -214,9 +217,6 @@ pub(super) fn summary(
         huge_restore_secs,
         fault_buffer_waits: fp.0,
         fault_buffer_wait_max_us: fp.1,
-        parent_pages: totals
-            .pages
-            .saturating_sub(totals.zero_pages + totals.data_pages),
         released: if shared.keep_protected {
             shared.released_ranges()
         } else {

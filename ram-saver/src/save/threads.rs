@@ -127,7 +127,7 @@ pub(super) fn run<S: SnapshotSink>(
     total_pages: u64,
     progress: &(dyn Fn(&SaveProgress) + Sync),
     cancel: &AtomicBool,
-) -> Result<(crate::format::Totals, u64, f64), SaveError> {
+) -> Result<(crate::format::Totals, crate::format::Identity, f64), SaveError> {
 
     let workers = opts.workers.max(1);
     let writer_done = AtomicBool::new(false);

@@ -112,6 +112,27 @@ impl RecordEncoder {
         }
     }
 
+    /// Append a Parent record of `count` pages starting at `first_page`: pages whose content is
+    /// the parent snapshot's (only a writer whose header has a parent reference accepts it).
+    pub fn parent_run(&mut self, first_page: u64, count: u64, out: &mut EncodedBatch) {
+        let mut first = first_page;
+        let mut left = count;
+        while left > 0 {
+            let n = u32::try_from(left).unwrap_or(u32::MAX);
+            let h = RecordHeader {
+                kind: RecordKind::Parent,
+                codec: CODEC_RAW,
+                first_page: first,
+                page_count: n,
+                stored_len: 0,
+                crc: 0,
+            };
+            push_record(h, &[], self.hot, out);
+            first += u64::from(n);
+            left -= u64::from(n);
+        }
+    }
+
     /// Append records for `data` (whole pages) starting at guest page `first_page`.
     pub fn encode(
         &mut self,
@@ -320,6 +341,7 @@ fn account(h: &RecordHeader, hot: bool, at: usize, out: &mut EncodedBatch) {
     match h.kind {
         RecordKind::ZeroRun => t.zero_pages += n,
         RecordKind::Data => t.data_pages += n,
+        RecordKind::Parent => t.parent_pages += n,
     }
 }
 

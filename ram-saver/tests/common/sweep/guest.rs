@@ -4,7 +4,9 @@
 use std::fs;
 use std::path::Path;
 
-use ram_saver::{AtomicFileSink, Compression, MemRegion, SnapshotHeader, SnapshotWriter};
+use ram_saver::{
+    AtomicFileSink, Compression, MemRegion, ParentRef, SnapshotHeader, SnapshotWriter,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub const PS: u64 = 4096;
@@ -114,7 +116,8 @@ pub fn write_snapshot(
     let config = vm_config_json();
     let mut header = SnapshotHeader::new(regions, 2, config);
     header.compression = compression;
-    header.parent = parent.to_vec();
+    header.parent =
+        (!parent.is_empty()).then(|| ParentRef::decode(parent).expect("parent reference"));
     let sink = AtomicFileSink::create(path).expect("create snapshot");
     let mut w = SnapshotWriter::new(sink, &header, &machine_state_blob()).expect("writer");
     let mut blocks = Vec::new();

@@ -34,6 +34,8 @@ pub struct Hdr {
     pub regions: Vec<(u64, u64)>,
     pub config: Vec<u8>,
     pub parent: Vec<u8>,
+    /// Version 3 and later: the snapshot id before the crc.
+    pub snapshot_id: Vec<u8>,
     pub region_count: Option<u32>,
     pub config_len: Option<u32>,
     pub parent_len: Option<u32>,
@@ -66,6 +68,7 @@ impl Hdr {
         b.extend_from_slice(&self.config);
         put32(&mut b, self.parent_len.unwrap_or(self.parent.len() as u32));
         b.extend_from_slice(&self.parent);
+        b.extend_from_slice(&self.snapshot_id);
         let len = self.header_len.unwrap_or(b.len() as u32 + 4);
         b[12..16].copy_from_slice(&len.to_le_bytes());
         let crc = crc32fast::hash(&b);
@@ -88,6 +91,9 @@ impl Hdr {
         let plen = get32(b, at) as usize;
         let parent = b[at + 4..at + 4 + plen].to_vec();
         at += 4 + plen;
+        let id_len = if get32(b, 8) >= 3 { 16 } else { 0 };
+        let snapshot_id = b[at..at + id_len].to_vec();
+        at += id_len;
         assert_eq!(at + 4, b.len());
         assert_eq!(crc32fast::hash(&b[..at]), get32(b, at));
         Hdr {
@@ -102,6 +108,7 @@ impl Hdr {
             regions,
             config,
             parent,
+            snapshot_id,
             region_count: None,
             config_len: None,
             parent_len: None,
@@ -351,6 +358,10 @@ impl Model {
     pub fn to_format_1(&self) -> Model {
         let mut m = self.clone();
         m.hdr.version = 1;
+        // Version 1 has no snapshot id and no parent references.
+        m.hdr.snapshot_id.clear();
+        m.hdr.parent.clear();
+        m.hdr.flags = 0;
         for r in m.recs.iter_mut().filter(|r| r.kind == 1 && r.codec == 2) {
             let raw = r.pieces_decoded(u64::from(self.hdr.page_size));
             r.codec = 1;

@@ -103,9 +103,18 @@ impl Setup {
         fs::create_dir_all(&dir).expect("temp dir");
         let source = new_mem();
         fill_guest(&source);
+        let parent = ram_saver::ParentRef {
+            identity: ram_saver::Identity {
+                snapshot_id: [0x5a; 16],
+                trailer_crc: 0x1234_5678,
+                file_len: 1 << 20,
+            },
+            path: "parent.snap".into(),
+        }
+        .encode();
         let mut bases: Vec<Base> = [
             ("raw", Compression::None, &b""[..]),
-            ("zstd", Compression::Zstd { level: 3 }, &b"parent.snap"[..]),
+            ("zstd", Compression::Zstd { level: 3 }, &parent[..]),
         ]
         .into_iter()
         .map(|(name, compression, parent)| base(&dir, &source, name, compression, parent))
