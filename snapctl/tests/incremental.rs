@@ -306,3 +306,55 @@ fn a_cancelled_incremental_save_leaves_the_guest_free_and_the_next_save_right() 
     assert_eq!(s["parent"], next.to_str().unwrap(), "{s}");
     oracle_chain(&after);
 }
+
+/// `snapctl restore FILE` (eager) on its own socket in `dir`, once it answers.
+fn restore(dir: &Path, file: &Path) -> Vmm {
+    let sock = dir.join("restored.sock");
+    let mut cmd = std::process::Command::new(bin());
+    cmd.arg("restore")
+        .arg(file)
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--serial-log")
+        .arg(dir.join("restored.serial"));
+    let mut vmm = Vmm {
+        proc: Proc::spawn_cmd(&mut cmd, true),
+        sock,
+        mem_bytes: 0,
+    };
+    let t0 = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&vmm.sock).is_err() {
+        assert!(vmm.proc.running(), "restore exited early");
+        assert!(t0.elapsed() < T, "restore: no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vmm.mem_bytes = u(&vmm.status(), "mem_bytes");
+    vmm
+}
+
+#[test]
+fn a_restored_vm_saves_incrementally_against_the_restored_file() {
+    let _g = serial();
+    let dir = TempDir::new("incr-restore");
+    let base = dir.join("base.snap");
+    {
+        let vmm = Vmm::boot(dir.path(), &["--mem", "256M", "--working-set", "2M"]);
+        save(&vmm, &base, &[]);
+    }
+    let vmm = restore(dir.path(), &base);
+    let st = vmm.status();
+    assert_eq!(st["tracking"]["state"], "tracking", "{st}");
+    assert_eq!(st["tracking"]["since"], base.to_str().unwrap(), "{st}");
+    vmm.assert_progress(Duration::from_secs(10));
+    let child = dir.join("child.snap");
+    let s = save_child(&vmm, &base, &child);
+    assert_eq!(s["parent"], base.to_str().unwrap(), "{s}");
+    assert!(u(&s, "stored_bytes") * 8 < vmm.mem_bytes, "a hot set only: {s}");
+    oracle_chain(&child);
+    let grandchild = dir.join("grandchild.snap");
+    let s = save_child(&vmm, &child, &grandchild);
+    assert_eq!(s["parent"], child.to_str().unwrap(), "{s}");
+    oracle_chain(&grandchild);
+    let o = vmm.ctl(&["self-check"], T);
+    assert_eq!(o.code(), Some(0), "self-check: {}", o.stderr);
+}
