@@ -18,7 +18,12 @@ fn save(vmm: &Vmm, out: &Path, extra: &[&str]) -> Value {
     let mut a = vec!["save", "--out", out.to_str().unwrap(), "--json"];
     a.extend(extra);
     let o = vmm.ctl(&a, T);
-    assert_eq!(o.code(), Some(0), "save {out:?} {extra:?} failed: {}", o.stderr);
+    assert_eq!(
+        o.code(),
+        Some(0),
+        "save {out:?} {extra:?} failed: {}",
+        o.stderr
+    );
     serde_json::from_slice(&o.stdout).expect("save --json prints JSON")
 }
 
@@ -38,7 +43,11 @@ fn layers(top: &Path) -> Vec<PathBuf> {
         };
         let parent = p.resolve(&cur);
         let pr = SnapshotReader::open(&parent).expect("opening a parent");
-        assert_eq!(pr.identity(), p.identity, "{parent:?} is the parent {cur:?} names");
+        assert_eq!(
+            pr.identity(),
+            p.identity,
+            "{parent:?} is the parent {cur:?} names"
+        );
         out.push(parent);
         assert!(out.len() <= 64, "chain too deep");
     }
@@ -72,7 +81,10 @@ fn flatten(top: &Path, out: &Path) {
             let dst = &mut image[first * ps..(first + n) * ps];
             match rec.kind {
                 RecordKind::Parent => {
-                    assert!(known[first..first + n].iter().all(|&k| k), "parent pages known");
+                    assert!(
+                        known[first..first + n].iter().all(|&k| k),
+                        "parent pages known"
+                    );
                     continue;
                 }
                 RecordKind::ZeroRun => dst.fill(0),
@@ -110,7 +122,12 @@ fn oracle_chain(top: &Path) {
     let flat = top.with_extension("flat");
     flatten(top, &flat);
     let o = run(&["oracle", flat.to_str().unwrap()], T);
-    assert_eq!(o.code(), Some(0), "oracle of {top:?}'s chain failed: {}", o.stderr);
+    assert_eq!(
+        o.code(),
+        Some(0),
+        "oracle of {top:?}'s chain failed: {}",
+        o.stderr
+    );
     std::fs::remove_file(&flat).unwrap();
 }
 
@@ -134,10 +151,17 @@ fn chain_while_writing(boot: &[&str], hot: bool) {
         std::thread::sleep(Duration::from_millis(300));
         let st = vmm.status();
         assert_eq!(st["tracking"]["state"], "tracking", "{st}");
-        assert!(u(&st, "dirty_bytes") > 0, "the guest wrote since the save: {st}");
+        assert!(
+            u(&st, "dirty_bytes") > 0,
+            "the guest wrote since the save: {st}"
+        );
         let child = dir.join(&format!("child{i}.snap"));
         let s = save_child(&vmm, &parent, &child);
-        assert_eq!(s["parent"], parent.to_str().unwrap(), "an incremental save: {s}");
+        assert_eq!(
+            s["parent"],
+            parent.to_str().unwrap(),
+            "an incremental save: {s}"
+        );
         assert!(s.get("full_reason").is_none(), "{s}");
         assert_eq!(
             u(&s, "stored_bytes") + u(&s, "inherited_bytes"),
@@ -228,7 +252,10 @@ fn a_parent_that_is_not_the_last_save_gives_a_full_save_and_says_why() {
     let s = save_child(&vmm, &a, &c);
     let why = s["full_reason"].as_str().expect("full_reason");
     assert!(
-        why.starts_with(&format!("no record of writes since {}'s freeze: saved all memory", a.display())),
+        why.starts_with(&format!(
+            "no record of writes since {}'s freeze: saved all memory",
+            a.display()
+        )),
         "{why}"
     );
     assert!(s.get("parent").is_none(), "{s}");
@@ -237,9 +264,22 @@ fn a_parent_that_is_not_the_last_save_gives_a_full_save_and_says_why() {
     oracle_chain(&c);
     // The human summary says it in one line.
     let d = dir.join("d.snap");
-    let o = vmm.ctl(&["save", "--parent", a.to_str().unwrap(), "--out", d.to_str().unwrap()], T);
+    let o = vmm.ctl(
+        &[
+            "save",
+            "--parent",
+            a.to_str().unwrap(),
+            "--out",
+            d.to_str().unwrap(),
+        ],
+        T,
+    );
     assert_eq!(o.code(), Some(0), "{}", o.stderr);
-    assert!(o.stderr.contains("no record of writes since"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("no record of writes since"),
+        "{}",
+        o.stderr
+    );
 
     // A parent replaced by another file (same path, other content): its identity differs, so
     // it is not the last save: a full save, never a child of the wrong parent.
@@ -253,7 +293,16 @@ fn a_parent_that_is_not_the_last_save_gives_a_full_save_and_says_why() {
     let junk = dir.join("junk.snap");
     std::fs::write(&junk, b"not a snapshot").unwrap();
     let f = dir.join("f.snap");
-    let o = vmm.ctl(&["save", "--parent", junk.to_str().unwrap(), "--out", f.to_str().unwrap()], T);
+    let o = vmm.ctl(
+        &[
+            "save",
+            "--parent",
+            junk.to_str().unwrap(),
+            "--out",
+            f.to_str().unwrap(),
+        ],
+        T,
+    );
     assert_ne!(o.code(), Some(0));
     assert!(o.stderr.contains("cannot use"), "{}", o.stderr);
     assert!(!f.exists());
@@ -349,7 +398,10 @@ fn a_restored_vm_saves_incrementally_against_the_restored_file() {
     let child = dir.join("child.snap");
     let s = save_child(&vmm, &base, &child);
     assert_eq!(s["parent"], base.to_str().unwrap(), "{s}");
-    assert!(u(&s, "stored_bytes") * 8 < vmm.mem_bytes, "a hot set only: {s}");
+    assert!(
+        u(&s, "stored_bytes") * 8 < vmm.mem_bytes,
+        "a hot set only: {s}"
+    );
     oracle_chain(&child);
     let grandchild = dir.join("grandchild.snap");
     let s = save_child(&vmm, &child, &grandchild);

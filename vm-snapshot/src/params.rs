@@ -131,7 +131,9 @@ impl SaveParams {
                 return Err(format!("the parent path must be absolute, not `{parent}`"));
             }
             if self.stream {
-                return Err("an incremental save (parent) needs a file target, not a stream".into());
+                return Err(
+                    "an incremental save (parent) needs a file target, not a stream".into(),
+                );
             }
             if parent == &self.path {
                 return Err("the parent and the new file must differ".into());

@@ -33,7 +33,6 @@ use wp_tracker::{DirtyTracker, Precision, WpTracker};
 
 use crate::save::{header_of, FreezeRun, SaveError, Saved};
 
-
 /// The file of the last save (or restore) that tracking started at.
 #[derive(Debug)]
 struct Since {
@@ -180,9 +179,7 @@ impl WriteRecord {
                 ))
             })?;
             let why = match &self.state {
-                State::Tracking {
-                    since: Some(s), ..
-                } if s.identity == id => None,
+                State::Tracking { since: Some(s), .. } if s.identity == id => None,
                 State::Tracking { since: Some(s), .. } => Some(format!(
                     "{p} is not this VM's last save ({})",
                     s.path.display()
@@ -190,7 +187,9 @@ impl WriteRecord {
                 State::Tracking { since: None, .. } => {
                     Some("this VM's last save was a stream, not a file".to_string())
                 }
-                State::Off => Some("this VM has not been saved or restored since it started".into()),
+                State::Off => {
+                    Some("this VM has not been saved or restored since it started".into())
+                }
                 State::Broken(why) => Some(why.clone()),
             };
             match why {
@@ -277,5 +276,13 @@ pub fn save_tracked(
     cancel: &AtomicBool,
     progress: &(dyn Fn(&SaveProgress) + Sync),
 ) -> Result<crate::SaveReport, SaveError> {
-    crate::save::save_with_record(vm, tracker, Some(record), params, guest_moving, cancel, progress)
+    crate::save::save_with_record(
+        vm,
+        tracker,
+        Some(record),
+        params,
+        guest_moving,
+        cancel,
+        progress,
+    )
 }

@@ -353,7 +353,11 @@ impl Shared {
     fn serve(&self) {
         let mut faults: Vec<WpFault> = Vec::with_capacity(128);
         while !self.stop.load(Ordering::Acquire) {
-            let r = self.wp.uffd.wait_readable(Some(POLL)).map_err(WpError::Poll);
+            let r = self
+                .wp
+                .uffd
+                .wait_readable(Some(POLL))
+                .map_err(WpError::Poll);
             let r = r.and_then(|ready| {
                 if !ready {
                     return Ok(());

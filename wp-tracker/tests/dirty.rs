@@ -348,7 +348,10 @@ fn suspend_hands_over_all_protected_and_resume_loses_no_fault() {
     let set = t.suspend().unwrap();
     assert_eq!(
         set.ranges,
-        vec![HostRange::new(m.page(3), 2 * PAGE), HostRange::new(m.page(100), PAGE)]
+        vec![
+            HostRange::new(m.page(3), 2 * PAGE),
+            HostRange::new(m.page(100), PAGE)
+        ]
     );
     // Everything is protected again and nobody reads the faults: a writer blocks, its fault
     // queued.

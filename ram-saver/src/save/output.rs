@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use super::fault::OUT_FAULT_CAP;
 use super::threads::watch_cancel;
 use super::{
-    blocks::{RELEASED, SAVED}, lock, InjectPoint, SaveError, SaveOptions, SaveProgress, SaveSummary, Shared,
-    PAGE_SIZE, POLL,
+    blocks::{RELEASED, SAVED},
+    lock, InjectPoint, SaveError, SaveOptions, SaveProgress, SaveSummary, Shared, PAGE_SIZE, POLL,
 };
 use crate::format::{FormatError, Identity, Totals};
 use crate::writer::{SnapshotSink, SnapshotWriter};

@@ -128,7 +128,6 @@ pub(super) fn run<S: SnapshotSink>(
     progress: &(dyn Fn(&SaveProgress) + Sync),
     cancel: &AtomicBool,
 ) -> Result<(crate::format::Totals, crate::format::Identity, f64), SaveError> {
-
     let workers = opts.workers.max(1);
     let writer_done = AtomicBool::new(false);
     let writer_done = &writer_done;

@@ -387,7 +387,11 @@ impl Vmm {
             }
             return;
         }
-        assert_eq!(self.wp_pages(), 0, "{what}: pages left write-protected ({st})");
+        assert_eq!(
+            self.wp_pages(),
+            0,
+            "{what}: pages left write-protected ({st})"
+        );
     }
 
     /// Open file descriptors of the VMM process.
