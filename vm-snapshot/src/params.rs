@@ -249,6 +249,28 @@ mod tests {
             ),
             (
                 SaveParams {
+                    parent: Some("rel.snap".into()),
+                    ..p()
+                },
+                "parent path must be absolute",
+            ),
+            (
+                SaveParams {
+                    parent: Some("/tmp/p.snap".into()),
+                    stream: true,
+                    ..p()
+                },
+                "not a stream",
+            ),
+            (
+                SaveParams {
+                    parent: Some("/tmp/x.snap".into()),
+                    ..p()
+                },
+                "must differ",
+            ),
+            (
+                SaveParams {
                     max_staging: Some(u64::MAX),
                     ..p()
                 },
