@@ -23,6 +23,15 @@
 //! up to a cap. Whatever goes wrong, the release guard and `abort` (`threads`) unprotect every
 //! range.
 //!
+//! # Saves that leave saved memory protected, and incremental saves
+//! With [`SaveOptions::keep_protected`] (write tracking goes on after the save) the scanner leaves
+//! what it saved write-protected and only the guest's writes release memory (`blocks` has the
+//! states); the fault thread serves until the file is committed and then stops reading, so
+//! whoever tracks writes next takes over the queued faults; the summary lists what was released
+//! ([`SaveSummary::released`]). With [`SaveOptions::increment`] as well, only sub-blocks touching
+//! the increment are stored; every other sub-block is the parent's (a Parent run in address
+//! order, emitted by the scanner), and a fault on one only releases it.
+//!
 //! Why each number is what it is (unit sizes, pools, priorities, workers) is measured in
 //! `docs/PERFORMANCE.md`, with the commands that measure it.
 //!
@@ -388,7 +397,9 @@ impl Shared<'_> {
 /// (registered with `tracker`) write-protected with `protect_all`, and vCPUs resumed. The
 /// header's `page_size`, `regions` and `compression` are set from `mem` and `opts`.
 ///
-/// On success every block was copied once and released, and the file is complete. On any
+/// On success every block was copied once and released (with [`SaveOptions::keep_protected`]:
+/// every block the guest did not write since the freeze is still protected, and the caller must
+/// serve its faults), and the file is complete. On any
 /// error, cancel (`cancel` set) or panic in a saver thread, all guest RAM is unprotected at once
 /// (a cancel within a few ms), whatever the output is doing, and the sink is abandoned and
 /// dropped unfinished (a file sink removes its temporary file); see the module docs for how
