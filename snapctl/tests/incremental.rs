@@ -196,6 +196,15 @@ fn chain_of_incremental_saves_with_a_hot_set() {
 }
 
 #[test]
+fn chain_of_incremental_saves_on_4k_page_memory() {
+    // memfd: 4 KiB pages, 64 KiB fault blocks, writes tracked per 4 KiB page.
+    chain_while_writing(
+        &["--mem", "256M", "--mem-backend", "memfd", "--working-set", "2M"],
+        true,
+    );
+}
+
+#[test]
 fn an_unchanged_guests_child_stores_no_page_data() {
     let _g = serial();
     let dir = TempDir::new("incr-idle");
