@@ -199,7 +199,14 @@ fn chain_of_incremental_saves_with_a_hot_set() {
 fn chain_of_incremental_saves_on_4k_page_memory() {
     // memfd: 4 KiB pages, 64 KiB fault blocks, writes tracked per 4 KiB page.
     chain_while_writing(
-        &["--mem", "256M", "--mem-backend", "memfd", "--working-set", "2M"],
+        &[
+            "--mem",
+            "256M",
+            "--mem-backend",
+            "memfd",
+            "--working-set",
+            "2M",
+        ],
         true,
     );
 }

@@ -77,7 +77,8 @@ pub enum SaveError {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
 pub struct FreezeMs {
     /// Write-protecting all guest RAM before the freeze, while the guest still runs (not part
-    /// of the downtime).
+    /// of the downtime); with write tracking, protecting again what was written since the last
+    /// save.
     #[serde(default)]
     pub arm: f64,
     /// Parking every vCPU.
@@ -307,18 +308,34 @@ impl FreezeRun<'_> {
         let (vm, tracker, cancel) = (self.vm, self.tracker, self.cancel);
         let t = Instant::now();
         let mut arm = Duration::ZERO;
-        let (frozen, increment) = if running.is_some() {
+        let (frozen, increment) = if let Some(dt) = running.as_ref() {
+            // What was written so far is protected again while the guest runs, so the freeze
+            // protects again only what it writes from here on (the increment is both: a write in
+            // between landed before its unit was protected, or faulted and is in the second).
+            // A harvest that fails put its units back: the freeze then takes them all.
+            let early = dt.harvest().unwrap_or_default();
+            arm = t.elapsed();
             if cancel.load(Ordering::SeqCst) {
+                dt.put_back(&early);
                 return Err(SaveError::Cancelled);
             }
-            let frozen = vm
-                .freeze(|_| {
-                    let dt = running.take().expect("a running tracker");
-                    let set = dt.suspend()?;
-                    Ok::<_, DirtyError>((Protected::new(tracker), set))
-                })
-                .map_err(SaveError::TrackedFreeze)?;
+            let frozen = vm.freeze(|_| {
+                let dt = running.take().expect("a running tracker");
+                let set = dt.suspend()?;
+                Ok::<_, DirtyError>((Protected::new(tracker), set))
+            });
+            let frozen = match frozen {
+                Ok(f) => f,
+                Err(e) => {
+                    if let Some(dt) = running.as_ref() {
+                        // Never suspended: tracking goes on, the early harvest counted again.
+                        dt.put_back(&early);
+                    }
+                    return Err(SaveError::TrackedFreeze(e));
+                }
+            };
             let (protected, set) = frozen.held;
+            let set = early.union(&set);
             let frozen = vmm_core::Frozen {
                 held: (protected, SealStats::default()),
                 state: frozen.state,

@@ -77,6 +77,23 @@ pub struct DirtySet {
 }
 
 impl DirtySet {
+    /// The union of `self` and `other`, merged, in address order.
+    pub fn union(&self, other: &DirtySet) -> DirtySet {
+        let mut all: Vec<HostRange> = self.ranges.iter().chain(&other.ranges).copied().collect();
+        all.sort_unstable_by_key(|r| r.start);
+        let mut ranges: Vec<HostRange> = Vec::with_capacity(all.len());
+        for r in all {
+            match ranges.last_mut() {
+                Some(last) if r.start <= last.end() => {
+                    let end = last.end().max(r.end());
+                    last.len = end - last.start;
+                }
+                _ => ranges.push(r),
+            }
+        }
+        DirtySet { ranges }
+    }
+
     /// Total bytes in the set.
     pub fn bytes(&self) -> usize {
         self.ranges.iter().map(|r| r.len).sum()
@@ -258,6 +275,16 @@ impl DirtyTracker {
             }
         }
         Ok(set)
+    }
+
+    /// Count `set` (taken by an earlier [`DirtyTracker::harvest`]) as written again, e.g. when
+    /// what that harvest was for did not happen. Its units may be protected or not: a unit
+    /// counted as written that was not is only stored once more.
+    pub fn put_back(&self, set: &DirtySet) {
+        let mut dirty = self.shared.lock_dirty();
+        for r in &set.ranges {
+            self.shared.mark(&mut dirty, *r);
+        }
     }
 
     /// Stop tracking: stop the handler, release all memory and return what was written since

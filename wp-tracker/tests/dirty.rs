@@ -376,6 +376,38 @@ fn suspend_hands_over_all_protected_and_resume_loses_no_fault() {
         vec![released, HostRange::new(m.page(200), PAGE)],
         "the initial set and the queued fault"
     );
+    // A harvest whose save did not happen is put back: the next harvest has it again.
+    write_from_thread(vec![m.page(300)], 3);
+    let early = t.harvest().unwrap();
+    t.put_back(&early);
+    write_from_thread(vec![m.page(301), m.page(50)], 3);
+    let both = t.harvest().unwrap();
+    assert_eq!(
+        both.ranges,
+        vec![
+            HostRange::new(m.page(50), PAGE),
+            HostRange::new(m.page(300), 2 * PAGE)
+        ]
+    );
+    let a = DirtySet {
+        ranges: vec![
+            HostRange::new(m.page(1), PAGE),
+            HostRange::new(m.page(5), 2 * PAGE),
+        ],
+    };
+    let b = DirtySet {
+        ranges: vec![
+            HostRange::new(m.page(2), PAGE),
+            HostRange::new(m.page(6), 3 * PAGE),
+        ],
+    };
+    assert_eq!(
+        a.union(&b).ranges,
+        vec![
+            HostRange::new(m.page(1), 2 * PAGE),
+            HostRange::new(m.page(5), 4 * PAGE)
+        ]
+    );
     assert_eq!(t.finish().unwrap(), DirtySet::default());
     assert!(wp_protected_regions(m.addr, m.len).unwrap().is_empty());
 }
