@@ -91,6 +91,56 @@ pub enum FormatError {
     /// no parent reference.
     #[error("parent records need a header with a parent reference")]
     ParentRunWithoutParent,
+    /// A layer of a chain (1: the file named, 2: its parent, …) is bad: `source` says how (the
+    /// message names the layer; its source, the problem).
+    #[error("layer {layer} ({})", path.display())]
+    InLayer {
+        /// The layer, counted from the top (1).
+        layer: usize,
+        /// Its file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: Box<FormatError>,
+    },
+    /// The parent file a child names (layer `layer` of its chain) cannot be opened.
+    #[error("layer {layer} ({}): parent not found (restore it to that path, or merge the chain before moving files)", path.display())]
+    ParentNotFound {
+        /// The missing layer, counted from the top (1).
+        layer: usize,
+        /// Where the child says its parent is.
+        path: std::path::PathBuf,
+        /// Why it cannot be opened.
+        #[source]
+        source: io::Error,
+    },
+    /// The file at a child's parent path is not the parent the child was written against
+    /// (another save, or the file was rewritten since): its identity differs.
+    #[error("layer {layer} ({}): parent changed since the child was written (identity {found}, the child expects {expected})", path.display())]
+    ParentChanged {
+        /// The layer, counted from the top (1).
+        layer: usize,
+        /// Its file.
+        path: std::path::PathBuf,
+        /// The identity the child names.
+        expected: crate::format::Identity,
+        /// The identity of the file found there.
+        found: crate::format::Identity,
+    },
+    /// A parent's page size or memory regions differ from its child's.
+    #[error("layer {layer} ({}): guest memory layout differs from the child's", path.display())]
+    ParentLayoutDiffers {
+        /// The layer, counted from the top (1).
+        layer: usize,
+        /// Its file.
+        path: std::path::PathBuf,
+    },
+    /// A chain longer than [`MAX_CHAIN_LAYERS`](crate::MAX_CHAIN_LAYERS) layers.
+    #[error("snapshot chain longer than {max} layers (merge it)")]
+    ChainTooDeep {
+        /// The limit.
+        max: usize,
+    },
     /// The snapshot does not match the target guest memory.
     #[error("snapshot does not match guest memory: {what}")]
     LayoutMismatch {
@@ -127,7 +177,12 @@ impl FormatError {
             | FormatError::Unsupported { .. }
             | FormatError::InParent { .. }
             | FormatError::ParentRunWithoutParent => ErrorKind::Unsupported,
-            FormatError::LayoutMismatch { .. } => ErrorKind::Mismatch,
+            FormatError::LayoutMismatch { .. }
+            | FormatError::ParentChanged { .. }
+            | FormatError::ParentLayoutDiffers { .. } => ErrorKind::Mismatch,
+            FormatError::InLayer { source, .. } => source.kind(),
+            FormatError::ParentNotFound { .. } => ErrorKind::Unreadable,
+            FormatError::ChainTooDeep { .. } => ErrorKind::Unsupported,
         }
     }
 
@@ -135,6 +190,7 @@ impl FormatError {
     pub fn record(&self) -> Option<u64> {
         match self {
             FormatError::Corrupt { record, .. } | FormatError::Coverage { record, .. } => *record,
+            FormatError::InLayer { source, .. } => source.record(),
             _ => None,
         }
     }

@@ -1264,6 +1264,52 @@ mod tests {
         );
     }
 
+    /// Parent records exist from version 3 on, with no payload and codec 0 only.
+    #[test]
+    fn parent_records_are_version_3_and_carry_nothing() {
+        let e = IndexEntry {
+            offset: 100,
+            first_page: 4,
+            page_count: 3,
+            kind: RecordKind::Parent,
+            hot: false,
+        };
+        let t = Trailer {
+            totals: Totals {
+                pages: 3,
+                parent_pages: 3,
+                records: 1,
+                ..Totals::default()
+            },
+            index: vec![e],
+        };
+        let b = t.encode();
+        let got = Trailer::decode(&b, 0, 3).unwrap();
+        assert_eq!(got, t);
+        assert_eq!(got.totals.parent_pages, 3);
+        assert!(Trailer::decode(&b, 0, 2).is_err());
+        assert!(Trailer::decode(&b, 0, 1).is_err());
+        let mut h = RecordHeader {
+            kind: RecordKind::Parent,
+            codec: CODEC_RAW,
+            first_page: 4,
+            page_count: 3,
+            stored_len: 0,
+            crc: 0,
+        };
+        h.crc = h.compute_crc(&[]);
+        assert_eq!(RecordHeader::decode(&h.encode(), max_codec(3)), Some(h));
+        for codec in [CODEC_ZSTD, CODEC_ZSTD_PIECES, CODEC_RAW_PIECES] {
+            let mut b = h.encode();
+            b[5] = codec;
+            assert_eq!(
+                RecordHeader::decode(&b, max_codec(3)),
+                None,
+                "codec {codec}"
+            );
+        }
+    }
+
     /// A version-2 header has no snapshot id (it decodes as zeros) and no parent reference.
     #[test]
     fn version_2_headers_have_no_snapshot_id() {

@@ -3,10 +3,13 @@
 //! - [`format`](mod@format): the on-disk layout (documented there, versioned by [`FORMAT_VERSION`]).
 //! - [`SnapshotWriter`] with an [`AtomicFileSink`] or [`StreamSink`]; [`SnapshotReader`] to
 //!   open, iterate, [`verify`](SnapshotReader::verify) and [`load_into`](SnapshotReader::load_into).
+//! - [`Chain`]: an incremental snapshot and its parents read as one (flattened index,
+//!   [`verify`](Chain::verify), [`load_into`](Chain::load_into), [`merge`](Chain::merge)).
 //! - [`live_save`]: saves the RAM of a running guest whose memory was write-protected at the
 //!   freeze instant, racing a linear scan against write faults, one block at a time.
 #![forbid(unsafe_code)]
 
+mod chain;
 mod direct_io;
 mod error;
 pub mod format;
@@ -15,6 +18,10 @@ mod reader;
 mod save;
 mod writer;
 
+pub use chain::{
+    Chain, ChainVerifyReport, FileReader, Layer, LayerFigures, MergeProgress, MergeSummary, Span,
+    MAX_CHAIN_LAYERS,
+};
 pub use format::{
     Compression, ErrorKind, FormatError, Identity, IndexEntry, MemRegion, ParentRef, RecordKind,
     SnapshotHeader, Totals, Trailer, FORMAT_VERSION, OLDEST_FORMAT_VERSION, PIECE_RAW,

@@ -155,7 +155,22 @@ enum Command {
         #[command(flatten)]
         sock: SockArgs,
     },
-    /// Check a snapshot file offline: structure, every checksum, page coverage, trailer.
+    /// Write an incremental snapshot and its parents as one standalone snapshot file.
+    Merge {
+        /// The incremental snapshot (the top of its chain).
+        file: PathBuf,
+        /// The standalone file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace `--out` if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a snapshot file offline: structure, every checksum, page coverage, trailer (of
+    /// every layer of an incremental snapshot, and the links between them).
     Verify {
         /// Snapshot file.
         file: PathBuf,
@@ -379,6 +394,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             },
         ),
         Command::Verify { file, json } => offline::verify(&file, json),
+        Command::Merge {
+            file,
+            out,
+            force,
+            json,
+        } => offline::merge(&file, &out, force, json),
         Command::Info { file, json } => offline::info(&file, json),
         Command::Oracle { file, json } => offline::oracle(&file, json),
         Command::Status { json, sock } => client::status(&sock.path()?, json),

@@ -1,9 +1,10 @@
-//! Work on snapshot files: `verify`, `info`, `oracle`, and loading for `restore` (the protocol
-//! itself is `vm_snapshot`'s; this is presentation: progress bars, messages, exit codes).
+//! Work on snapshot files: `verify`, `info`, `merge`, `oracle`, and loading for `restore` (the
+//! protocol itself is `vm_snapshot`'s; this is presentation: progress bars, messages, exit
+//! codes). An incremental snapshot is read with its parents as a [`Chain`].
 
 use crate::units::fmt_bytes;
 use indicatif::{ProgressBar, ProgressStyle};
-use ram_saver::{Compression, ErrorKind, FormatError, SnapshotReader};
+use ram_saver::{AtomicFileSink, Chain, Compression, ErrorKind, FormatError, SnapshotReader};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::ExitCode;
@@ -86,17 +87,23 @@ fn bar(total: u64, what: &str) -> ProgressBar {
     b
 }
 
-/// `snapctl verify FILE`.
+/// `snapctl verify FILE`: the file, and for an incremental snapshot every parent and the links.
 pub fn verify(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let mut r = match SnapshotReader::open(file) {
-        Ok(r) => r,
+    let mut c = match Chain::open(file) {
+        Ok(c) => c,
         Err(e) => return Ok(report_bad(file, &e, json)),
     };
-    let b = bar(r.header().total_pages(), "verify");
-    let res = r.verify(&mut |p| b.set_position(p.pages));
+    let totals: Vec<u64> = c
+        .layers()
+        .iter()
+        .map(|l| l.reader.trailer().totals.pages)
+        .collect();
+    let b = bar(totals.iter().sum(), "verify");
+    let res = c.verify(&mut |k, p| b.set_position(totals[k + 1..].iter().sum::<u64>() + p.pages));
     b.finish_and_clear();
     match res {
-        Ok(rep) => {
+        Ok(rep) if c.layers().len() == 1 => {
+            let rep = &rep.layers[0];
             if json {
                 println!("{}", json!({"ok": true, "report": rep}));
             } else {
@@ -111,16 +118,103 @@ pub fn verify(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Ok(rep) => {
+            if json {
+                println!(
+                    "{}",
+                    json!({"ok": true, "report": rep, "chain": c.figures()})
+                );
+            } else {
+                println!(
+                    "{}: OK — a chain of {} layers, each with every guest page in exactly one record, every checksum valid, trailer valid; each parent is the file its child was written against",
+                    file.display(),
+                    c.layers().len()
+                );
+                for (k, (l, r)) in c.layers().iter().zip(&rep.layers).enumerate() {
+                    println!(
+                        "  layer {}: {} — {} records ({} data, {} zero, {} parent pages)",
+                        k + 1,
+                        l.path.display(),
+                        r.totals.records,
+                        r.totals.data_pages,
+                        r.totals.zero_pages,
+                        r.totals.parent_pages
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Err(e) => Ok(report_bad(file, &e, json)),
     }
 }
 
-/// `snapctl info FILE`.
+/// `snapctl merge FILE --out OUT`: the chain of FILE as one standalone file, written to a
+/// temporary beside OUT and renamed over it at the end (never a partial file under its name).
+pub fn merge(file: &Path, out: &Path, force: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let c = match Chain::open(file) {
+        Ok(c) => c,
+        Err(e) => return Ok(report_bad(file, &e, json)),
+    };
+    if !force && std::fs::symlink_metadata(out).is_ok() {
+        anyhow::bail!("{} exists (use --force to replace it)", out.display());
+    }
+    let sink = if force {
+        AtomicFileSink::create(out)
+    } else {
+        AtomicFileSink::create_new(out)
+    }
+    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+    let b = ProgressBar::new(c.header().total_pages());
+    b.set_style(
+        ProgressStyle::with_template(
+            "merge [{elapsed_precise}] [{wide_bar}] {pos}/{len} pages ({msg}) ETA {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    let res = c.merge(sink, &mut |p| {
+        b.set_position(p.pages);
+        b.set_message(fmt_bytes(p.bytes_written));
+    });
+    b.finish_and_clear();
+    let sum = match res {
+        Ok(s) => s,
+        Err(e @ FormatError::Unwritable(_)) => {
+            return Err(anyhow::Error::new(e).context(format!("writing {}", out.display())))
+        }
+        Err(e) => return Ok(report_bad(file, &e, json)),
+    };
+    let mbps = sum.file_bytes as f64 / sum.secs.max(1e-9) / 1e6;
+    if json {
+        println!(
+            "{}",
+            json!({"ok": true, "out": out, "layers": c.layers().len(), "summary": sum, "mb_per_s": mbps})
+        );
+    } else {
+        println!(
+            "merged {} layer(s) of {} into {}: {} in {:.2} s ({mbps:.0} MB/s); {} records copied as stored ({}), {} pages re-encoded from records cut by newer layers",
+            c.layers().len(),
+            file.display(),
+            out.display(),
+            fmt_bytes(sum.file_bytes),
+            sum.secs,
+            sum.records_copied,
+            fmt_bytes(sum.bytes_copied),
+            sum.pages_reencoded
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `snapctl info FILE`: the header and totals, and for an incremental snapshot its chain (each
+/// layer: path, identity, pages stored, bytes) and what the chain holds.
 pub fn info(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let r = match SnapshotReader::open(file) {
         Ok(r) => r,
         Err(e) => return Ok(report_bad(file, &e, json)),
     };
+    // The file alone is shown even when its chain is broken; the error follows.
+    let chain = r.header().parent.as_ref().map(|_| Chain::open(file));
     let h = r.header();
     let t = &r.trailer().totals;
     let guest_bytes = h.total_pages() * u64::from(h.page_size);
@@ -142,9 +236,21 @@ pub fn info(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 "file_bytes": r.file_len(), "image_size_ratio": ratio, "vmm_config": cfg,
                 "machine_state_bytes": r.machine_state().len(),
                 "format_version": r.format_version(), "hot": hot,
+                "identity": r.identity().to_string(),
+                "parent": h.parent.as_ref().map(|p| json!({
+                    "path": p.path, "identity": p.identity.to_string(),
+                })),
+                "chain": match &chain {
+                    Some(Ok(c)) => json!({"layers": c.figures()}),
+                    Some(Err(e)) => json!({"error": format!("{}", ErrorChain(e))}),
+                    None => Value::Null,
+                },
             })
         );
-        return Ok(ExitCode::SUCCESS);
+        return Ok(match &chain {
+            Some(Err(e)) => ExitCode::from(exit_code(e)),
+            _ => ExitCode::SUCCESS,
+        });
     }
     println!(
         "file:         {} ({}, format {})",
@@ -184,7 +290,47 @@ pub fn info(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
     if !cfg.is_null() {
         println!("VM config:    {cfg}");
     }
-    Ok(ExitCode::SUCCESS)
+    println!("identity:     {}", r.identity());
+    let Some(chain) = chain else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    if let Some(p) = &h.parent {
+        println!(
+            "parent:       {} (identity {}); {} pages left to it",
+            p.path.display(),
+            p.identity,
+            t.parent_pages
+        );
+    }
+    match chain {
+        Ok(c) => {
+            let f = c.figures();
+            println!("chain:        {} layers, the file first", f.len());
+            for (k, l) in f.iter().enumerate() {
+                println!(
+                    "  layer {}: {} ({}), identity {}: {} pages stored ({} data, {} zero), {} parent; {} pages of the content",
+                    k + 1,
+                    l.path.display(),
+                    fmt_bytes(l.file_bytes),
+                    l.identity,
+                    l.totals.data_pages + l.totals.zero_pages,
+                    l.totals.data_pages,
+                    l.totals.zero_pages,
+                    l.totals.parent_pages,
+                    l.pages_used
+                );
+            }
+            let bytes: u64 = f.iter().map(|l| l.file_bytes).sum();
+            println!(
+                "chain total:  {} in {} files, {} spans",
+                fmt_bytes(bytes),
+                f.len(),
+                c.spans().len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Ok(report_bad(file, &e, false)),
+    }
 }
 
 /// Loads `file` into fresh guest memory, with a progress bar.

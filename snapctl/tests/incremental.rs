@@ -116,16 +116,28 @@ fn flatten(top: &Path, out: &Path) {
     w.finish().unwrap();
 }
 
-/// The oracle on the chain ending in `top`: its flattened content is the guest memory at the
-/// top's freeze instant.
+/// The oracle on the chain ending in `top` (read as a chain by `snapctl oracle`): its content is
+/// the guest memory at the top's freeze instant.
 fn oracle_chain(top: &Path) {
+    let o = run(&["oracle", top.to_str().unwrap()], T);
+    assert_eq!(
+        o.code(),
+        Some(0),
+        "oracle of {top:?}'s chain failed: {}",
+        o.stderr
+    );
+}
+
+/// The oracle on the chain ending in `top` flattened by this test itself (independent of the
+/// chain reader): the layers' records applied from the base up.
+fn oracle_flattened(top: &Path) {
     let flat = top.with_extension("flat");
     flatten(top, &flat);
     let o = run(&["oracle", flat.to_str().unwrap()], T);
     assert_eq!(
         o.code(),
         Some(0),
-        "oracle of {top:?}'s chain failed: {}",
+        "oracle of {top:?} flattened failed: {}",
         o.stderr
     );
     std::fs::remove_file(&flat).unwrap();
@@ -178,11 +190,28 @@ fn chain_while_writing(boot: &[&str], hot: bool) {
         }
         verify(&child);
         oracle_chain(&child);
+        oracle_flattened(&child);
         parent = child;
     }
     vmm.assert_progress(Duration::from_secs(10));
     let o = vmm.ctl(&["self-check"], T);
     assert_eq!(o.code(), Some(0), "self-check: {}", o.stderr);
+    drop(vmm);
+    // The chain's top restores (each page from the layer holding it) into a guest that passes its
+    // self-check, and saves incrementally against that top.
+    let restored = restore(dir.path(), &parent);
+    restored.assert_progress(Duration::from_secs(10));
+    let o = restored.ctl(&["self-check"], T);
+    assert_eq!(
+        o.code(),
+        Some(0),
+        "self-check after restoring the chain: {}",
+        o.stderr
+    );
+    let next = dir.join("after-restore.snap");
+    let s = save_child(&restored, &parent, &next);
+    assert_eq!(s["parent"], parent.to_str().unwrap(), "{s}");
+    oracle_chain(&next);
 }
 
 #[test]

@@ -24,7 +24,10 @@ pub use monitor::GuestDuringSave;
 pub use params::{
     SaveParams, DEFAULT_ZSTD_LEVEL, MAX_TUNING_BLOCK, MIN_BANDWIDTH, MIN_MAX_STAGING,
 };
-pub use restore::{load, machine_state, restore, RestoreError, RestoreParams};
+pub use restore::{
+    load, load_chain, machine_state, restore, restore_chain, RestoreError, RestoreParams,
+    RestoredFrom,
+};
 pub use save::{save, save_into, FreezeMs, SaveError, SaveReport, Saved, STREAM_OPEN_TIMEOUT};
 pub use tracking::{save_tracked, TrackingStatus, WriteRecord};
 

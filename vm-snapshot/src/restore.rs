@@ -1,12 +1,13 @@
-//! A snapshot back into a VM: open and check the file (footer, trailer, header, machine state),
-//! decode the machine state exactly, fill fresh guest memory from the records, build the VM. A bad
-//! file is refused before any vCPU exists.
+//! A snapshot back into a VM: open and check the file (footer, trailer, header, machine state)
+//! and, for an incremental snapshot, every parent it names (a [`Chain`]), decode the machine
+//! state exactly, fill fresh guest memory from the records (layer by layer from the base), build
+//! the VM. A bad file or chain is refused before any vCPU exists.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::chain;
-use ram_saver::{FormatError, ReadProgress, SnapshotReader};
+use ram_saver::{Chain, FormatError, Identity, ParentRef, ReadProgress, SnapshotReader};
 use vm_memory::GuestMemoryMmap;
 use vmm_core::{MachineState, MemBackend, Vm, VmError};
 
@@ -71,28 +72,79 @@ pub fn machine_state<R: std::io::Read + std::io::Seek>(
     Ok(state)
 }
 
-/// Opens `file`, checks it, and loads it into fresh guest memory (on `backend`, or the one
-/// recorded): the machine state and the memory, as of the freeze instant.
+/// The snapshot a VM was restored from: its memory is exactly this file's content (for an
+/// incremental snapshot, its chain's), as of its freeze instant. An incremental save of the
+/// restored VM names this file as its parent ([`RestoredFrom::parent_ref_for`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredFrom {
+    /// The file named to restore (the top of its chain).
+    pub path: PathBuf,
+    /// Its identity.
+    pub identity: Identity,
+    /// Layers of its chain (1: a standalone file).
+    pub layers: usize,
+}
+
+impl RestoredFrom {
+    /// What `chain` restores.
+    pub fn of(chain: &Chain) -> Self {
+        RestoredFrom {
+            path: chain.layers()[0].path.clone(),
+            identity: chain.identity(),
+            layers: chain.layers().len(),
+        }
+    }
+
+    /// The parent reference a child written at `child_path` stores for this file.
+    pub fn parent_ref_for(&self, child_path: &Path) -> ParentRef {
+        ParentRef::new(self.identity, &self.path, child_path)
+    }
+}
+
+/// Opens `file` and the parents it names, checks them, and loads the chain's memory into fresh
+/// guest memory (on `backend`, or the one recorded): the machine state and the memory, as of
+/// the freeze instant of `file`.
 pub fn load(
     file: &Path,
     backend: Option<MemBackend>,
     progress: &mut dyn FnMut(&ReadProgress),
 ) -> Result<(MachineState, GuestMemoryMmap), RestoreError> {
-    let mut r = SnapshotReader::open(file)?;
-    let state = machine_state(&r)?;
+    load_chain(file, backend, progress).map(|(state, mem, _)| (state, mem))
+}
+
+/// [`load`], also saying what was loaded.
+pub fn load_chain(
+    file: &Path,
+    backend: Option<MemBackend>,
+    progress: &mut dyn FnMut(&ReadProgress),
+) -> Result<(MachineState, GuestMemoryMmap, RestoredFrom), RestoreError> {
+    let mut c = Chain::open(file)?;
+    let state = machine_state(c.top())?;
     let cfg = state.config();
     let mem = vmm_core::create_guest_memory(cfg.mem_bytes, backend.unwrap_or(cfg.backend))
         .map_err(RestoreError::Memory)?;
-    r.load_into(&mem, progress)?;
-    Ok((state, mem))
+    c.load_into(&mem, progress)?;
+    Ok((state, mem, RestoredFrom::of(&c)))
 }
 
-/// Restores `file` into a new VM (running, or parked with `params.paused`).
+/// Restores `file` (and the parents it names) into a new VM (running, or parked with
+/// `params.paused`).
 pub fn restore(
     file: &Path,
     params: RestoreParams,
     progress: &mut dyn FnMut(&ReadProgress),
 ) -> Result<Vm, RestoreError> {
-    let (state, mem) = load(file, params.backend, progress)?;
-    Vm::restore(&state, mem, params.serial, params.paused).map_err(RestoreError::Vm)
+    restore_chain(file, params, progress).map(|(vm, _)| vm)
+}
+
+/// [`restore`], also saying what the VM was restored from (the identity an incremental save of
+/// it names as its parent).
+pub fn restore_chain(
+    file: &Path,
+    params: RestoreParams,
+    progress: &mut dyn FnMut(&ReadProgress),
+) -> Result<(Vm, RestoredFrom), RestoreError> {
+    let (state, mem, from) = load_chain(file, params.backend, progress)?;
+    let vm = Vm::restore(&state, mem, params.serial, params.paused).map_err(RestoreError::Vm)?;
+    Ok((vm, from))
 }

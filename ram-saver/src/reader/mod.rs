@@ -31,7 +31,7 @@ use crate::pagemap;
 
 mod check;
 mod open;
-mod parallel;
+pub(crate) mod parallel;
 mod records;
 mod source;
 
@@ -266,16 +266,6 @@ impl<R: Read + Seek> SnapshotReader<R> {
         if self.trailer.totals.parent_pages > 0 {
             return Err(FormatError::InParent { record: None });
         }
-        self.load_layer_into(mem, progress)
-    }
-
-    /// [`SnapshotReader::load_into`] that leaves the pages of Parent records as they are in
-    /// `mem` (a chain loads the layers below first).
-    pub(crate) fn load_layer_into(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        progress: &mut dyn FnMut(&ReadProgress),
-    ) -> Result<Totals, FormatError> {
         self.check_layout(mem)?;
         let mut cover = Coverage::new(&self.header);
         for e in &self.trailer.index {

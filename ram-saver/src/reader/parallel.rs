@@ -400,7 +400,7 @@ impl Worker {
 
 /// Zero the pages of `[gpa, gpa + len)` that are not zero, leaving untouched memory (which
 /// reads as zeros) unpopulated.
-fn clear_pages(
+pub(crate) fn clear_pages(
     mem: &GuestMemoryMmap,
     gpa: u64,
     len: u64,

@@ -151,6 +151,79 @@ impl<R: Read + Seek> SnapshotReader<R> {
     }
 }
 
+impl<R> SnapshotReader<R> {
+    /// Read records `first..first + count` of the index (consecutive in the file) as they are
+    /// stored, headers and payloads back to back, into `out` (its buffer reused): for copying
+    /// them verbatim into another file (`Chain::merge`). One positioned read; then each record
+    /// is checked as every read checks it (bounds, header fields and lengths, agreement with its
+    /// index entry, the crc over its whole payload) and must end where the next one starts. Its
+    /// payload is not decoded. Readers built with `from_reader`: `Unsupported`.
+    pub fn read_stored_records(
+        &self,
+        first: usize,
+        count: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), FormatError> {
+        let (f, e) = self.by_index(first)?;
+        if count == 0 || first + count > self.trailer.index.len() {
+            return Err(corrupt(
+                "record not listed in trailer index",
+                Some((first + count) as u64),
+                0,
+            ));
+        }
+        let chk = self.checker();
+        let start = e.offset;
+        let end = chk.next_offset(first + count - 1);
+        chk.bounds(start, first as u64)?;
+        if end <= start || end > self.trailer_offset {
+            return Err(corrupt(
+                "record disagrees with trailer index",
+                Some(first as u64),
+                start,
+            ));
+        }
+        out.clear();
+        out.resize((end - start) as usize, 0);
+        Pread::new(f, None).read_exact_at(out, start)?;
+        let mut at = 0usize;
+        for i in first..first + count {
+            let pos = start + at as u64;
+            let ri = i as u64;
+            chk.bounds(pos, ri)?;
+            if out.len() - at < RECORD_HEADER_LEN {
+                return Err(corrupt("record header runs into trailer", Some(ri), pos));
+            }
+            let mut hb = [0u8; RECORD_HEADER_LEN];
+            hb.copy_from_slice(&out[at..at + RECORD_HEADER_LEN]);
+            let h = chk.header(&hb, pos, ri)?;
+            chk.against_index(&h, pos, ri)?;
+            let p = at + RECORD_HEADER_LEN;
+            let q = p + h.stored_len as usize;
+            if q > out.len() || (i + 1 < first + count && chk.next_offset(i) != start + q as u64) {
+                return Err(corrupt(
+                    "record disagrees with trailer index",
+                    Some(ri),
+                    pos,
+                ));
+            }
+            if h.compute_crc(&out[p..q]) != h.crc {
+                return Err(corrupt("record checksum mismatch", Some(ri), pos));
+            }
+            at = q;
+        }
+        if at != out.len() {
+            let ri = (first + count - 1) as u64;
+            return Err(corrupt(
+                "record disagrees with trailer index",
+                Some(ri),
+                start,
+            ));
+        }
+        Ok(())
+    }
+}
+
 thread_local! {
     /// Per thread: a compressed payload and a zstd context, reused by `read_record_at`.
     static SCRATCH: RefCell<(Vec<u8>, Option<zstd::bulk::Decompressor<'static>>)> =

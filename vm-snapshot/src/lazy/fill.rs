@@ -11,9 +11,26 @@ use super::*;
 /// once.
 #[derive(Debug, Default)]
 pub(super) struct DecodeCache {
-    /// (record, pages, last use), most recent use highest.
-    slots: Vec<(usize, Vec<u8>, u64)>,
+    /// ((layer, record), pages, last use), most recent use highest.
+    slots: Vec<((u16, u32), Vec<u8>, u64)>,
     tick: u64,
+}
+
+/// The key of an empty [`DecodeCache`] slot.
+const NO_RECORD: (u16, u32) = (u16::MAX, u32::MAX);
+
+/// A record error of chunk `ch`, naming its layer when the snapshot is a chain.
+pub(super) fn layer_error(s: &Shared, ch: &Chunk, e: &FormatError) -> String {
+    if s.chain.layers().len() == 1 {
+        return chain(e);
+    }
+    let l = &s.chain.layers()[ch.layer as usize];
+    format!(
+        "layer {} ({}): {}",
+        ch.layer + 1,
+        l.path.display(),
+        chain(e)
+    )
 }
 
 /// Records a [`DecodeCache`] keeps decoded (2 MiB each at most in practice).
@@ -26,19 +43,21 @@ impl DecodeCache {
         let slots = (0..DECODED_RECORDS)
             .map(|_| {
                 // Not zeros: a zeroed allocation comes untouched from the kernel.
-                (usize::MAX, vec![0xa5u8; bytes], 0)
+                (NO_RECORD, vec![0xa5u8; bytes], 0)
             })
             .collect();
         DecodeCache { slots, tick: 0 }
     }
 
-    pub(super) fn get(&mut self, reader: &Reader, record: usize) -> Result<&[u8], LazyFailure> {
+    /// The decoded pages of chunk `ch`'s record (read from its layer unless cached).
+    pub(super) fn get(&mut self, s: &Shared, ch: &Chunk) -> Result<&[u8], LazyFailure> {
         self.tick += 1;
-        let at = match self.slots.iter().position(|s| s.0 == record) {
+        let key = (ch.layer, ch.record);
+        let at = match self.slots.iter().position(|s| s.0 == key) {
             Some(at) => at,
             None => {
                 let at = if self.slots.len() < DECODED_RECORDS {
-                    self.slots.push((usize::MAX, Vec::new(), 0));
+                    self.slots.push((NO_RECORD, Vec::new(), 0));
                     self.slots.len() - 1
                 } else {
                     let lru = self.slots.iter().enumerate().min_by_key(|(_, s)| s.2);
@@ -46,11 +65,11 @@ impl DecodeCache {
                 };
                 // A record of the same length reuses the buffer as it is.
                 let slot = &mut self.slots[at];
-                slot.0 = usize::MAX;
-                reader
-                    .read_record_at(record, &mut slot.1)
-                    .map_err(|e| LazyFailure::Record(chain(&e)))?;
-                slot.0 = record;
+                slot.0 = NO_RECORD;
+                s.reader(ch)
+                    .read_record_at(ch.record as usize, &mut slot.1)
+                    .map_err(|e| LazyFailure::Record(layer_error(s, ch, &e)))?;
+                slot.0 = key;
                 at
             }
         };
@@ -189,7 +208,7 @@ fn fill_claimed(
 ) -> Result<(), LazyFailure> {
     if !s.chunks[c].zero {
         let t = Instant::now();
-        cache.get(&s.reader, s.chunks[c].record as usize)?;
+        cache.get(s, &s.chunks[c])?;
         s.fill_time(0, t);
     }
     let t = Instant::now();
@@ -241,17 +260,17 @@ fn fill_block(
     let _ = stage.populate();
     s.fill_time(1, t);
     let whole = |c: u32| {
-        let ch = s.chunks[c as usize];
-        let e = &s.reader.trailer().index[ch.record as usize];
+        let e = s.entry(&s.chunks[c as usize]);
         e.first_page == blk.first_page && u64::from(e.page_count) * ps == BLOCK
     };
     if let [c] = *members {
         if whole(c) {
             // The block is one record: read (and decode) it straight into the staging page.
             let t = Instant::now();
-            s.reader
-                .read_record_into(s.chunks[c as usize].record as usize, stage.as_mut_slice())
-                .map_err(|e| LazyFailure::Record(chain(&e)))?;
+            let ch = &s.chunks[c as usize];
+            s.reader(ch)
+                .read_record_into(ch.record as usize, stage.as_mut_slice())
+                .map_err(|e| LazyFailure::Record(layer_error(s, ch, &e)))?;
             s.fill_time(0, t);
             return move_block(s, tracker, stage, blk, members);
         }
@@ -262,10 +281,10 @@ fn fill_block(
             continue;
         }
         let t = Instant::now();
-        let data = cache.get(&s.reader, ch.record as usize)?;
+        let data = cache.get(s, &ch)?;
         s.fill_time(0, t);
         let t = Instant::now();
-        let entry = &s.reader.trailer().index[ch.record as usize];
+        let entry = s.entry(&ch);
         let from = ((ch.first_page - entry.first_page) * ps) as usize;
         let at = ((ch.first_page - blk.first_page) * ps) as usize;
         let len = (u64::from(ch.pages) * ps) as usize;

@@ -1,13 +1,17 @@
 //! Lazy restore: the VM runs at once, its memory follows on demand.
 //!
 //! [`restore_lazy`] opens and checks the file as [`restore`](crate::restore) does (footer,
-//! trailer, header, machine state decoded exactly) and proves from the (checksummed) index that
-//! every guest page is in exactly one record. It then creates fresh guest memory, registers it
+//! trailer, header, machine state decoded exactly; for an incremental snapshot every parent it
+//! names, as a [`Chain`]) and proves from the (checksummed) indexes that every guest page is in
+//! exactly one record of each layer; the chain's flattened index says which layer's record holds
+//! each page. It then creates fresh guest memory, registers it
 //! with userfaultfd in MISSING mode ([`MissingTracker`]), starts the fault thread, builds the VM
 //! and starts its vCPUs: no page of RAM is read before they run. Then:
 //!
-//! - **Chunks.** Every record is cut at 2 MiB guest boundaries into chunks (a record's pages
-//!   inside one huge page), the unit that is filled and counted. A chunk's state only moves
+//! - **Chunks.** Every span of the flattened index (a record's pages, or of a record cut by a
+//!   newer layer, the pages that layer left to it) is cut at 2 MiB guest boundaries into chunks
+//!   (pages of one record of one layer inside one huge page), the unit that is filled and
+//!   counted; every read of a chunk's pages goes to its layer's file. A chunk's state only moves
 //!   forward: missing → filling (the fill thread has it) → resident, or missing → resident when
 //!   a fault fills all of it; it turns resident only once all its pages are filled.
 //! - **Fault thread** (first; real-time priority where permitted): a fault on a missing page
@@ -71,13 +75,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ram_saver::{FormatError, IndexEntry, RecordKind, SnapshotHeader, SnapshotReader};
+use ram_saver::{Chain, FormatError, IndexEntry, RecordKind, SnapshotHeader, SnapshotReader, Span};
 use serde::Serialize;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_core::{MemBackend, Vm, VmError};
 use wp_tracker::{HostRange, HugeBlock, MissingError, MissingFault, MissingTracker};
 
-use crate::{chain, machine_state, RestoreParams};
+use crate::{chain, machine_state, RestoreParams, RestoredFrom};
 
 mod fill;
 mod pieces;
@@ -221,15 +225,18 @@ pub struct LazyStatus {
 pub struct LazyRestore {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    from: RestoredFrom,
 }
 
-/// One piece of a record inside one 2 MiB guest block.
+/// Pages of one record of one layer inside one 2 MiB guest block.
 #[derive(Debug, Clone, Copy)]
 struct Chunk {
     first_page: u64,
     pages: u32,
-    /// The record (index entry) it comes from.
+    /// The record (index entry of its layer) it comes from.
     record: u32,
+    /// The layer of the chain (0: the file named).
+    layer: u16,
     zero: bool,
 }
 
@@ -263,7 +270,8 @@ struct Region {
 
 /// Everything the threads share.
 struct Shared {
-    reader: Reader,
+    /// The snapshot's layers (one for a standalone file).
+    chain: Chain,
     tracker: Mutex<Option<Arc<MissingTracker>>>,
     /// Keeps the mappings of `regions` alive for as long as the threads use their addresses.
     _mem: GuestMemoryMmap,
@@ -349,8 +357,10 @@ struct End {
 /// `params.paused`; the fill runs either way). A bad file is refused before any vCPU runs.
 pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyRestore), LazyError> {
     let t0 = Instant::now();
-    let reader = SnapshotReader::open(file)?;
-    let state = machine_state(&reader)?;
+    let chain = Chain::open(file)?;
+    let from = RestoredFrom::of(&chain);
+    let reader = chain.top();
+    let state = machine_state(reader)?;
     let cfg = state.config();
     let backend = params.backend.unwrap_or(cfg.backend);
     if backend == MemBackend::Hugetlbfs {
@@ -358,10 +368,12 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
     }
     let page_size = u64::from(reader.header().page_size);
     prove_coverage(reader.header(), &reader.trailer().index)?;
-    let (chunks, by_page) = plan_chunks(reader.trailer().index.as_slice(), page_size);
-    let fill_order = fill_order(&chunks, &reader.trailer().index);
+    let (chunks, by_page) = plan_chunks(chain.spans(), |s| chain.entry(s).kind, page_size);
+    let fill_order = fill_order(&chunks, |c| {
+        chain.reader(c.layer).trailer().index[c.record as usize].hot
+    });
     let mem = vmm_core::create_guest_memory(cfg.mem_bytes, backend).map_err(LazyError::Memory)?;
-    let regions = regions_of(&reader, &mem)?;
+    let regions = regions_of(reader, &mem)?;
     let tracker = MissingTracker::new().map_err(LazyError::Userfaultfd)?;
     tracker
         .register_memory(&mem)
@@ -369,7 +381,7 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
     let total = reader.header().total_pages() * page_size;
     let (blocks, block_of) = plan_blocks(&chunks, &by_page, &regions, page_size, &tracker);
     let shared = Arc::new(Shared {
-        reader,
+        chain,
         tracker: Mutex::new(Some(Arc::new(tracker))),
         _mem: mem.clone(),
         regions,
@@ -405,6 +417,7 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
     let lazy = LazyRestore {
         shared: shared.clone(),
         threads: Mutex::new(Vec::new()),
+        from,
     };
     // The fault thread serves before anything can touch guest memory.
     lazy.spawn("lazy-fault", move || {
@@ -433,6 +446,12 @@ impl LazyRestore {
             .map_err(|e| LazyError::Thread(name, e))?;
         lock(&self.threads).push(h);
         Ok(())
+    }
+
+    /// What the VM is restored from: the file named (the top of its chain) and its identity,
+    /// which an incremental save of this VM names as its parent.
+    pub fn restored_from(&self) -> &RestoredFrom {
+        &self.from
     }
 
     /// Progress and figures so far.
@@ -635,22 +654,31 @@ fn prove_coverage(h: &SnapshotHeader, index: &[IndexEntry]) -> Result<(), Format
     Ok(())
 }
 
-/// Cuts every record at 2 MiB guest boundaries: the chunks in file order, and their numbers
-/// sorted by first page.
-fn plan_chunks(index: &[IndexEntry], page_size: u64) -> (Vec<Chunk>, Vec<u32>) {
+/// Cuts every span of the flattened index (`kind`: its record's kind) at 2 MiB guest
+/// boundaries: the chunks in file order (the newest layer first, then each layer's records in
+/// file order), and their numbers sorted by first page.
+fn plan_chunks(
+    spans: &[Span],
+    kind: impl Fn(&Span) -> RecordKind,
+    page_size: u64,
+) -> (Vec<Chunk>, Vec<u32>) {
     let block_pages = (BLOCK / page_size).max(1);
-    let mut chunks = Vec::with_capacity(index.len());
-    for (i, e) in index.iter().enumerate() {
-        let mut p = e.first_page;
-        let end = e.first_page + u64::from(e.page_count);
+    let mut order: Vec<&Span> = spans.iter().collect();
+    order.sort_by_key(|s| (s.layer, s.record, s.first_page));
+    let mut chunks = Vec::with_capacity(spans.len());
+    for s in order {
+        let mut p = s.first_page;
+        let end = s.first_page + s.pages;
+        let zero = kind(s) == RecordKind::ZeroRun;
         while p < end {
             let next = ((p / block_pages) + 1) * block_pages;
             let n = next.min(end) - p;
             chunks.push(Chunk {
                 first_page: p,
                 pages: n as u32,
-                record: i as u32,
-                zero: e.kind == RecordKind::ZeroRun,
+                record: s.record,
+                layer: s.layer,
+                zero,
             });
             p += n;
         }
@@ -729,6 +757,16 @@ fn regions_of(r: &Reader, mem: &GuestMemoryMmap) -> Result<Vec<Region>, LazyErro
 impl Shared {
     fn tracker(&self) -> Option<Arc<MissingTracker>> {
         lock(&self.tracker).clone()
+    }
+
+    /// The file holding chunk `ch`'s pages.
+    fn reader(&self, ch: &Chunk) -> &Reader {
+        self.chain.reader(ch.layer)
+    }
+
+    /// The index entry (of its layer) of chunk `ch`'s record.
+    fn entry(&self, ch: &Chunk) -> &IndexEntry {
+        &self.reader(ch).trailer().index[ch.record as usize]
     }
 
     /// The host range of guest pages `[first, first + n)` (inside one region).
@@ -815,8 +853,8 @@ impl Shared {
         if ch.zero {
             return tracker.fill_zero(range).map(|n| n as u64).map_err(fill_err);
         }
-        let data = cache.get(&self.reader, ch.record as usize)?;
-        let entry = &self.reader.trailer().index[ch.record as usize];
+        let data = cache.get(self, &ch)?;
+        let entry = self.entry(&ch);
         let off = ((ch.first_page - entry.first_page + from) * ps) as usize;
         let src = &data[off..off + range.len];
         tracker.fill(range, src).map(|n| n as u64).map_err(fill_err)
@@ -908,6 +946,22 @@ mod tests {
         }
     }
 
+    /// The flattened index of a standalone file of `index`: each record whole, in page order.
+    fn plan(index: &[IndexEntry]) -> (Vec<Chunk>, Vec<u32>) {
+        let mut spans: Vec<Span> = index
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Span {
+                first_page: e.first_page,
+                pages: u64::from(e.page_count),
+                layer: 0,
+                record: i as u32,
+            })
+            .collect();
+        spans.sort_by_key(|s| s.first_page);
+        plan_chunks(&spans, |s| index[s.record as usize].kind, PS)
+    }
+
     #[test]
     fn coverage_is_proved_from_the_index_in_any_order() {
         let h = header();
@@ -971,11 +1025,12 @@ mod tests {
         ];
         index[0].hot = true;
         index[3].hot = true;
-        let (chunks, _) = plan_chunks(&index, PS);
+        let (chunks, _) = plan(&index);
         // Chunks: record 0 → 0 (pages 0..512), 1 (512..600); record 1 → 2; record 2 → 3;
         // record 3 → 4.
         assert_eq!(chunks.len(), 5);
-        assert_eq!(fill_order(&chunks, &index), [0, 1, 4, 2, 3]);
+        let hot = |c: &Chunk| index[c.record as usize].hot;
+        assert_eq!(fill_order(&chunks, hot), [0, 1, 4, 2, 3]);
     }
 
     #[test]
@@ -985,7 +1040,7 @@ mod tests {
             entry(500, 524, false),
             entry(0, 500, false),
         ];
-        let (chunks, by_page) = plan_chunks(&index, PS);
+        let (chunks, by_page) = plan(&index);
         let got: Vec<(u64, u32, u32, bool)> = chunks
             .iter()
             .map(|c| (c.first_page, c.pages, c.record, c.zero))

@@ -29,9 +29,9 @@ impl Shared {
         let served = PIECE.with(|buf| {
             let buf = &mut *buf.borrow_mut();
             let piece = self
-                .reader
+                .reader(&ch)
                 .read_piece_at(ch.record as usize, page, buf)
-                .map_err(|e| LazyFailure::Record(chain(&e)))?;
+                .map_err(|e| LazyFailure::Record(super::fill::layer_error(self, &ch, &e)))?;
             let Some(p) = piece else {
                 return Ok(None);
             };
@@ -64,8 +64,7 @@ impl Shared {
 /// The order the fill thread takes chunks in (after those the guest touched): the chunks of hot
 /// records first, in file order (about the order the guest wrote them during the save, so
 /// likely what it touches first again), then every other one in file order.
-pub(super) fn fill_order(chunks: &[Chunk], index: &[IndexEntry]) -> Vec<u32> {
-    let hot = |c: &Chunk| index[c.record as usize].hot;
+pub(super) fn fill_order(chunks: &[Chunk], hot: impl Fn(&Chunk) -> bool) -> Vec<u32> {
     let (mut first, rest): (Vec<u32>, Vec<u32>) =
         (0..chunks.len() as u32).partition(|&c| hot(&chunks[c as usize]));
     first.extend(rest);
