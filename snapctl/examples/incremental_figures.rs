@@ -4,7 +4,8 @@
 //! or all of it.
 //!
 //! `cargo build --release -p snapctl && cargo run --release -p snapctl --example
-//! incremental_figures [-- --mem 1G --dir /tmp]` (uses the `snapctl` binary beside the example).
+//! incremental_figures [-- --mem 1G --dir /tmp --backend anon|memfd]` (uses the `snapctl` binary
+//! beside the example).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -59,11 +60,11 @@ impl Drop for Vmm {
     }
 }
 
-fn scenario(dir: &Path, mem: &str, name: &str, guest: &[&str]) {
+fn scenario(dir: &Path, mem: &str, backend: &str, name: &str, guest: &[&str]) {
     let sock = dir.join("incr-fig.sock");
     let _ = std::fs::remove_file(&sock);
     let _vmm = Vmm(Command::new(snapctl())
-        .args(["boot", "--mem", mem])
+        .args(["boot", "--mem", mem, "--mem-backend", backend])
         .args(guest)
         .arg("--api-sock")
         .arg(&sock)
@@ -152,6 +153,7 @@ fn main() {
     };
     let mem = opt("--mem", "1G");
     let dir = PathBuf::from(opt("--dir", "/tmp"));
+    let backend = opt("--backend", "anon");
     let mib: u64 = match mem.strip_suffix('G') {
         Some(g) => g.parse::<u64>().unwrap() << 10,
         None => mem.trim_end_matches('M').parse().unwrap(),
@@ -159,11 +161,25 @@ fn main() {
     // Two vCPUs, each rewriting its own hot set: ~1 % and ~6 % of RAM in all.
     let one = format!("{}K", (mib << 10) / 100 / 2);
     let six = format!("{}K", (mib << 10) * 6 / 100 / 2);
-    scenario(&dir, &mem, "hot set ~1 %", &["--working-set", &one]);
-    scenario(&dir, &mem, "hot set ~6 %", &["--working-set", &six]);
+    println!("{mem} guest, {backend} memory");
     scenario(
         &dir,
         &mem,
+        &backend,
+        "hot set ~1 %",
+        &["--working-set", &one],
+    );
+    scenario(
+        &dir,
+        &mem,
+        &backend,
+        "hot set ~6 %",
+        &["--working-set", &six],
+    );
+    scenario(
+        &dir,
+        &mem,
+        &backend,
         "all of RAM (full rate)",
         &["--write-rate", "full"],
     );
