@@ -33,6 +33,12 @@ use wp_tracker::{DirtyTracker, Precision, WpTracker};
 
 use crate::save::{header_of, FreezeRun, SaveError, Saved};
 
+/// What a write records and releases: the whole 2 MiB unit where a huge page maps it (the huge
+/// page stays huge), else the 64 KiB block around the written page (the live save's fault block
+/// on such memory): a guest that writes all of its memory after a save faults once per 64 KiB,
+/// not once per 4 KiB page (`docs/INCREMENTAL.md`, "Incremental saves, measured").
+const PRECISION: Precision = Precision::BackingBlock(64 << 10);
+
 /// The file of the last save (or restore) that tracking started at.
 #[derive(Debug)]
 struct Since {
@@ -141,7 +147,7 @@ impl WriteRecord {
     /// may name it as parent. On error nothing stays protected and the record says why.
     pub fn start_at_restore(&mut self, wp: Arc<WpTracker>, file: &Path) -> Result<(), String> {
         let identity = identity_of(file);
-        match DirtyTracker::start(wp, Precision::Backing) {
+        match DirtyTracker::start(wp, PRECISION) {
             Ok(tracker) => {
                 let since = identity.ok().map(|identity| Since {
                     path: file.to_path_buf(),
@@ -239,18 +245,17 @@ impl WriteRecord {
             path: p.to_path_buf(),
             identity: saved.summary.identity,
         });
-        let tracking =
-            match DirtyTracker::resume(wp.clone(), Precision::Backing, &saved.summary.released) {
-                Ok(tracker) => {
-                    self.state = State::Tracking { tracker, since };
-                    true
-                }
-                Err(e) => {
-                    // `resume` released all memory.
-                    self.state = State::Broken(format!("cannot track writes after a save: {e}"));
-                    false
-                }
-            };
+        let tracking = match DirtyTracker::resume(wp.clone(), PRECISION, &saved.summary.released) {
+            Ok(tracker) => {
+                self.state = State::Tracking { tracker, since };
+                true
+            }
+            Err(e) => {
+                // `resume` released all memory.
+                self.state = State::Broken(format!("cannot track writes after a save: {e}"));
+                false
+            }
+        };
         Ok(TrackedSave {
             saved,
             parent: incremental.then(|| parent.unwrap_or_default().to_string()),

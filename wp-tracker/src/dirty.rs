@@ -47,6 +47,10 @@ pub enum Precision {
     /// The whole 2 MiB unit when a huge page maps all of it, the written page otherwise: exact on
     /// memory mapped by 4 KiB pages, 2 MiB on huge pages, which stay huge.
     Backing,
+    /// As [`Precision::Backing`], but on memory mapped by 4 KiB pages the aligned block of this
+    /// many bytes (a power of two from the page size to 2 MiB) around the written page: one
+    /// fault per block instead of one per page, for a guest that writes much of its memory.
+    BackingBlock(usize),
 }
 
 /// The size of a [`Precision::Unit`] unit (the x86-64 huge page size).
@@ -340,7 +344,7 @@ impl Shared {
             faults: AtomicU64::new(0),
             failed: Mutex::new(None),
             pagemap: match precision {
-                Precision::Backing => open_self().ok(),
+                Precision::Backing | Precision::BackingBlock(_) => open_self().ok(),
                 _ => None,
             },
         }))
@@ -431,8 +435,18 @@ impl Shared {
         match self.precision {
             Precision::Page => page,
             Precision::Unit => unit,
-            Precision::Backing if unit.len == DIRTY_UNIT && self.huge_mapped(unit) => unit,
+            Precision::Backing | Precision::BackingBlock(_)
+                if unit.len == DIRTY_UNIT && self.huge_mapped(unit) =>
+            {
+                unit
+            }
             Precision::Backing => page,
+            Precision::BackingBlock(block) => {
+                let block = block.next_power_of_two().clamp(self.page, DIRTY_UNIT);
+                let start = (page_addr & !(block - 1)).max(range.start);
+                let end = ((page_addr & !(block - 1)) + block).min(range.end());
+                HostRange::new(start, end - start)
+            }
         }
     }
 

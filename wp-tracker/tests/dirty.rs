@@ -411,3 +411,34 @@ fn suspend_hands_over_all_protected_and_resume_loses_no_fault() {
     assert_eq!(t.finish().unwrap(), DirtySet::default());
     assert!(wp_protected_regions(m.addr, m.len).unwrap().is_empty());
 }
+
+#[test]
+fn backing_block_precision_records_aligned_blocks_on_4k_memory() {
+    const PAGES: usize = 256;
+    let m = Mapping::anon(PAGES * PAGE);
+    for i in 0..PAGES {
+        m.write(i * PAGE, 1);
+    }
+    let wp = Arc::new(WpTracker::new().unwrap());
+    // SAFETY: `m` outlives the registration (declared before the tracker).
+    unsafe { wp.register(m.range()) }.unwrap();
+    let t = DirtyTracker::start(wp.clone(), Precision::BackingBlock(64 << 10)).unwrap();
+    write_from_thread(vec![m.page(3), m.page(4), m.page(40), m.page(100)], 7);
+    let block = 16 * PAGE;
+    let first = m.addr & !(block - 1);
+    let expect: BTreeSet<usize> = [3, 40, 100]
+        .iter()
+        .map(|&p| (m.page(p) - first) / block * block + first)
+        .collect();
+    let want: Vec<HostRange> = as_runs(&expect, block)
+        .into_iter()
+        .map(|r| {
+            let s = r.start.max(m.addr);
+            HostRange::new(s, r.end().min(m.addr + m.len) - s)
+        })
+        .collect();
+    assert_eq!(t.harvest().unwrap().ranges, want);
+    assert_eq!(m.read(100 * PAGE + 17), 7);
+    assert_eq!(t.faults(), 3, "one fault per block");
+    assert_eq!(t.finish().unwrap(), DirtySet::default());
+}
