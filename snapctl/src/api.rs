@@ -206,6 +206,7 @@ mod tests {
                 scan_block: None,
                 no_huge_restore: true,
                 background: true,
+                parent: Some("/tmp/p.snap".into()),
             }),
             Request::Cancel,
         ];

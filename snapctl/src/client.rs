@@ -164,7 +164,7 @@ impl Drop for StreamFifo {
 }
 
 /// Memory and CPU knobs of `snapctl save`, and the hidden tuning ones (see `SaveParams`).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct SaveTuning {
     /// Cap of staging memory, bytes.
     pub max_staging: Option<u64>,
@@ -176,6 +176,8 @@ pub struct SaveTuning {
     pub no_huge_restore: bool,
     /// Low CPU priority for the bulk saver threads.
     pub background: bool,
+    /// The parent of an incremental save.
+    pub parent: Option<PathBuf>,
 }
 
 /// `snapctl save`: asks the VMM for a live snapshot, shows progress, prints the summary.
@@ -249,6 +251,21 @@ pub fn save(
             path.display()
         );
     }
+    let parent = match &tuning.parent {
+        Some(p) if streaming => {
+            bail!(
+                "--parent needs a file for --out, not standard output ({} cannot be referred to)",
+                p.display()
+            )
+        }
+        Some(p) => Some(
+            std::path::absolute(p)
+                .with_context(|| format!("resolving {}", p.display()))?
+                .to_string_lossy()
+                .into_owned(),
+        ),
+        None => None,
+    };
     let stream = api::connect(sock)?;
     *conn_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.try_clone()?);
 
@@ -291,6 +308,7 @@ pub fn save(
         scan_block: tuning.scan_block,
         no_huge_restore: tuning.no_huge_restore,
         background: tuning.background,
+        parent,
     });
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -383,6 +401,17 @@ fn print_summary(s: &Value, path: Option<&Path>) {
             .unwrap_or_default(),
         f("duration_s")
     );
+    if let Some(why) = s.get("full_reason").and_then(Value::as_str) {
+        let _ = writeln!(e, "  {why}");
+    }
+    if let Some(p) = s.get("parent").and_then(Value::as_str) {
+        let _ = writeln!(
+            e,
+            "  incremental:     {} stored, {} inherited from {p}",
+            fmt_bytes(u("stored_bytes")),
+            fmt_bytes(u("inherited_bytes"))
+        );
+    }
     let _ = writeln!(e, "  downtime:        {:.3} ms", f("downtime_ms"));
     let _ = writeln!(
         e,

@@ -135,6 +135,11 @@ enum Command {
         /// while the guest writes; past the cap, guest writes wait for the output.
         #[arg(long, value_parser = parse_max_staging)]
         max_staging: Option<u64>,
+        /// Store only the memory written since PARENT, this VM's last snapshot (an incremental
+        /// save; the new file refers to PARENT, which must stay where it is). Without a record of
+        /// the writes since PARENT's freeze, all memory is saved and the summary says why.
+        #[arg(long, value_name = "PARENT")]
+        parent: Option<PathBuf>,
         /// Print the summary as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -366,6 +371,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             background,
             json,
             max_staging,
+            parent,
             fault_block,
             scan_block,
             no_huge_restore,
@@ -384,6 +390,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 scan_block: scan_block.map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
                 no_huge_restore,
                 background,
+                parent,
             },
         ),
         Command::Verify { file, json } => offline::verify(&file, json),

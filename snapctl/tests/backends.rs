@@ -30,7 +30,7 @@ fn save_on(backend: &str, mem: &str) -> u64 {
         oracle(&path);
         std::fs::remove_file(&path).unwrap();
         vmm.assert_progress(Duration::from_secs(5));
-        assert_eq!(vmm.wp_pages(), 0, "pages left write-protected");
+        vmm.assert_no_orphan_protection("after a save");
     }
     proc_status_kib(vmm.pid(), "VmHWM:")
 }

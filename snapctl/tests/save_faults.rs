@@ -38,11 +38,7 @@ fn assert_recovered(
     spare: &TempDir,
 ) {
     vmm.wait_save(false, T);
-    assert_eq!(
-        vmm.wp_pages(),
-        0,
-        "guest pages still write-protected after the save ended"
-    );
+    vmm.assert_no_orphan_protection("after the save ended");
     let left = leftovers(target_dir, name);
     assert!(
         left.is_empty(),
@@ -59,11 +55,7 @@ fn assert_recovered(
     let again = spare.join("again.snap");
     vmm.save_and_verify(&again, &[]);
     std::fs::remove_file(&again).unwrap();
-    assert_eq!(
-        vmm.wp_pages(),
-        0,
-        "pages write-protected after a successful save"
-    );
+    vmm.assert_no_orphan_protection("after a successful save");
 }
 
 /// Starts a slow save to `target` and waits until it runs (its temporary file exists, pages are protected).
@@ -183,7 +175,7 @@ fn existing_target_is_refused_unless_force() {
     assert_eq!(std::fs::read(&target).unwrap(), b"precious");
     let tmp = leftovers(dir.path(), "vm.snap");
     assert_eq!(tmp, vec!["vm.snap".to_string()], "temporary files left");
-    assert_eq!(vmm.wp_pages(), 0);
+    vmm.assert_no_orphan_protection("after the save");
     // With --force the file is replaced by a complete snapshot.
     vmm.save_and_verify(&target, &["--force"]);
     std::fs::remove_file(&target).unwrap();
@@ -492,7 +484,7 @@ fn max_staging_nonsense_is_refused() {
         assert!(r["message"].as_str().unwrap().contains(needle), "{r}");
     }
     assert!(leftovers(dir.path(), "vm.snap").is_empty());
-    assert_eq!(vmm.wp_pages(), 0);
+    vmm.assert_no_orphan_protection("after the save");
     assert_eq!(vmm.status()["save"], false);
 }
 
@@ -562,5 +554,5 @@ fn small_staging_cap_under_a_busy_guest_is_exact_and_reported() {
     assert_eq!(st["waits"], 0, "{s}");
     let out = run(&["oracle", path.to_str().unwrap()], T);
     assert_eq!(out.code(), Some(0), "oracle failed: {}", out.stderr);
-    assert_eq!(vmm.wp_pages(), 0);
+    vmm.assert_no_orphan_protection("after the save");
 }

@@ -17,6 +17,7 @@ mod monitor;
 mod params;
 mod restore;
 mod save;
+mod tracking;
 
 pub use lazy::{restore_lazy, CollapseHold, LazyError, LazyFailure, LazyRestore, LazyStatus};
 pub use monitor::GuestDuringSave;
@@ -28,6 +29,7 @@ pub use restore::{
     RestoredFrom,
 };
 pub use save::{save, save_into, FreezeMs, SaveError, SaveReport, Saved, STREAM_OPEN_TIMEOUT};
+pub use tracking::{save_tracked, TrackingStatus, WriteRecord};
 
 /// An error and its sources, once each.
 pub(crate) fn chain(e: &dyn std::error::Error) -> String {

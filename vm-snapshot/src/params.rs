@@ -69,6 +69,12 @@ pub struct SaveParams {
     /// Tuning knob: do not collapse huge pages that small releases split back after the save.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_huge_restore: bool,
+    /// An incremental save: the absolute path of this VM's last snapshot, whose content the new
+    /// file then inherits where the guest wrote nothing since (the file stores a reference to
+    /// it). Without a record of the writes since that snapshot's freeze, all memory is saved and
+    /// the report says why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// Checks a tuning block size: a power of two, a multiple of 4096, at most [`MAX_TUNING_BLOCK`].
@@ -119,6 +125,19 @@ impl SaveParams {
                 "the save path must be absolute, not `{}`",
                 self.path
             ));
+        }
+        if let Some(parent) = &self.parent {
+            if !Path::new(parent).is_absolute() {
+                return Err(format!("the parent path must be absolute, not `{parent}`"));
+            }
+            if self.stream {
+                return Err(
+                    "an incremental save (parent) needs a file target, not a stream".into(),
+                );
+            }
+            if parent == &self.path {
+                return Err("the parent and the new file must differ".into());
+            }
         }
         if let Some(l) = self.level {
             if !(1..=19).contains(&l) {
@@ -227,6 +246,28 @@ mod tests {
                     ..p()
                 },
                 "at least",
+            ),
+            (
+                SaveParams {
+                    parent: Some("rel.snap".into()),
+                    ..p()
+                },
+                "parent path must be absolute",
+            ),
+            (
+                SaveParams {
+                    parent: Some("/tmp/p.snap".into()),
+                    stream: true,
+                    ..p()
+                },
+                "not a stream",
+            ),
+            (
+                SaveParams {
+                    parent: Some("/tmp/x.snap".into()),
+                    ..p()
+                },
+                "must differ",
             ),
             (
                 SaveParams {

@@ -13,11 +13,12 @@ use ram_saver::{
 };
 use serde::{Deserialize, Serialize};
 use vmm_core::{FreezeError, FreezeTimes, MachineState, Vm};
-use wp_tracker::{Armed, SealStats, WpError, WpTracker};
+use wp_tracker::{Armed, DirtyError, DirtySet, DirtyTracker, SealStats, WpError, WpTracker};
 
 use crate::chain;
 use crate::monitor::ProgressMonitor;
 use crate::params::SaveParams;
+use crate::tracking::WriteRecord;
 
 /// How long a save waits for the reader of a stream target to open it.
 pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,6 +56,10 @@ pub enum SaveError {
     /// The freeze failed; the guest runs on.
     #[error("freezing the VM")]
     Freeze(#[source] FreezeError<WpError>),
+    /// The freeze of a VM whose writes are tracked failed; the guest runs on unprotected and
+    /// the record of its writes is lost (the next `parent` save saves all memory).
+    #[error("freezing the VM")]
+    TrackedFreeze(#[source] FreezeError<DirtyError>),
     /// The save was cancelled.
     #[error("cancelled; no file was written")]
     Cancelled,
@@ -72,7 +77,8 @@ pub enum SaveError {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
 pub struct FreezeMs {
     /// Write-protecting all guest RAM before the freeze, while the guest still runs (not part
-    /// of the downtime).
+    /// of the downtime); with write tracking, protecting again what was written since the last
+    /// save.
     #[serde(default)]
     pub arm: f64,
     /// Parking every vCPU.
@@ -153,6 +159,21 @@ pub struct SaveReport {
     pub fault_buffer_waits: u64,
     /// 2 MiB units collapsed back to huge pages after the save.
     pub huge_pages_restored: u64,
+    /// An incremental save: the parent (as the request named it). Absent for a full save.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// A save asked to be incremental stored all memory instead: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_reason: Option<String>,
+    /// Guest bytes this file stores (data and zero pages).
+    #[serde(default)]
+    pub stored_bytes: u64,
+    /// Guest bytes this file inherits from its parent (unchanged since the parent's freeze).
+    #[serde(default)]
+    pub inherited_bytes: u64,
+    /// Guest memory is write-tracked after this save (the next save may name it as parent).
+    #[serde(default)]
+    pub tracking: bool,
     /// Built-in guest only: its per-vCPU control slots at the freeze instant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze_steps: Option<Vec<u64>>,
@@ -192,6 +213,14 @@ struct Protected<'a> {
 }
 
 impl<'a> Protected<'a> {
+    /// All of RAM is protected now (a write tracker was suspended).
+    fn new(tracker: &'a WpTracker) -> Self {
+        Protected {
+            tracker,
+            armed: true,
+        }
+    }
+
     /// Seals the armed protection (every vCPU parked): all of RAM protected, or none of it.
     fn seal(armed: &Armed<'_>, tracker: &'a WpTracker) -> Result<(Self, SealStats), WpError> {
         let stats = armed.seal()?;
@@ -230,73 +259,169 @@ pub fn save_into<S: SnapshotSink>(
     cancel: &AtomicBool,
     progress: &(dyn Fn(&SaveProgress) + Sync),
 ) -> Result<Saved, SaveError> {
+    let header = header_of(vm)?;
+    let run = FreezeRun {
+        vm,
+        tracker,
+        opts,
+        cancel,
+        progress,
+    };
+    run.save(sink, header, &mut None, false).map(|(s, _)| s)
+}
+
+/// The header of a snapshot of `vm` (no parent).
+pub(crate) fn header_of(vm: &Vm) -> Result<SnapshotHeader, SaveError> {
     let cfg = vm.config();
     let vmm_config = serde_json::to_vec(cfg)
         .map_err(|e| SaveError::Params(format!("the VM configuration cannot be recorded: {e}")))?;
-    let header = SnapshotHeader::new(Vec::new(), u32::from(cfg.vcpus), vmm_config);
-    // Armed: all RAM write-protected while the guest still runs, its writes served by
-    // unprotecting their unit; the freeze then protects again only those units (see
-    // `wp_tracker::Armed`), so the downtime does not grow with memory the guest never touches.
-    let t = Instant::now();
-    let mut arm = Duration::ZERO;
-    let frozen = tracker
-        .protect_all_armed(|armed| {
-            // A guest that wrote many units while arming: protect those again while it still
-            // runs, so the freeze protects only what it writes during that shorter pass.
-            for _ in 0..CONVERGE_PASSES {
-                if armed.touched_units() <= CONVERGED_UNITS {
-                    break;
-                }
-                armed.converge().map_err(SaveError::Arm)?;
-            }
+    Ok(SnapshotHeader::new(
+        Vec::new(),
+        u32::from(cfg.vcpus),
+        vmm_config,
+    ))
+}
+
+/// One freeze and live save.
+pub(crate) struct FreezeRun<'a> {
+    pub(crate) vm: &'a Vm,
+    pub(crate) tracker: &'a WpTracker,
+    pub(crate) opts: &'a SaveOptions,
+    pub(crate) cancel: &'a AtomicBool,
+    pub(crate) progress: &'a (dyn Fn(&SaveProgress) + Sync),
+}
+
+impl FreezeRun<'_> {
+    /// Freeze and save into `sink`. With a running write tracker in `running`, the freeze
+    /// suspends it instead of arming (its harvest protects again what was written, so all RAM is
+    /// protected) and returns the harvest; with `incremental` the live save stores only that
+    /// harvest and Parent runs for the rest. `running` is left `Some` only if the tracker was
+    /// never suspended (the freeze failed before); once suspended, the live save owns the
+    /// protection.
+    pub(crate) fn save<S: SnapshotSink>(
+        &self,
+        sink: S,
+        header: SnapshotHeader,
+        running: &mut Option<DirtyTracker>,
+        incremental: bool,
+    ) -> Result<(Saved, Option<DirtySet>), SaveError> {
+        let (vm, tracker, cancel) = (self.vm, self.tracker, self.cancel);
+        let t = Instant::now();
+        let mut arm = Duration::ZERO;
+        let (frozen, increment) = if let Some(dt) = running.as_ref() {
+            // What was written so far is protected again while the guest runs, so the freeze
+            // protects again only what it writes from here on (the increment is both: a write in
+            // between landed before its unit was protected, or faulted and is in the second).
+            // A harvest that fails put its units back: the freeze then takes them all.
+            let early = dt.harvest().unwrap_or_default();
             arm = t.elapsed();
-            // Cancelled while arming: released on the way out, never frozen.
             if cancel.load(Ordering::SeqCst) {
+                dt.put_back(&early);
                 return Err(SaveError::Cancelled);
             }
-            vm.freeze(|_| Protected::seal(armed, tracker))
-                .map_err(SaveError::Freeze)
-        })
-        .map_err(SaveError::Arm)??;
-    let (protected, seal) = frozen.held;
-    let state_bytes = frozen
-        .state
-        .to_bytes()
-        .map_err(|e| SaveError::Freeze(FreezeError::Capture(e)))?;
-    // ram-saver releases every page whatever happens from here on.
-    protected.hand_over();
-    let res = ram_saver::live_save(
-        vm.memory(),
-        tracker,
-        sink,
-        header,
-        &state_bytes,
-        opts,
-        progress,
-        cancel,
-    );
-    let summary = match res {
-        Ok(s) => s,
-        Err(ram_saver::SaveError::Cancelled) => return Err(SaveError::Cancelled),
-        Err(e) if cancel.load(Ordering::SeqCst) => {
-            return Err(SaveError::Save {
-                source: e,
-                hint: " (cancelled)",
-            })
-        }
-        Err(e) => {
-            let hint = find_io_error(&e).map_or("", io_hint);
-            return Err(SaveError::Save { source: e, hint });
-        }
-    };
-    Ok(Saved {
-        state: frozen.state,
-        freeze: frozen.times,
-        arm,
-        seal,
-        stayed_paused: frozen.stayed_paused,
-        summary,
-    })
+            let frozen = vm.freeze(|_| {
+                let dt = running.take().expect("a running tracker");
+                let set = dt.suspend()?;
+                Ok::<_, DirtyError>((Protected::new(tracker), set))
+            });
+            let frozen = match frozen {
+                Ok(f) => f,
+                Err(e) => {
+                    if let Some(dt) = running.as_ref() {
+                        // Never suspended: tracking goes on, the early harvest counted again.
+                        dt.put_back(&early);
+                    }
+                    return Err(SaveError::TrackedFreeze(e));
+                }
+            };
+            let (protected, set) = frozen.held;
+            let set = early.union(&set);
+            let frozen = vmm_core::Frozen {
+                held: (protected, SealStats::default()),
+                state: frozen.state,
+                times: frozen.times,
+                stayed_paused: frozen.stayed_paused,
+            };
+            (frozen, Some(set))
+        } else {
+            // Armed: all RAM write-protected while the guest still runs, its writes served by
+            // unprotecting their unit; the freeze then protects again only those units (see
+            // `wp_tracker::Armed`), so the downtime does not grow with memory the guest never
+            // touches.
+            let frozen = tracker
+                .protect_all_armed(|armed| {
+                    // A guest that wrote many units while arming: protect those again while it
+                    // still runs, so the freeze protects only what it writes during that
+                    // shorter pass.
+                    for _ in 0..CONVERGE_PASSES {
+                        if armed.touched_units() <= CONVERGED_UNITS {
+                            break;
+                        }
+                        armed.converge().map_err(SaveError::Arm)?;
+                    }
+                    arm = t.elapsed();
+                    // Cancelled while arming: released on the way out, never frozen.
+                    if cancel.load(Ordering::SeqCst) {
+                        return Err(SaveError::Cancelled);
+                    }
+                    vm.freeze(|_| Protected::seal(armed, tracker))
+                        .map_err(SaveError::Freeze)
+                })
+                .map_err(SaveError::Arm)??;
+            (frozen, None)
+        };
+        let (protected, seal) = frozen.held;
+        let state_bytes = frozen
+            .state
+            .to_bytes()
+            .map_err(|e| SaveError::Freeze(FreezeError::Capture(e)))?;
+        let opts;
+        let opts = match (&increment, incremental) {
+            (Some(set), true) => {
+                opts = SaveOptions {
+                    increment: Some(set.ranges.clone()),
+                    ..self.opts.clone()
+                };
+                &opts
+            }
+            _ => self.opts,
+        };
+        // ram-saver releases every page whatever happens from here on.
+        protected.hand_over();
+        let res = ram_saver::live_save(
+            vm.memory(),
+            tracker,
+            sink,
+            header,
+            &state_bytes,
+            opts,
+            self.progress,
+            cancel,
+        );
+        let summary = match res {
+            Ok(s) => s,
+            Err(ram_saver::SaveError::Cancelled) => return Err(SaveError::Cancelled),
+            Err(e) if cancel.load(Ordering::SeqCst) => {
+                return Err(SaveError::Save {
+                    source: e,
+                    hint: " (cancelled)",
+                })
+            }
+            Err(e) => {
+                let hint = find_io_error(&e).map_or("", io_hint);
+                return Err(SaveError::Save { source: e, hint });
+            }
+        };
+        let saved = Saved {
+            state: frozen.state,
+            freeze: frozen.times,
+            arm,
+            seal,
+            stayed_paused: frozen.stayed_paused,
+            summary,
+        };
+        Ok((saved, increment))
+    }
 }
 
 /// A live save as a client asks for it: checks `params`, opens the output before touching the
@@ -311,16 +436,34 @@ pub fn save(
     cancel: &AtomicBool,
     progress: &(dyn Fn(&SaveProgress) + Sync),
 ) -> Result<SaveReport, SaveError> {
-    let r = save_checked(vm, tracker, params, guest_moving, cancel, progress);
+    let r = save_checked(vm, tracker, None, params, guest_moving, cancel, progress);
     // A save allocates tens of MiB of staging and I/O buffers on threads that come and go; give
     // the freed memory back so a long-running VMM's RSS returns to where it was.
     uffd_sys::host::trim_heap();
     r
 }
 
+/// [`save`] with the VM's write record ([`crate::save_tracked`]).
+pub(crate) fn save_with_record(
+    vm: &Arc<Vm>,
+    tracker: &Arc<WpTracker>,
+    record: Option<&mut WriteRecord>,
+    params: &SaveParams,
+    guest_moving: &[bool],
+    cancel: &AtomicBool,
+    progress: &(dyn Fn(&SaveProgress) + Sync),
+) -> Result<SaveReport, SaveError> {
+    let record = record.map(|r| (r, tracker));
+    let r = save_checked(vm, tracker, record, params, guest_moving, cancel, progress);
+    uffd_sys::host::trim_heap();
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
 fn save_checked(
     vm: &Arc<Vm>,
     tracker: &WpTracker,
+    record: Option<(&mut WriteRecord, &Arc<WpTracker>)>,
     params: &SaveParams,
     guest_moving: &[bool],
     cancel: &AtomicBool,
@@ -330,11 +473,14 @@ fn save_checked(
     // Staging faulted in now, while the guest still runs, not by the first copies after the thaw.
     let opts = SaveOptions {
         staging: ram_saver::Staging::prepare(&opts),
+        // What the save leaves protected is what write tracking goes on with.
+        keep_protected: record.is_some(),
         ..opts
     };
     let job = Job {
         vm,
         tracker,
+        record,
         params,
         opts: &opts,
         guest_moving,
@@ -377,6 +523,7 @@ fn save_checked(
 struct Job<'a> {
     vm: &'a Arc<Vm>,
     tracker: &'a WpTracker,
+    record: Option<(&'a mut WriteRecord, &'a Arc<WpTracker>)>,
     params: &'a SaveParams,
     opts: &'a SaveOptions,
     guest_moving: &'a [bool],
@@ -385,27 +532,44 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    fn run<S: SnapshotSink>(&self, sink: S) -> Result<SaveReport, SaveError> {
+    fn run<S: SnapshotSink>(self, sink: S) -> Result<SaveReport, SaveError> {
         // Started before the freeze: the guest's stall figure includes the downtime.
         let monitor = self
             .vm
             .config()
             .is_builtin_guest()
             .then(|| ProgressMonitor::start(self.vm, self.guest_moving.to_vec()));
-        let saved = save_into(
-            self.vm,
-            self.tracker,
-            sink,
-            self.opts,
-            self.cancel,
-            self.progress,
-        )?;
+        let Some((record, wp)) = self.record else {
+            let saved = save_into(
+                self.vm,
+                self.tracker,
+                sink,
+                self.opts,
+                self.cancel,
+                self.progress,
+            )?;
+            let guest = monitor.map(ProgressMonitor::finish);
+            return Ok(report(self.params, self.vm, &saved, guest));
+        };
+        let run = FreezeRun {
+            vm: self.vm,
+            tracker: self.tracker,
+            opts: self.opts,
+            cancel: self.cancel,
+            progress: self.progress,
+        };
+        let path = (!self.params.stream).then(|| Path::new(&self.params.path));
+        let t = record.save(&run, wp, sink, path, self.params.parent.as_deref())?;
         let guest = monitor.map(ProgressMonitor::finish);
-        Ok(report(self.params, self.vm, &saved, guest))
+        let mut r = report(self.params, self.vm, &t.saved, guest);
+        r.parent = t.parent;
+        r.full_reason = t.full_reason;
+        r.tracking = t.tracking;
+        Ok(r)
     }
 }
 
-fn report(
+pub(crate) fn report(
     params: &SaveParams,
     vm: &Vm,
     saved: &Saved,
@@ -436,6 +600,11 @@ fn report(
         compression: params.compression(),
         fault_buffer_waits: s.fault_buffer_waits,
         huge_pages_restored: s.huge_pages_restored,
+        parent: None,
+        full_reason: None,
+        stored_bytes: (s.zero_pages + s.data_pages) * 4096,
+        inherited_bytes: s.parent_pages * 4096,
+        tracking: false,
         // Figures only the built-in guest can give are absent for kernel guests, never a zero
         // that reads as "no stall".
         freeze_steps: guest.as_ref().map(|_| saved.state.guest_slots()),

@@ -47,6 +47,10 @@ pub enum Precision {
     /// The whole 2 MiB unit when a huge page maps all of it, the written page otherwise: exact on
     /// memory mapped by 4 KiB pages, 2 MiB on huge pages, which stay huge.
     Backing,
+    /// As [`Precision::Backing`], but on memory mapped by 4 KiB pages the aligned block of this
+    /// many bytes (a power of two from the page size to 2 MiB) around the written page: one
+    /// fault per block instead of one per page, for a guest that writes much of its memory.
+    BackingBlock(usize),
 }
 
 /// The size of a [`Precision::Unit`] unit (the x86-64 huge page size).
@@ -77,6 +81,23 @@ pub struct DirtySet {
 }
 
 impl DirtySet {
+    /// The union of `self` and `other`, merged, in address order.
+    pub fn union(&self, other: &DirtySet) -> DirtySet {
+        let mut all: Vec<HostRange> = self.ranges.iter().chain(&other.ranges).copied().collect();
+        all.sort_unstable_by_key(|r| r.start);
+        let mut ranges: Vec<HostRange> = Vec::with_capacity(all.len());
+        for r in all {
+            match ranges.last_mut() {
+                Some(last) if r.start <= last.end() => {
+                    let end = last.end().max(r.end());
+                    last.len = end - last.start;
+                }
+                _ => ranges.push(r),
+            }
+        }
+        DirtySet { ranges }
+    }
+
     /// Total bytes in the set.
     pub fn bytes(&self) -> usize {
         self.ranges.iter().map(|r| r.len).sum()
@@ -106,6 +127,9 @@ struct Shared {
     dirty: Mutex<Vec<u64>>,
     stop: AtomicBool,
     faults: AtomicU64,
+    /// The handler reads no more events (set under the `dirty` lock by
+    /// [`DirtyTracker::suspend`]): faults stay queued for whoever serves them next.
+    closed: AtomicBool,
     /// Why the handler stopped, if it stopped on an error.
     failed: Mutex<Option<String>>,
     /// `/proc/self/pagemap`, open for [`Precision::Backing`] (None: no pagemap, every unit is
@@ -121,6 +145,8 @@ struct Shared {
 pub struct DirtyTracker {
     shared: Arc<Shared>,
     handler: Option<JoinHandle<()>>,
+    /// Dropping releases all memory (false once [`DirtyTracker::suspend`] handed it over).
+    owns_protection: bool,
 }
 
 /// How long the handler waits for faults before it looks at the stop flag.
@@ -130,37 +156,41 @@ impl DirtyTracker {
     /// Protect every range registered with `wp` and start tracking writes at `precision`.
     /// `wp` must not be used by anyone else for protecting or reading faults while this runs.
     pub fn start(wp: Arc<WpTracker>, precision: Precision) -> Result<Self, DirtyError> {
-        let page = wp.page_size();
-        let mut regions = Vec::new();
-        let mut pages = 0;
-        for range in wp.registered() {
-            regions.push(Region {
-                range,
-                first_page: pages,
-            });
-            pages += range.len / page;
-        }
-        if regions.is_empty() {
-            return Err(DirtyError::NothingRegistered);
-        }
-        let shared = Arc::new(Shared {
-            wp,
-            precision,
-            page,
-            regions,
-            dirty: Mutex::new(vec![0; pages.div_ceil(64)]),
-            stop: AtomicBool::new(false),
-            faults: AtomicU64::new(0),
-            failed: Mutex::new(None),
-            pagemap: match precision {
-                Precision::Backing => open_self().ok(),
-                _ => None,
-            },
-        });
+        let shared = Shared::new(wp, precision)?;
         if let Err(e) = shared.wp.protect_all() {
             let _ = shared.wp.unprotect_all();
             return Err(e.into());
         }
+        Self::spawn(shared)
+    }
+
+    /// Go on tracking from a state left by someone else (a live save that kept what it saved
+    /// write-protected): every registered page outside `initial` is write-protected, the pages
+    /// of `initial` may not be and count as written. Nothing is protected here; faults already
+    /// queued are served by the handler. Nobody else may read `wp`'s faults from now on. On
+    /// error everything is released.
+    pub fn resume(
+        wp: Arc<WpTracker>,
+        precision: Precision,
+        initial: &[HostRange],
+    ) -> Result<Self, DirtyError> {
+        let shared = match Shared::new(wp.clone(), precision) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = wp.unprotect_all();
+                return Err(e);
+            }
+        };
+        {
+            let mut dirty = shared.lock_dirty();
+            for r in initial {
+                shared.mark(&mut dirty, *r);
+            }
+        }
+        Self::spawn(shared)
+    }
+
+    fn spawn(shared: Arc<Shared>) -> Result<Self, DirtyError> {
         let for_handler = Arc::clone(&shared);
         let handler = std::thread::Builder::new()
             .name("dirty-track".into())
@@ -172,7 +202,35 @@ impl DirtyTracker {
         Ok(DirtyTracker {
             shared,
             handler: Some(handler),
+            owns_protection: true,
         })
+    }
+
+    /// Stop serving faults and take what was written since the last harvest, protected again:
+    /// the handler reads no event from the moment this takes the set's lock (faults stay
+    /// queued, their writers blocked), then the taken units are protected again. On success
+    /// every registered page is write-protected and the caller owns the protection and the
+    /// faults (e.g. a live save, which must serve or release them); call it with the writers
+    /// stopped (inside a freeze) for a point-in-time cut. On error everything is released and
+    /// tracking is over.
+    pub fn suspend(mut self) -> Result<DirtySet, DirtyError> {
+        let taken = {
+            let mut dirty = self.shared.lock_dirty();
+            self.shared.closed.store(true, Ordering::Release);
+            let fresh = vec![0; dirty.len()];
+            std::mem::replace(&mut *dirty, fresh)
+        };
+        // The handler reads nothing more; it ends within its poll without touching memory.
+        self.shared.stop.store(true, Ordering::Release);
+        drop(self.handler.take());
+        self.shared.check_handler()?;
+        let set = self.shared.runs(&taken);
+        for r in &set.ranges {
+            // On error `self` drops owning the protection: everything is released.
+            self.shared.wp.protect(*r)?;
+        }
+        self.owns_protection = false;
+        Ok(set)
     }
 
     /// The precision writes are recorded at.
@@ -223,6 +281,16 @@ impl DirtyTracker {
         Ok(set)
     }
 
+    /// Count `set` (taken by an earlier [`DirtyTracker::harvest`]) as written again, e.g. when
+    /// what that harvest was for did not happen. Its units may be protected or not: a unit
+    /// counted as written that was not is only stored once more.
+    pub fn put_back(&self, set: &DirtySet) {
+        let mut dirty = self.shared.lock_dirty();
+        for r in &set.ranges {
+            self.shared.mark(&mut dirty, *r);
+        }
+    }
+
     /// Stop tracking: stop the handler, release all memory and return what was written since
     /// the last harvest.
     pub fn finish(mut self) -> Result<DirtySet, DirtyError> {
@@ -237,7 +305,9 @@ impl DirtyTracker {
         if let Some(h) = self.handler.take() {
             let _ = h.join();
         }
-        self.shared.wp.unprotect_all()?;
+        if self.owns_protection {
+            self.shared.wp.unprotect_all()?;
+        }
         Ok(())
     }
 }
@@ -249,6 +319,53 @@ impl Drop for DirtyTracker {
 }
 
 impl Shared {
+    fn new(wp: Arc<WpTracker>, precision: Precision) -> Result<Arc<Self>, DirtyError> {
+        let page = wp.page_size();
+        let mut regions = Vec::new();
+        let mut pages = 0;
+        for range in wp.registered() {
+            regions.push(Region {
+                range,
+                first_page: pages,
+            });
+            pages += range.len / page;
+        }
+        if regions.is_empty() {
+            return Err(DirtyError::NothingRegistered);
+        }
+        Ok(Arc::new(Shared {
+            wp,
+            precision,
+            page,
+            regions,
+            dirty: Mutex::new(vec![0; pages.div_ceil(64)]),
+            stop: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            faults: AtomicU64::new(0),
+            failed: Mutex::new(None),
+            pagemap: match precision {
+                Precision::Backing | Precision::BackingBlock(_) => open_self().ok(),
+                _ => None,
+            },
+        }))
+    }
+
+    /// Mark every page of `range` (clipped to the registered regions) in `dirty`.
+    fn mark(&self, dirty: &mut [u64], range: HostRange) {
+        for region in &self.regions {
+            let start = range.start.max(region.range.start);
+            let end = range.end().min(region.range.end());
+            if start >= end {
+                continue;
+            }
+            let first = region.first_page + (start - region.range.start) / self.page;
+            let last = region.first_page + (end - region.range.start).div_ceil(self.page);
+            for bit in first..last {
+                dirty[bit / 64] |= 1 << (bit % 64);
+            }
+        }
+    }
+
     fn lock_dirty(&self) -> MutexGuard<'_, Vec<u64>> {
         self.dirty.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -260,16 +377,32 @@ impl Shared {
         }
     }
 
-    /// The handler thread: serve faults until told to stop; on an error release everything
-    /// (no writer stays blocked) and record why.
+    /// The handler thread: serve faults until told to stop or closed; on an error release
+    /// everything (no writer stays blocked) and record why. Events are read under the dirty-set
+    /// lock after a look at `closed`, so once [`DirtyTracker::suspend`] closed it under that
+    /// lock, this thread reads no event.
     fn serve(&self) {
         let mut faults: Vec<WpFault> = Vec::with_capacity(128);
         while !self.stop.load(Ordering::Acquire) {
-            faults.clear();
             let r = self
                 .wp
-                .wait_faults(POLL, &mut faults)
-                .and_then(|_| faults.iter().try_for_each(|f| self.record(f.addr)));
+                .uffd
+                .wait_readable(Some(POLL))
+                .map_err(WpError::Poll);
+            let r = r.and_then(|ready| {
+                if !ready {
+                    return Ok(());
+                }
+                let mut dirty = self.lock_dirty();
+                if self.closed.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                faults.clear();
+                self.wp.read_faults(&mut faults)?;
+                faults
+                    .iter()
+                    .try_for_each(|f| self.record(&mut dirty, f.addr))
+            });
             if let Err(e) = r {
                 let _ = self.wp.unprotect_all();
                 *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
@@ -282,7 +415,7 @@ impl Shared {
     /// mark comes first, so a write never proceeds unrecorded, and no harvest can take the mark
     /// and protect the unit in between, which the release would undo (the unit would then be
     /// writable with its mark gone).
-    fn record(&self, addr: usize) -> Result<(), WpError> {
+    fn record(&self, dirty: &mut [u64], addr: usize) -> Result<(), WpError> {
         let page_addr = addr & !(self.page - 1);
         let Some(region) = self.regions.iter().find(|r| r.range.contains(page_addr)) else {
             // Not ours (cannot happen with one owner of the userfaultfd): wake it, change nothing.
@@ -290,11 +423,7 @@ impl Shared {
         };
         let unit = self.unit_of(region.range, page_addr);
         self.faults.fetch_add(1, Ordering::Relaxed);
-        let first = region.first_page + (unit.start - region.range.start) / self.page;
-        let mut dirty = self.lock_dirty();
-        for bit in first..first + unit.len / self.page {
-            dirty[bit / 64] |= 1 << (bit % 64);
-        }
+        self.mark(dirty, unit);
         self.wp.unprotect(unit, true)
     }
 
@@ -306,8 +435,18 @@ impl Shared {
         match self.precision {
             Precision::Page => page,
             Precision::Unit => unit,
-            Precision::Backing if unit.len == DIRTY_UNIT && self.huge_mapped(unit) => unit,
+            Precision::Backing | Precision::BackingBlock(_)
+                if unit.len == DIRTY_UNIT && self.huge_mapped(unit) =>
+            {
+                unit
+            }
             Precision::Backing => page,
+            Precision::BackingBlock(block) => {
+                let block = block.next_power_of_two().clamp(self.page, DIRTY_UNIT);
+                let start = (page_addr & !(block - 1)).max(range.start);
+                let end = ((page_addr & !(block - 1)) + block).min(range.end());
+                HostRange::new(start, end - start)
+            }
         }
     }
 

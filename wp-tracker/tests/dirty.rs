@@ -332,3 +332,113 @@ fn unregistering_drops_the_write_protect_record() {
     uffd.unregister(m.addr, m.len).unwrap();
     assert!(wp_protected_regions(m.addr, m.len).unwrap().is_empty());
 }
+
+#[test]
+fn suspend_hands_over_all_protected_and_resume_loses_no_fault() {
+    const PAGES: usize = 512;
+    let m = Mapping::anon(PAGES * PAGE);
+    for i in 0..PAGES {
+        m.write(i * PAGE, 1);
+    }
+    let wp = Arc::new(WpTracker::new().unwrap());
+    // SAFETY: `m` outlives the registration (declared before the tracker).
+    unsafe { wp.register(m.range()) }.unwrap();
+    let t = DirtyTracker::start(wp.clone(), Precision::Page).unwrap();
+    write_from_thread(vec![m.page(3), m.page(4), m.page(100)], 5);
+    let set = t.suspend().unwrap();
+    assert_eq!(
+        set.ranges,
+        vec![
+            HostRange::new(m.page(3), 2 * PAGE),
+            HostRange::new(m.page(100), PAGE)
+        ]
+    );
+    // Everything is protected again and nobody reads the faults: a writer blocks, its fault
+    // queued.
+    let prot: usize = wp_protected_regions(m.addr, m.len)
+        .unwrap()
+        .iter()
+        .map(|r| r.end - r.start)
+        .sum();
+    assert_eq!(prot, m.len, "all protected after the suspend");
+    let blocked = m.page(200);
+    let writer = std::thread::spawn(move || write_at(blocked + 17, 9));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(!writer.is_finished(), "the write waits for a fault reader");
+    // Someone else (a save) released a range written meanwhile; tracking resumes with it.
+    let released = HostRange::new(m.page(10), 3 * PAGE);
+    wp.unprotect(released, true).unwrap();
+    let t = DirtyTracker::resume(wp.clone(), Precision::Page, &[released]).unwrap();
+    writer.join().unwrap();
+    assert_eq!(m.read(200 * PAGE + 17), 9);
+    assert_eq!(
+        t.harvest().unwrap().ranges,
+        vec![released, HostRange::new(m.page(200), PAGE)],
+        "the initial set and the queued fault"
+    );
+    // A harvest whose save did not happen is put back: the next harvest has it again.
+    write_from_thread(vec![m.page(300)], 3);
+    let early = t.harvest().unwrap();
+    t.put_back(&early);
+    write_from_thread(vec![m.page(301), m.page(50)], 3);
+    let both = t.harvest().unwrap();
+    assert_eq!(
+        both.ranges,
+        vec![
+            HostRange::new(m.page(50), PAGE),
+            HostRange::new(m.page(300), 2 * PAGE)
+        ]
+    );
+    let a = DirtySet {
+        ranges: vec![
+            HostRange::new(m.page(1), PAGE),
+            HostRange::new(m.page(5), 2 * PAGE),
+        ],
+    };
+    let b = DirtySet {
+        ranges: vec![
+            HostRange::new(m.page(2), PAGE),
+            HostRange::new(m.page(6), 3 * PAGE),
+        ],
+    };
+    assert_eq!(
+        a.union(&b).ranges,
+        vec![
+            HostRange::new(m.page(1), 2 * PAGE),
+            HostRange::new(m.page(5), 4 * PAGE)
+        ]
+    );
+    assert_eq!(t.finish().unwrap(), DirtySet::default());
+    assert!(wp_protected_regions(m.addr, m.len).unwrap().is_empty());
+}
+
+#[test]
+fn backing_block_precision_records_aligned_blocks_on_4k_memory() {
+    const PAGES: usize = 256;
+    let m = Mapping::anon(PAGES * PAGE);
+    for i in 0..PAGES {
+        m.write(i * PAGE, 1);
+    }
+    let wp = Arc::new(WpTracker::new().unwrap());
+    // SAFETY: `m` outlives the registration (declared before the tracker).
+    unsafe { wp.register(m.range()) }.unwrap();
+    let t = DirtyTracker::start(wp.clone(), Precision::BackingBlock(64 << 10)).unwrap();
+    write_from_thread(vec![m.page(3), m.page(4), m.page(40), m.page(100)], 7);
+    let block = 16 * PAGE;
+    let first = m.addr & !(block - 1);
+    let expect: BTreeSet<usize> = [3, 40, 100]
+        .iter()
+        .map(|&p| (m.page(p) - first) / block * block + first)
+        .collect();
+    let want: Vec<HostRange> = as_runs(&expect, block)
+        .into_iter()
+        .map(|r| {
+            let s = r.start.max(m.addr);
+            HostRange::new(s, r.end().min(m.addr + m.len) - s)
+        })
+        .collect();
+    assert_eq!(t.harvest().unwrap().ranges, want);
+    assert_eq!(m.read(100 * PAGE + 17), 7);
+    assert_eq!(t.faults(), 3, "one fault per block");
+    assert_eq!(t.finish().unwrap(), DirtySet::default());
+}

@@ -3,6 +3,16 @@
 //! (unprotected, its writer woken). States only move forward, so neither the scanner nor the
 //! fault thread copies a sub-block the other released, and nothing is released before it is
 //! copied.
+//!
+//! A save that keeps what it saved protected ([`SaveOptions::keep_protected`], for write
+//! tracking after the save) has two more states: the scanner moves a sub-block it saved from
+//! CLAIMED to SAVED (saved, still protected; so do sub-blocks an incremental save inherits from
+//! the parent, from the start), and a fault on a CLAIMED sub-block moves it to WANTED (a writer
+//! waits), which makes the scanner release it instead. A fault on a SAVED sub-block only
+//! releases it (SAVED → RELEASED): its content is in the file already. So at the end RELEASED
+//! means "written since the freeze" and SAVED "unchanged since the freeze, still protected".
+//!
+//! [`SaveOptions::keep_protected`]: super::SaveOptions::keep_protected
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
@@ -14,6 +24,10 @@ use super::{SaveError, Shared, PAGE_SIZE};
 pub(super) const PROTECTED: u8 = 0;
 pub(super) const CLAIMED: u8 = 1;
 pub(super) const RELEASED: u8 = 2;
+/// Claimed, and a fault on it waits: the claimer releases it (keep-protected saves only).
+pub(super) const WANTED: u8 = 3;
+/// Saved (or inherited from the parent) and still write-protected (keep-protected saves only).
+pub(super) const SAVED: u8 = 4;
 
 /// One sub-block of guest memory: the unit of state, and of the fault thread's copy and release.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +63,9 @@ pub(super) struct BlockMap {
     pub(super) by_host: Vec<(usize, usize, usize, usize)>,
     pub(super) fault_block: usize,
     pub(super) unit_size: usize,
+    /// Sub-block is the parent's (an incremental save stores a Parent run for it); empty when
+    /// the save stores everything.
+    pub(super) inherited: Vec<bool>,
 }
 
 impl BlockMap {
@@ -102,7 +119,35 @@ impl BlockMap {
             by_host,
             fault_block,
             unit_size,
+            inherited: Vec::new(),
         })
+    }
+
+    /// Marks every sub-block that no range of `increment` (host ranges) touches as inherited
+    /// from the parent: SAVED from the start, never copied. Returns how many.
+    pub(super) fn inherit_outside(&mut self, increment: &[HostRange]) -> usize {
+        let mut ranges = increment.to_vec();
+        ranges.sort_unstable_by_key(|r| r.start);
+        let mut inherited = vec![false; self.n_blocks()];
+        let mut n = 0;
+        for (i, flag) in inherited.iter_mut().enumerate() {
+            let b = self.block(i);
+            let end = b.host + b.len;
+            let k = ranges.partition_point(|r| r.end() <= b.host);
+            let touched = ranges.get(k).is_some_and(|r| r.start < end);
+            if !touched {
+                *flag = true;
+                self.state[i].store(SAVED, Ordering::Relaxed);
+                n += 1;
+            }
+        }
+        self.inherited = inherited;
+        n
+    }
+
+    /// True if sub-block `i` is the parent's.
+    pub(super) fn is_inherited(&self, i: usize) -> bool {
+        self.inherited.get(i).copied().unwrap_or(false)
     }
 
     pub(super) fn n_blocks(&self) -> usize {
@@ -171,6 +216,62 @@ impl Shared<'_> {
         }
         self.released.fetch_add(n, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// The scanner is done with `n` claimed sub-blocks from `first`: release them, or with
+    /// [`SaveOptions::keep_protected`](super::SaveOptions::keep_protected) leave them protected
+    /// (SAVED), releasing only those a fault waits for (WANTED).
+    pub(super) fn finish_run(&self, first: usize, n: usize) -> Result<(), SaveError> {
+        if !self.keep_protected {
+            return self.release_run(first, n);
+        }
+        for i in first..first + n {
+            let r = self.blocks.state[i].compare_exchange(
+                CLAIMED,
+                SAVED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            if r.is_err() {
+                // WANTED: a writer waits for it.
+                self.release_run(i, 1)?;
+            } else {
+                self.released.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        Ok(())
+    }
+
+    /// A write fault on a sub-block that is SAVED (keep-protected saves): its content is in the
+    /// file (or the parent's), so only release it; it counts as written since the freeze.
+    /// False if it was not SAVED.
+    pub(super) fn release_saved(&self, i: usize) -> Result<bool, SaveError> {
+        if self.blocks.state[i]
+            .compare_exchange(SAVED, RELEASED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Ok(false);
+        }
+        self.tracker
+            .unprotect(self.range_of(i, 1), true)
+            .map_err(SaveError::Tracker)?;
+        Ok(true)
+    }
+
+    /// Host ranges of the sub-blocks released (written since the freeze), merged.
+    pub(super) fn released_ranges(&self) -> Vec<HostRange> {
+        let mut out: Vec<HostRange> = Vec::new();
+        for i in 0..self.blocks.n_blocks() {
+            if self.blocks.state[i].load(Ordering::Acquire) != RELEASED {
+                continue;
+            }
+            let r = self.range_of(i, 1);
+            match out.last_mut() {
+                Some(last) if last.end() == r.start => last.len += r.len,
+                _ => out.push(r),
+            }
+        }
+        out
     }
 
     pub(super) fn all_released(&self) -> bool {

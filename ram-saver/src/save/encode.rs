@@ -38,7 +38,7 @@ impl Shared<'_> {
                 .iter()
                 .map(|w| match w {
                     Work::Data { runs, .. } => runs.iter().map(|r| r.len).sum(),
-                    Work::Zero { .. } => 0,
+                    Work::Zero { .. } | Work::Parent { .. } => 0,
                 })
                 .sum();
             let kind = usize::from(matches!(work.first(), Some(Work::Data { fault: true, .. })));
@@ -71,6 +71,10 @@ impl Shared<'_> {
                     Work::Zero { first_page, pages } => {
                         enc.set_hot(false);
                         enc.zero_run(first_page, pages, &mut batch)
+                    }
+                    Work::Parent { first_page, pages } => {
+                        enc.set_hot(false);
+                        enc.parent_run(first_page, pages, &mut batch)
                     }
                 }
             }

@@ -21,7 +21,9 @@
 //! waking the vCPU; the bookkeeping (queueing the copy
 //! for the workers, latencies) follows once per batch, after every vCPU of the batch runs again.
 //! No compression, no I/O. A sub-block the scanner holds is left to the scanner, whose release
-//! wakes the writer; a stale fault on a released one gets a wake. The thread blocks in poll
+//! wakes the writer; a stale fault on a released one gets a wake. In a save that keeps saved
+//! memory protected (write tracking), a fault on a sub-block already saved (or inherited from
+//! the parent) is only released, and the fault thread serves until the file is committed. The thread blocks in poll
 //! ([`DEFAULT_SPIN`]: a spinning thread takes the CPU the vCPUs and workers need on small
 //! hosts) and runs at nice [`DEFAULT_FAULT_NICE`] where permitted, so a fault does not queue
 //! behind the copies of the scanner and the workers.
@@ -59,7 +61,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use wp_tracker::HostRange;
 
-use super::blocks::CLAIMED;
+use super::blocks::{CLAIMED, WANTED};
 use super::huge::{mostly_thp, HUGE_PAGE};
 use super::{lock, InjectPoint, Run, SaveError, SaveOptions, Shared, Work, PAGE_SIZE, POLL};
 use crate::writer::EncodedBatch;
@@ -261,6 +263,10 @@ impl Shared<'_> {
                 return Ok(());
             }
             if self.scan_done.load(Ordering::Acquire) && self.all_released() {
+                if self.keep_protected {
+                    // Events left are writes to saved memory: `serve_releases` serves them.
+                    return Ok(());
+                }
                 // Stale events: their threads were woken by the release; wake again anyway.
                 faults.clear();
                 self.tracker
@@ -324,6 +330,26 @@ impl Shared<'_> {
             clock.bookkeeping += PhaseClock::lap(&mut t);
             clock.add_to(&mut lock(&self.phases));
         }
+    }
+
+    /// After every sub-block is saved (keep-protected saves): serve write faults by releasing
+    /// the saved sub-block, until the file is committed; then read nothing more, leaving later
+    /// faults queued for whoever tracks writes next.
+    pub(super) fn serve_releases(&self) -> Result<(), SaveError> {
+        let mut faults = Vec::with_capacity(64);
+        while !self.stopped() && !self.serve_until.load(Ordering::Acquire) {
+            faults.clear();
+            self.tracker
+                .wait_faults(POLL, &mut faults)
+                .map_err(SaveError::Tracker)?;
+            for f in &faults {
+                let Some((i, u)) = self.blocks.find(f.addr) else {
+                    continue;
+                };
+                self.release_written(i, u, f.addr)?;
+            }
+        }
+        Ok(())
     }
 
     /// The helper: serve handed-off faults until the fault thread is done.
@@ -440,10 +466,34 @@ impl Shared<'_> {
                 Ok(())
             }
             // The scanner holds it: its release wakes the faulting thread.
-            Err(CLAIMED) => Ok(()),
-            // Already released: the event is stale, but make sure nobody sleeps.
-            Err(_) => self.wake_page(addr),
+            Err(CLAIMED) if !self.keep_protected => Ok(()),
+            // The scanner holds it and would leave it protected: ask it to release it, unless
+            // it just finished (then it is SAVED: release it here).
+            Err(CLAIMED) => match self.blocks.state[i].compare_exchange(
+                CLAIMED,
+                WANTED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) | Err(WANTED) => Ok(()),
+                Err(_) => self.release_written(i, u, addr),
+            },
+            Err(WANTED) => Ok(()),
+            Err(_) => self.release_written(i, u, addr),
         }
+    }
+
+    /// A fault on a sub-block that is SAVED (still protected, its content already in the file
+    /// or the parent's) or RELEASED (a stale event): release the first, wake the second.
+    fn release_written(&self, i: usize, u: usize, addr: usize) -> Result<(), SaveError> {
+        if self.blocks.huge[u] && self.blocks.block(i).len < self.blocks.units[u].len {
+            self.blocks.split[u].store(true, Ordering::Release);
+        }
+        if self.release_saved(i)? {
+            return Ok(());
+        }
+        // Already released: the event is stale, but make sure nobody sleeps.
+        self.wake_page(addr)
     }
 
     /// Queue fault work, and the scanner's work staged in fault staging (never waits: fault

@@ -23,6 +23,15 @@
 //! up to a cap. Whatever goes wrong, the release guard and `abort` (`threads`) unprotect every
 //! range.
 //!
+//! # Saves that leave saved memory protected, and incremental saves
+//! With [`SaveOptions::keep_protected`] (write tracking goes on after the save) the scanner leaves
+//! what it saved write-protected and only the guest's writes release memory (`blocks` has the
+//! states); the fault thread serves until the file is committed and then stops reading, so
+//! whoever tracks writes next takes over the queued faults; the summary lists what was released
+//! ([`SaveSummary::released`]). With [`SaveOptions::increment`] as well, only sub-blocks touching
+//! the increment are stored; every other sub-block is the parent's (a Parent run in address
+//! order, emitted by the scanner), and a fault on one only releases it.
+//!
 //! Why each number is what it is (unit sizes, pools, priorities, workers) is measured in
 //! `docs/PERFORMANCE.md`, with the commands that measure it.
 //!
@@ -139,6 +148,10 @@ pub struct SaveSummary {
     pub fault_buffer_waits: u64,
     /// Longest such wait, µs.
     pub fault_buffer_wait_max_us: u64,
+    /// With [`SaveOptions::keep_protected`]: the host ranges released because they were written
+    /// since the freeze (everything else is still write-protected), merged, in address order.
+    #[serde(skip)]
+    pub released: Vec<wp_tracker::HostRange>,
 }
 
 /// Errors of [`live_save`]. Whatever the error, guest RAM is left unprotected.
@@ -193,6 +206,11 @@ enum Work {
         hot: bool,
     },
     Zero {
+        first_page: u64,
+        pages: u64,
+    },
+    /// Pages the parent holds (an incremental save).
+    Parent {
         first_page: u64,
         pages: u64,
     },
@@ -254,6 +272,11 @@ struct Shared<'a> {
     /// Units the scanner staged in fault staging.
     scan_units_staged: AtomicU64,
     spin: bool,
+    /// Leave saved sub-blocks protected ([`SaveOptions::keep_protected`]).
+    keep_protected: bool,
+    /// With `keep_protected`: the fault thread serves until this is set (after the file is
+    /// committed), so guest writes never wait for the final flush.
+    serve_until: AtomicBool,
     inject: Option<InjectPoint>,
 }
 
@@ -303,6 +326,8 @@ impl<'a> Shared<'a> {
             last_fault_us: AtomicU64::new(0),
             scan_units_staged: AtomicU64::new(0),
             spin: opts.fault_spin.unwrap_or(fault::DEFAULT_SPIN),
+            keep_protected: opts.keep_protected,
+            serve_until: AtomicBool::new(false),
             inject: opts.inject_failure,
         }
     }
@@ -372,7 +397,9 @@ impl Shared<'_> {
 /// (registered with `tracker`) write-protected with `protect_all`, and vCPUs resumed. The
 /// header's `page_size`, `regions` and `compression` are set from `mem` and `opts`.
 ///
-/// On success every block was copied once and released, and the file is complete. On any
+/// On success every block was copied once and released (with [`SaveOptions::keep_protected`]:
+/// every block the guest did not write since the freeze is still protected, and the caller must
+/// serve its faults), and the file is complete. On any
 /// error, cancel (`cancel` set) or panic in a saver thread, all guest RAM is unprotected at once
 /// (a cancel within a few ms), whatever the output is doing, and the sink is abandoned and
 /// dropped unfinished (a file sink removes its temporary file); see the module docs for how
@@ -409,14 +436,18 @@ pub fn live_save<S: SnapshotSink>(
     if fault_block < opts.block_size {
         blocks.find_huge(&huge);
     }
+    let inherited = match &opts.increment {
+        Some(inc) => blocks.inherit_outside(inc),
+        None => 0,
+    };
     let abandon = sink.abandon_flag();
-    let mut writer = SnapshotWriter::new(sink, &header, machine_state).map_err(SaveError::Write)?;
+    let writer = SnapshotWriter::new(sink, &header, machine_state).map_err(SaveError::Write)?;
     let pools = staging::pools(opts, fault_block, total_pages as usize * PAGE_SIZE);
     let shared = Shared::new(tracker, blocks, abandon, pools, workers, opts);
+    shared.released.store(inherited, Ordering::Release);
 
-    threads::run(&shared, &mut writer, opts, total_pages, progress, cancel);
     let (totals, identity, huge_restore_secs) =
-        output::finish(&shared, writer, opts, total_pages, cancel)?;
+        threads::run(&shared, writer, opts, total_pages, progress, cancel)?;
     guard.disarm();
     Ok(output::summary(
         &shared,
@@ -437,6 +468,11 @@ fn check_options(opts: &SaveOptions) -> Result<(), SaveError> {
     if opts.max_staging == Some(0) {
         return Err(SaveError::InvalidOptions(
             "max_staging 0 leaves no memory to copy a faulting page into".into(),
+        ));
+    }
+    if opts.increment.is_some() && !opts.keep_protected {
+        return Err(SaveError::InvalidOptions(
+            "an incremental save (increment) needs keep_protected".into(),
         ));
     }
     if opts.block_size == 0 || !opts.block_size.is_multiple_of(PAGE_SIZE) {

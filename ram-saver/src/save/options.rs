@@ -45,6 +45,17 @@ pub struct SaveOptions {
     /// Staging buffers faulted in before the freeze ([`Staging::prepare`]); the save takes
     /// them. Without, every staging buffer is faulted in on first use, inside the copy.
     pub staging: Staging,
+    /// Leave what the scanner saved write-protected instead of releasing it, and release only
+    /// what the guest writes (for write tracking that goes on after the save: the units still
+    /// protected at the end are exactly those nobody wrote since the freeze). The summary's
+    /// [`released`](super::SaveSummary::released) lists the others. On success the caller owns
+    /// the protection and must serve the faults that follow (e.g. with
+    /// `wp_tracker::DirtyTracker::resume`); on any error everything is released, as always.
+    pub keep_protected: bool,
+    /// An incremental save: store only the sub-blocks touching these host ranges (written since
+    /// the parent's freeze) and Parent runs for all the rest. Needs `keep_protected` and a
+    /// header with a parent reference. `None`: store everything.
+    pub increment: Option<Vec<wp_tracker::HostRange>>,
     /// Test-only failure injection.
     #[doc(hidden)]
     pub inject_failure: Option<InjectPoint>,
@@ -67,6 +78,8 @@ impl Default for SaveOptions {
             staging: Staging::default(),
             fault_nice: Some(DEFAULT_FAULT_NICE),
             bulk_nice: None,
+            keep_protected: false,
+            increment: None,
             inject_failure: None,
         }
     }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use super::fault::OUT_FAULT_CAP;
 use super::threads::watch_cancel;
 use super::{
-    blocks::RELEASED, lock, InjectPoint, SaveError, SaveOptions, SaveProgress, SaveSummary, Shared,
-    PAGE_SIZE, POLL,
+    blocks::{RELEASED, SAVED},
+    lock, InjectPoint, SaveError, SaveOptions, SaveProgress, SaveSummary, Shared, PAGE_SIZE, POLL,
 };
 use crate::format::{FormatError, Identity, Totals};
 use crate::writer::{SnapshotSink, SnapshotWriter};
@@ -114,8 +114,9 @@ pub(super) fn finish<S: SnapshotSink>(
     if cancel.load(Ordering::Relaxed) {
         return Err(SaveError::Cancelled);
     }
+    let done = |st: u8| st == RELEASED || (shared.keep_protected && st == SAVED);
     if let Some(i) = (0..shared.blocks.n_blocks())
-        .find(|&i| shared.blocks.state[i].load(Ordering::Acquire) != RELEASED)
+        .find(|&i| !done(shared.blocks.state[i].load(Ordering::Acquire)))
     {
         return Err(SaveError::Internal(format!(
             "block at {:#x} was never released",
@@ -216,5 +217,10 @@ pub(super) fn summary(
         huge_restore_secs,
         fault_buffer_waits: fp.0,
         fault_buffer_wait_max_us: fp.1,
+        released: if shared.keep_protected {
+            shared.released_ranges()
+        } else {
+            Vec::new()
+        },
     }
 }

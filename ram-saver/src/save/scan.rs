@@ -30,6 +30,7 @@ impl Shared<'_> {
                 }
             }
             let unit = self.blocks.units[u];
+            self.push_parent_runs(u);
             let protected = (unit.first..unit.first + unit.count)
                 .any(|i| self.blocks.state[i].load(Ordering::Acquire) == PROTECTED);
             if protected {
@@ -38,6 +39,33 @@ impl Shared<'_> {
         }
         self.scan_done.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Parent runs for the sub-blocks of unit `u` an incremental save inherits (whatever their
+    /// state: a fault may have released one, but its content at the freeze is the parent's).
+    fn push_parent_runs(&self, u: usize) {
+        if self.blocks.inherited.is_empty() {
+            return;
+        }
+        let unit = self.blocks.units[u];
+        let mut i = unit.first;
+        while i < unit.first + unit.count {
+            if !self.blocks.is_inherited(i) {
+                i += 1;
+                continue;
+            }
+            let first = i;
+            while i < unit.first + unit.count && self.blocks.is_inherited(i) {
+                i += 1;
+            }
+            let r = self.range_of(first, i - first);
+            self.bytes_scanned
+                .fetch_add(r.len as u64, Ordering::Relaxed);
+            self.push_scan_work(Work::Parent {
+                first_page: self.blocks.block(first).gpa / PAGE_SIZE as u64,
+                pages: (r.len / PAGE_SIZE) as u64,
+            });
+        }
     }
 
     /// Save what is still protected of unit `u`; returns the bytes copied.
@@ -89,7 +117,7 @@ impl Shared<'_> {
         if !pagemap::may_hold_data(self.tracker, range) {
             self.release_buffer(buf, grown);
             for &(first, n) in runs.iter() {
-                self.release_run(first, n)?;
+                self.finish_run(first, n)?;
                 let r = self.range_of(first, n);
                 self.bytes_scanned
                     .fetch_add(r.len as u64, Ordering::Relaxed);
@@ -113,7 +141,7 @@ impl Shared<'_> {
             bytes += r.len;
         }
         for &(first, n) in runs.iter() {
-            self.release_run(first, n)?;
+            self.finish_run(first, n)?;
         }
         self.bytes_scanned
             .fetch_add(bytes as u64, Ordering::Relaxed);

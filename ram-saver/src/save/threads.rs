@@ -116,16 +116,18 @@ where
 }
 
 /// Run the save's threads: the cancel watcher, the fault thread, the scanner and the
-/// compression workers, while the calling thread writes their output to `writer`; returns once
-/// every thread is joined (the save is complete, failed or cancelled).
+/// compression workers, while the calling thread writes their output to `writer`, then finish
+/// the file ([`output::finish`]); returns once every thread is joined (the save is complete,
+/// failed or cancelled). With [`SaveOptions::keep_protected`] the fault thread serves until the
+/// file is finished and reads nothing after that.
 pub(super) fn run<S: SnapshotSink>(
     shared: &Shared<'_>,
-    writer: &mut SnapshotWriter<S>,
+    mut writer: SnapshotWriter<S>,
     opts: &SaveOptions,
     total_pages: u64,
     progress: &(dyn Fn(&SaveProgress) + Sync),
     cancel: &AtomicBool,
-) {
+) -> Result<(crate::format::Totals, crate::format::Identity, f64), SaveError> {
     let workers = opts.workers.max(1);
     let writer_done = AtomicBool::new(false);
     let writer_done = &writer_done;
@@ -135,6 +137,7 @@ pub(super) fn run<S: SnapshotSink>(
             name: "writer",
         };
         let mut handles = Vec::new();
+        let mut fault_handle = None;
         let mut spawn_err = None;
         let bw = opts.max_bandwidth;
         let c = opts.compression;
@@ -148,12 +151,23 @@ pub(super) fn run<S: SnapshotSink>(
             Ok(())
         });
         let watcher_thread = watcher.as_ref().ok().map(|h| h.thread().clone());
+        match spawn_saver(s, shared, "fault", opts.fault_nice, move || {
+            {
+                let _d = ProducerDone(shared);
+                shared.fault_loop(opts.fault_nice)?;
+            }
+            // Every sub-block is saved; saved memory stays protected: serve its writes (release
+            // only) until the file is committed.
+            if shared.keep_protected {
+                shared.serve_releases()?;
+            }
+            Ok(())
+        }) {
+            Ok(h) => fault_handle = Some(h),
+            Err(e) => spawn_err = Some(e),
+        }
         let started_threads = [
             watcher,
-            spawn_saver(s, shared, "fault", opts.fault_nice, move || {
-                let _d = ProducerDone(shared);
-                shared.fault_loop(opts.fault_nice)
-            }),
             spawn_saver(s, shared, "scanner", opts.bulk_nice, move || {
                 let _d = ProducerDone(shared);
                 shared.scan_loop(bw)
@@ -183,7 +197,7 @@ pub(super) fn run<S: SnapshotSink>(
             )));
         }
 
-        output::write_batches(shared, writer, workers, total_pages, progress);
+        output::write_batches(shared, &mut writer, workers, total_pages, progress);
         shared.writer_gone();
         writer_done.store(true, Ordering::Release);
         if let Some(t) = watcher_thread {
@@ -193,6 +207,17 @@ pub(super) fn run<S: SnapshotSink>(
             // Panics were turned into aborts by PanicAbort; the payload adds nothing.
             let _ = h.join();
         }
-        output::report(shared, writer, total_pages, progress);
-    });
+        output::report(shared, &writer, total_pages, progress);
+        if !shared.keep_protected {
+            if let Some(h) = fault_handle.take() {
+                let _ = h.join();
+            }
+        }
+        let r = output::finish(shared, writer, opts, total_pages, cancel);
+        shared.serve_until.store(true, Ordering::Release);
+        if let Some(h) = fault_handle {
+            let _ = h.join();
+        }
+        r
+    })
 }

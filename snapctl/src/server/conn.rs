@@ -173,6 +173,15 @@ impl Vmm {
         if let Some(lazy) = &self.lazy {
             v["restore"] = serde_json::to_value(lazy.status()).unwrap_or(Value::Null);
         }
+        // The record is held by a running save: its figures come after it.
+        let tracking = match self.record.try_lock() {
+            Ok(r) => serde_json::to_value(r.status()).unwrap_or(Value::Null),
+            Err(_) => json!({"state": "saving"}),
+        };
+        if let Some(d) = tracking.get("dirty_bytes") {
+            v["dirty_bytes"] = d.clone();
+        }
+        v["tracking"] = tracking;
         // Progress figures only the built-in guest reports: absent for kernel guests, never zeros.
         if cfg.is_builtin_guest() {
             let p = self.vm.progress();

@@ -107,7 +107,7 @@ pub fn run_boot(cfg: VmConfig, vmm: &VmmArgs, sock: &Path) -> anyhow::Result<Exi
         sock.display()
     );
     forward_stdin(&vm);
-    serve(vm, None, listener, sock)
+    serve(vm, None, None, listener, sock)
 }
 
 /// A kernel's serial console works in both directions: standard input goes to the guest's COM1.
@@ -144,7 +144,8 @@ pub fn run_restore(
     let t0 = Instant::now();
     let restored = (|| {
         let params = vm_snapshot::RestoreParams {
-            paused,
+            // Parked until write tracking protects the restored memory (below).
+            paused: true,
             backend: backend_override(vmm)?,
             serial: serial_out(vmm)?,
         };
@@ -169,8 +170,39 @@ pub fn run_restore(
         },
         sock.display()
     );
+    // Writes are tracked from the restored content on, with the restored file as the last save:
+    // `save --parent FILE` stores only what the guest writes from now on.
+    let tracking = track_restored(&vm, file);
+    if !paused {
+        vm.resume().context("starting the restored vCPUs")?;
+    }
     forward_stdin(&vm);
-    serve(vm, None, listener, sock)
+    serve(vm, None, tracking, listener, sock)
+}
+
+/// Write tracking of a VM just restored from `file`, its vCPUs parked: all memory protected, the
+/// file as the last save. Without it (logged) the VM runs untracked and its first `save --parent`
+/// saves all memory.
+fn track_restored(vm: &Vm, file: &Path) -> Option<(Arc<WpTracker>, vm_snapshot::WriteRecord)> {
+    let tracker = (|| {
+        let t = WpTracker::new().context("opening userfaultfd")?;
+        t.register_memory(vm.memory())
+            .context("registering guest memory with userfaultfd")?;
+        anyhow::Ok(Arc::new(t))
+    })();
+    let tracker = match tracker {
+        Ok(t) => t,
+        Err(e) => {
+            warn!("writes are not tracked after the restore: {e:#}");
+            return None;
+        }
+    };
+    let mut record = vm_snapshot::WriteRecord::new();
+    let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    if let Err(e) = record.start_at_restore(tracker.clone(), &file) {
+        warn!("writes are not tracked after the restore: {e}");
+    }
+    Some((tracker, record))
 }
 
 /// `snapctl restore --lazy`: the vCPUs start at once, memory follows (see `vm_snapshot::restore_lazy`).
@@ -216,7 +248,7 @@ fn run_restore_lazy(
         sock.display()
     );
     forward_stdin(&vm);
-    serve(vm, Some(lazy), listener, sock)
+    serve(vm, Some(lazy), None, listener, sock)
 }
 
 /// Watches a lazy restore: logs its end, and ends the VMM when it fails (a record that fails its
@@ -327,6 +359,8 @@ struct Vmm {
     /// The lazy restore that fills this VM's memory (`restore --lazy`), kept while the VM runs.
     lazy: Option<vm_snapshot::LazyRestore>,
     tracker: Mutex<Option<Arc<WpTracker>>>,
+    /// What the guest wrote since the last save (held by a save while it runs).
+    record: Mutex<vm_snapshot::WriteRecord>,
     save: Mutex<Option<Arc<AtomicBool>>>,
     started: Instant,
     stop: AtomicBool,
@@ -336,13 +370,19 @@ struct Vmm {
 fn serve(
     vm: Vm,
     lazy: Option<vm_snapshot::LazyRestore>,
+    tracking: Option<(Arc<WpTracker>, vm_snapshot::WriteRecord)>,
     listener: UnixListener,
     sock: &Path,
 ) -> anyhow::Result<ExitCode> {
+    let (tracker, record) = match tracking {
+        Some((t, r)) => (Some(t), r),
+        None => (None, vm_snapshot::WriteRecord::new()),
+    };
     let vmm = Arc::new(Vmm {
         vm: Arc::new(vm),
         lazy,
-        tracker: Mutex::new(None),
+        tracker: Mutex::new(tracker),
+        record: Mutex::new(record),
         save: Mutex::new(None),
         started: Instant::now(),
         stop: AtomicBool::new(false),

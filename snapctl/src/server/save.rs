@@ -157,7 +157,8 @@ impl Vmm {
         };
         let res = self.wait_lazy(&cancel).and_then(|_hold| {
             let t = self.tracker()?;
-            vm_snapshot::save(&self.vm, &t, &req, &moving, &cancel, &progress)
+            let mut record = self.record.lock().unwrap_or_else(|e| e.into_inner());
+            vm_snapshot::save_tracked(&self.vm, &t, &mut record, &req, &moving, &cancel, &progress)
                 .map_err(anyhow::Error::from)
         });
         drop(ptx);
@@ -210,6 +211,9 @@ fn describe_save(req: &SaveParams) -> String {
     if req.force {
         s.push_str(", replacing");
     }
+    if let Some(p) = &req.parent {
+        s.push_str(&format!(", parent {p}"));
+    }
     s
 }
 
@@ -229,6 +233,16 @@ fn log_report(r: &vm_snapshot::SaveReport) {
         fmt_bytes(r.staging.peak_bytes),
         fmt_bytes(r.staging.cap_bytes)
     );
+    if let Some(p) = &r.parent {
+        info!(
+            "incremental save: {} stored, {} inherited from {p}",
+            fmt_bytes(r.stored_bytes),
+            fmt_bytes(r.inherited_bytes)
+        );
+    }
+    if let Some(why) = &r.full_reason {
+        info!("{why}");
+    }
     if r.staging.cap_reached {
         info!(
             "save reached its staging cap ({}): {} guest writes waited {:.1} ms in total for the output",

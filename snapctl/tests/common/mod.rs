@@ -376,6 +376,24 @@ impl Vmm {
         n
     }
 
+    /// No page is write-protected without someone serving its faults: with write tracking on
+    /// (after a successful save), protected pages are the tracker's (the guest must still make
+    /// progress, and the tracker must say it runs); otherwise none may be protected.
+    pub fn assert_no_orphan_protection(&self, what: &str) {
+        let st = self.status();
+        if st["tracking"]["state"] == "tracking" {
+            if st["guest"] == "builtin" && st["state"] == "running" {
+                self.assert_progress(Duration::from_secs(10));
+            }
+            return;
+        }
+        assert_eq!(
+            self.wp_pages(),
+            0,
+            "{what}: pages left write-protected ({st})"
+        );
+    }
+
     /// Open file descriptors of the VMM process.
     pub fn fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
