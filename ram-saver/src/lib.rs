@@ -5,6 +5,8 @@
 //!   open, iterate, [`verify`](SnapshotReader::verify) and [`load_into`](SnapshotReader::load_into).
 //! - [`Chain`]: an incremental snapshot and its parents read as one (flattened index,
 //!   [`verify`](Chain::verify), [`load_into`](Chain::load_into), [`merge`](Chain::merge)).
+//! - [`PageHashes`]: a content hash of every guest page as of the last save, so that an
+//!   incremental save stores only the pages that changed.
 //! - [`live_save`]: saves the RAM of a running guest whose memory was write-protected at the
 //!   freeze instant, racing a linear scan against write faults, one block at a time.
 #![forbid(unsafe_code)]
@@ -13,6 +15,7 @@ mod chain;
 mod direct_io;
 mod error;
 pub mod format;
+mod hashes;
 pub mod pagemap;
 mod reader;
 mod save;
@@ -26,6 +29,7 @@ pub use format::{
     Compression, ErrorKind, FormatError, Identity, IndexEntry, MemRegion, ParentRef, RecordKind,
     SnapshotHeader, Totals, Trailer, FORMAT_VERSION, OLDEST_FORMAT_VERSION, PIECE_RAW,
 };
+pub use hashes::{page_hash, zero_hash, PageHashes, HASH_PAGE};
 pub use reader::{HotTotals, Piece, ReadProgress, Record, Records, SnapshotReader, VerifyReport};
 #[doc(hidden)]
 pub use save::InjectPoint;

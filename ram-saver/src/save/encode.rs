@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 
 use super::{lock, InjectPoint, SaveError, Shared, Work, PAGE_SIZE};
 use crate::format::{Compression, FormatError};
-use crate::writer::RecordEncoder;
+use crate::hashes::{page_hash, PageHashes};
+use crate::writer::{EncodedBatch, RecordEncoder};
 
 /// Adaptive compression: a zstd batch stored at more than this share of its input …
 const RAW_RATIO: f64 = 0.97;
@@ -28,6 +29,7 @@ impl Shared<'_> {
             .map_err(|e| SaveError::Write(FormatError::Unwritable(e)))?;
         let compressing = !matches!(compression, Compression::None);
         let mut work = Vec::new();
+        let mut same = Vec::new();
         while self.pop_work(&mut work) {
             if self.inject == Some(InjectPoint::WorkerPanic) {
                 panic!("injected worker failure");
@@ -59,16 +61,27 @@ impl Shared<'_> {
                         enc.set_hot(hot);
                         for run in &runs {
                             if r.is_ok() {
-                                r = enc.encode(
-                                    run.first_page,
-                                    &buf[run.off..run.off + run.len],
-                                    &mut batch,
-                                );
+                                let data = &buf[run.off..run.off + run.len];
+                                r = match &self.hashes {
+                                    Some(h) => self.encode_hashed(
+                                        enc,
+                                        h,
+                                        run.first_page,
+                                        data,
+                                        hot,
+                                        &mut batch,
+                                        &mut same,
+                                    ),
+                                    None => enc.encode(run.first_page, data, &mut batch),
+                                };
                             }
                         }
                         self.release_buffer(buf, fault);
                     }
                     Work::Zero { first_page, pages } => {
+                        if let Some(h) = &self.hashes {
+                            h.set_zero(first_page, pages);
+                        }
                         enc.set_hot(false);
                         enc.zero_run(first_page, pages, &mut batch)
                     }
@@ -88,6 +101,64 @@ impl Shared<'_> {
             if !self.send_batch(batch, fault_batch) {
                 return Ok(());
             }
+        }
+        Ok(())
+    }
+
+    /// Encode `data` (whole pages from guest page `first_page`) as [`RecordEncoder::encode`]
+    /// does, hashing every page into `hashes`; in an incremental save, pages whose hash equals
+    /// the table's go as Parent runs (not hot) instead, and keep their hash. `same` is scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn encode_hashed(
+        &self,
+        enc: &mut RecordEncoder,
+        hashes: &PageHashes,
+        first_page: u64,
+        data: &[u8],
+        hot: bool,
+        batch: &mut EncodedBatch,
+        same: &mut Vec<bool>,
+    ) -> std::io::Result<()> {
+        same.clear();
+        for (k, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let hash = page_hash(page);
+            let slot = hashes.slot(first_page + k as u64);
+            let equal = self.compare && slot.is_some_and(|s| hashes.equals(s, hash));
+            if !equal {
+                if let Some(s) = slot {
+                    hashes.set(s, hash);
+                }
+            }
+            same.push(equal);
+        }
+        if self.compare {
+            let unchanged = same.iter().filter(|&&e| e).count() as u64;
+            self.pages_compared
+                .fetch_add(same.len() as u64, Ordering::Relaxed);
+            self.pages_unchanged
+                .fetch_add(unchanged, Ordering::Relaxed);
+            if unchanged == 0 {
+                return enc.encode(first_page, data, batch);
+            }
+        } else {
+            return enc.encode(first_page, data, batch);
+        }
+        // Runs of equal flags: stored pages encoded, unchanged ones one Parent run each.
+        let mut i = 0;
+        while i < same.len() {
+            let mut j = i + 1;
+            while j < same.len() && same[j] == same[i] {
+                j += 1;
+            }
+            let first = first_page + i as u64;
+            if same[i] {
+                enc.set_hot(false);
+                enc.parent_run(first, (j - i) as u64, batch);
+                enc.set_hot(hot);
+            } else {
+                enc.encode(first, &data[i * PAGE_SIZE..j * PAGE_SIZE], batch)?;
+            }
+            i = j;
         }
         Ok(())
     }

@@ -30,7 +30,11 @@
 //! whoever tracks writes next takes over the queued faults; the summary lists what was released
 //! ([`SaveSummary::released`]). With [`SaveOptions::increment`] as well, only sub-blocks touching
 //! the increment are stored; every other sub-block is the parent's (a Parent run in address
-//! order, emitted by the scanner), and a fault on one only releases it.
+//! order, emitted by the scanner), and a fault on one only releases it. With
+//! [`SaveOptions::page_hashes`] the compression workers hash every page they encode; in an
+//! incremental save a page whose hash equals the table's (unchanged since the parent's freeze,
+//! or rewritten with equal content) becomes a Parent run instead of data, merged with the
+//! equal pages around it in its staged run.
 //!
 //! Why each number is what it is (unit sizes, pools, priorities, workers) is measured in
 //! `docs/PERFORMANCE.md`, with the commands that measure it.
@@ -57,6 +61,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use wp_tracker::{WpError, WpTracker};
 
 use crate::format::{FormatError, Identity, MemRegion, SnapshotHeader};
+use crate::hashes::PageHashes;
 use crate::writer::{EncodedBatch, SnapshotSink, SnapshotWriter};
 
 mod blocks;
@@ -113,6 +118,11 @@ pub struct SaveSummary {
     pub data_pages: u64,
     /// Pages left to the parent (Parent records; 0 without a parent reference).
     pub parent_pages: u64,
+    /// With [`SaveOptions::page_hashes`] and `increment`: pages of written sub-blocks whose
+    /// hash was compared with the table's.
+    pub pages_compared: u64,
+    /// Of those, pages found unchanged (equal hash): left to the parent, not stored.
+    pub pages_unchanged: u64,
     /// The written file's identity: what a child of it names it by.
     pub identity: Identity,
     /// Blocks copied by the fault thread.
@@ -277,6 +287,12 @@ struct Shared<'a> {
     /// With `keep_protected`: the fault thread serves until this is set (after the file is
     /// committed), so guest writes never wait for the final flush.
     serve_until: AtomicBool,
+    /// [`SaveOptions::page_hashes`].
+    hashes: Option<Arc<PageHashes>>,
+    /// Compare stored pages with `hashes` (an incremental save) and inherit equal ones.
+    compare: bool,
+    pages_compared: AtomicU64,
+    pages_unchanged: AtomicU64,
     inject: Option<InjectPoint>,
 }
 
@@ -328,6 +344,10 @@ impl<'a> Shared<'a> {
             spin: opts.fault_spin.unwrap_or(fault::DEFAULT_SPIN),
             keep_protected: opts.keep_protected,
             serve_until: AtomicBool::new(false),
+            hashes: opts.page_hashes.clone(),
+            compare: opts.increment.is_some(),
+            pages_compared: AtomicU64::new(0),
+            pages_unchanged: AtomicU64::new(0),
             inject: opts.inject_failure,
         }
     }
@@ -430,6 +450,13 @@ pub fn live_save<S: SnapshotSink>(
         })
         .collect();
     let total_pages = header.total_pages();
+    if let Some(h) = &opts.page_hashes {
+        if !h.matches(&header.regions) {
+            return Err(SaveError::InvalidOptions(
+                "the page-hash table does not cover the guest memory's regions".into(),
+            ));
+        }
+    }
     let huge = huge::huge_ranges(mem);
     let fault_block = fault::fault_block_size(mem, opts, &huge)?;
     let mut blocks = BlockMap::new(mem, opts.block_size, fault_block)?;

@@ -1,10 +1,12 @@
 //! The options of a live save.
 
+use std::sync::Arc;
 use std::thread;
 
 use super::fault::DEFAULT_FAULT_NICE;
 use super::Staging;
 use crate::format::Compression;
+use crate::hashes::PageHashes;
 
 /// Options of [`live_save`](super::live_save).
 #[derive(Debug, Clone)]
@@ -56,6 +58,14 @@ pub struct SaveOptions {
     /// the parent's freeze) and Parent runs for all the rest. Needs `keep_protected` and a
     /// header with a parent reference. `None`: store everything.
     pub increment: Option<Vec<wp_tracker::HostRange>>,
+    /// A content hash per guest page ([`PageHashes`]): the compression workers hash every page
+    /// the save stores into it (zero runs as zero pages; pages left to the parent keep theirs).
+    /// With `increment` as well, a page of a written sub-block whose hash equals the table's
+    /// (its content is the parent's: the table must describe the parent's freeze instant) is
+    /// not stored but a Parent run; unknown pages are stored. The table must cover the
+    /// memory's regions (else `InvalidOptions`). On error it is left partly updated: the
+    /// caller must [`forget`](PageHashes::forget) it or stop trusting it.
+    pub page_hashes: Option<Arc<PageHashes>>,
     /// Test-only failure injection.
     #[doc(hidden)]
     pub inject_failure: Option<InjectPoint>,
@@ -80,6 +90,7 @@ impl Default for SaveOptions {
             bulk_nice: None,
             keep_protected: false,
             increment: None,
+            page_hashes: None,
             inject_failure: None,
         }
     }

@@ -200,6 +200,8 @@ pub(super) fn summary(
         zero_pages: totals.zero_pages,
         data_pages: totals.data_pages,
         parent_pages: totals.parent_pages,
+        pages_compared: shared.pages_compared.load(Ordering::Relaxed),
+        pages_unchanged: shared.pages_unchanged.load(Ordering::Relaxed),
         identity,
         faults_served: shared.faults_served.load(Ordering::Relaxed),
         fault_latency_p50_us: pct(50),
