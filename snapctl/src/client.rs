@@ -411,6 +411,12 @@ fn print_summary(s: &Value, path: Option<&Path>) {
             fmt_bytes(u("stored_bytes")),
             fmt_bytes(u("inherited_bytes"))
         );
+        let _ = writeln!(
+            e,
+            "  compared:        {} pages of written units, {} unchanged (not stored)",
+            u("pages_compared"),
+            u("pages_unchanged")
+        );
     }
     let _ = writeln!(e, "  downtime:        {:.3} ms", f("downtime_ms"));
     let _ = writeln!(

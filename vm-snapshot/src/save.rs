@@ -171,6 +171,13 @@ pub struct SaveReport {
     /// Guest bytes this file inherits from its parent (unchanged since the parent's freeze).
     #[serde(default)]
     pub inherited_bytes: u64,
+    /// An incremental save: guest pages of written units whose content hash was compared with
+    /// the parent's.
+    #[serde(default)]
+    pub pages_compared: u64,
+    /// Of those, pages found unchanged (equal content): left to the parent, not stored.
+    #[serde(default)]
+    pub pages_unchanged: u64,
     /// Guest memory is write-tracked after this save (the next save may name it as parent).
     #[serde(default)]
     pub tracking: bool,
@@ -604,6 +611,8 @@ pub(crate) fn report(
         full_reason: None,
         stored_bytes: (s.zero_pages + s.data_pages) * 4096,
         inherited_bytes: s.parent_pages * 4096,
+        pages_compared: s.pages_compared,
+        pages_unchanged: s.pages_unchanged,
         tracking: false,
         // Figures only the built-in guest can give are absent for kernel guests, never a zero
         // that reads as "no stall".

@@ -26,7 +26,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use ram_saver::{Identity, ParentRef, SaveProgress, SnapshotSink};
+use ram_saver::{Identity, PageHashes, ParentRef, SaveOptions, SaveProgress, SnapshotSink};
+use vm_memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use vmm_core::Vm;
 use wp_tracker::{DirtyTracker, Precision, WpTracker};
@@ -64,6 +65,9 @@ enum State {
 #[derive(Debug)]
 pub struct WriteRecord {
     state: State,
+    /// A hash of every guest page as of the last save's freeze instant (or the restored
+    /// content), made with the first save; pages not known are unknown in it.
+    hashes: Option<Arc<PageHashes>>,
 }
 
 impl Default for WriteRecord {
@@ -107,7 +111,10 @@ pub(crate) struct TrackedSave {
 impl WriteRecord {
     /// No record yet (a VMM that has not saved).
     pub fn new() -> Self {
-        WriteRecord { state: State::Off }
+        WriteRecord {
+            state: State::Off,
+            hashes: None,
+        }
     }
 
     /// The tracking state and the bytes written since the last save.
@@ -142,10 +149,24 @@ impl WriteRecord {
         matches!(self.state, State::Tracking { .. })
     }
 
-    /// Start tracking on memory whose content is the snapshot `file` (just restored, vCPUs not
-    /// yet running): everything is protected and the restored file is the last save, so a save
-    /// may name it as parent. On error nothing stays protected and the record says why.
-    pub fn start_at_restore(&mut self, wp: Arc<WpTracker>, file: &Path) -> Result<(), String> {
+    /// Start tracking on memory `mem` whose content is the snapshot `file` (just restored, vCPUs
+    /// not yet running): every page is hashed (on all cores), everything is protected and the
+    /// restored file is the last save, so a save may name it as parent and store only the pages
+    /// that change. On error nothing stays protected and the record says why; a hashing failure
+    /// only leaves the pages unknown (the first incremental save stores whole written units).
+    pub fn start_at_restore(
+        &mut self,
+        wp: Arc<WpTracker>,
+        mem: &GuestMemoryMmap,
+        file: &Path,
+    ) -> Result<(), String> {
+        let table = Arc::new(PageHashes::for_memory(mem));
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if table.fill_from(mem, threads).is_err() {
+            // Unknown pages are stored whole by the first incremental save: larger, never wrong.
+            table.forget();
+        }
+        self.hashes = Some(table);
         let identity = identity_of(file);
         match DirtyTracker::start(wp, PRECISION) {
             Ok(tracker) => {
@@ -221,10 +242,21 @@ impl WriteRecord {
             }
         };
         let was_tracking = running.is_some();
+        let hashes = self.hashes_for(run.vm.memory());
+        let opts = SaveOptions {
+            page_hashes: Some(hashes.clone()),
+            ..run.opts.clone()
+        };
+        let run = FreezeRun { opts: &opts, ..*run };
         let res = run.save(sink, header, &mut running, incremental);
         let saved = match res {
             Ok((saved, _)) => saved,
             Err(e) => {
+                if running.is_none() {
+                    // The live save may have hashed part of this save's pages into the table:
+                    // it no longer describes the last good save.
+                    hashes.forget();
+                }
                 if let Some(tracker) = running {
                     // Never suspended (the freeze failed first): tracking is intact.
                     self.state = State::Tracking {
@@ -262,6 +294,20 @@ impl WriteRecord {
             full_reason,
             tracking,
         })
+    }
+}
+
+impl WriteRecord {
+    /// The page-hash table for `mem`, made on first use (every page unknown).
+    fn hashes_for(&mut self, mem: &GuestMemoryMmap) -> Arc<PageHashes> {
+        match &self.hashes {
+            Some(h) => h.clone(),
+            None => {
+                let h = Arc::new(PageHashes::for_memory(mem));
+                self.hashes = Some(h.clone());
+                h
+            }
+        }
     }
 }
 

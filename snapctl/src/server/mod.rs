@@ -199,7 +199,7 @@ fn track_restored(vm: &Vm, file: &Path) -> Option<(Arc<WpTracker>, vm_snapshot::
     };
     let mut record = vm_snapshot::WriteRecord::new();
     let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
-    if let Err(e) = record.start_at_restore(tracker.clone(), &file) {
+    if let Err(e) = record.start_at_restore(tracker.clone(), vm.memory(), &file) {
         warn!("writes are not tracked after the restore: {e}");
     }
     Some((tracker, record))

@@ -235,9 +235,12 @@ fn log_report(r: &vm_snapshot::SaveReport) {
     );
     if let Some(p) = &r.parent {
         info!(
-            "incremental save: {} stored, {} inherited from {p}",
+            "incremental save: {} stored, {} inherited from {p} ({} pages of written units \
+             compared, {} unchanged)",
             fmt_bytes(r.stored_bytes),
-            fmt_bytes(r.inherited_bytes)
+            fmt_bytes(r.inherited_bytes),
+            r.pages_compared,
+            r.pages_unchanged
         );
     }
     if let Some(why) = &r.full_reason {
