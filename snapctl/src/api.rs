@@ -205,6 +205,7 @@ mod tests {
                 fault_block: Some(2 << 20),
                 scan_block: None,
                 no_huge_restore: true,
+                no_page_hashes: true,
                 background: true,
                 parent: Some("/tmp/p.snap".into()),
             }),

@@ -174,6 +174,8 @@ pub struct SaveTuning {
     pub scan_block: Option<usize>,
     /// Leave split huge pages split.
     pub no_huge_restore: bool,
+    /// Neither hash pages nor compare them with the parent's.
+    pub no_page_hashes: bool,
     /// Low CPU priority for the bulk saver threads.
     pub background: bool,
     /// The parent of an incremental save.
@@ -307,6 +309,7 @@ pub fn save(
         fault_block: tuning.fault_block,
         scan_block: tuning.scan_block,
         no_huge_restore: tuning.no_huge_restore,
+        no_page_hashes: tuning.no_page_hashes,
         background: tuning.background,
         parent,
     });

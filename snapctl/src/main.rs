@@ -152,6 +152,11 @@ enum Command {
         /// Tuning: do not collapse split huge pages back after the save.
         #[arg(long, hide = true)]
         no_huge_restore: bool,
+        /// Tuning: store every page of the units written since the parent, without comparing
+        /// page contents (no page hashes; later incremental saves store whole written units until
+        /// the next full save).
+        #[arg(long, hide = true)]
+        no_page_hashes: bool,
         #[command(flatten)]
         sock: SockArgs,
     },
@@ -375,6 +380,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             fault_block,
             scan_block,
             no_huge_restore,
+            no_page_hashes,
             sock,
         } => client::save(
             &sock.path()?,
@@ -389,6 +395,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 fault_block: fault_block.map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
                 scan_block: scan_block.map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
                 no_huge_restore,
+                no_page_hashes,
                 background,
                 parent,
             },

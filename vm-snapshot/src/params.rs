@@ -69,6 +69,12 @@ pub struct SaveParams {
     /// Tuning knob: do not collapse huge pages that small releases split back after the save.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_huge_restore: bool,
+    /// Tuning knob: do not hash the pages this save stores, and store every page of the units
+    /// written since the parent instead of only those whose content changed (the VMM's page
+    /// hashes are then forgotten: later incremental saves store whole written units until a
+    /// full save hashes every page again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_page_hashes: bool,
     /// An incremental save: the absolute path of this VM's last snapshot, whose content the new
     /// file then inherits where the guest wrote nothing since (the file stores a reference to
     /// it). Without a record of the writes since that snapshot's freeze, all memory is saved and

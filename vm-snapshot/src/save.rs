@@ -566,7 +566,8 @@ impl Job<'_> {
             progress: self.progress,
         };
         let path = (!self.params.stream).then(|| Path::new(&self.params.path));
-        let t = record.save(&run, wp, sink, path, self.params.parent.as_deref())?;
+        let parent = self.params.parent.as_deref();
+        let t = record.save(&run, wp, sink, path, parent, !self.params.no_page_hashes)?;
         let guest = monitor.map(ProgressMonitor::finish);
         let mut r = report(self.params, self.vm, &t.saved, guest);
         r.parent = t.parent;

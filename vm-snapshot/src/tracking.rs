@@ -186,7 +186,9 @@ impl WriteRecord {
     }
 
     /// Save with `run` into `sink` (the file at `path`, or a stream if `path` is None), naming
-    /// `parent` if given; tracking goes on after a successful save. See the module docs.
+    /// `parent` if given; tracking goes on after a successful save. With `hash_pages` the save
+    /// hashes what it stores and an incremental one stores only pages whose hash changed;
+    /// without, the page hashes are forgotten. See the module docs.
     pub(crate) fn save<S: SnapshotSink>(
         &mut self,
         run: &FreezeRun<'_>,
@@ -194,6 +196,7 @@ impl WriteRecord {
         sink: S,
         path: Option<&Path>,
         parent: Option<&str>,
+        hash_pages: bool,
     ) -> Result<TrackedSave, SaveError> {
         let mut header = header_of(run.vm)?;
         let mut full_reason = None;
@@ -243,8 +246,11 @@ impl WriteRecord {
         };
         let was_tracking = running.is_some();
         let hashes = self.hashes_for(run.vm.memory());
+        if !hash_pages {
+            hashes.forget();
+        }
         let opts = SaveOptions {
-            page_hashes: Some(hashes.clone()),
+            page_hashes: hash_pages.then(|| hashes.clone()),
             ..run.opts.clone()
         };
         let run = FreezeRun { opts: &opts, ..*run };
