@@ -1,10 +1,12 @@
 //! Figures of incremental saves with the built-in guest (real KVM, real userfaultfd, real files):
 //! the guest's rate with write tracking off (before any save) and on (after one), and the freeze
 //! and total time of incremental saves after the guest wrote a hot set of ~1 % and ~6 % of RAM,
-//! or all of it.
+//! or all of it. With `--random`: a guest writing random pages over all of its RAM (~1 % and
+//! ~6 % of the pages between saves), full and incremental saves with page hashes and without
+//! (`--no-page-hashes`: whole written units).
 //!
 //! `cargo build --release -p snapctl && cargo run --release -p snapctl --example
-//! incremental_figures [-- --mem 1G --dir /tmp --backend anon|memfd]` (uses the `snapctl` binary
+//! incremental_figures [-- --mem 1G --dir /tmp --backend anon|memfd --random]` (uses the `snapctl` binary
 //! beside the example).
 
 use std::path::{Path, PathBuf};
@@ -143,6 +145,102 @@ fn scenario(dir: &Path, mem: &str, backend: &str, name: &str, guest: &[&str]) {
     let _ = ctl(&sock, &["shutdown"]);
 }
 
+/// `save ARGS --out OUT --json` (after removing OUT).
+fn save_to(sock: &Path, out: &Path, args: &[&str]) -> Value {
+    let _ = std::fs::remove_file(out);
+    let mut a = vec!["save", "--out", out.to_str().unwrap(), "--json"];
+    a.extend(args);
+    ctl(sock, &a)
+}
+
+fn mib(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64
+}
+
+/// A guest writing random pages over all of its RAM at `rate` pages/s per vCPU: full saves with
+/// and without page hashes, and incremental saves 1 s apart with them (pages of written units
+/// compared, only changed ones stored) and without (`--no-page-hashes`: whole written units).
+fn random_scenario(dir: &Path, mem: &str, backend: &str, name: &str, rate: u64) {
+    let sock = dir.join("incr-fig.sock");
+    let _ = std::fs::remove_file(&sock);
+    let r = rate.to_string();
+    let _vmm = Vmm(Command::new(snapctl())
+        .args(["boot", "--mem", mem, "--mem-backend", backend, "--write-rate", &r])
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--serial-log")
+        .arg(dir.join("incr-fig.serial"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("boot"));
+    let t0 = Instant::now();
+    loop {
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok()
+            && ctl(&sock, &["status", "--json"])["fill_done"] == true
+        {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "boot");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("{name} ({rate} pages/s per vCPU, random over all RAM):");
+    let full = |hashes: bool, i: usize| {
+        let out = dir.join(format!("incr-fig-full{i}.snap"));
+        let args: &[&str] = if hashes { &[] } else { &["--no-page-hashes"] };
+        let s = save_to(&sock, &out, args);
+        println!(
+            "  full save {} page hashes: {:.0} ms, {:.1} MiB/s of guest RAM",
+            if hashes { "with" } else { "without" },
+            s["duration_s"].as_f64().unwrap() * 1e3,
+            mib(&s, "guest_bytes") / s["duration_s"].as_f64().unwrap()
+        );
+        out
+    };
+    for (round, hashes) in [(0, true), (1, false), (2, true)] {
+        let mut parent = full(hashes, round);
+        if round == 2 {
+            let _ = std::fs::remove_file(&parent);
+            break;
+        }
+        for i in 1..=2 {
+            std::thread::sleep(Duration::from_millis(1000));
+            let dirty = ctl(&sock, &["status", "--json"])["dirty_bytes"]
+                .as_u64()
+                .unwrap_or(0);
+            let child = dir.join(format!("incr-fig-{round}-{i}.snap"));
+            let p = parent.to_str().unwrap().to_string();
+            let mut args = vec!["--parent", p.as_str()];
+            if !hashes {
+                args.push("--no-page-hashes");
+            }
+            let s = save_to(&sock, &child, &args);
+            assert_eq!(s["parent"], p.as_str(), "{s}");
+            let pages = s["pages_saved"].as_f64().unwrap();
+            let stored = s["data_pages"].as_f64().unwrap() + s["zero_pages"].as_f64().unwrap();
+            println!(
+                "  child {i} {}: written units {:.0} MiB ({:.0} % of RAM); compared {} pages, \
+                 {} unchanged; stored {:.1} MiB ({:.2} % of pages), file {:.1} MiB; total {:.0} ms, \
+                 downtime {:.2} ms",
+                if hashes { "with hashes   " } else { "whole units   " },
+                dirty as f64 / (1u64 << 20) as f64,
+                dirty as f64 / s["guest_bytes"].as_f64().unwrap() * 100.0,
+                s["pages_compared"],
+                s["pages_unchanged"],
+                mib(&s, "stored_bytes"),
+                stored / pages * 100.0,
+                mib(&s, "file_bytes"),
+                s["duration_s"].as_f64().unwrap() * 1e3,
+                s["downtime_ms"].as_f64().unwrap()
+            );
+            let _ = std::fs::remove_file(&parent);
+            parent = child;
+        }
+        let _ = std::fs::remove_file(&parent);
+    }
+    let _ = ctl(&sock, &["shutdown"]);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let opt = |k: &str, d: &str| {
@@ -162,6 +260,14 @@ fn main() {
     let one = format!("{}K", (mib << 10) / 100 / 2);
     let six = format!("{}K", (mib << 10) * 6 / 100 / 2);
     println!("{mem} guest, {backend} memory");
+    if args.iter().any(|a| a == "--random") {
+        // Two vCPUs writing random pages; ~1 % and ~6 % of the pages per interval of about 1.5 s
+        // (1 s, then the save).
+        let pages = mib << 8;
+        random_scenario(&dir, &mem, &backend, "random ~1 %", pages / 100 / 3);
+        random_scenario(&dir, &mem, &backend, "random ~6 %", pages * 6 / 100 / 3);
+        return;
+    }
     scenario(
         &dir,
         &mem,
