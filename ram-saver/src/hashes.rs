@@ -137,7 +137,9 @@ impl PageHashes {
 
     /// Pages whose hash is known.
     pub fn known(&self) -> usize {
-        (0..self.pages()).filter(|&i| self.get(i) != UNKNOWN).count()
+        (0..self.pages())
+            .filter(|&i| self.get(i) != UNKNOWN)
+            .count()
     }
 
     /// Hash every page of `mem` (whose regions the table covers) with `threads` threads: the

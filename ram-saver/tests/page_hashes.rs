@@ -118,7 +118,8 @@ fn an_incremental_save_stores_only_pages_whose_content_changed() {
     let ranges: Vec<_> = LAYOUT.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
     let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&ranges).unwrap();
     for gpa in all_pages(&mem) {
-        mem.write_slice(&content(0, gpa), GuestAddress(gpa)).unwrap();
+        mem.write_slice(&content(0, gpa), GuestAddress(gpa))
+            .unwrap();
     }
     let wp = Arc::new(WpTracker::new().expect("userfaultfd with write-protect"));
     wp.register_memory(&mem).unwrap();

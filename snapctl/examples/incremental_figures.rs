@@ -165,7 +165,15 @@ fn random_scenario(dir: &Path, mem: &str, backend: &str, name: &str, rate: u64) 
     let _ = std::fs::remove_file(&sock);
     let r = rate.to_string();
     let _vmm = Vmm(Command::new(snapctl())
-        .args(["boot", "--mem", mem, "--mem-backend", backend, "--write-rate", &r])
+        .args([
+            "boot",
+            "--mem",
+            mem,
+            "--mem-backend",
+            backend,
+            "--write-rate",
+            &r,
+        ])
         .arg("--api-sock")
         .arg(&sock)
         .arg("--serial-log")

@@ -475,7 +475,10 @@ fn a_restored_vm_saves_incrementally_against_the_restored_file() {
 fn changed_pages(a: &Path, b: &Path) -> u64 {
     let ((x, ps), (y, _)) = (image(a), image(b));
     assert_eq!(x.len(), y.len());
-    x.chunks(ps).zip(y.chunks(ps)).filter(|(p, q)| p != q).count() as u64
+    x.chunks(ps)
+        .zip(y.chunks(ps))
+        .filter(|(p, q)| p != q)
+        .count() as u64
 }
 
 /// The child `child` of `parent` (its save summary `s`) stores the pages whose content changed

@@ -27,8 +27,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use ram_saver::{Identity, PageHashes, ParentRef, SaveOptions, SaveProgress, SnapshotSink};
-use vm_memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
 use vmm_core::Vm;
 use wp_tracker::{DirtyTracker, Precision, WpTracker};
 
@@ -253,7 +253,10 @@ impl WriteRecord {
             page_hashes: hash_pages.then(|| hashes.clone()),
             ..run.opts.clone()
         };
-        let run = FreezeRun { opts: &opts, ..*run };
+        let run = FreezeRun {
+            opts: &opts,
+            ..*run
+        };
         let res = run.save(sink, header, &mut running, incremental);
         let saved = match res {
             Ok((saved, _)) => saved,

@@ -135,8 +135,7 @@ impl Shared<'_> {
             let unchanged = same.iter().filter(|&&e| e).count() as u64;
             self.pages_compared
                 .fetch_add(same.len() as u64, Ordering::Relaxed);
-            self.pages_unchanged
-                .fetch_add(unchanged, Ordering::Relaxed);
+            self.pages_unchanged.fetch_add(unchanged, Ordering::Relaxed);
             if unchanged == 0 {
                 return enc.encode(first_page, data, batch);
             }
