@@ -418,14 +418,20 @@ fn a_cancelled_incremental_save_leaves_the_guest_free_and_the_next_save_right() 
 
 /// `snapctl restore FILE` (eager) on its own socket in `dir`, once it answers.
 fn restore(dir: &Path, file: &Path) -> Vmm {
-    let sock = dir.join("restored.sock");
+    restore_as(dir, file, "restored", &[])
+}
+
+/// `snapctl restore FILE ARGS` on socket `TAG.sock` in `dir`, once it answers.
+fn restore_as(dir: &Path, file: &Path, tag: &str, args: &[&str]) -> Vmm {
+    let sock = dir.join(format!("{tag}.sock"));
     let mut cmd = std::process::Command::new(bin());
     cmd.arg("restore")
         .arg(file)
+        .args(args)
         .arg("--api-sock")
         .arg(&sock)
         .arg("--serial-log")
-        .arg(dir.join("restored.serial"));
+        .arg(dir.join(format!("{tag}.serial")));
     let mut vmm = Vmm {
         proc: Proc::spawn_cmd(&mut cmd, true),
         sock,
@@ -539,6 +545,27 @@ fn a_child_stores_only_the_pages_whose_content_changed() {
     oracle_chain(&next);
     let o = restored.ctl(&["self-check"], T);
     assert_eq!(o.code(), Some(0), "self-check after restore: {}", o.stderr);
+    drop(restored);
+    // A lazy restore reads the chain's units cut into data and Parent records page by page.
+    let lazy = restore_as(dir.path(), &next, "lazy", &["--lazy"]);
+    let t0 = std::time::Instant::now();
+    loop {
+        let r = lazy.status()["restore"].clone();
+        assert!(r["failed"].is_null(), "lazy restore failed: {r}");
+        if r["done"] == true {
+            break;
+        }
+        assert!(t0.elapsed() < T, "fill not done: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    lazy.assert_progress(Duration::from_secs(10));
+    let o = lazy.ctl(&["self-check"], T);
+    assert_eq!(
+        o.code(),
+        Some(0),
+        "self-check after a lazy restore: {}",
+        o.stderr
+    );
 }
 
 /// A save that fails after its live save hashed every page (its directory vanishes before the
@@ -593,4 +620,29 @@ fn a_save_failing_after_hashing_leaves_the_next_children_right() {
         oracle_chain(&after);
         parent = after;
     }
+    // A save without page hashes stores whole written units and leaves no hash to trust: the
+    // child after it stores its written units whole too (nothing compared equal), and is right.
+    std::thread::sleep(Duration::from_millis(300));
+    let whole = dir.join("whole.snap");
+    let s = save(
+        &vmm,
+        &whole,
+        &["--parent", parent.to_str().unwrap(), "--no-page-hashes"],
+    );
+    assert_eq!(u(&s, "pages_compared"), 0, "{s}");
+    let changed = changed_pages(&parent, &whole);
+    assert!(
+        u(&s, "data_pages") + u(&s, "zero_pages") >= 4 * changed,
+        "whole written units, not the {changed} changed pages: {s}"
+    );
+    oracle_chain(&whole);
+    std::thread::sleep(Duration::from_millis(300));
+    let next = dir.join("after-whole.snap");
+    let s = save_child(&vmm, &whole, &next);
+    assert_eq!(u(&s, "pages_unchanged"), 0, "no hash is known: {s}");
+    assert_eq!(
+        u(&s, "inherited_bytes") + u(&s, "stored_bytes"),
+        vmm.mem_bytes
+    );
+    oracle_chain(&next);
 }
