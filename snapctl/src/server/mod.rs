@@ -199,8 +199,14 @@ fn track_restored(vm: &Vm, file: &Path) -> Option<(Arc<WpTracker>, vm_snapshot::
     };
     let mut record = vm_snapshot::WriteRecord::new();
     let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
-    if let Err(e) = record.start_at_restore(tracker.clone(), vm.memory(), &file) {
-        warn!("writes are not tracked after the restore: {e}");
+    let t0 = std::time::Instant::now();
+    match record.start_at_restore(tracker.clone(), vm.memory(), &file) {
+        Ok(()) => info!(
+            "tracking writes from the restored content (page hashes of {} in {:.0} ms)",
+            fmt_bytes(vm.config().mem_bytes),
+            t0.elapsed().as_secs_f64() * 1e3
+        ),
+        Err(e) => warn!("writes are not tracked after the restore: {e}"),
     }
     Some((tracker, record))
 }
