@@ -64,6 +64,9 @@ impl Vmm {
             debug!("save refused: {msg}");
             return error("bad_request", msg);
         }
+        if let Some(r) = self.save_refused_by_migration() {
+            return r;
+        }
         let cancel = Arc::new(AtomicBool::new(false));
         {
             let mut g = self.save.lock().expect("save lock");
