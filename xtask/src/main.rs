@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod bench;
+mod bench_migrate;
 mod e2e_migrate;
 
 fn main() -> anyhow::Result<()> {

@@ -93,6 +93,9 @@ pub struct IncomingStatus {
     pub failed: Option<String>,
     /// From accepting the connection (handshake included) to the vCPUs' start, ms.
     pub start_ms: f64,
+    /// Of that: receiving and decoding the state and map, creating and registering guest memory,
+    /// and building the VM, ms.
+    pub start_phases_ms: StartPhases,
     /// The figures so far.
     pub figures: DestFigures,
     /// The collapse into huge pages, ms.
@@ -100,6 +103,17 @@ pub struct IncomingStatus {
     pub collapse_ms: Option<f64>,
     /// Units the kernel did not collapse.
     pub collapse_failures: u64,
+}
+
+/// Where the destination's start went, ms.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StartPhases {
+    /// Handshake done → state and map received and decoded.
+    pub receive: f64,
+    /// Guest memory created and registered for missing-page faults.
+    pub memory: f64,
+    /// The VM built from the state (KVM VM, devices, vCPUs started).
+    pub vm: f64,
 }
 
 /// Why an incoming migration stopped before every page was resident. The VM must not run on.
@@ -142,7 +156,8 @@ struct Shared {
     stop: AtomicBool,
     finishing: AtomicBool,
     t0: Instant,
-    start: Duration,
+    start: Mutex<Duration>,
+    phases: Mutex<StartPhases>,
     end: Mutex<End>,
     end_cv: Condvar,
 }
@@ -242,7 +257,8 @@ impl Listener {
         };
         let (conn, mut r, mut w) = conn;
         log::info!("migration: {peer} authenticated; receiving the VM");
-        let started = (|| {
+        let t_auth = Instant::now();
+        let started = (|| -> Result<(Vm, Incoming), MigrateError> {
             let _ = conn.set_read_timeout(Some(STATE_TIMEOUT));
             let mut state = Vec::new();
             expect_frame(&mut r, &mut state, Kind::State)?;
@@ -251,7 +267,10 @@ impl Listener {
             let state = MachineState::from_bytes(&state)
                 .map_err(|e| MigrateError::BadVm(format!("machine state: {}", chain(&e))))?;
             let (_, regions) = Regions::decode(&map)?;
-            build(state, regions, params, conn.try_clone(), peer.clone(), t0)
+            let receive = ms(t_auth.elapsed());
+            let built = build(state, regions, params, conn.try_clone(), peer.clone(), t0)?;
+            lock(&built.1.shared.phases).receive = receive;
+            Ok(built)
         })();
         let (vm, incoming) = match started {
             Ok(x) => x,
@@ -291,6 +310,7 @@ fn build(
     t0: Instant,
 ) -> Result<(Vm, Incoming), MigrateError> {
     let writer = writer.map_err(|e| MigrateError::Io("duplicating the connection", e))?;
+    let t = Instant::now();
     let cfg = state.config();
     let backend = params.backend.unwrap_or(cfg.backend);
     if backend == MemBackend::Hugetlbfs {
@@ -318,6 +338,7 @@ fn build(
                 chain(&e)
             ))
         })?;
+    let memory = ms(t.elapsed());
     let hosts = mem.iter().map(|r| r.as_ptr() as usize).collect();
     let total = regions.total();
     let pieces = (total / PIECE) as usize;
@@ -342,7 +363,11 @@ fn build(
         stop: AtomicBool::new(false),
         finishing: AtomicBool::new(false),
         t0: Instant::now(),
-        start: t0.elapsed(),
+        start: Mutex::new(Duration::ZERO),
+        phases: Mutex::new(StartPhases {
+            memory,
+            ..StartPhases::default()
+        }),
         end: Mutex::new(End::default()),
         end_cv: Condvar::new(),
     });
@@ -357,8 +382,11 @@ fn build(
         }
         fault_thread(&shared)
     })?;
+    let t = Instant::now();
     let vm = Vm::restore(&state, mem, params.serial, params.paused)
         .map_err(|e| MigrateError::Local(format!("restoring the VM: {}", chain(&e))))?;
+    lock(&incoming.shared.phases).vm = ms(t.elapsed());
+    *lock(&incoming.shared.start) = t0.elapsed();
     Ok((vm, incoming))
 }
 
@@ -657,7 +685,8 @@ impl Incoming {
             resident: end.resident_at.is_some(),
             done: end.done,
             failed: end.failed.as_ref().map(|f| f.message.clone()),
-            start_ms: ms(s.start),
+            start_ms: ms(*lock(&s.start)),
+            start_phases_ms: *lock(&s.phases),
             figures,
             collapse_ms: end.collapse.map(ms),
             collapse_failures: end.collapse_failures,
