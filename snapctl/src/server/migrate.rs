@@ -23,19 +23,22 @@ pub(super) enum Migration {
 }
 
 impl Vmm {
-    /// A save of a VM whose memory is still arriving is refused (its pages are at the source).
-    pub(super) fn save_refused_by_migration(&self) -> Option<Reply> {
-        let arriving = self
-            .incoming
-            .as_ref()
-            .is_some_and(|i| i.wait_resident(Duration::ZERO).is_none());
-        arriving.then(|| {
-            error(
+    /// A save of a VM whose memory is still arriving is refused (its pages are at the source);
+    /// once it has arrived, the save holds the collapse into huge pages off while it runs.
+    pub(super) fn save_gate(
+        &self,
+    ) -> Result<Option<vm_snapshot::migrate::IncomingCollapseHold>, Reply> {
+        let Some(i) = &self.incoming else {
+            return Ok(None);
+        };
+        if i.wait_resident(Duration::ZERO).is_none() {
+            return Err(error(
                 "busy",
                 "this VM's memory is still arriving from a migration; save once `status` shows \
                  it resident",
-            )
-        })
+            ));
+        }
+        Ok(Some(i.hold_collapse()))
     }
 
     /// The VMM's userfaultfd tracker (as a save creates it), for telling units without data.

@@ -154,10 +154,16 @@ struct Shared {
     received: AtomicU64,
     waits: Mutex<(Vec<u32>, u64)>,
     stop: AtomicBool,
+    /// The [`Incoming`] was dropped.
+    quit: AtomicBool,
     finishing: AtomicBool,
     t0: Instant,
     start: Mutex<Duration>,
     phases: Mutex<StartPhases>,
+    /// Holders of [`CollapseHold`]s: the collapse waits while there are any.
+    holds: AtomicU64,
+    /// Held during each collapse call.
+    collapsing: Mutex<()>,
     end: Mutex<End>,
     end_cv: Condvar,
 }
@@ -361,6 +367,7 @@ fn build(
         received: AtomicU64::new(0),
         waits: Mutex::new((Vec::new(), 0)),
         stop: AtomicBool::new(false),
+        quit: AtomicBool::new(false),
         finishing: AtomicBool::new(false),
         t0: Instant::now(),
         start: Mutex::new(Duration::ZERO),
@@ -368,6 +375,8 @@ fn build(
             memory,
             ..StartPhases::default()
         }),
+        holds: AtomicU64::new(0),
+        collapsing: Mutex::new(()),
         end: Mutex::new(End::default()),
         end_cv: Condvar::new(),
     });
@@ -515,6 +524,11 @@ impl Shared {
         Ok(())
     }
 
+    /// The owner let go of the [`Incoming`]: the collapse stops.
+    fn stop_collapse(&self) -> bool {
+        self.quit.load(Ordering::SeqCst)
+    }
+
     /// Every page resident: unregister, tell the source, collapse into huge pages.
     fn finish(&self) {
         self.finishing.store(true, Ordering::SeqCst);
@@ -553,6 +567,21 @@ impl Shared {
                 end += 1;
             }
             let gpa = self.regions.gpa_of(u * (UNIT / PIECE) as usize);
+            // Not while a save runs (a block it write-protects cannot be collapsed, and the
+            // collapse would hold up its freeze).
+            let turn = loop {
+                while self.holds.load(Ordering::SeqCst) > 0 && !self.stop_collapse() {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                if self.stop_collapse() {
+                    break None;
+                }
+                let g = lock(&self.collapsing);
+                if self.holds.load(Ordering::SeqCst) == 0 {
+                    break Some(g);
+                }
+            };
+            let Some(_turn) = turn else { break };
             match self.host(gpa, (end - u) as u64 * UNIT) {
                 Ok(r) if self.tracker.collapse_huge(r).is_ok() => {}
                 _ => failures += (end - u) as u64,
@@ -693,6 +722,17 @@ impl Incoming {
         }
     }
 
+    /// Holds the collapse into huge pages off until the returned guard is dropped (for a save:
+    /// its freeze and write protection do not wait for collapse calls). Waits for a collapse
+    /// call in flight to end.
+    pub fn hold_collapse(&self) -> CollapseHold {
+        self.shared.holds.fetch_add(1, Ordering::SeqCst);
+        drop(lock(&self.shared.collapsing));
+        CollapseHold {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Why it failed, if it did.
     pub fn failure(&self) -> Option<IncomingFailure> {
         lock(&self.shared.end).failed.clone()
@@ -741,6 +781,7 @@ impl Drop for Incoming {
     fn drop(&mut self) {
         let s = &self.shared;
         s.stop.store(true, Ordering::SeqCst);
+        s.quit.store(true, Ordering::SeqCst);
         lock(&s.writer).shutdown();
         for h in lock(&self.threads).drain(..) {
             let _ = h.join();
@@ -750,5 +791,17 @@ impl Drop for Incoming {
             // keep them registered (blocking) until the process ends.
             std::mem::forget(s.tracker.clone());
         }
+    }
+}
+
+/// Keeps the collapse into huge pages waiting while it lives ([`Incoming::hold_collapse`]).
+#[derive(Debug)]
+pub struct CollapseHold {
+    shared: Arc<Shared>,
+}
+
+impl Drop for CollapseHold {
+    fn drop(&mut self) {
+        self.shared.holds.fetch_sub(1, Ordering::SeqCst);
     }
 }

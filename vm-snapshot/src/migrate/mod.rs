@@ -78,7 +78,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use auth::{dest_handshake, source_handshake, Token};
-pub use dest::{DestFigures, Incoming, IncomingFailure, IncomingStatus, Listener, StartPhases};
+pub use dest::{
+    CollapseHold as IncomingCollapseHold, DestFigures, Incoming, IncomingFailure, IncomingStatus,
+    Listener, StartPhases,
+};
 pub use source::{migrate_out, MigrateFailure, MigrateParams, MigrateProgress, MigrateReport};
 
 /// Bytes of a unit (an x86-64 huge page): the stream's order and the destination's collapse.
