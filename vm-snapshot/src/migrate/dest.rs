@@ -154,6 +154,9 @@ struct Shared {
     received: AtomicU64,
     waits: Mutex<(Vec<u32>, u64)>,
     stop: AtomicBool,
+    /// `Running` was sent: requests may follow it (never before: the vCPUs start, and fault,
+    /// before it is sent).
+    running_sent: AtomicBool,
     /// The [`Incoming`] was dropped.
     quit: AtomicBool,
     finishing: AtomicBool,
@@ -288,8 +291,9 @@ impl Listener {
         };
         let _ = conn.set_read_timeout(None);
         let _ = conn.set_write_timeout(None);
-        write_frame(&mut w, Kind::Running, &[])
+        write_frame(&mut *lock(&incoming.shared.writer), Kind::Running, &[])
             .map_err(|e| MigrateError::Io("telling the source the VM runs", e))?;
+        incoming.shared.running_sent.store(true, Ordering::SeqCst);
         let s = incoming.shared.clone();
         incoming.spawn("migrate-recv", move || {
             let _ = uffd_sys::host::set_thread_nice(RECV_NICE);
@@ -367,6 +371,7 @@ fn build(
         received: AtomicU64::new(0),
         waits: Mutex::new((Vec::new(), 0)),
         stop: AtomicBool::new(false),
+        running_sent: AtomicBool::new(false),
         quit: AtomicBool::new(false),
         finishing: AtomicBool::new(false),
         t0: Instant::now(),
@@ -629,6 +634,12 @@ fn fault_thread(s: &Shared) {
                 fresh
             };
             if fresh {
+                while !s.running_sent.load(Ordering::SeqCst) {
+                    if s.stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_micros(20));
+                }
                 s.requests.fetch_add(1, Ordering::Relaxed);
                 let gpa = s.regions.gpa_of(p);
                 let sent = write_frame(&mut *lock(&s.writer), Kind::Request, &[&gpa.to_le_bytes()]);
