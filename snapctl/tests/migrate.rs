@@ -367,8 +367,8 @@ fn corrupt_or_cut_streams_are_refused_by_the_destination() {
     let tok = token(tok_dir.path(), "tok", "bad-stream-secret-0123456789");
     let src_dir = TempDir::new("mig-bad-src");
     let src = Vmm::boot(src_dir.path(), &["--mem", "256M", "--write-rate", "full"]);
-    // Source → destination before any state: Hello (12 + 53 bytes), Auth (12 + 32); the State
-    // frame starts at byte 109. A bit flipped in it: refused before the VM exists, the source's
+    // Source → destination before any state: Hello (12 + 53 bytes), Auth (12 + 32), then the
+    // Prepare frame from byte 109. A bit flipped in it: refused before the source freezes, its
     // guest runs on.
     let cases = [
         (Damage::Flip(109 + 40), false),

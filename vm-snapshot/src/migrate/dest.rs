@@ -108,11 +108,13 @@ pub struct IncomingStatus {
 /// Where the destination's start went, ms.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct StartPhases {
-    /// Handshake done → state and map received and decoded.
+    /// Before the freeze: guest memory created and registered, the KVM VM and vCPUs created.
+    pub prepare: f64,
+    /// `Prepared` sent → state and map received and decoded (the source's freeze included).
     pub receive: f64,
-    /// Guest memory created and registered for missing-page faults.
+    /// The regions checked and the fault thread started.
     pub memory: f64,
-    /// The VM built from the state (KVM VM, devices, vCPUs started).
+    /// The state loaded into the prepared VM and its vCPUs started.
     pub vm: f64,
 }
 
@@ -266,9 +268,19 @@ impl Listener {
         };
         let (conn, mut r, mut w) = conn;
         log::info!("migration: {peer} authenticated; receiving the VM");
-        let t_auth = Instant::now();
         let started = (|| -> Result<(Vm, Incoming), MigrateError> {
             let _ = conn.set_read_timeout(Some(STATE_TIMEOUT));
+            // Before the source freezes: memory, its registration, the KVM VM and vCPUs.
+            let mut buf = Vec::new();
+            expect_frame(&mut r, &mut buf, Kind::Prepare)?;
+            let cfg: vmm_core::VmConfig = serde_json::from_slice(&buf)
+                .map_err(|e| MigrateError::BadVm(format!("configuration: {e}")))?;
+            let t = Instant::now();
+            let prepared = prepare(&cfg, params.backend)?;
+            let prepare_ms = ms(t.elapsed());
+            write_frame(&mut w, Kind::Prepared, &[])
+                .map_err(|e| MigrateError::Io("telling the source the VM is prepared", e))?;
+            let t_auth = Instant::now();
             let mut state = Vec::new();
             expect_frame(&mut r, &mut state, Kind::State)?;
             let mut map = Vec::new();
@@ -277,8 +289,20 @@ impl Listener {
                 .map_err(|e| MigrateError::BadVm(format!("machine state: {}", chain(&e))))?;
             let (_, regions) = Regions::decode(&map)?;
             let receive = ms(t_auth.elapsed());
-            let built = build(state, regions, params, conn.try_clone(), peer.clone(), t0)?;
-            lock(&built.1.shared.phases).receive = receive;
+            let built = build(
+                state,
+                regions,
+                prepared,
+                params,
+                conn.try_clone(),
+                peer.clone(),
+                t0,
+            )?;
+            {
+                let mut ph = lock(&built.1.shared.phases);
+                ph.receive = receive;
+                ph.prepare = prepare_ms;
+            }
             Ok(built)
         })();
         let (vm, incoming) = match started {
@@ -311,18 +335,18 @@ impl Drop for Listener {
     }
 }
 
-fn build(
-    state: MachineState,
-    regions: Regions,
-    params: RestoreParams,
-    writer: std::io::Result<Conn>,
-    peer: String,
-    t0: Instant,
-) -> Result<(Vm, Incoming), MigrateError> {
-    let writer = writer.map_err(|e| MigrateError::Io("duplicating the connection", e))?;
-    let t = Instant::now();
-    let cfg = state.config();
-    let backend = params.backend.unwrap_or(cfg.backend);
+/// Guest memory registered for missing-page faults and the KVM VM built for `cfg`.
+struct Prepared {
+    mem: GuestMemoryMmap,
+    tracker: MissingTracker,
+    vm: vmm_core::PreparedVm,
+}
+
+fn prepare(
+    cfg: &vmm_core::VmConfig,
+    backend: Option<MemBackend>,
+) -> Result<Prepared, MigrateError> {
+    let backend = backend.unwrap_or(cfg.backend);
     if backend == MemBackend::Hugetlbfs {
         return Err(MigrateError::Local(
             "an incoming migration cannot use hugetlbfs guest memory yet (use \
@@ -332,14 +356,6 @@ fn build(
     }
     let mem = vmm_core::create_guest_memory(cfg.mem_bytes, backend)
         .map_err(|e| MigrateError::Local(format!("creating guest memory: {}", chain(&e))))?;
-    let ours = Regions::of(&mem);
-    if ours != regions {
-        return Err(MigrateError::BadVm(format!(
-            "the source's RAM regions {:x?} differ from this VM's {:x?}",
-            regions.0, ours.0
-        )));
-    }
-    regions.check()?;
     let tracker = MissingTracker::new()
         .and_then(|t| t.register_memory(&mem).map(|()| t))
         .map_err(|e| {
@@ -348,6 +364,32 @@ fn build(
                 chain(&e)
             ))
         })?;
+    let vm = Vm::prepare(cfg, mem.clone())
+        .map_err(|e| MigrateError::Local(format!("creating the VM: {}", chain(&e))))?;
+    Ok(Prepared { mem, tracker, vm })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build(
+    state: MachineState,
+    regions: Regions,
+    prepared: Prepared,
+    params: RestoreParams,
+    writer: std::io::Result<Conn>,
+    peer: String,
+    t0: Instant,
+) -> Result<(Vm, Incoming), MigrateError> {
+    let writer = writer.map_err(|e| MigrateError::Io("duplicating the connection", e))?;
+    let t = Instant::now();
+    let Prepared { mem, tracker, vm } = prepared;
+    let ours = Regions::of(&mem);
+    if ours != regions {
+        return Err(MigrateError::BadVm(format!(
+            "the source's RAM regions {:x?} differ from this VM's {:x?}",
+            regions.0, ours.0
+        )));
+    }
+    regions.check()?;
     let memory = ms(t.elapsed());
     let hosts = mem.iter().map(|r| r.as_ptr() as usize).collect();
     let total = regions.total();
@@ -397,8 +439,9 @@ fn build(
         fault_thread(&shared)
     })?;
     let t = Instant::now();
-    let vm = Vm::restore(&state, mem, params.serial, params.paused)
-        .map_err(|e| MigrateError::Local(format!("restoring the VM: {}", chain(&e))))?;
+    let vm = vm
+        .restore(&state, params.serial, params.paused)
+        .map_err(|e| MigrateError::BadVm(format!("loading the state: {}", chain(&e))))?;
     lock(&incoming.shared.phases).vm = ms(t.elapsed());
     *lock(&incoming.shared.start) = t0.elapsed();
     Ok((vm, incoming))

@@ -3,7 +3,8 @@
 //!
 //! It is a lazy restore ([`crate::restore_lazy`]) whose page source is a connection:
 //!
-//! - **Source** ([`migrate_out`]): connects, authenticates, then freezes the VM (every vCPU parked,
+//! - **Source** ([`migrate_out`]): connects, authenticates, has the destination prepare the VM
+//!   from its configuration, then freezes the VM (every vCPU parked,
 //!   machine state captured). From then on its guest never runs again unless the migration fails
 //!   before the destination runs, so its RAM is static and is served from the source's own
 //!   memory: no write protection, no userfaultfd. It sends the state and the memory map, waits
@@ -41,9 +42,13 @@
 //! | 9 `End` | s→d | empty: every piece was sent |
 //! | 10 `Done` | d→s | the destination's figures, JSON ([`DestFigures`]) |
 //! | 11 `Error` | both | why the sender gives up, UTF-8 |
+//! | 12 `Prepare` | s→d | the VM's configuration (`vmm_core::VmConfig`, JSON), before the freeze |
+//! | 13 `Prepared` | d→s | empty: memory is registered and the KVM VM and vCPUs exist |
 //!
 //! Order: `Hello` s→d; `Hello`, `Auth` d→s; `Auth` s→d; `AuthOk` d→s (or `Error` and close); then
-//! `State`, `Map`; `Running`; then `Data`… interleaved with `Request`s, `End`; `Done`.
+//! `Prepare`; `Prepared` (the guest still runs at the source: the destination's VM is built
+//! outside the downtime); the freeze, `State`, `Map`; `Running`; then `Data`… interleaved with
+//! `Request`s, `End`; `Done`. The state's configuration must be the prepared one.
 //!
 //! **Authentication** ([`auth`]): both sides read a shared secret from a token file (mode 0600
 //! or stricter, refused otherwise) and prove they hold it with fresh nonces; no state is sent

@@ -162,6 +162,19 @@ pub fn migrate_out(
             .map_err(before)?,
     );
     source_handshake(&mut r, &mut w, &token).map_err(before)?;
+    // The destination builds memory and the KVM VM while the guest still runs.
+    let mut wire = 0u64;
+    let cfg = serde_json::to_vec(vm.config())
+        .map_err(|e| before(MigrateError::Local(format!("the VM configuration: {e}"))))?;
+    let prepared = (|| {
+        wire += write_frame(&mut w, Kind::Prepare, &[&cfg])
+            .map_err(|e| MigrateError::Io("sending the configuration", e))?;
+        w.flush()
+            .map_err(|e| MigrateError::Io("sending the configuration", e))?;
+        let _ = conn.set_read_timeout(Some(RUNNING_TIMEOUT));
+        expect_frame(&mut r, &mut Vec::new(), Kind::Prepared)
+    })();
+    prepared.map_err(before)?;
     if cancel.load(Ordering::SeqCst) {
         return Err(before(MigrateError::Cancelled));
     }
@@ -189,7 +202,6 @@ pub fn migrate_out(
     })?;
     let capture = t.elapsed();
     let regions = Regions::of(vm.memory());
-    let mut wire = 0u64;
     let start = (|| {
         let e = io("sending the state");
         wire += write_frame(&mut w, Kind::State, &[&state]).map_err(e)?;

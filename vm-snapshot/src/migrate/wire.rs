@@ -46,6 +46,10 @@ pub enum Kind {
     Done = 10,
     /// Either direction: the sender gives up, with a reason (UTF-8).
     Error = 11,
+    /// Source → destination, before the freeze: the VM's configuration (JSON).
+    Prepare = 12,
+    /// Destination → source: memory and the KVM VM are ready for the state.
+    Prepared = 13,
 }
 
 impl Kind {
@@ -63,6 +67,8 @@ impl Kind {
             9 => End,
             10 => Done,
             11 => Error,
+            12 => Prepare,
+            13 => Prepared,
             _ => return None,
         })
     }
@@ -72,12 +78,12 @@ impl Kind {
         match self {
             Kind::Hello => super::auth::HELLO_LEN,
             Kind::Auth => super::auth::MAC_LEN,
-            Kind::AuthOk | Kind::Running | Kind::End => 0,
+            Kind::AuthOk | Kind::Running | Kind::End | Kind::Prepared => 0,
             Kind::State => MAX_STATE,
             Kind::Map => MAX_MAP,
             Kind::Data => DATA_HEAD + unit,
             Kind::Request => 8,
-            Kind::Done | Kind::Error => MAX_TEXT,
+            Kind::Done | Kind::Error | Kind::Prepare => MAX_TEXT,
         }
     }
 }
