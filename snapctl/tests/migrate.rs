@@ -246,6 +246,43 @@ enum Damage {
     Cut(u64),
     /// SIGKILL the destination VMM (pid) once `at` bytes went through.
     Kill(u64, i32),
+    /// Flip one bit inside the payload of the first frame of this kind (frames parsed on the fly:
+    /// 12-byte header, kind in byte 0, payload length in bytes 4..8).
+    FlipFrame(u8),
+}
+
+/// Follows the frames of a stream to find the first payload byte of a frame of one kind.
+#[derive(Default)]
+struct Frames {
+    head: Vec<u8>,
+    left: u64,
+    hit: bool,
+    done: bool,
+}
+
+impl Frames {
+    /// Flips a bit of the payload of the first frame of kind `kind` in `chunk`, if it is there.
+    fn flip(&mut self, chunk: &mut [u8], kind: u8) {
+        for b in chunk.iter_mut() {
+            if self.done {
+                return;
+            }
+            if self.left == 0 {
+                self.head.push(*b);
+                if self.head.len() == 12 {
+                    self.left = u64::from(u32::from_le_bytes(self.head[4..8].try_into().unwrap()));
+                    self.hit = self.head[0] == kind && self.left > 0;
+                    self.head.clear();
+                }
+            } else {
+                if self.hit {
+                    *b ^= 0x10;
+                    self.done = true;
+                }
+                self.left -= 1;
+            }
+        }
+    }
 }
 
 /// A one-connection TCP proxy from a fresh loopback port to `to`, damaging the source →
@@ -271,6 +308,7 @@ fn proxy(to: String, damage: Damage) -> (u16, Arc<AtomicU64>) {
         });
         let mut buf = vec![0u8; 64 << 10];
         let mut off = 0u64;
+        let mut frames = Frames::default();
         loop {
             let n = match s_r.read(&mut buf) {
                 Ok(0) | Err(_) => break,
@@ -280,9 +318,12 @@ fn proxy(to: String, damage: Damage) -> (u16, Arc<AtomicU64>) {
             let end = off + n as u64;
             match damage {
                 Damage::Flip(at) if (off..end).contains(&at) => chunk[(at - off) as usize] ^= 0x10,
+                Damage::FlipFrame(kind) => frames.flip(chunk, kind),
                 Damage::Cut(at) if end > at => {
                     let _ = d_w.write_all(&chunk[..(at - off) as usize]);
-                    let _ = d_w.shutdown(Shutdown::Both);
+                    // The destination reads the end inside a frame; what it sends still
+                    // reaches the source.
+                    let _ = d_w.shutdown(Shutdown::Write);
                     count.store(at, Ordering::SeqCst);
                     // The destination goes; its side's close reaches the source.
                     return;
@@ -369,9 +410,11 @@ fn corrupt_or_cut_streams_are_refused_by_the_destination() {
     let src = Vmm::boot(src_dir.path(), &["--mem", "256M", "--write-rate", "full"]);
     // Source → destination before any state: Hello (12 + 53 bytes), Auth (12 + 32), then the
     // Prepare frame from byte 109. A bit flipped in it: refused before the source freezes, its
-    // guest runs on.
+    // guest runs on. A bit flipped in the State frame (kind 4, sent once the source froze):
+    // refused before the destination runs, the source resumes its guest.
     let cases = [
         (Damage::Flip(109 + 40), false),
+        (Damage::FlipFrame(4), false),
         (Damage::Flip(24 << 20), true),
         (Damage::Cut((24 << 20) + 5), true),
     ];
