@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+pub use vm_snapshot::migrate::MigrateParams;
 pub use vm_snapshot::SaveParams;
 
 /// Longest request line the VMM accepts; longer ones get an error reply.
@@ -26,8 +27,15 @@ pub enum Request {
     Cancel,
     /// Pause every vCPU.
     Pause,
-    /// Resume every vCPU.
-    Resume,
+    /// Resume every vCPU (after a migration that failed once the destination ran: only when
+    /// forced).
+    Resume {
+        /// Resume a guest frozen by a migration that failed after the destination started it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force_after_failed_migration: bool,
+    },
+    /// Migrate the VM live to a destination VMM (`restore --listen`).
+    Migrate(MigrateParams),
     /// Ask the built-in guest to check its own memory; the reply carries the verdict.
     SelfCheck,
     /// Stop the VM and end the VMM process.

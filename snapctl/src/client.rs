@@ -29,7 +29,7 @@ fn request(sock: &Path, req: &Request, on_progress: impl FnMut(&Value)) -> anyho
 }
 
 /// [`request`] on an open connection.
-fn exchange(
+pub(crate) fn exchange(
     stream: UnixStream,
     req: &Request,
     mut on_progress: impl FnMut(&Value),

@@ -3,6 +3,7 @@
 
 mod api;
 mod client;
+mod migrate;
 mod offline;
 mod server;
 mod units;
@@ -92,10 +93,20 @@ enum Command {
         #[command(flatten)]
         sock: SockArgs,
     },
-    /// Restore a snapshot into a new VM and serve the control socket until it ends.
+    /// Restore a snapshot into a new VM (or receive a migrating one with --listen) and serve the
+    /// control socket until it ends.
     Restore {
         /// Snapshot file.
-        file: PathBuf,
+        #[arg(required_unless_present = "listen")]
+        file: Option<PathBuf>,
+        /// Instead of a file, wait for one VM migrated live by `snapctl migrate` on HOST:PORT or
+        /// unix:PATH; it runs at once, its memory follows. Pages are not encrypted: use a Unix
+        /// socket or a trusted network.
+        #[arg(long, value_name = "ADDR", conflicts_with_all = ["file", "lazy"], requires = "token_file")]
+        listen: Option<String>,
+        /// File holding the secret shared with the source (mode 0600), for --listen.
+        #[arg(long, value_name = "FILE", requires = "listen")]
+        token_file: Option<PathBuf>,
         /// Load and restore, but do not run the vCPUs until `snapctl resume`.
         #[arg(long)]
         paused: bool,
@@ -160,6 +171,25 @@ enum Command {
         #[command(flatten)]
         sock: SockArgs,
     },
+    /// Move the running VM live to a VMM waiting with `snapctl restore --listen`: the guest is
+    /// frozen for milliseconds, runs at the destination at once, its memory follows (each page
+    /// sent once); this VMM ends when all memory has arrived.
+    Migrate {
+        /// The destination: HOST:PORT or unix:PATH.
+        #[arg(long, value_name = "ADDR")]
+        to: String,
+        /// File holding the secret shared with the destination (mode 0600).
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
+        /// Compress memory with zstd (for slow links).
+        #[arg(long)]
+        zstd: bool,
+        /// Print the summary as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        sock: SockArgs,
+    },
     /// Write an incremental snapshot and its parents as one standalone snapshot file.
     Merge {
         /// The incremental snapshot (the top of its chain).
@@ -214,6 +244,11 @@ enum Command {
     },
     /// Resume every vCPU of the running VM.
     Resume {
+        /// Resume a guest that a failed migration left frozen after the destination had started
+        /// it: it runs on from its freeze instant, and whatever the destination's guest did is
+        /// lost. Stop the destination first.
+        #[arg(long)]
+        force_after_failed_migration: bool,
         #[command(flatten)]
         sock: SockArgs,
     },
@@ -359,14 +394,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Restore {
             file,
+            listen,
+            token_file,
             paused,
             lazy,
             vmm,
             sock,
         } => {
             init_vmm_logging();
-            server::run_restore(&file, paused, lazy, &vmm, &sock.serve_path()?)
+            match (file, listen, token_file) {
+                (_, Some(listen), Some(token)) => {
+                    server::run_restore_listen(&listen, &token, paused, &vmm, &sock.serve_path()?)
+                }
+                (Some(file), _, _) => {
+                    server::run_restore(&file, paused, lazy, &vmm, &sock.serve_path()?)
+                }
+                _ => anyhow::bail!("name a snapshot file, or --listen ADDR --token-file FILE"),
+            }
         }
+        Command::Migrate {
+            to,
+            token_file,
+            zstd,
+            json,
+            sock,
+        } => migrate::migrate(&sock.path()?, &to, &token_file, zstd, json),
         Command::Save {
             out,
             zstd,
@@ -411,7 +463,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Oracle { file, json } => offline::oracle(&file, json),
         Command::Status { json, sock } => client::status(&sock.path()?, json),
         Command::Pause { sock } => client::simple(&sock.path()?, api::Request::Pause, "paused"),
-        Command::Resume { sock } => client::simple(&sock.path()?, api::Request::Resume, "resumed"),
+        Command::Resume {
+            force_after_failed_migration,
+            sock,
+        } => client::simple(
+            &sock.path()?,
+            api::Request::Resume {
+                force_after_failed_migration,
+            },
+            "resumed",
+        ),
         Command::Cancel { sock } => {
             client::simple(&sock.path()?, api::Request::Cancel, "cancelled")
         }

@@ -10,9 +10,12 @@
 //!   memory, build the VM; a bad file is refused before any vCPU runs.
 //! - Lazy restore ([`restore_lazy`]): the same checks, then the vCPUs run at once and memory is
 //!   filled on demand (userfaultfd MISSING mode) and by a paced background fill.
+//! - Live migration ([`migrate`]): lazy restore whose page source is a connection to the
+//!   frozen source VM, authenticated by a shared secret.
 #![forbid(unsafe_code)]
 
 mod lazy;
+pub mod migrate;
 mod monitor;
 mod params;
 mod restore;

@@ -37,7 +37,7 @@ pub use oracle::{OracleMismatch, OracleReport};
 pub use serial::SharedBuffer;
 pub use state::MachineState;
 pub use vcpu::{CpuReport, UnhandledAccesses, VmExitStatus};
-pub use vm::{FreezeError, FreezeTimes, Frozen, SerialInput, Vm};
+pub use vm::{FreezeError, FreezeTimes, Frozen, PreparedVm, SerialInput, Vm};
 
 use serde::{Deserialize, Serialize};
 

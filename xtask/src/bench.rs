@@ -59,6 +59,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    if only.as_deref() == Some("migrate") {
+        return crate::bench_migrate::run(quick, mems);
+    }
     matrix(quick, mems, &save_args, only.as_deref())
 }
 

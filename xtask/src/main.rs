@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod bench;
+mod bench_migrate;
+mod e2e_migrate;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -439,7 +441,10 @@ fn e2e() -> anyhow::Result<()> {
             )
         },
     );
-    let _ = vm1.shutdown();
+    st.run(
+        "9 migrate live over loopback TCP, runs on, all memory arrives, self-check, save, oracle",
+        || e2e_migrate::migrate_and_check(&bin, vm1, &dir),
+    );
     finish(st)
 }
 

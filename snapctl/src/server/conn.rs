@@ -100,7 +100,7 @@ impl Vmm {
             Ok(r) => r,
             Err(e) => {
                 let msg = format!(
-                    "malformed request: {e} (commands: status, save, cancel, pause, resume, self_check, shutdown; \
+                    "malformed request: {e} (commands: status, save, migrate, cancel, pause, resume, self_check, shutdown; \
                      see PROTOCOL.md)"
                 );
                 debug!("control connection: {msg}");
@@ -121,16 +121,9 @@ impl Vmm {
                     error("vm", format!("{e:#}"))
                 }
             },
-            Request::Resume => match self.vm.resume() {
-                Ok(d) => {
-                    info!("vCPUs resumed in {} µs", d.as_micros());
-                    Reply::Ok(json!({"resume_us": d.as_micros() as u64}))
-                }
-                Err(e) => {
-                    warn!("resuming the vCPUs failed: {e:#}");
-                    error("vm", format!("{e:#}"))
-                }
-            },
+            Request::Resume {
+                force_after_failed_migration,
+            } => self.resume_checked(force_after_failed_migration),
             Request::Cancel => match self.save.lock().expect("save lock").as_ref() {
                 Some(c) => {
                     info!("save cancel requested");
@@ -148,6 +141,11 @@ impl Vmm {
             Request::Save(req) => {
                 let _ = r.get_ref().set_read_timeout(None);
                 self.save(req, r.into_inner(), &w)
+            }
+            Request::Migrate(req) => {
+                let _ = r.get_ref().set_read_timeout(None);
+                // Writes its own final reply (the VMM ends after a successful one).
+                return self.migrate(req, r.into_inner(), &w);
             }
         };
         if let Err(e) = api::write_line(&mut w, &reply) {
@@ -182,6 +180,9 @@ impl Vmm {
             v["dirty_bytes"] = d.clone();
         }
         v["tracking"] = tracking;
+        if let Some(m) = super::migrate::status_of(self) {
+            v["migration"] = m;
+        }
         // Progress figures only the built-in guest reports: absent for kernel guests, never zeros.
         if cfg.is_builtin_guest() {
             let p = self.vm.progress();

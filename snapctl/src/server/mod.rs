@@ -8,7 +8,10 @@
 //! anything odd that the VMM works around at warn.
 
 mod conn;
+mod migrate;
 mod save;
+
+pub use migrate::run_restore_listen;
 
 use crate::api::{self, Reply, Request, SaveParams};
 use crate::{units::fmt_bytes, VmmArgs};
@@ -364,6 +367,10 @@ struct Vmm {
     vm: Arc<Vm>,
     /// The lazy restore that fills this VM's memory (`restore --lazy`), kept while the VM runs.
     lazy: Option<vm_snapshot::LazyRestore>,
+    /// The migration that brings this VM's memory (`restore --listen`), kept while the VM runs.
+    incoming: Option<vm_snapshot::migrate::Incoming>,
+    /// Where this VM stands as the source of a migration.
+    migration: Mutex<migrate::Migration>,
     tracker: Mutex<Option<Arc<WpTracker>>>,
     /// What the guest wrote since the last save (held by a save while it runs).
     record: Mutex<vm_snapshot::WriteRecord>,
@@ -380,6 +387,17 @@ fn serve(
     listener: UnixListener,
     sock: &Path,
 ) -> anyhow::Result<ExitCode> {
+    serve_with(vm, lazy, None, tracking, listener, sock)
+}
+
+fn serve_with(
+    vm: Vm,
+    lazy: Option<vm_snapshot::LazyRestore>,
+    incoming: Option<vm_snapshot::migrate::Incoming>,
+    tracking: Option<(Arc<WpTracker>, vm_snapshot::WriteRecord)>,
+    listener: UnixListener,
+    sock: &Path,
+) -> anyhow::Result<ExitCode> {
     let (tracker, record) = match tracking {
         Some((t, r)) => (Some(t), r),
         None => (None, vm_snapshot::WriteRecord::new()),
@@ -387,6 +405,8 @@ fn serve(
     let vmm = Arc::new(Vmm {
         vm: Arc::new(vm),
         lazy,
+        incoming,
+        migration: Mutex::default(),
         tracker: Mutex::new(tracker),
         record: Mutex::new(record),
         save: Mutex::new(None),
@@ -396,6 +416,9 @@ fn serve(
     });
     if vmm.lazy.is_some() {
         watch_lazy(vmm.clone(), sock.to_path_buf());
+    }
+    if vmm.incoming.is_some() {
+        migrate::watch_incoming(vmm.clone(), sock.to_path_buf());
     }
     {
         let vmm = vmm.clone();

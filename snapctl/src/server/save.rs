@@ -64,6 +64,10 @@ impl Vmm {
             debug!("save refused: {msg}");
             return error("bad_request", msg);
         }
+        let _collapse_hold = match self.save_gate() {
+            Ok(h) => h,
+            Err(r) => return r,
+        };
         let cancel = Arc::new(AtomicBool::new(false));
         {
             let mut g = self.save.lock().expect("save lock");

@@ -3,9 +3,11 @@
 //! serial console's input side, and orderly shutdown.
 
 mod freeze;
+mod prepared;
 
 use freeze::Control;
 pub use freeze::{FreezeError, FreezeTimes, Frozen};
+pub use prepared::PreparedVm;
 
 use std::io::Write;
 use std::sync::atomic::Ordering;
