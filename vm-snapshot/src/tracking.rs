@@ -14,6 +14,12 @@
 //!   what was written, so all RAM is protected (the live save's precondition), and the harvest is
 //!   the increment: the live save stores those units and Parent runs for the rest.
 //! - Any other save with a running tracker suspends it the same way and stores everything.
+//! - The record keeps a 128-bit hash of every guest page as of the last save ([`PageHashes`]):
+//!   every save hashes the pages it stores into it (in its compression workers), and an
+//!   incremental save stores only the pages of written units whose hash changed. After an eager
+//!   restore it is made from the loaded pages ([`WriteRecord::start_at_restore`]). A save that
+//!   fails after the freeze forgets it (every page unknown: stored, never inherited), as does a
+//!   save asked not to hash (`SaveParams::no_page_hashes`).
 //!
 //! Whenever the record cannot be trusted it is *broken*, and a save naming a parent stores all
 //! memory and says why: the tracker's handler failed, a save failed after the tracker was
