@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod bench;
+mod e2e_chain;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -439,6 +440,7 @@ fn e2e() -> anyhow::Result<()> {
             )
         },
     );
+    e2e_chain::chain_round_trip(&bin, &vm1, &dir, 9, &mut st);
     let _ = vm1.shutdown();
     finish(st)
 }
