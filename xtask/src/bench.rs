@@ -22,6 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "bench_incremental.rs"]
+mod incremental;
+
 /// Entry point of `cargo xtask bench`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     if args.iter().any(|a| a == "uffd") {
@@ -860,7 +863,7 @@ fn matrix(
 
     if let Some(only) = only {
         cases.retain(|c| c.name().contains(only));
-        if cases.is_empty() {
+        if cases.is_empty() && incremental::selected(quick, Some(only)).is_empty() {
             bail!("no bench case name contains {only:?}");
         }
     }
@@ -924,6 +927,7 @@ fn matrix(
             }
         }
     }
+    let incremental = incremental::run(&bin, &dir, quick, only, &limits);
     limits.direct_write_end_gbps = direct_limit();
     limits.file_write_gbps = limits.file_write_gbps.max(limits.direct_write_end_gbps);
     let out = json!({
@@ -933,18 +937,20 @@ fn matrix(
                    "zstd1_gbps": limits.zstd1_gbps, "zstd1_ratio": limits.zstd1_ratio,
                    "zstd_pipeline_gbps": limits.zstd_pipeline_gbps()},
         "cases": rows,
+        "incremental": incremental,
     });
     std::fs::write(
         dir.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&out)?,
     )?;
-    let md = markdown(&limits, &rows, save_args);
+    let md = markdown(&limits, &rows, save_args) + &incremental::markdown(&incremental);
     std::fs::write(dir.join(format!("{stem}.md")), &md)?;
     println!("{md}");
     println!("bench: wrote {}", dir.join(format!("{stem}.md")).display());
     if rows
         .iter()
         .any(|r| r.get("error").is_some() || r["lazy"].get("error").is_some())
+        || incremental.iter().any(|r| r.get("error").is_some())
     {
         bail!("some bench cases failed");
     }
