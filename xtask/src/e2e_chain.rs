@@ -14,16 +14,42 @@ use std::time::Duration;
 /// Incremental saves after the full one.
 const CHILDREN: usize = 3;
 
-/// Runs the chain steps (numbered from `first`) against `vm`, a built-in guest at full speed.
-pub(super) fn chain_round_trip(bin: &Path, vm: &VmmProc, dir: &Path, first: u32, st: &mut Steps) {
+/// Hot set per vCPU of the chain's guest: a guest rewriting all of its RAM at full speed touches
+/// every 2 MiB unit within milliseconds, so its children would store everything and inherit
+/// nothing.
+const HOT_SET: &str = "32M";
+
+/// Runs the chain steps (numbered from `first`): boots the built-in guest at full speed over a
+/// hot set, makes the chain while it writes, checks it and restores its top.
+pub(super) fn chain_round_trip(bin: &Path, dir: &Path, first: u32, st: &mut Steps) {
     let p = |n: &str| dir.join(n);
     let mut chain: Vec<(PathBuf, Value)> = Vec::new();
+    let mut booted = None;
     st.run(
         &format!(
-            "{first} chain: a full save, then {CHILDREN} `save --parent` saves 1 s apart while the \
-             guest writes, each layer verified and checked with the oracle"
+            "{first} chain: boot the built-in guest (2 vCPUs, 512 MiB, full speed over a {HOT_SET} \
+             hot set per vCPU); a full save, then {CHILDREN} `save --parent` saves 1 s apart while \
+             it writes, each layer verified and checked with the oracle"
         ),
         || {
+            let vm = VmmProc::start(
+                bin,
+                &[
+                    "boot",
+                    "--mem",
+                    "512M",
+                    "--vcpus",
+                    "2",
+                    "--write-rate",
+                    "full",
+                    "--working-set",
+                    HOT_SET,
+                ],
+                &p("chain-vm.sock"),
+                &p("chain-vm.serial"),
+            )?;
+            vm.wait_steps_beyond(&[0, 0], Duration::from_secs(60))?;
+            let vm = &*booted.insert(vm);
             let base = p("chain0.snap");
             let s = save_verify_oracle(vm, &base, &[])?;
             if s["tracking"] != true {
@@ -51,6 +77,9 @@ pub(super) fn chain_round_trip(bin: &Path, vm: &VmmProc, dir: &Path, first: u32,
                 if stored + inherited != u(&s, "guest_bytes") {
                     bail!("layer {i}: stored {stored} + inherited {inherited} is not all of RAM: {s}");
                 }
+                if inherited == 0 {
+                    bail!("layer {i} inherits nothing from its parent (the guest keeps to a hot set): {s}");
+                }
                 detail.push_str(&format!(
                     "; child {i}: {} MiB dirty before, {} MiB stored, {} MiB inherited, downtime {:.2} ms",
                     dirty >> 20,
@@ -63,6 +92,11 @@ pub(super) fn chain_round_trip(bin: &Path, vm: &VmmProc, dir: &Path, first: u32,
             Ok(detail)
         },
     );
+    if let Some(vm) = booted {
+        if let Err(e) = vm.shutdown() {
+            println!("     (the chain's guest did not shut down cleanly: {e:#})");
+        }
+    }
     if chain.len() != CHILDREN + 1 {
         for (n, what) in [
             (
