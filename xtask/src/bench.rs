@@ -6,6 +6,7 @@
 //! `--mem-backend memfd`, side by side with anonymous memory, and the test kernel runs its
 //! `tk.full` mode (random page writes over all of its RAM from ring 3); its progress is read from
 //! its status block in the VMM's memory (`/proc/PID/mem`) every millisecond.
+//! The incremental saves' cases (`incremental …`, `--only incremental`) are in `bench_incremental.rs`.
 //!
 //! Every figure is also given as a fraction of the machine's own limit measured in the same run (memcpy
 //! bandwidth, sequential file write with fsync, zstd level 1 on the guest's data), so runs on different or busy

@@ -6,7 +6,7 @@
 //!   out of the guest), the save's time end to end and the share of it that writing its file at the
 //!   disk limit measured in the same run would take, file bytes ÷ the guest bytes the save stored,
 //!   and `dirty_bytes` from `status` before the save.
-//! - `incremental MEM tracking hot|full`: the guest's write rate in the seconds after a save with
+//! - `incremental MEM tracking hot 6%|full [memfd]`: the guest's write rate in the seconds after a save with
 //!   write tracking on and with `--track-writes off` (same guest, same seconds, fresh VMs).
 //! - `incremental MEM chain 16`: a real chain of 16 layers made by `save --parent` (hot set of
 //!   6 %), merged by `snapctl merge`; eager restore (process start to the guest's progress past its
@@ -41,9 +41,11 @@ const BETWEEN: Duration = Duration::from_secs(1);
 enum Kind {
     /// A hot set of this many per cent of RAM.
     Hot(u64),
-    /// Tracking on against off, a hot set of 6 % (`true`) or the full writer.
+    /// Tracking on against off: a hot set of 6 % or the full writer, on anonymous (THP) or memfd
+    /// (4 KiB pages) memory.
     Tracking {
         hot: bool,
+        memfd: bool,
     },
     Chain,
     Random,
@@ -61,8 +63,11 @@ fn name(kind: Kind, mem_mib: u64) -> String {
     let m = mem_name(mem_mib);
     match kind {
         Kind::Hot(p) => format!("incremental {m} hot {p}%"),
-        Kind::Tracking { hot: true } => format!("incremental {m} tracking hot 6%"),
-        Kind::Tracking { hot: false } => format!("incremental {m} tracking full"),
+        Kind::Tracking { hot, memfd } => format!(
+            "incremental {m} tracking {}{}",
+            if hot { "hot 6%" } else { "full" },
+            if memfd { " memfd" } else { "" }
+        ),
         Kind::Chain => format!("incremental {m} chain {CHAIN_LAYERS}"),
         Kind::Random => format!("incremental {m} random {RANDOM_SAVES} saves"),
     }
@@ -86,8 +91,18 @@ fn cases(quick: bool, only: Option<&str>) -> Vec<(Kind, String)> {
     [
         Kind::Hot(1),
         Kind::Hot(6),
-        Kind::Tracking { hot: true },
-        Kind::Tracking { hot: false },
+        Kind::Tracking {
+            hot: true,
+            memfd: false,
+        },
+        Kind::Tracking {
+            hot: false,
+            memfd: false,
+        },
+        Kind::Tracking {
+            hot: false,
+            memfd: true,
+        },
         Kind::Chain,
         Kind::Random,
     ]
@@ -119,7 +134,7 @@ pub(super) fn run(
         let load = loadavg();
         let r = match kind {
             Kind::Hot(p) => hot(bin, &dir, mem, p, limits),
-            Kind::Tracking { hot } => tracking(bin, &dir, mem, hot, quick),
+            Kind::Tracking { hot, memfd } => tracking(bin, &dir, mem, hot, memfd, quick),
             Kind::Chain => chain(bin, &dir, mem),
             Kind::Random => random(bin, &dir, mem, quick),
         };
@@ -170,6 +185,11 @@ fn working_set(mem_mib: u64, pct: u64) -> String {
     format!("{}K", kib.div_ceil(4) * 4)
 }
 
+/// The bytes of a [`working_set`] size.
+fn working_set_bytes(ws: &str) -> u64 {
+    ws.trim_end_matches('K').parse::<u64>().unwrap_or(0) << 10
+}
+
 /// Boots the built-in guest (2 vCPUs, full speed) with `extra` arguments and waits for its fill.
 fn boot(bin: &Path, dir: &Path, mem_mib: u64, extra: &[&str]) -> anyhow::Result<VmmProc> {
     let mem = format!("{mem_mib}M");
@@ -218,6 +238,9 @@ fn max(v: &[f64]) -> f64 {
 /// A hot set of `pct` % of RAM: a full save, then [`HOT_SAVES`] incremental ones.
 fn hot(bin: &Path, dir: &Path, mem: u64, pct: u64, l: &Limits) -> anyhow::Result<Value> {
     let ws = working_set(mem, pct);
+    // What the guest rewrites between saves (its working sets; at full speed it rewrites all of
+    // them within a second).
+    let hot_bytes = working_set_bytes(&ws) * VCPUS;
     let vm = boot(
         bin,
         dir,
@@ -242,6 +265,7 @@ fn hot(bin: &Path, dir: &Path, mem: u64, pct: u64, l: &Limits) -> anyhow::Result
             "status_dirty_bytes": dirty, "stored_bytes": stored, "file_bytes": file,
             "inherited_bytes": s["inherited_bytes"],
             "file_per_stored": file as f64 / stored.max(1) as f64,
+            "file_per_hot_set": file as f64 / hot_bytes.max(1) as f64,
             "downtime_ms": s["downtime_ms"], "guest_held_ms": s["freeze_ms"]["guest_held"],
             "freeze_ms": s["freeze_ms"], "duration_s": dur,
             "disk_share": disk_s / dur.max(1e-9),
@@ -265,6 +289,8 @@ fn hot(bin: &Path, dir: &Path, mem: u64, pct: u64, l: &Limits) -> anyhow::Result
         "duration_s_median": median(&mut col("duration_s")),
         "disk_share_median": median(&mut col("disk_share")),
         "file_per_stored_median": median(&mut col("file_per_stored")),
+        "file_per_hot_set_median": median(&mut col("file_per_hot_set")),
+        "hot_set_bytes": hot_bytes,
         "stored_bytes_median": median(&mut col("stored_bytes")),
         "status_dirty_bytes_median": median(&mut col("status_dirty_bytes")),
         "file_write_gbps": l.file_write_gbps,
@@ -273,14 +299,25 @@ fn hot(bin: &Path, dir: &Path, mem: u64, pct: u64, l: &Limits) -> anyhow::Result
 
 /// The guest's rate in the seconds after a save, tracking on against off: fresh VMs, on first,
 /// two saves each.
-fn tracking(bin: &Path, dir: &Path, mem: u64, hot: bool, quick: bool) -> anyhow::Result<Value> {
+fn tracking(
+    bin: &Path,
+    dir: &Path,
+    mem: u64,
+    hot: bool,
+    memfd: bool,
+    quick: bool,
+) -> anyhow::Result<Value> {
     let window = Duration::from_secs(if quick { 3 } else { 5 });
     let ws = working_set(mem, 6);
-    let mut out = json!({"kind": "tracking", "hot": hot, "window_s": window.as_secs_f64()});
+    let mut out =
+        json!({"kind": "tracking", "hot": hot, "memfd": memfd, "window_s": window.as_secs_f64()});
     for track in ["on", "off"] {
         let mut args = vec!["--write-rate", "full", "--track-writes", track];
         if hot {
             args.extend(["--working-set", &ws]);
+        }
+        if memfd {
+            args.extend(["--mem-backend", "memfd"]);
         }
         let vm = boot(bin, dir, mem, &args)?;
         let before = rate(&vm, window)?;
@@ -510,7 +547,7 @@ pub(super) fn markdown(rows: &[Value]) -> String {
         .map(|r| format!("{:.1}", f(r, "load_before")))
         .collect();
     s += &format!(
-        "Built-in guest, 2 vCPUs, anonymous THP memory. 1-minute load average at the start of each case: {}.\n\n",
+        "Built-in guest, 2 vCPUs, anonymous THP memory (`memfd`: `--mem-backend memfd`, 4 KiB pages). 1-minute load average at the start of each case: {}.\n\n",
         loads.join(", ")
     );
     for r in rows.iter().filter(|r| r.get("error").is_some()) {
@@ -526,19 +563,22 @@ pub(super) fn markdown(rows: &[Value]) -> String {
             "\nHot set: a full save, then {HOT_SAVES} `save --parent` saves {} s apart (medians; max in brackets). \
              Held: the longest a vCPU was held out of the guest (`freeze_ms.guest_held`). Disk share: the time \
              writing the file at the disk limit measured in this run takes, over the save's time. File ÷ stored: file \
-             bytes over the guest bytes the save stored (the save's own figures). Dirty: `status` `dirty_bytes` \
-             just before the save.\n\n",
+             bytes over the guest bytes the save stored (the save's own figures; zero pages are stored without \
+             data); file ÷ hot set: over the bytes the guest rewrites (its working sets, all rewritten within a \
+             second at full speed). Dirty: `status` `dirty_bytes` just before the save.\n\n",
             BETWEEN.as_secs()
         );
-        s += "| case | dirty before MiB | stored MiB | file ÷ stored | downtime ms | held ms | save ms | disk share | full save s |\n";
-        s += "|---|---|---|---|---|---|---|---|---|\n";
+        s += "| case | hot set MiB | dirty before MiB | stored MiB | file ÷ stored | file ÷ hot set | downtime ms | held ms | save ms | disk share | full save s |\n";
+        s += "|---|---|---|---|---|---|---|---|---|---|---|\n";
         for r in hot {
             s += &format!(
-                "| {} | {} | {} | {:.3} | {:.2} ({:.2}) | {:.2} ({:.2}) | {:.0} | {} | {:.2} |\n",
+                "| {} | {} | {} | {} | {:.3} | {:.3} | {:.2} ({:.2}) | {:.2} ({:.2}) | {:.0} | {} | {:.2} |\n",
                 r["case"].as_str().unwrap_or("?"),
+                mib(f(r, "hot_set_bytes")),
                 mib(f(r, "status_dirty_bytes_median")),
                 mib(f(r, "stored_bytes_median")),
                 f(r, "file_per_stored_median"),
+                f(r, "file_per_hot_set_median"),
                 f(r, "downtime_ms_median"),
                 f(r, "downtime_ms_max"),
                 f(r, "guest_held_ms_median"),
