@@ -977,6 +977,10 @@ fn markdown(l: &Limits, rows: &[Value], save_args: &[String]) -> String {
         l.zstd1_ratio,
         l.zstd_pipeline_gbps()
     );
+    if rows.is_empty() {
+        // Only other tables follow (e.g. `--only incremental`).
+        return s;
+    }
     s += &format!(
         "Guest modes: idle (timer ticks only); full (each vCPU rewrites random pages of its whole slice of RAM at \
          full speed: every 2 MiB unit is hit within milliseconds of the thaw, the worst case for a live snapshot); \
