@@ -54,6 +54,18 @@ struct VmmArgs {
     /// Write the guest's serial console to this file instead of the terminal.
     #[arg(long)]
     serial_log: Option<PathBuf>,
+    /// Track guest writes after each save (and from an eager restore), so that `save --parent`
+    /// stores only what changed. `off`: no write-protect faults between saves (the first write to
+    /// each page after a save is free) and every save stores all memory.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    track_writes: String,
+}
+
+impl VmmArgs {
+    /// `--track-writes on` (the default).
+    pub(crate) fn tracks_writes(&self) -> bool {
+        self.track_writes != "off"
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -646,3 +646,109 @@ fn a_save_failing_after_hashing_leaves_the_next_children_right() {
     );
     oracle_chain(&next);
 }
+
+#[test]
+fn with_write_tracking_off_saves_leave_nothing_protected_and_parent_saves_store_everything() {
+    let _g = serial();
+    let dir = TempDir::new("incr-track-off");
+    let vmm = Vmm::boot(
+        dir.path(),
+        &[
+            "--mem",
+            "128M",
+            "--working-set",
+            "1M",
+            "--track-writes",
+            "off",
+        ],
+    );
+    let st = vmm.status();
+    assert_eq!(st["track_writes"], false, "{st}");
+    assert_eq!(st["tracking"]["state"], "off", "{st}");
+    assert!(
+        st["tracking"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("write tracking is off in this VMM"),
+        "{st}"
+    );
+    let a = dir.join("a.snap");
+    let s = save(&vmm, &a, &[]);
+    assert_eq!(s["tracking"], false, "{s}");
+    // The save released everything and nobody protects memory between saves.
+    assert_eq!(
+        vmm.wp_pages(),
+        0,
+        "pages write-protected after a save with tracking off"
+    );
+    vmm.assert_progress(Duration::from_secs(10));
+    let st = vmm.status();
+    assert_eq!(st["tracking"]["state"], "off", "{st}");
+    assert!(st.get("dirty_bytes").is_none(), "{st}");
+
+    // `--parent` of the last save: a standalone full save, saying why.
+    let b = dir.join("b.snap");
+    let s = save_child(&vmm, &a, &b);
+    let why = s["full_reason"].as_str().expect("full_reason");
+    assert!(
+        why.starts_with(&format!(
+            "no record of writes since {}'s freeze: saved all memory",
+            a.display()
+        )) && why.contains("write tracking is off in this VMM"),
+        "{why}"
+    );
+    assert!(s.get("parent").is_none(), "{s}");
+    assert_eq!(u(&s, "inherited_bytes"), 0, "{s}");
+    assert_eq!(u(&s, "stored_bytes"), vmm.mem_bytes, "{s}");
+    assert!(SnapshotReader::open(&b).unwrap().header().parent.is_none());
+    oracle_chain(&b);
+    assert_eq!(
+        vmm.wp_pages(),
+        0,
+        "pages write-protected after a parent save with tracking off"
+    );
+    let c = dir.join("c.snap");
+    let o = vmm.ctl(
+        &[
+            "save",
+            "--parent",
+            b.to_str().unwrap(),
+            "--out",
+            c.to_str().unwrap(),
+        ],
+        T,
+    );
+    assert_eq!(o.code(), Some(0), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("write tracking is off in this VMM"),
+        "{}",
+        o.stderr
+    );
+    drop(vmm);
+
+    // A restore with tracking off protects nothing; with tracking on (the default) it protects
+    // all memory, so the check above can fail.
+    let off = restore_as(dir.path(), &a, "off", &["--track-writes", "off"]);
+    let st = off.status();
+    assert_eq!(st["track_writes"], false, "{st}");
+    assert_eq!(st["tracking"]["state"], "off", "{st}");
+    assert_eq!(
+        off.wp_pages(),
+        0,
+        "pages write-protected after a restore with tracking off"
+    );
+    off.assert_progress(Duration::from_secs(10));
+    let d = dir.join("d.snap");
+    let s = save_child(&off, &a, &d);
+    assert!(s["full_reason"].is_string(), "{s}");
+    assert_eq!(off.wp_pages(), 0);
+    drop(off);
+    let on = restore_as(dir.path(), &a, "on", &[]);
+    let st = on.status();
+    assert_eq!(st["track_writes"], true, "{st}");
+    assert_eq!(st["tracking"]["state"], "tracking", "{st}");
+    assert!(
+        on.wp_pages() > 0,
+        "a restore with tracking on protects memory"
+    );
+}

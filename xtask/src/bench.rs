@@ -6,6 +6,7 @@
 //! `--mem-backend memfd`, side by side with anonymous memory, and the test kernel runs its
 //! `tk.full` mode (random page writes over all of its RAM from ring 3); its progress is read from
 //! its status block in the VMM's memory (`/proc/PID/mem`) every millisecond.
+//! The incremental saves' cases (`incremental …`, `--only incremental`) are in `bench_incremental.rs`.
 //!
 //! Every figure is also given as a fraction of the machine's own limit measured in the same run (memcpy
 //! bandwidth, sequential file write with fsync, zstd level 1 on the guest's data), so runs on different or busy
@@ -21,6 +22,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "bench_incremental.rs"]
+mod incremental;
 
 /// Entry point of `cargo xtask bench`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -863,7 +867,7 @@ fn matrix(
 
     if let Some(only) = only {
         cases.retain(|c| c.name().contains(only));
-        if cases.is_empty() {
+        if cases.is_empty() && incremental::selected(quick, Some(only)).is_empty() {
             bail!("no bench case name contains {only:?}");
         }
     }
@@ -927,6 +931,7 @@ fn matrix(
             }
         }
     }
+    let incremental = incremental::run(&bin, &dir, quick, only, &limits);
     limits.direct_write_end_gbps = direct_limit();
     limits.file_write_gbps = limits.file_write_gbps.max(limits.direct_write_end_gbps);
     let out = json!({
@@ -936,18 +941,20 @@ fn matrix(
                    "zstd1_gbps": limits.zstd1_gbps, "zstd1_ratio": limits.zstd1_ratio,
                    "zstd_pipeline_gbps": limits.zstd_pipeline_gbps()},
         "cases": rows,
+        "incremental": incremental,
     });
     std::fs::write(
         dir.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&out)?,
     )?;
-    let md = markdown(&limits, &rows, save_args);
+    let md = markdown(&limits, &rows, save_args) + &incremental::markdown(&incremental);
     std::fs::write(dir.join(format!("{stem}.md")), &md)?;
     println!("{md}");
     println!("bench: wrote {}", dir.join(format!("{stem}.md")).display());
     if rows
         .iter()
         .any(|r| r.get("error").is_some() || r["lazy"].get("error").is_some())
+        || incremental.iter().any(|r| r.get("error").is_some())
     {
         bail!("some bench cases failed");
     }
@@ -973,6 +980,10 @@ fn markdown(l: &Limits, rows: &[Value], save_args: &[String]) -> String {
         l.zstd1_ratio,
         l.zstd_pipeline_gbps()
     );
+    if rows.is_empty() {
+        // Only other tables follow (e.g. `--only incremental`).
+        return s;
+    }
     s += &format!(
         "Guest modes: idle (timer ticks only); full (each vCPU rewrites random pages of its whole slice of RAM at \
          full speed: every 2 MiB unit is hit within milliseconds of the thaw, the worst case for a live snapshot); \

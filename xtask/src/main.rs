@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 mod bench;
 mod bench_migrate;
+mod e2e_chain;
 mod e2e_migrate;
 
 fn main() -> anyhow::Result<()> {
@@ -445,6 +446,7 @@ fn e2e() -> anyhow::Result<()> {
         "9 migrate live over loopback TCP, runs on, all memory arrives, self-check, save, oracle",
         || e2e_migrate::migrate_and_check(&bin, vm1, &dir),
     );
+    e2e_chain::chain_round_trip(&bin, &dir, 10, &mut st);
     finish(st)
 }
 

@@ -173,9 +173,13 @@ impl Vmm {
         }
         // The record is held by a running save: its figures come after it.
         let tracking = match self.record.try_lock() {
+            _ if !self.track_writes => {
+                json!({"state": "off", "reason": super::save::TRACKING_OFF, "faults": 0})
+            }
             Ok(r) => serde_json::to_value(r.status()).unwrap_or(Value::Null),
             Err(_) => json!({"state": "saving"}),
         };
+        v["track_writes"] = json!(self.track_writes);
         if let Some(d) = tracking.get("dirty_bytes") {
             v["dirty_bytes"] = d.clone();
         }

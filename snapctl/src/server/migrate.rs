@@ -310,7 +310,15 @@ pub fn run_restore_listen(
         sock.display()
     );
     forward_stdin(&vm);
-    serve_with(vm, None, Some(incoming), None, listener, sock)
+    serve_with(
+        vm,
+        None,
+        Some(incoming),
+        None,
+        vmm.tracks_writes(),
+        listener,
+        sock,
+    )
 }
 
 /// Watches an incoming migration: logs its end, and ends the VMM when it fails (a corrupt or

@@ -110,7 +110,7 @@ pub fn run_boot(cfg: VmConfig, vmm: &VmmArgs, sock: &Path) -> anyhow::Result<Exi
         sock.display()
     );
     forward_stdin(&vm);
-    serve(vm, None, None, listener, sock)
+    serve(vm, None, None, vmm.tracks_writes(), listener, sock)
 }
 
 /// A kernel's serial console works in both directions: standard input goes to the guest's COM1.
@@ -175,12 +175,16 @@ pub fn run_restore(
     );
     // Writes are tracked from the restored content on, with the restored file as the last save:
     // `save --parent FILE` stores only what the guest writes from now on.
-    let tracking = track_restored(&vm, file);
+    // With `--track-writes off`, nothing is protected: every save stores all memory.
+    let tracking = vmm
+        .tracks_writes()
+        .then(|| track_restored(&vm, file))
+        .flatten();
     if !paused {
         vm.resume().context("starting the restored vCPUs")?;
     }
     forward_stdin(&vm);
-    serve(vm, None, tracking, listener, sock)
+    serve(vm, None, tracking, vmm.tracks_writes(), listener, sock)
 }
 
 /// Write tracking of a VM just restored from `file`, its vCPUs parked: all memory protected, the
@@ -257,7 +261,7 @@ fn run_restore_lazy(
         sock.display()
     );
     forward_stdin(&vm);
-    serve(vm, Some(lazy), None, listener, sock)
+    serve(vm, Some(lazy), None, vmm.tracks_writes(), listener, sock)
 }
 
 /// Watches a lazy restore: logs its end, and ends the VMM when it fails (a record that fails its
@@ -374,6 +378,9 @@ struct Vmm {
     tracker: Mutex<Option<Arc<WpTracker>>>,
     /// What the guest wrote since the last save (held by a save while it runs).
     record: Mutex<vm_snapshot::WriteRecord>,
+    /// `--track-writes`: false keeps no record (saves release all memory; `parent` saves store
+    /// everything).
+    track_writes: bool,
     save: Mutex<Option<Arc<AtomicBool>>>,
     started: Instant,
     stop: AtomicBool,
@@ -384,10 +391,11 @@ fn serve(
     vm: Vm,
     lazy: Option<vm_snapshot::LazyRestore>,
     tracking: Option<(Arc<WpTracker>, vm_snapshot::WriteRecord)>,
+    track_writes: bool,
     listener: UnixListener,
     sock: &Path,
 ) -> anyhow::Result<ExitCode> {
-    serve_with(vm, lazy, None, tracking, listener, sock)
+    serve_with(vm, lazy, None, tracking, track_writes, listener, sock)
 }
 
 fn serve_with(
@@ -395,6 +403,7 @@ fn serve_with(
     lazy: Option<vm_snapshot::LazyRestore>,
     incoming: Option<vm_snapshot::migrate::Incoming>,
     tracking: Option<(Arc<WpTracker>, vm_snapshot::WriteRecord)>,
+    track_writes: bool,
     listener: UnixListener,
     sock: &Path,
 ) -> anyhow::Result<ExitCode> {
@@ -409,6 +418,7 @@ fn serve_with(
         migration: Mutex::default(),
         tracker: Mutex::new(tracker),
         record: Mutex::new(record),
+        track_writes,
         save: Mutex::new(None),
         started: Instant::now(),
         stop: AtomicBool::new(false),

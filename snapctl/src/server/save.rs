@@ -161,6 +161,9 @@ impl Vmm {
         };
         let res = self.wait_lazy(&cancel).and_then(|_hold| {
             let t = self.tracker()?;
+            if !self.track_writes {
+                return save_untracked(&self.vm, &t, &req, &moving, &cancel, &progress);
+            }
             let mut record = self.record.lock().unwrap_or_else(|e| e.into_inner());
             vm_snapshot::save_tracked(&self.vm, &t, &mut record, &req, &moving, &cancel, &progress)
                 .map_err(anyhow::Error::from)
@@ -190,6 +193,30 @@ impl Vmm {
             }
         }
     }
+}
+
+/// Why a `parent` save of a VMM without write tracking stores all memory.
+pub(super) const TRACKING_OFF: &str = "write tracking is off in this VMM (--track-writes off)";
+
+/// A save of a VMM started with `--track-writes off`: no write record, so the save releases all
+/// memory at its end and a `parent` save stores all memory, saying why.
+fn save_untracked(
+    vm: &Arc<Vm>,
+    t: &WpTracker,
+    req: &SaveParams,
+    moving: &[bool],
+    cancel: &AtomicBool,
+    progress: &(dyn Fn(&ram_saver::SaveProgress) + Sync),
+) -> anyhow::Result<vm_snapshot::SaveReport> {
+    let mut params = req.clone();
+    let parent = params.parent.take();
+    let mut report = vm_snapshot::save(vm, t, &params, moving, cancel, progress)?;
+    if let Some(p) = parent {
+        report.full_reason = Some(format!(
+            "no record of writes since {p}'s freeze: saved all memory ({TRACKING_OFF})"
+        ));
+    }
+    Ok(report)
 }
 
 /// A save request in a few words, for the log.
