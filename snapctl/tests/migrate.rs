@@ -285,66 +285,100 @@ impl Frames {
     }
 }
 
-/// A one-connection TCP proxy from a fresh loopback port to `to`, damaging the source →
-/// destination direction as told. Returns the port and the bytes forwarded so far.
+/// A TCP proxy from a fresh loopback port to `to`: forwards every connection it accepts (the
+/// migration's bulk connection first, then its demand connection, then those of a `--resume`),
+/// damaging the source → destination direction of the first as told; a cut cuts every connection
+/// open at that moment, both ways. Returns the port and the bytes of the first forwarded so far.
 fn proxy(to: String, damage: Damage) -> (u16, Arc<AtomicU64>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let seen = Arc::new(AtomicU64::new(0));
     let count = seen.clone();
+    let open: Arc<std::sync::Mutex<Vec<TcpStream>>> = Arc::default();
     std::thread::spawn(move || {
-        let Ok((src, _)) = l.accept() else { return };
-        let dst = TcpStream::connect(&to).expect("proxy: connecting to the destination");
-        let (mut s_r, mut d_w) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
-        let (mut d_r, mut s_w) = (dst, src);
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 64 << 10];
-            while let Ok(n) = d_r.read(&mut buf) {
-                if n == 0 || s_w.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            let _ = s_w.shutdown(Shutdown::Both);
-        });
-        let mut buf = vec![0u8; 64 << 10];
-        let mut off = 0u64;
-        let mut frames = Frames::default();
-        loop {
-            let n = match s_r.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
+        for (i, src) in l.incoming().enumerate() {
+            let Ok(src) = src else { return };
+            let Ok(dst) = TcpStream::connect(&to) else {
+                continue;
             };
-            let chunk = &mut buf[..n];
-            let end = off + n as u64;
-            match damage {
-                Damage::Flip(at) if (off..end).contains(&at) => chunk[(at - off) as usize] ^= 0x10,
-                Damage::FlipFrame(kind) => frames.flip(chunk, kind),
-                Damage::Cut(at) if end > at => {
-                    let _ = d_w.write_all(&chunk[..(at - off) as usize]);
-                    // The destination reads the end inside a frame; what it sends still
-                    // reaches the source.
-                    let _ = d_w.shutdown(Shutdown::Write);
-                    count.store(at, Ordering::SeqCst);
-                    // The destination goes; its side's close reaches the source.
-                    return;
-                }
-                Damage::Kill(at, pid) if end > at && off <= at => {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-                _ => {}
+            {
+                let mut o = open.lock().unwrap();
+                o.push(src.try_clone().unwrap());
+                o.push(dst.try_clone().unwrap());
             }
-            if d_w.write_all(chunk).is_err() {
-                break;
-            }
-            off = end;
-            count.store(off, Ordering::SeqCst);
+            let damage = (i == 0).then_some(damage);
+            let count = (i == 0).then(|| count.clone());
+            let open = open.clone();
+            std::thread::spawn(move || forward(src, dst, damage, count, open));
         }
-        let _ = d_w.shutdown(Shutdown::Both);
     });
     (port, seen)
+}
+
+/// One proxied connection (see [`proxy`]).
+fn forward(
+    src: TcpStream,
+    dst: TcpStream,
+    damage: Option<Damage>,
+    count: Option<Arc<AtomicU64>>,
+    open: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+) {
+    let (mut s_r, mut d_w) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+    let (mut d_r, mut s_w) = (dst, src);
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = d_r.read(&mut buf) {
+            if n == 0 || s_w.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = s_w.shutdown(Shutdown::Both);
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    let mut off = 0u64;
+    let mut frames = Frames::default();
+    let store = |n| {
+        if let Some(c) = &count {
+            c.store(n, Ordering::SeqCst);
+        }
+    };
+    loop {
+        let n = match s_r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &mut buf[..n];
+        let end = off + n as u64;
+        match damage {
+            Some(Damage::Flip(at)) if (off..end).contains(&at) => {
+                chunk[(at - off) as usize] ^= 0x10
+            }
+            Some(Damage::FlipFrame(kind)) => frames.flip(chunk, kind),
+            Some(Damage::Cut(at)) if end > at => {
+                let _ = d_w.write_all(&chunk[..(at - off) as usize]);
+                store(at);
+                // The connections are lost, both ways: the destination reads the end inside a
+                // frame, the source sees its connections closed.
+                for c in open.lock().unwrap().drain(..) {
+                    let _ = c.shutdown(Shutdown::Both);
+                }
+                return;
+            }
+            Some(Damage::Kill(at, pid)) if end > at && off <= at => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            _ => {}
+        }
+        if d_w.write_all(chunk).is_err() {
+            break;
+        }
+        off = end;
+        store(off);
+    }
+    let _ = d_w.shutdown(Shutdown::Both);
 }
 
 /// After a migration failed once the destination ran: the source stays frozen (a plain resume is

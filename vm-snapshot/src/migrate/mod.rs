@@ -85,14 +85,19 @@ use std::time::Duration;
 pub use auth::{dest_handshake, source_handshake, Token};
 pub use dest::{
     CollapseHold as IncomingCollapseHold, DestFigures, Incoming, IncomingFailure, IncomingStatus,
-    Listener, StartPhases,
+    Listener, StartPhases, DEFAULT_RESUME_TIMEOUT,
 };
-pub use source::{migrate_out, MigrateFailure, MigrateParams, MigrateProgress, MigrateReport};
+pub use source::{
+    migrate_out, migrate_resume, Interrupted, MigrateFailure, MigrateParams, MigrateProgress,
+    MigrateReport,
+};
 
 /// Bytes of a unit (an x86-64 huge page): the stream's order and the destination's collapse.
 pub const UNIT: u64 = 2 << 20;
 /// Bytes of a piece: what a demand request asks for, and what is tracked as sent or resident.
 pub const PIECE: u64 = 64 << 10;
+/// Bytes of a session id (binds the demand connection to the first).
+pub const SESSION_LEN: usize = 32;
 /// How long connecting and each handshake step may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -123,7 +128,7 @@ pub enum MigrateError {
     #[error("corrupt stream: {0}")]
     Corrupt(String),
     /// The peer speaks another protocol version.
-    #[error("the peer speaks migration protocol version {0}, this build speaks 1")]
+    #[error("the peer speaks migration protocol version {0}, this build speaks 2")]
     Version(u32),
     /// The mutual authentication failed.
     #[error("authentication failed: {0}")]
