@@ -288,7 +288,7 @@ impl Vmm {
             Err(f) if f.dest_running => {
                 *m = Migration::FrozenAfterFailure;
                 *self.interrupted.lock().expect("interrupted lock") =
-                    f.interrupted.clone().map(|i| (req.clone(), i));
+                    f.interrupted.clone().map(|i| (req.clone(), *i));
                 error!(
                     "migration failed after the destination started the VM: {f}; this guest stays \
                      frozen (never two running copies)"
@@ -362,9 +362,9 @@ pub fn run_restore_listen(
     serve_with(vm, None, Some(incoming), None, listener, sock)
 }
 
-/// Watches an incoming migration: logs its end, and ends the VMM when it fails (a corrupt or
-/// lost stream): the guest must never run on memory that did not arrive, and a vCPU that
-/// touched a missing page stays blocked for good.
+/// Watches an incoming migration: logs its end, and ends the VMM when it fails (a corrupt
+/// stream, or lost connections the source did not resume in time): the guest must never run on
+/// memory that did not arrive, and a vCPU that touched a missing page stays blocked for good.
 pub(super) fn watch_incoming(vmm: Arc<Vmm>, sock: std::path::PathBuf) {
     let spawned = std::thread::Builder::new()
         .name("migrate-watch".into())

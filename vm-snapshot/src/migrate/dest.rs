@@ -1,6 +1,8 @@
-//! The destination of a migration: listen, accept one authenticated source, build the VM from its
-//! state on memory registered in MISSING mode, run it, and fill memory from the connection: a
-//! fault thread requests what the vCPUs touch, a receive thread fills whatever arrives.
+//! The destination of a migration: listen, accept one authenticated source and its demand
+//! connection, build the VM from its state on memory registered in MISSING mode, run it, and fill
+//! memory from the connections: a fault thread requests what the vCPUs touch, a receive thread
+//! per connection fills whatever arrives; after lost connections, wait for the source to
+//! reconnect.
 
 use std::collections::HashMap;
 use std::io::{BufReader, Read};

@@ -116,7 +116,7 @@ pub struct MigrateFailure {
     /// itself). False: the source's guest runs on (or stays paused if a client had paused it).
     pub dest_running: bool,
     /// With `dest_running`: what [`migrate_resume`] needs to reconnect and finish.
-    pub interrupted: Option<Interrupted>,
+    pub interrupted: Option<Box<Interrupted>>,
 }
 
 /// A migration whose connections were lost after the destination ran: the session to name when
@@ -303,7 +303,7 @@ pub fn migrate_resume(
     let fail = |error| MigrateFailure {
         error,
         dest_running: true,
-        interrupted: Some(prev.clone()),
+        interrupted: Some(Box::new(prev.clone())),
     };
     let total = vm.config().mem_bytes;
     let mut p = MigrateProgress {
@@ -423,14 +423,14 @@ impl Streams<'_> {
         let dest = res.map_err(|error| MigrateFailure {
             error,
             dest_running: true,
-            interrupted: Some(Interrupted {
+            interrupted: Some(Box::new(Interrupted {
                 wire,
                 data_bytes,
                 zero_bytes: out.zero_bytes.load(Ordering::SeqCst),
                 requests: out.requests.load(Ordering::SeqCst),
                 demand_sent: out.demand_sent.load(Ordering::SeqCst),
                 ..base.clone()
-            }),
+            })),
         })?;
         Ok(MigrateReport {
             to: params.to.clone(),
@@ -657,7 +657,7 @@ impl Out<'_> {
         let piece = self
             .regions
             .piece_of(gpa)
-            .filter(|_| gpa % PIECE == 0)
+            .filter(|_| gpa.is_multiple_of(PIECE))
             .ok_or_else(|| {
                 MigrateError::Corrupt(format!(
                     "the destination asked for {gpa:#x}, not a piece of guest RAM"
