@@ -38,8 +38,12 @@ const FAULT_NICE: i32 = -10;
 const MAX_WAIT_SAMPLES: usize = 1 << 17;
 /// Socket receive buffer asked for (the kernel doubles it).
 const RECV_BUFFER: usize = 256 << 10;
-/// Nice value of the receive thread: it fills what the vCPUs wait for, ahead of them.
+/// Nice value of the demand connection's receive thread where `SCHED_FIFO` is not permitted: it
+/// fills what the vCPUs wait for, ahead of them.
 const RECV_NICE: i32 = -10;
+/// Nice value of the bulk connection's receive thread (the vCPUs' equal measured no better
+/// guest rate during the transfer, and a longer transfer).
+const BULK_NICE: i32 = -10;
 /// Adjacent units collapsed by one call at most.
 const COLLAPSE_BATCH: usize = 32;
 /// How long a destination whose connection was lost waits for the source to reconnect.
@@ -483,7 +487,7 @@ fn start_receivers(s: &Arc<Shared>, mut r: BufReader<Conn>, gen: u64) -> Result<
     let s1 = s.clone();
     s.receivers.fetch_add(1, Ordering::SeqCst);
     if let Err(e) = spawn(s, "migrate-recv", move || {
-        let _ = uffd_sys::host::set_thread_nice(RECV_NICE);
+        let _ = uffd_sys::host::set_thread_nice(BULK_NICE);
         receive(&s1, &mut r, gen);
         s1.receivers.fetch_sub(1, Ordering::SeqCst);
     }) {
@@ -493,7 +497,10 @@ fn start_receivers(s: &Arc<Shared>, mut r: BufReader<Conn>, gen: u64) -> Result<
     let s2 = s.clone();
     s.receivers.fetch_add(1, Ordering::SeqCst);
     if let Err(e) = spawn(s, "migrate-demand", move || {
-        let _ = uffd_sys::host::set_thread_nice(RECV_NICE);
+        // What a vCPU waits for, and short work: as the fault thread.
+        if uffd_sys::host::set_thread_fifo(FAULT_RT_PRIORITY).is_err() {
+            let _ = uffd_sys::host::set_thread_nice(RECV_NICE);
+        }
         receive(&s2, &mut dr, gen);
         s2.receivers.fetch_sub(1, Ordering::SeqCst);
     }) {
@@ -922,6 +929,10 @@ impl Shared {
     fn finish(&self) {
         self.finishing.store(true, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
+        // No reconnection any more: the address is free again.
+        if let Ok(mut l) = self.listener.try_lock() {
+            *l = None;
+        }
         if let Err(e) = self.tracker.unregister_all() {
             log::warn!("migration: unregistering guest memory: {}", chain(&e));
         }

@@ -525,7 +525,10 @@ fn run_streams(
         let server = std::thread::Builder::new()
             .name("migrate-demand".into())
             .spawn_scoped(sc, move || {
-                let _ = uffd_sys::host::set_thread_nice(-10);
+                // A vCPU at the destination waits for each answer; short work per request.
+                if uffd_sys::host::set_thread_fifo(1).is_err() {
+                    let _ = uffd_sys::host::set_thread_nice(-10);
+                }
                 serve_demand(out, &mut dr, dwr, &tx)
             });
         let res = match (reader, server) {
