@@ -537,10 +537,29 @@ fn a_migration_cut_mid_transfer_waits_and_resume_finishes_it() {
     eprintln!("destination while waiting: {}", st["migration"]);
     assert_eq!(st["migration"]["resident"], false, "{st}");
     assert!(st["migration"]["lost"].is_string(), "{st}");
-    // The source stays frozen meanwhile.
-    let s0 = vcpu_steps(&src.status());
+    // The source stays frozen meanwhile, and says it can resume.
+    let sst = src.status();
+    assert_eq!(sst["migration"]["resumable"], true, "{sst}");
+    let s0 = vcpu_steps(&sst);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(vcpu_steps(&src.status()), s0, "the frozen source ran");
+    // A peer that holds the secret but not the session is refused; the destination waits on.
+    {
+        use vm_snapshot::migrate::{source_handshake, wire, Token};
+        let c = TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(T)).unwrap();
+        let (mut r, mut w) = (c.try_clone().unwrap(), c);
+        source_handshake(&mut r, &mut w, &Token::read(&tok).unwrap()).unwrap();
+        wire::write_frame(&mut w, wire::Kind::Resume, &[&[7u8; 32]]).unwrap();
+        let mut buf = Vec::new();
+        let got = wire::read_frame(&mut r, &mut buf, 0);
+        assert!(
+            matches!(got, Ok(wire::Kind::Error)),
+            "a resume naming another session: {got:?}"
+        );
+        let st = dst.status();
+        assert_eq!(st["migration"]["waiting_for_source"], true, "{st}");
+    }
     // `--resume` (address and secret remembered) finishes it.
     let out = src.ctl(&["migrate", "--resume", "--json"], T);
     assert_eq!(out.code(), Some(0), "migrate --resume: {}", out.stderr);

@@ -429,7 +429,10 @@ pub(super) fn status_of(vmm: &Vmm) -> Option<Value> {
     match *vmm.migration.lock().expect("migration lock") {
         Migration::Idle => None,
         Migration::Running => Some(json!({"state": "migrating"})),
-        Migration::FrozenAfterFailure => Some(json!({"state": "frozen_after_migration"})),
+        Migration::FrozenAfterFailure => Some(json!({
+            "state": "frozen_after_migration",
+            "resumable": vmm.interrupted.lock().expect("interrupted lock").is_some(),
+        })),
         Migration::Migrated => Some(json!({"state": "migrated"})),
     }
 }
