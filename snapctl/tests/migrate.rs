@@ -5,7 +5,8 @@
 //! (the source's guest runs on, the destination listens on and then takes the right source); a
 //! destination killed mid-transfer leaves the source frozen until a forced resume; a corrupt
 //! frame ends the destination with an error, never a VM on wrong pages; connections cut
-//! mid-transfer leave the destination waiting until `migrate --resume` finishes the migration, or
+//! mid-transfer (or a link gone silent) leave the destination waiting (refusing a peer that does
+//! not name its session) until `migrate --resume` finishes the migration, or
 //! until its `--resume-timeout` ends it (the source staying frozen). A TCP proxy in the test
 //! damages the stream at a chosen offset. Figures are printed, never asserted
 //! beyond generous liveness bounds.
@@ -252,6 +253,8 @@ enum Damage {
     Flip(u64),
     /// Stop forwarding at `at` and close the destination's side (a cut stream).
     Cut(u64),
+    /// Stop forwarding at `at`, both ways, keeping every connection open (a half-open link).
+    Stall(u64),
     /// SIGKILL the destination VMM (pid) once `at` bytes went through.
     Kill(u64, i32),
     /// Flip one bit inside the payload of the first frame of this kind (frames parsed on the fly:
@@ -370,6 +373,13 @@ fn forward(
                 for c in open.lock().unwrap().drain(..) {
                     let _ = c.shutdown(Shutdown::Both);
                 }
+                return;
+            }
+            Some(Damage::Stall(at)) if end > at => {
+                let _ = d_w.write_all(&chunk[..(at - off) as usize]);
+                store(at);
+                // Holds the connections open, forwarding nothing more.
+                std::thread::sleep(Duration::from_secs(600));
                 return;
             }
             Some(Damage::Kill(at, pid)) if end > at && off <= at => {
@@ -494,10 +504,10 @@ fn corrupt_or_cut_streams_are_refused_by_the_destination() {
     shutdown(src);
 }
 
-/// Cuts the migration's connections once `at` bytes of the bulk stream went through; the source
+/// Migrates through a proxy that cuts (or stalls) the migration's connections; the source
 /// reports the loss and stays frozen. Returns the proxy's address.
-fn cut_migration(src: &Vmm, addr: &str, tok: &Path, at: u64) -> String {
-    let (port, seen) = proxy(addr.to_string(), Damage::Cut(at));
+fn cut_migration(src: &Vmm, addr: &str, tok: &Path, damage: Damage) -> String {
+    let (port, seen) = proxy(addr.to_string(), damage);
     let via = format!("127.0.0.1:{port}");
     let out = migrate(src, &via, tok, &[]);
     eprintln!("proxy cut after {} bytes", seen.load(Ordering::SeqCst));
@@ -509,6 +519,19 @@ fn cut_migration(src: &Vmm, addr: &str, tok: &Path, at: u64) -> String {
 
 #[test]
 fn a_migration_cut_mid_transfer_waits_and_resume_finishes_it() {
+    lost_then_resumed(Damage::Cut(48 << 20));
+}
+
+/// A link that stops carrying bytes without closing (half-open): 30 s of silence count as lost on
+/// both sides, and `--resume` finishes the migration.
+#[test]
+fn a_stalled_link_counts_as_lost_and_resume_finishes_the_migration() {
+    lost_then_resumed(Damage::Stall(48 << 20));
+}
+
+/// The migration's connections fail as `damage` says after the destination ran: the destination
+/// waits, refuses a peer that does not name the session, and `migrate --resume` finishes it.
+fn lost_then_resumed(damage: Damage) {
     let _g = serial();
     let dir = TempDir::new("mig-resume");
     let tok = token(dir.path(), "tok", "resume-secret-0123456789abcdef");
@@ -516,7 +539,7 @@ fn a_migration_cut_mid_transfer_waits_and_resume_finishes_it() {
     let src = Vmm::boot(src_dir.path(), &["--mem", "256M", "--write-rate", "full"]);
     let addr = format!("127.0.0.1:{}", free_port());
     let mut dst = listen(dir.path(), &addr, &tok);
-    cut_migration(&src, &addr, &tok, 48 << 20);
+    cut_migration(&src, &addr, &tok, damage);
     // The destination keeps its VM and says it waits for the source.
     let t0 = Instant::now();
     let st = loop {
@@ -597,7 +620,7 @@ fn a_destination_whose_source_does_not_reconnect_stops_after_its_timeout() {
     let src = Vmm::boot(src_dir.path(), &["--mem", "256M", "--write-rate", "full"]);
     let addr = format!("127.0.0.1:{}", free_port());
     let dst = listen_with(dir.path(), &addr, &tok, &["--resume-timeout", "2"]);
-    cut_migration(&src, &addr, &tok, 48 << 20);
+    cut_migration(&src, &addr, &tok, Damage::Cut(48 << 20));
     let d = dst
         .proc
         .wait(T, "the destination whose source did not reconnect");

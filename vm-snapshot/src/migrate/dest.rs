@@ -46,6 +46,9 @@ const RECV_NICE: i32 = -10;
 const BULK_NICE: i32 = -10;
 /// Adjacent units collapsed by one call at most.
 const COLLAPSE_BATCH: usize = 32;
+/// Silence on the bulk connection (no byte) that counts as a lost connection: a half-open
+/// connection or a stalled source (the source streams without pause until the end).
+const BULK_SILENCE: Duration = Duration::from_secs(30);
 /// How long a destination whose connection was lost waits for the source to reconnect.
 pub const DEFAULT_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -478,6 +481,7 @@ fn same_session(got: &[u8], want: &[u8]) -> Result<(), MigrateError> {
 /// Starts the receive threads of connection generation `gen`: the bulk connection read by `r`,
 /// the demand connection as installed in `s`.
 fn start_receivers(s: &Arc<Shared>, mut r: BufReader<Conn>, gen: u64) -> Result<(), MigrateError> {
+    let _ = r.get_ref().set_read_timeout(Some(BULK_SILENCE));
     let mut dr = BufReader::with_capacity(
         PIECE as usize + 1024,
         lock(&s.demand)
@@ -1067,6 +1071,17 @@ fn receive(s: &Arc<Shared>, r: &mut impl Read, gen: u64) {
         let kind = match read_frame(r, &mut buf, UNIT as usize) {
             Ok(k) => k,
             Err(_) if s.finishing.load(Ordering::SeqCst) => return,
+            Err(MigrateError::Io(_, e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return s.lost(
+                    gen,
+                    MigrateError::Io("no byte from the source for 30 s (a silent link)", e),
+                )
+            }
             Err(e @ (MigrateError::Closed | MigrateError::Truncated | MigrateError::Io(..))) => {
                 return s.lost(gen, e)
             }

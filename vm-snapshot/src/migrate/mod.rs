@@ -88,7 +88,9 @@
 //!   to reconnect). The destination keeps its VM: both connections are shut, vCPUs that touch a
 //!   missing page block, `status` says it waits for the source, and it accepts a reconnection
 //!   (authenticated, naming its session) on the same address for the resume timeout
-//!   ([`Listener::with_resume_timeout`], default 60 s). [`migrate_resume`] on the source
+//!   ([`Listener::with_resume_timeout`], default 60 s). 30 s without a byte on the bulk
+//!   connection count as lost (a half-open connection, a stalled source), as 30 s blocked writing
+//!   do at the source. [`migrate_resume`] on the source
 //!   reconnects; the pieces lost in flight are sent again (the destination never had them). If
 //!   no source reconnects in time the destination stops ([`IncomingFailure::resume_timed_out`]).
 //! - Corrupt (a frame that fails its checks, a piece sent twice, an `Error` frame): the

@@ -498,6 +498,7 @@ fn run_streams(
             .map_err(|e| MigrateError::Io("duplicating the demand connection", e))?,
     ));
     let (tx, rx) = mpsc::channel();
+    let bulk_ref = &bulk;
     std::thread::scope(|sc| {
         let tx2 = tx.clone();
         let reader = std::thread::Builder::new()
@@ -519,6 +520,10 @@ fn run_streams(
                     ))),
                     Err(e) => Event::Lost(e),
                 };
+                if matches!(ev, Event::Lost(_)) && !out.ending.load(Ordering::SeqCst) {
+                    // Unblocks the stream at once.
+                    bulk_ref.shutdown();
+                }
                 let _ = tx2.send(ev);
             });
         let dwr = &dw;
@@ -529,7 +534,7 @@ fn run_streams(
                 if uffd_sys::host::set_thread_fifo(1).is_err() {
                     let _ = uffd_sys::host::set_thread_nice(-10);
                 }
-                serve_demand(out, &mut dr, dwr, &tx)
+                serve_demand(out, &mut dr, dwr, &tx, bulk_ref)
             });
         let res = match (reader, server) {
             (Ok(_), Ok(_)) => {
@@ -564,7 +569,11 @@ fn run_streams(
         out.ending.store(true, Ordering::SeqCst);
         bulk.shutdown();
         demand.shutdown();
-        res
+        // What the other threads saw first says more than the stream's broken write.
+        res.map_err(|e| match rx.try_recv() {
+            Ok(Event::Lost(first)) if matches!(e, MigrateError::Io(..)) => first,
+            _ => e,
+        })
     })
 }
 
@@ -576,6 +585,7 @@ fn serve_demand(
     r: &mut BufReader<Conn>,
     w: &Mutex<BufWriter<Conn>>,
     tx: &Sender<Event>,
+    bulk: &Conn,
 ) {
     let mut buf = Vec::new();
     let mut one = vec![0u8; PIECE as usize];
@@ -597,6 +607,8 @@ fn serve_demand(
         if let Err(e) = res {
             if !out.ending.load(Ordering::SeqCst) {
                 let _ = tx.send(Event::Lost(e));
+                // The stream may be blocked writing: it ends at once.
+                bulk.shutdown();
             }
             return;
         }
