@@ -597,9 +597,10 @@ fn lost_then_resumed(damage: Damage) {
     );
     assert_eq!(r["reconnects"], 1, "{r}");
     let sent = r["data_bytes"].as_u64().unwrap() + r["zero_bytes"].as_u64().unwrap();
-    // Every byte at least once; what was in flight when the connections broke, once more.
+    // Every byte at least once; what was in flight when the connections broke (socket buffers,
+    // the proxy's), once more; what the destination held, not again.
     assert!(sent >= src.mem_bytes, "{r}");
-    assert!(sent <= src.mem_bytes + (16 << 20), "{r}");
+    assert!(sent <= src.mem_bytes + src.mem_bytes / 8, "{r}");
     let s = src
         .proc
         .wait(T, "the source VMM after the resumed migration");

@@ -41,8 +41,8 @@ const RECV_BUFFER: usize = 256 << 10;
 /// Nice value of the demand connection's receive thread where `SCHED_FIFO` is not permitted: it
 /// fills what the vCPUs wait for, ahead of them.
 const RECV_NICE: i32 = -10;
-/// Nice value of the bulk connection's receive thread (the vCPUs' equal measured no better
-/// guest rate during the transfer, and a longer transfer).
+/// Nice value of the bulk connection's receive thread (at nice 0, the vCPUs' equal, the transfer
+/// took 1.6 times as long for no better guest rate during it: docs/PERFORMANCE.md).
 const BULK_NICE: i32 = -10;
 /// Adjacent units collapsed by one call at most.
 const COLLAPSE_BATCH: usize = 32;
