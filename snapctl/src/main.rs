@@ -119,6 +119,10 @@ enum Command {
         /// File holding the secret shared with the source (mode 0600), for --listen.
         #[arg(long, value_name = "FILE", requires = "listen")]
         token_file: Option<PathBuf>,
+        /// With --listen: after the connection is lost once the VM runs, how long to wait for
+        /// the source to reconnect (`snapctl migrate --resume`) before stopping, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 60, requires = "listen")]
+        resume_timeout: u64,
         /// Load and restore, but do not run the vCPUs until `snapctl resume`.
         #[arg(long)]
         paused: bool,
@@ -188,11 +192,16 @@ enum Command {
     /// sent once); this VMM ends when all memory has arrived.
     Migrate {
         /// The destination: HOST:PORT or unix:PATH.
-        #[arg(long, value_name = "ADDR")]
-        to: String,
+        #[arg(long, value_name = "ADDR", required_unless_present = "resume")]
+        to: Option<String>,
         /// File holding the secret shared with the destination (mode 0600).
-        #[arg(long, value_name = "FILE")]
-        token_file: PathBuf,
+        #[arg(long, value_name = "FILE", required_unless_present = "resume")]
+        token_file: Option<PathBuf>,
+        /// Reconnect a migration whose connection was lost after the destination ran (its
+        /// guest waits for the missing memory): the destination says which pages it holds and
+        /// the rest is sent. --to and --token-file default to the interrupted migration's.
+        #[arg(long)]
+        resume: bool,
         /// Compress memory with zstd (for slow links).
         #[arg(long)]
         zstd: bool,
@@ -408,6 +417,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             file,
             listen,
             token_file,
+            resume_timeout,
             paused,
             lazy,
             vmm,
@@ -415,9 +425,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             init_vmm_logging();
             match (file, listen, token_file) {
-                (_, Some(listen), Some(token)) => {
-                    server::run_restore_listen(&listen, &token, paused, &vmm, &sock.serve_path()?)
-                }
+                (_, Some(listen), Some(token)) => server::run_restore_listen(
+                    &listen,
+                    &token,
+                    std::time::Duration::from_secs(resume_timeout),
+                    paused,
+                    &vmm,
+                    &sock.serve_path()?,
+                ),
                 (Some(file), _, _) => {
                     server::run_restore(&file, paused, lazy, &vmm, &sock.serve_path()?)
                 }
@@ -427,10 +442,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate {
             to,
             token_file,
+            resume,
             zstd,
             json,
             sock,
-        } => migrate::migrate(&sock.path()?, &to, &token_file, zstd, json),
+        } => migrate::migrate(
+            &sock.path()?,
+            to.as_deref(),
+            token_file.as_deref(),
+            resume,
+            zstd,
+            json,
+        ),
         Command::Save {
             out,
             zstd,

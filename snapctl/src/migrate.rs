@@ -16,24 +16,34 @@ const EXIT_FAILED: u8 = 1;
 /// Exit code of a failed migration that left the source guest frozen.
 const EXIT_FROZEN: u8 = 2;
 
-/// `snapctl migrate --to ADDR --token-file FILE [--zstd] [--json]`.
+/// `snapctl migrate --to ADDR --token-file FILE [--zstd] [--json]`, or `--resume` (`--to` and
+/// `--token-file` then default to the interrupted migration's).
 pub fn migrate(
     sock: &Path,
-    to: &str,
-    token_file: &Path,
+    to: Option<&str>,
+    token_file: Option<&Path>,
+    resume: bool,
     zstd: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     // The VMM reads the token file itself (it runs as the same user; the path must not depend
     // on this client's working directory).
-    let token_file = std::path::absolute(token_file)
-        .with_context(|| format!("resolving {}", token_file.display()))?;
-    vm_snapshot::migrate::Endpoint::parse(to)?;
-    vm_snapshot::migrate::Token::read(&token_file)?;
+    let token_file = match token_file {
+        Some(t) => {
+            let t = std::path::absolute(t).with_context(|| format!("resolving {}", t.display()))?;
+            vm_snapshot::migrate::Token::read(&t)?;
+            t
+        }
+        None => Default::default(),
+    };
+    if let Some(to) = to {
+        vm_snapshot::migrate::Endpoint::parse(to)?;
+    }
     let req = Request::Migrate(MigrateParams {
-        to: to.to_string(),
+        to: to.unwrap_or_default().to_string(),
         token_file,
         zstd,
+        resume,
     });
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -109,6 +119,13 @@ fn print_summary(s: &Value) {
             ""
         }
     );
+    if u(s, "reconnects") > 0 {
+        let _ = writeln!(
+            e,
+            "  reconnected:     {} time(s) after lost connections (`--resume`)",
+            u(s, "reconnects")
+        );
+    }
     let _ = writeln!(
         e,
         "  demand faults:   {} requests ({} sent ahead of the stream); wait p50 {} µs, p99 {} µs, \

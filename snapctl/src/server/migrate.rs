@@ -5,7 +5,10 @@
 
 use super::conn::error;
 use super::*;
-use vm_snapshot::migrate::{Listener, MigrateParams};
+use vm_snapshot::migrate::{Interrupted, Listener, MigrateParams};
+
+/// What `migrate --resume` needs: the interrupted migration's request and session.
+pub(super) type Resumable = (MigrateParams, Interrupted);
 
 /// Where the source VM stands with respect to migrations.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +79,7 @@ impl Vmm {
                 warn!(
                     "resuming the guest from its freeze instant after a failed migration (forced)"
                 );
+                *self.interrupted.lock().expect("interrupted lock") = None;
             }
             (Migration::Idle, _) => {}
         }
@@ -116,7 +120,7 @@ impl Vmm {
 
     fn migrate_inner(
         self: &Arc<Self>,
-        req: MigrateParams,
+        mut req: MigrateParams,
         conn: UnixStream,
         w: &UnixStream,
     ) -> Reply {
@@ -138,14 +142,38 @@ impl Vmm {
                 );
             }
         }
+        let mut resume_from = None;
         {
             let m = self.migration.lock().expect("migration lock");
-            if matches!(*m, Migration::FrozenAfterFailure | Migration::Migrated) {
-                return error(
-                    "frozen_after_migration",
-                    "an earlier migration of this VM failed after the destination ran; its guest \
-                     is frozen (see `snapctl resume --force-after-failed-migration`)",
-                );
+            let interrupted = self.interrupted.lock().expect("interrupted lock");
+            match (*m, req.resume, interrupted.as_ref()) {
+                (Migration::FrozenAfterFailure, true, Some((prev, i))) => {
+                    if req.to.is_empty() {
+                        req.to = prev.to.clone();
+                    }
+                    if req.token_file.as_os_str().is_empty() {
+                        req.token_file = prev.token_file.clone();
+                    }
+                    req.zstd |= prev.zstd;
+                    resume_from = Some(i.clone());
+                }
+                (_, true, _) => {
+                    return error(
+                        "no_migration_to_resume",
+                        "no migration of this VM lost its connection after the destination ran: \
+                         nothing to resume",
+                    )
+                }
+                (Migration::FrozenAfterFailure | Migration::Migrated, false, _) => {
+                    return error(
+                        "frozen_after_migration",
+                        "an earlier migration of this VM failed after the destination ran; its \
+                         guest is frozen: `snapctl migrate --resume` reconnects to a destination \
+                         that waits, `snapctl resume --force-after-failed-migration` runs it on \
+                         here if the destination is gone",
+                    );
+                }
+                _ => {}
             }
         }
         let cancel = Arc::new(AtomicBool::new(false));
@@ -159,6 +187,7 @@ impl Vmm {
             }
             *g = Some(cancel.clone());
         }
+        let frozen_before = *self.migration.lock().expect("migration lock");
         *self.migration.lock().expect("migration lock") = Migration::Running;
         struct Clear<'a>(&'a Mutex<Option<Arc<AtomicBool>>>);
         impl Drop for Clear<'_> {
@@ -168,8 +197,13 @@ impl Vmm {
         }
         let clear = Clear(&self.save);
         info!(
-            "migration to {} started{}",
+            "migration to {} {}{}",
             req.to,
+            if resume_from.is_some() {
+                "resumed"
+            } else {
+                "started"
+            },
             if req.zstd { " (zstd)" } else { "" }
         );
         // The client leaving cancels (before the destination runs; afterwards nothing can).
@@ -208,13 +242,22 @@ impl Vmm {
         };
         // Tells units without data (no need to read them); registering does not protect anything.
         let tracker = self.data_tracker();
-        let res = vm_snapshot::migrate::migrate_out(
-            &self.vm,
-            tracker.as_deref(),
-            &req,
-            &cancel,
-            &progress,
-        );
+        let res = match &resume_from {
+            Some(prev) => vm_snapshot::migrate::migrate_resume(
+                &self.vm,
+                tracker.as_deref(),
+                &req,
+                prev,
+                &progress,
+            ),
+            None => vm_snapshot::migrate::migrate_out(
+                &self.vm,
+                tracker.as_deref(),
+                &req,
+                &cancel,
+                &progress,
+            ),
+        };
         drop(ptx);
         drop(clear);
         if let Some(f) = forwarder {
@@ -239,10 +282,13 @@ impl Vmm {
                 );
                 // The guest lives at the destination: this copy never runs again.
                 *m = Migration::Migrated;
+                *self.interrupted.lock().expect("interrupted lock") = None;
                 Reply::Ok(serde_json::to_value(&report).unwrap_or(Value::Null))
             }
             Err(f) if f.dest_running => {
                 *m = Migration::FrozenAfterFailure;
+                *self.interrupted.lock().expect("interrupted lock") =
+                    f.interrupted.clone().map(|i| (req.clone(), *i));
                 error!(
                     "migration failed after the destination started the VM: {f}; this guest stays \
                      frozen (never two running copies)"
@@ -251,14 +297,16 @@ impl Vmm {
                     "migration_failed_frozen",
                     format!(
                         "{f}. The destination had started the VM, so this copy stays frozen. If the \
-                         destination is gone, `snapctl resume --force-after-failed-migration` runs \
-                         this guest on from its freeze instant (what the destination's guest did is \
-                         lost; make sure the destination is stopped first)"
+                         destination waits for the rest of its memory (its `status` says \
+                         `waiting_for_source`), `snapctl migrate --resume` reconnects and finishes; \
+                         if it is gone, `snapctl resume --force-after-failed-migration` runs this \
+                         guest on from its freeze instant (what the destination's guest did is lost; \
+                         make sure the destination is stopped first)"
                     ),
                 )
             }
             Err(f) => {
-                *m = Migration::Idle;
+                *m = frozen_before;
                 warn!("migration failed before the destination ran: {f}; the guest runs on here");
                 let kind = if matches!(f.error, vm_snapshot::migrate::MigrateError::Cancelled) {
                     "cancelled"
@@ -279,13 +327,14 @@ impl Vmm {
 pub fn run_restore_listen(
     listen: &str,
     token_file: &Path,
+    resume_timeout: Duration,
     paused: bool,
     vmm: &VmmArgs,
     sock: &Path,
 ) -> anyhow::Result<ExitCode> {
     let listener = bind_socket(sock)?;
     let arrived = (|| {
-        let l = Listener::bind(listen, token_file)?;
+        let l = Listener::bind(listen, token_file)?.with_resume_timeout(resume_timeout);
         info!("waiting for a migration on {}", l.address());
         let params = vm_snapshot::RestoreParams {
             paused,
@@ -321,9 +370,9 @@ pub fn run_restore_listen(
     )
 }
 
-/// Watches an incoming migration: logs its end, and ends the VMM when it fails (a corrupt or
-/// lost stream): the guest must never run on memory that did not arrive, and a vCPU that
-/// touched a missing page stays blocked for good.
+/// Watches an incoming migration: logs its end, and ends the VMM when it fails (a corrupt
+/// stream, or lost connections the source did not resume in time): the guest must never run on
+/// memory that did not arrive, and a vCPU that touched a missing page stays blocked for good.
 pub(super) fn watch_incoming(vmm: Arc<Vmm>, sock: std::path::PathBuf) {
     let spawned = std::thread::Builder::new()
         .name("migrate-watch".into())
@@ -359,6 +408,8 @@ pub(super) fn watch_incoming(vmm: Arc<Vmm>, sock: std::path::PathBuf) {
                         let _ = std::fs::remove_file(&sock);
                         let code = if f.corrupt {
                             crate::offline::exit::CORRUPT
+                        } else if f.resume_timed_out {
+                            EXIT_SOURCE_GONE
                         } else {
                             1
                         };
@@ -374,6 +425,10 @@ pub(super) fn watch_incoming(vmm: Arc<Vmm>, sock: std::path::PathBuf) {
     }
 }
 
+/// Exit code of a destination VMM whose connection was lost and whose source did not reconnect
+/// within `--resume-timeout`.
+pub const EXIT_SOURCE_GONE: u8 = 8;
+
 /// The `migration` part of `status`.
 pub(super) fn status_of(vmm: &Vmm) -> Option<Value> {
     if let Some(i) = &vmm.incoming {
@@ -382,7 +437,10 @@ pub(super) fn status_of(vmm: &Vmm) -> Option<Value> {
     match *vmm.migration.lock().expect("migration lock") {
         Migration::Idle => None,
         Migration::Running => Some(json!({"state": "migrating"})),
-        Migration::FrozenAfterFailure => Some(json!({"state": "frozen_after_migration"})),
+        Migration::FrozenAfterFailure => Some(json!({
+            "state": "frozen_after_migration",
+            "resumable": vmm.interrupted.lock().expect("interrupted lock").is_some(),
+        })),
         Migration::Migrated => Some(json!({"state": "migrated"})),
     }
 }

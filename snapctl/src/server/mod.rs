@@ -375,6 +375,8 @@ struct Vmm {
     incoming: Option<vm_snapshot::migrate::Incoming>,
     /// Where this VM stands as the source of a migration.
     migration: Mutex<migrate::Migration>,
+    /// The migration whose connections were lost after the destination ran, for `--resume`.
+    interrupted: Mutex<Option<migrate::Resumable>>,
     tracker: Mutex<Option<Arc<WpTracker>>>,
     /// What the guest wrote since the last save (held by a save while it runs).
     record: Mutex<vm_snapshot::WriteRecord>,
@@ -416,6 +418,7 @@ fn serve_with(
         lazy,
         incoming,
         migration: Mutex::default(),
+        interrupted: Mutex::default(),
         tracker: Mutex::new(tracker),
         record: Mutex::new(record),
         track_writes,

@@ -20,7 +20,7 @@ use super::MigrateError;
 /// The protocol's magic, first in every `Hello`.
 pub const MAGIC: &[u8; 16] = b"snapctl-migrate\0";
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Bytes of a nonce.
 pub const NONCE_LEN: usize = 32;
 /// Bytes of a `Hello` payload: magic, version (u32), role (u8), nonce.
@@ -113,7 +113,7 @@ impl Token {
     }
 }
 
-fn nonce() -> Result<[u8; NONCE_LEN], MigrateError> {
+pub(super) fn nonce() -> Result<[u8; NONCE_LEN], MigrateError> {
     let mut n = [0u8; NONCE_LEN];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut n))

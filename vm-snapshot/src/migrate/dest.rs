@@ -1,6 +1,8 @@
-//! The destination of a migration: listen, accept one authenticated source, build the VM from its
-//! state on memory registered in MISSING mode, run it, and fill memory from the connection: a
-//! fault thread requests what the vCPUs touch, a receive thread fills whatever arrives.
+//! The destination of a migration: listen, accept one authenticated source and its demand
+//! connection, build the VM from its state on memory registered in MISSING mode, run it, and fill
+//! memory from the connections: a fault thread requests what the vCPUs touch, a receive thread
+//! per connection fills whatever arrives; after lost connections, wait for the source to
+//! reconnect.
 
 use std::collections::HashMap;
 use std::io::{BufReader, Read};
@@ -36,10 +38,19 @@ const FAULT_NICE: i32 = -10;
 const MAX_WAIT_SAMPLES: usize = 1 << 17;
 /// Socket receive buffer asked for (the kernel doubles it).
 const RECV_BUFFER: usize = 256 << 10;
-/// Nice value of the receive thread: it fills what the vCPUs wait for, ahead of them.
+/// Nice value of the demand connection's receive thread where `SCHED_FIFO` is not permitted: it
+/// fills what the vCPUs wait for, ahead of them.
 const RECV_NICE: i32 = -10;
+/// Nice value of the bulk connection's receive thread (at nice 0, the vCPUs' equal, the transfer
+/// took 1.6 times as long for no better guest rate during it: docs/PERFORMANCE.md).
+const BULK_NICE: i32 = -10;
 /// Adjacent units collapsed by one call at most.
 const COLLAPSE_BATCH: usize = 32;
+/// Silence on the bulk connection (no byte) that counts as a lost connection: a half-open
+/// connection or a stalled source (the source streams without pause until the end).
+const BULK_SILENCE: Duration = Duration::from_secs(30);
+/// How long a destination whose connection was lost waits for the source to reconnect.
+pub const DEFAULT_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A listening destination (`snapctl restore --listen`).
 #[derive(Debug)]
@@ -47,6 +58,7 @@ pub struct Listener {
     inner: Inner,
     token: Token,
     address: String,
+    resume_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -91,6 +103,17 @@ pub struct IncomingStatus {
     /// Why it failed, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
+    /// The connection to the source was lost: the VM waits (vCPUs that touch a missing page
+    /// block) for `snapctl migrate --resume` on the source.
+    pub waiting_for_source: bool,
+    /// Why the connection was lost, while waiting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
+    /// Seconds left before it gives up waiting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_deadline_s: Option<f64>,
+    /// Times the source reconnected.
+    pub reconnects: u64,
     /// From accepting the connection (handshake included) to the vCPUs' start, ms.
     pub start_ms: f64,
     /// Of that: receiving and decoding the state and map, creating and registering guest memory,
@@ -126,13 +149,14 @@ pub struct IncomingFailure {
     pub message: String,
     /// The stream was corrupt (a frame failed its checks), rather than lost.
     pub corrupt: bool,
+    /// The connection was lost and the source did not reconnect in time.
+    pub resume_timed_out: bool,
 }
 
 /// A migrated VM's memory arriving (or arrived). Keep it as long as the VM runs.
 #[derive(Debug)]
 pub struct Incoming {
     shared: Arc<Shared>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 struct Shared {
@@ -147,7 +171,25 @@ struct Shared {
     unit_data: Vec<AtomicBool>,
     /// Pieces requested and not filled yet, with when their first fault was read.
     requested: Mutex<HashMap<usize, Instant>>,
+    /// The bulk connection (`Running`, `Done`).
     writer: Mutex<Conn>,
+    /// The demand connection (`Request`s).
+    demand: Mutex<Conn>,
+    /// `End` frames read (one per connection).
+    ends: AtomicU64,
+    /// Binds the demand connection and a reconnecting source to this migration.
+    session: [u8; super::SESSION_LEN],
+    /// Kept for a source that reconnects.
+    listener: Mutex<Option<Listener>>,
+    resume_timeout: Duration,
+    /// Generation of the connections in `writer` and `demand` (one more per reconnect): a
+    /// thread of an older one reports no loss.
+    gen: AtomicU64,
+    /// The connections were lost: why, and since when (the VM waits for the source).
+    waiting: Mutex<Option<(String, Instant)>>,
+    /// Receive threads running.
+    receivers: AtomicU64,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     peer: String,
     resident: AtomicU64,
     total: u64,
@@ -200,8 +242,7 @@ impl Listener {
         let (inner, address) = match Endpoint::parse(address)? {
             Endpoint::Tcp(a) => {
                 let l = TcpListener::bind(&a).map_err(io)?;
-                // Inherited by the accepted connection: what a requested piece can be queued
-                // behind on this side.
+                // Inherited by the accepted connections (bulk and demand).
                 let _ = nix::sys::socket::setsockopt(
                     &l,
                     nix::sys::socket::sockopt::RcvBuf,
@@ -228,7 +269,15 @@ impl Listener {
             inner,
             token,
             address,
+            resume_timeout: DEFAULT_RESUME_TIMEOUT,
         })
+    }
+
+    /// How long the VM waits for the source to reconnect (`snapctl migrate --resume`) after a
+    /// connection was lost once it ran (default [`DEFAULT_RESUME_TIMEOUT`]).
+    pub fn with_resume_timeout(mut self, t: Duration) -> Listener {
+        self.resume_timeout = t;
+        self
     }
 
     /// The address it listens on (a TCP port 0 resolved).
@@ -241,32 +290,7 @@ impl Listener {
     /// missing-page faults, starts it and tells the source. A bad state or map is refused
     /// before any vCPU exists.
     pub fn accept(self, params: RestoreParams) -> Result<(Vm, Incoming), MigrateError> {
-        let (conn, peer, t0) = loop {
-            let (conn, peer) = match &self.inner {
-                Inner::Tcp(l) => l.accept().map(|(s, a)| {
-                    let _ = s.set_nodelay(true);
-                    (Conn::Tcp(s), a.to_string())
-                }),
-                Inner::Unix(l, p) => l
-                    .accept()
-                    .map(|(s, _)| (Conn::Unix(s), format!("unix:{}", p.display()))),
-            }
-            .map_err(|e| MigrateError::Io("accepting the migration", e))?;
-            let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-            let _ = conn.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
-            let res = conn.try_clone().and_then(|r| Ok((r, conn.try_clone()?)));
-            let Ok((r, mut w)) = res else { continue };
-            let mut r = BufReader::with_capacity(UNIT as usize + 64 * 1024, r);
-            let t0 = Instant::now();
-            match dest_handshake(&mut r, &mut w, &self.token) {
-                Ok(()) => break ((conn, r, w), peer, t0),
-                Err(e) => {
-                    log::warn!("migration: refused a connection from {peer}: {e}; listening on");
-                    conn.shutdown();
-                }
-            }
-        };
-        let (conn, mut r, mut w) = conn;
+        let (conn, mut r, mut w, peer, t0) = self.authenticated(None, None)?;
         log::info!("migration: {peer} authenticated; receiving the VM");
         let started = (|| -> Result<(Vm, Incoming), MigrateError> {
             let _ = conn.set_read_timeout(Some(STATE_TIMEOUT));
@@ -278,8 +302,10 @@ impl Listener {
             let t = Instant::now();
             let prepared = prepare(&cfg, params.backend)?;
             let prepare_ms = ms(t.elapsed());
-            write_frame(&mut w, Kind::Prepared, &[])
+            let session = super::auth::nonce()?;
+            write_frame(&mut w, Kind::Prepared, &[&session])
                 .map_err(|e| MigrateError::Io("telling the source the VM is prepared", e))?;
+            let demand = self.attach(&session, Instant::now() + STATE_TIMEOUT, None)?;
             let t_auth = Instant::now();
             let mut state = Vec::new();
             expect_frame(&mut r, &mut state, Kind::State)?;
@@ -295,6 +321,9 @@ impl Listener {
                 prepared,
                 params,
                 conn.try_clone(),
+                demand,
+                session,
+                self.resume_timeout,
                 peer.clone(),
                 t0,
             )?;
@@ -318,12 +347,116 @@ impl Listener {
         write_frame(&mut *lock(&incoming.shared.writer), Kind::Running, &[])
             .map_err(|e| MigrateError::Io("telling the source the VM runs", e))?;
         incoming.shared.running_sent.store(true, Ordering::SeqCst);
-        let s = incoming.shared.clone();
-        incoming.spawn("migrate-recv", move || {
-            let _ = uffd_sys::host::set_thread_nice(RECV_NICE);
-            receive(&s, &mut r)
-        })?;
+        start_receivers(&incoming.shared, r, 0)?;
+        // Kept for a source that reconnects after a lost connection.
+        *lock(&incoming.shared.listener) = Some(self);
         Ok((vm, incoming))
+    }
+
+    /// The next connection (until `deadline`, if any) whose peer authenticates; others are
+    /// refused and logged.
+    #[allow(clippy::type_complexity)]
+    fn authenticated(
+        &self,
+        deadline: Option<Instant>,
+        quit: Option<&AtomicBool>,
+    ) -> Result<(Conn, BufReader<Conn>, Conn, String, Instant), MigrateError> {
+        loop {
+            let (conn, peer) = self.accept_one(deadline, quit)?;
+            let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+            let _ = conn.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
+            let res = conn.try_clone().and_then(|r| Ok((r, conn.try_clone()?)));
+            let Ok((r, mut w)) = res else { continue };
+            let mut r = BufReader::with_capacity(UNIT as usize + 64 * 1024, r);
+            let t0 = Instant::now();
+            match dest_handshake(&mut r, &mut w, &self.token) {
+                Ok(()) => return Ok((conn, r, w, peer, t0)),
+                Err(e) => {
+                    log::warn!("migration: refused a connection from {peer}: {e}; listening on");
+                    conn.shutdown();
+                }
+            }
+        }
+    }
+
+    /// One connection, waiting until `deadline` at most (`None`: for ever) or until `quit` is set.
+    fn accept_one(
+        &self,
+        deadline: Option<Instant>,
+        quit: Option<&AtomicBool>,
+    ) -> Result<(Conn, String), MigrateError> {
+        let io = |e| MigrateError::Io("accepting the migration", e);
+        let nonblocking = deadline.is_some();
+        match &self.inner {
+            Inner::Tcp(l) => l.set_nonblocking(nonblocking),
+            Inner::Unix(l, _) => l.set_nonblocking(nonblocking),
+        }
+        .map_err(io)?;
+        loop {
+            let got = match &self.inner {
+                Inner::Tcp(l) => l.accept().map(|(s, a)| {
+                    let _ = s.set_nodelay(true);
+                    (
+                        s.set_nonblocking(false).map(|()| Conn::Tcp(s)),
+                        a.to_string(),
+                    )
+                }),
+                Inner::Unix(l, p) => l.accept().map(|(s, _)| {
+                    (
+                        s.set_nonblocking(false).map(|()| Conn::Unix(s)),
+                        format!("unix:{}", p.display()),
+                    )
+                }),
+            };
+            match got {
+                Ok((c, peer)) => return Ok((c.map_err(io)?, peer)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if quit.is_some_and(|q| q.load(Ordering::SeqCst)) {
+                        return Err(MigrateError::Cancelled);
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(MigrateError::Io(
+                            "waiting for the source to connect",
+                            std::io::ErrorKind::TimedOut.into(),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io(e)),
+            }
+        }
+    }
+
+    /// The source's demand connection: authenticated, and bound to this session by `Attach`
+    /// (a peer that names another session is refused; the listener waits on until `deadline`).
+    fn attach(
+        &self,
+        session: &[u8],
+        deadline: Instant,
+        quit: Option<&AtomicBool>,
+    ) -> Result<Conn, MigrateError> {
+        loop {
+            let (conn, mut r, mut w, peer, _) = self.authenticated(Some(deadline), quit)?;
+            let mut buf = Vec::new();
+            let ok = expect_frame(&mut r, &mut buf, Kind::Attach)
+                .and_then(|()| same_session(&buf, session));
+            match ok.and_then(|()| {
+                write_frame(&mut w, Kind::Attached, &[])
+                    .map_err(|e| MigrateError::Io("binding the demand connection", e))
+            }) {
+                Ok(_) => {
+                    let _ = conn.set_read_timeout(None);
+                    let _ = conn.set_write_timeout(None);
+                    return Ok(conn);
+                }
+                Err(e) => {
+                    log::warn!("migration: refused a demand connection from {peer}: {e}");
+                    let _ = write_frame(&mut w, Kind::Error, &[b"not this session"]);
+                    conn.shutdown();
+                }
+            }
+        }
     }
 }
 
@@ -333,6 +466,65 @@ impl Drop for Listener {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// Whether `got` is the session id `want` (compared in constant time: the id is a secret of the
+/// session).
+fn same_session(got: &[u8], want: &[u8]) -> Result<(), MigrateError> {
+    if got.len() == want.len() && got.iter().zip(want).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0 {
+        Ok(())
+    } else {
+        Err(MigrateError::Corrupt("another session's id".into()))
+    }
+}
+
+/// Starts the receive threads of connection generation `gen`: the bulk connection read by `r`,
+/// the demand connection as installed in `s`.
+fn start_receivers(s: &Arc<Shared>, mut r: BufReader<Conn>, gen: u64) -> Result<(), MigrateError> {
+    let _ = r.get_ref().set_read_timeout(Some(BULK_SILENCE));
+    let mut dr = BufReader::with_capacity(
+        PIECE as usize + 1024,
+        lock(&s.demand)
+            .try_clone()
+            .map_err(|e| MigrateError::Io("duplicating the demand connection", e))?,
+    );
+    let s1 = s.clone();
+    s.receivers.fetch_add(1, Ordering::SeqCst);
+    if let Err(e) = spawn(s, "migrate-recv", move || {
+        let _ = uffd_sys::host::set_thread_nice(BULK_NICE);
+        receive(&s1, &mut r, gen);
+        s1.receivers.fetch_sub(1, Ordering::SeqCst);
+    }) {
+        s.receivers.fetch_sub(1, Ordering::SeqCst);
+        return Err(e);
+    }
+    let s2 = s.clone();
+    s.receivers.fetch_add(1, Ordering::SeqCst);
+    if let Err(e) = spawn(s, "migrate-demand", move || {
+        // What a vCPU waits for, and short work: as the fault thread.
+        if uffd_sys::host::set_thread_fifo(FAULT_RT_PRIORITY).is_err() {
+            let _ = uffd_sys::host::set_thread_nice(RECV_NICE);
+        }
+        receive(&s2, &mut dr, gen);
+        s2.receivers.fetch_sub(1, Ordering::SeqCst);
+    }) {
+        s.receivers.fetch_sub(1, Ordering::SeqCst);
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn spawn(
+    s: &Shared,
+    name: &'static str,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<(), MigrateError> {
+    let h = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| MigrateError::Io("starting a migration thread", e))?;
+    lock(&s.threads).push(h);
+    Ok(())
 }
 
 /// Guest memory registered for missing-page faults and the KVM VM built for `cfg`.
@@ -376,6 +568,9 @@ fn build(
     prepared: Prepared,
     params: RestoreParams,
     writer: std::io::Result<Conn>,
+    demand: Conn,
+    session: [u8; super::SESSION_LEN],
+    resume_timeout: Duration,
     peer: String,
     t0: Instant,
 ) -> Result<(Vm, Incoming), MigrateError> {
@@ -405,6 +600,15 @@ fn build(
         regions,
         requested: Mutex::new(HashMap::new()),
         writer: Mutex::new(writer),
+        demand: Mutex::new(demand),
+        ends: AtomicU64::new(0),
+        session,
+        listener: Mutex::new(None),
+        resume_timeout,
+        gen: AtomicU64::new(0),
+        waiting: Mutex::new(None),
+        receivers: AtomicU64::new(0),
+        threads: Mutex::new(Vec::new()),
         peer,
         resident: AtomicU64::new(0),
         total,
@@ -429,10 +633,9 @@ fn build(
     });
     let incoming = Incoming {
         shared: shared.clone(),
-        threads: Mutex::new(Vec::new()),
     };
     // The fault thread serves before anything can touch guest memory.
-    incoming.spawn("migrate-fault", move || {
+    spawn(&incoming.shared, "migrate-fault", move || {
         if uffd_sys::host::set_thread_fifo(FAULT_RT_PRIORITY).is_err() {
             let _ = uffd_sys::host::set_thread_nice(FAULT_NICE);
         }
@@ -468,7 +671,148 @@ impl Shared {
         Ok(HostRange::new(h as usize, len as usize))
     }
 
+    /// A connection of generation `gen` was lost: unless it is an older one or the memory is all
+    /// here, the VM waits for the source to reconnect (for [`Shared::resume_timeout`]).
+    fn lost(self: &Arc<Self>, gen: u64, e: MigrateError) {
+        if self.finishing.load(Ordering::SeqCst) || self.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        {
+            let mut w = lock(&self.waiting);
+            if w.is_some() || gen != self.gen.load(Ordering::SeqCst) {
+                return;
+            }
+            *w = Some((e.to_string(), Instant::now()));
+        }
+        log::warn!(
+            "migration: the connection to the source was lost ({e}) with {} of {} bytes here; \
+             vCPUs that touch a missing page wait; waiting {:.0} s for `snapctl migrate --resume` \
+             on the source",
+            self.resident.load(Ordering::SeqCst),
+            self.total,
+            self.resume_timeout.as_secs_f64()
+        );
+        lock(&self.writer).shutdown();
+        lock(&self.demand).shutdown();
+        let s = self.clone();
+        if let Err(e) = spawn(self, "migrate-reconnect", move || s.reconnect()) {
+            self.fail(e);
+        }
+    }
+
+    /// Waits for the source to reconnect: authenticated, naming this session (`Resume`); tells
+    /// it which pieces are here (`Have`), binds a new demand connection, asks again for what the
+    /// vCPUs wait on, and receives the rest. Gives up (the VMM ends) after the timeout.
+    fn reconnect(self: &Arc<Self>) {
+        let deadline = Instant::now() + self.resume_timeout;
+        // The bitmap must not change once sent: the old receive threads end first (their
+        // connections are shut down).
+        while self.receivers.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let listener = lock(&self.listener);
+        let Some(l) = listener.as_ref() else {
+            return self.fail(MigrateError::Local(
+                "no listener to wait for the source".into(),
+            ));
+        };
+        loop {
+            let (conn, mut r, mut w, peer, _) =
+                match l.authenticated(Some(deadline), Some(&self.quit)) {
+                    Ok(x) => x,
+                    Err(MigrateError::Cancelled) => return,
+                    Err(e) => {
+                        return self.fail_resume(format!(
+                        "the connection to the source was lost and it did not reconnect within \
+                         {:.0} s ({e}); stopping the VM, which cannot run on without its memory. \
+                         The source keeps its guest frozen: `snapctl resume \
+                         --force-after-failed-migration` there runs it on from its freeze instant",
+                        self.resume_timeout.as_secs_f64()
+                    ))
+                    }
+                };
+            let mut buf = Vec::new();
+            let res = expect_frame(&mut r, &mut buf, Kind::Resume)
+                .and_then(|()| same_session(&buf, &self.session))
+                .and_then(|()| {
+                    write_frame(&mut w, Kind::Have, &[&self.bitmap()])
+                        .map_err(|e| MigrateError::Io("telling the source what is here", e))
+                })
+                .and_then(|_| {
+                    l.attach(
+                        &self.session,
+                        (Instant::now() + HANDSHAKE_TIMEOUT).min(deadline),
+                        Some(&self.quit),
+                    )
+                });
+            let demand = match res {
+                Ok(d) => d,
+                Err(e) => {
+                    log::warn!("migration: refused a reconnection from {peer}: {e}; waiting on");
+                    let _ = write_frame(&mut w, Kind::Error, &[e.to_string().as_bytes()]);
+                    conn.shutdown();
+                    continue;
+                }
+            };
+            let _ = conn.set_read_timeout(None);
+            let _ = conn.set_write_timeout(None);
+            let gen = {
+                let mut d = lock(&self.demand);
+                let mut wr = lock(&self.writer);
+                *d = demand;
+                *wr = w;
+                self.ends.store(0, Ordering::SeqCst);
+                let gen = self.gen.fetch_add(1, Ordering::SeqCst) + 1;
+                // What the vCPUs wait on, asked again (the old requests may have been lost).
+                let pending: Vec<usize> = lock(&self.requested).keys().copied().collect();
+                for p in pending {
+                    let gpa = self.regions.gpa_of(p);
+                    if write_frame(&mut *d, Kind::Request, &[&gpa.to_le_bytes()]).is_err() {
+                        break;
+                    }
+                }
+                gen
+            };
+            *lock(&self.waiting) = None;
+            log::info!(
+                "migration: {peer} reconnected; receiving the {} bytes still missing",
+                self.total - self.resident.load(Ordering::SeqCst)
+            );
+            if let Err(e) = start_receivers(self, r, gen) {
+                self.fail(e);
+            }
+            return;
+        }
+    }
+
+    /// One bit per piece, set if it is resident (LSB first).
+    fn bitmap(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.resident_piece.len().div_ceil(8)];
+        for (i, b) in self.resident_piece.iter().enumerate() {
+            if b.load(Ordering::Acquire) {
+                v[i / 8] |= 1 << (i % 8);
+            }
+        }
+        v
+    }
+
+    fn fail_resume(&self, message: String) {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut end = lock(&self.end);
+        if end.failed.is_none() {
+            end.failed = Some(IncomingFailure {
+                message,
+                corrupt: false,
+                resume_timed_out: true,
+            });
+        }
+        self.end_cv.notify_all();
+    }
+
     fn fail(&self, e: MigrateError) {
+        if self.finishing.load(Ordering::SeqCst) {
+            return;
+        }
         self.stop.store(true, Ordering::SeqCst);
         let corrupt = matches!(e, MigrateError::Corrupt(_) | MigrateError::Truncated);
         let mut end = lock(&self.end);
@@ -476,6 +820,7 @@ impl Shared {
             end.failed = Some(IncomingFailure {
                 message: e.to_string(),
                 corrupt,
+                resume_timed_out: false,
             });
         }
         self.end_cv.notify_all();
@@ -532,6 +877,13 @@ impl Shared {
             .regions
             .piece_of(gpa)
             .ok_or_else(|| bad(format!("{gpa:#x} is not guest RAM")))?;
+        let pieces = first..first + (len / PIECE) as usize;
+        if pieces
+            .clone()
+            .any(|p| self.resident_piece[p].load(Ordering::Acquire))
+        {
+            return Err(bad(format!("{gpa:#x}: a piece sent twice")));
+        }
         let range = self.host(gpa, len)?;
         let out = &mut dbuf[..len as usize];
         let fill = |e: wp_tracker::MissingError| MigrateError::Local(chain(&e));
@@ -561,7 +913,7 @@ impl Shared {
             self.unit_data[first / (UNIT / PIECE) as usize].store(true, Ordering::Relaxed);
         }
         let mut req = lock(&self.requested);
-        for p in first..first + (len / PIECE) as usize {
+        for p in pieces {
             if !self.resident_piece[p].swap(true, Ordering::AcqRel) {
                 self.resident.fetch_add(PIECE, Ordering::AcqRel);
             }
@@ -581,6 +933,10 @@ impl Shared {
     fn finish(&self) {
         self.finishing.store(true, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
+        // No reconnection any more: the address is free again.
+        if let Ok(mut l) = self.listener.try_lock() {
+            *l = None;
+        }
         if let Err(e) = self.tracker.unregister_all() {
             log::warn!("migration: unregistering guest memory: {}", chain(&e));
         }
@@ -644,7 +1000,7 @@ impl Shared {
     }
 }
 
-fn fault_thread(s: &Shared) {
+fn fault_thread(s: &Arc<Shared>) {
     let mut faults: Vec<MissingFault> = Vec::new();
     let ps = 4096usize;
     while !s.stop.load(Ordering::SeqCst) {
@@ -685,12 +1041,17 @@ fn fault_thread(s: &Shared) {
                 }
                 s.requests.fetch_add(1, Ordering::Relaxed);
                 let gpa = s.regions.gpa_of(p);
-                let sent = write_frame(&mut *lock(&s.writer), Kind::Request, &[&gpa.to_le_bytes()]);
+                let (gen, sent) = {
+                    let mut d = lock(&s.demand);
+                    let gen = s.gen.load(Ordering::SeqCst);
+                    (
+                        gen,
+                        write_frame(&mut *d, Kind::Request, &[&gpa.to_le_bytes()]),
+                    )
+                };
                 if let Err(e) = sent {
-                    if !s.finishing.load(Ordering::SeqCst) {
-                        s.fail(MigrateError::Io("asking the source for a page", e));
-                    }
-                    return;
+                    // Asked again once the source reconnects.
+                    s.lost(gen, MigrateError::Io("asking the source for a page", e));
                 }
             }
             // Filled between the check and the request: the fill woke the toucher.
@@ -703,13 +1064,27 @@ fn fault_thread(s: &Shared) {
     }
 }
 
-fn receive(s: &Shared, r: &mut impl Read) {
+fn receive(s: &Arc<Shared>, r: &mut impl Read, gen: u64) {
     let mut buf = Vec::new();
     let mut dbuf = vec![0u8; UNIT as usize];
     loop {
         let kind = match read_frame(r, &mut buf, UNIT as usize) {
             Ok(k) => k,
-            Err(_) if lock(&s.end).resident_at.is_some() => return,
+            Err(_) if s.finishing.load(Ordering::SeqCst) => return,
+            Err(MigrateError::Io(_, e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return s.lost(
+                    gen,
+                    MigrateError::Io("no byte from the source for 30 s (a silent link)", e),
+                )
+            }
+            Err(e @ (MigrateError::Closed | MigrateError::Truncated | MigrateError::Io(..))) => {
+                return s.lost(gen, e)
+            }
             Err(e) => return s.fail(e),
         };
         s.received.fetch_add(
@@ -718,7 +1093,12 @@ fn receive(s: &Shared, r: &mut impl Read) {
         );
         let res = match kind {
             Kind::Data => s.data(&buf, &mut dbuf),
-            Kind::End if s.resident.load(Ordering::Acquire) < s.total => {
+            // One `End` per connection, each after every piece sent on it: after both, every
+            // piece must be here.
+            Kind::End
+                if s.ends.fetch_add(1, Ordering::SeqCst) + 1 >= 2
+                    && s.resident.load(Ordering::Acquire) < s.total =>
+            {
                 Err(MigrateError::Corrupt(format!(
                     "the source ended with {} bytes never sent",
                     s.total - s.resident.load(Ordering::Acquire)
@@ -735,7 +1115,7 @@ fn receive(s: &Shared, r: &mut impl Read) {
         }
         if kind == Kind::Data
             && s.resident.load(Ordering::Acquire) == s.total
-            && lock(&s.end).resident_at.is_none()
+            && !s.finishing.swap(true, Ordering::SeqCst)
         {
             s.finish();
         }
@@ -743,23 +1123,11 @@ fn receive(s: &Shared, r: &mut impl Read) {
 }
 
 impl Incoming {
-    fn spawn(
-        &self,
-        name: &'static str,
-        f: impl FnOnce() + Send + 'static,
-    ) -> Result<(), MigrateError> {
-        let h = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(f)
-            .map_err(|e| MigrateError::Io("starting a migration thread", e))?;
-        lock(&self.threads).push(h);
-        Ok(())
-    }
-
     /// Progress and figures so far.
     pub fn status(&self) -> IncomingStatus {
         let s = &self.shared;
         let figures = s.figures();
+        let waiting = lock(&s.waiting).clone();
         let end = lock(&s.end);
         IncomingStatus {
             peer: s.peer.clone(),
@@ -768,6 +1136,12 @@ impl Incoming {
             resident: end.resident_at.is_some(),
             done: end.done,
             failed: end.failed.as_ref().map(|f| f.message.clone()),
+            waiting_for_source: waiting.is_some(),
+            lost: waiting.as_ref().map(|w| w.0.clone()),
+            resume_deadline_s: waiting
+                .as_ref()
+                .map(|w| (s.resume_timeout.as_secs_f64() - w.1.elapsed().as_secs_f64()).max(0.0)),
+            reconnects: s.gen.load(Ordering::Relaxed),
             start_ms: ms(*lock(&s.start)),
             start_phases_ms: *lock(&s.phases),
             figures,
@@ -837,9 +1211,17 @@ impl Drop for Incoming {
         s.stop.store(true, Ordering::SeqCst);
         s.quit.store(true, Ordering::SeqCst);
         lock(&s.writer).shutdown();
-        for h in lock(&self.threads).drain(..) {
-            let _ = h.join();
+        lock(&s.demand).shutdown();
+        loop {
+            let hs: Vec<_> = lock(&s.threads).drain(..).collect();
+            if hs.is_empty() {
+                break;
+            }
+            for h in hs {
+                let _ = h.join();
+            }
         }
+        *lock(&s.listener) = None;
         if lock(&s.end).resident_at.is_none() {
             // Pages never filled must not turn into zeros for whoever still holds the memory:
             // keep them registered (blocking) until the process ends.

@@ -4,26 +4,33 @@
 //! It is a lazy restore ([`crate::restore_lazy`]) whose page source is a connection:
 //!
 //! - **Source** ([`migrate_out`]): connects, authenticates, has the destination prepare the VM
-//!   from its configuration, then freezes the VM (every vCPU parked,
+//!   from its configuration, opens the demand connection, then freezes the VM (every vCPU parked,
 //!   machine state captured). From then on its guest never runs again unless the migration fails
 //!   before the destination runs, so its RAM is static and is served from the source's own
 //!   memory: no write protection, no userfaultfd. It sends the state and the memory map, waits
-//!   for `Running`, then streams every 2 MiB unit in address order (units the save's scanner
-//!   would skip as holding no data, and 64 KiB pieces that read as zeros, as zero frames of a
-//!   few bytes), a piece the destination requests jumping the queue. Each piece is sent once (a
-//!   sent bit per piece). On `Done` the source's VM is stopped for good.
+//!   for `Running`, then streams every 2 MiB unit in address order on the bulk connection (units
+//!   the save's scanner would skip as holding no data, and 64 KiB pieces that read as zeros, as
+//!   zero frames of a few bytes), while a second thread answers each `Request` on the demand
+//!   connection at once. Each piece is sent once: a sent bit per piece, claimed atomically by
+//!   whichever sender takes it first (a piece the stream claimed is not sent on demand, and
+//!   the stream skips a piece sent on demand). On `Done` the source's VM is stopped for good.
 //! - **Destination** ([`Listener`]): accepts one authenticated connection, builds fresh guest
-//!   memory registered in userfaultfd MISSING mode, starts the vCPUs from the state and answers
-//!   `Running`. A fault thread asks the source for the faulting 64 KiB piece (`Request`); a
-//!   receive thread fills whatever arrives (`UFFDIO_COPY`, which wakes the faulting vCPU). Once
-//!   every piece is resident it unregisters, sends `Done` with its figures, and collapses the
-//!   units that hold data back into huge pages (best effort). A frame that fails its checks, or
-//!   a connection lost before every page arrived, stops the destination VMM: its vCPUs never run
-//!   on a wrong or zero page (the registration is kept until the process ends).
+//!   memory registered in userfaultfd MISSING mode, accepts the demand connection, starts the
+//!   vCPUs from the state and answers `Running`. A fault thread asks the source for the faulting
+//!   64 KiB piece (`Request`, on the demand connection); a receive thread per connection fills
+//!   whatever arrives (`UFFDIO_COPY`, which wakes the faulting vCPU; a piece that arrives twice
+//!   is refused as corrupt, never filled again). Once every piece is resident it unregisters,
+//!   sends `Done` with its figures, and collapses the units that hold data back into huge pages
+//!   (best effort). A frame that fails its checks stops the destination VMM: its vCPUs never run
+//!   on a wrong or zero page (the registration is kept until the process ends). A connection
+//!   lost before every page arrived makes it wait for the source to reconnect (below).
 //!
-//! # Wire protocol (version 1)
+//! # Wire protocol (version 2)
 //!
-//! One stream (TCP or a Unix socket), frames in both directions. A frame is a 12-byte header
+//! Two streams (TCP or Unix sockets) to the same endpoint: the **bulk** connection carries the
+//! handshake, the VM and the stream; the **demand** connection carries only `Request`s and the
+//! pieces that answer them, so a requested piece never queues behind bulk data in the socket
+//! buffers. Frames in both directions. A frame is a 12-byte header
 //! (`kind` u8, three zero bytes, payload length u32 LE, crc32 u32 LE of the first 8 header
 //! bytes and the payload) and the payload. The reader checks the kind, the zero bytes and the
 //! length against the kind's bound before it allocates, and the crc before it looks at the
@@ -43,12 +50,26 @@
 //! | 10 `Done` | d→s | the destination's figures, JSON ([`DestFigures`]) |
 //! | 11 `Error` | both | why the sender gives up, UTF-8 |
 //! | 12 `Prepare` | s→d | the VM's configuration (`vmm_core::VmConfig`, JSON), before the freeze |
-//! | 13 `Prepared` | d→s | empty: memory is registered and the KVM VM and vCPUs exist |
+//! | 13 `Prepared` | d→s | the 32-byte session id: memory is registered and the KVM VM and vCPUs exist |
+//! | 14 `Attach` | s→d | the session id, first on the demand connection after its handshake |
+//! | 15 `Attached` | d→s | empty: the demand connection is bound to the session |
+//! | 16 `Resume` | s→d | the session id, first on a reconnection's bulk connection after its handshake |
+//! | 17 `Have` | d→s | one bit per piece (LSB first, pieces numbered across the regions): resident |
 //!
-//! Order: `Hello` s→d; `Hello`, `Auth` d→s; `Auth` s→d; `AuthOk` d→s (or `Error` and close); then
-//! `Prepare`; `Prepared` (the guest still runs at the source: the destination's VM is built
-//! outside the downtime); the freeze, `State`, `Map`; `Running`; then `Data`… interleaved with
-//! `Request`s, `End`; `Done`. The state's configuration must be the prepared one.
+//! Bulk connection: `Hello` s→d; `Hello`, `Auth` d→s; `Auth` s→d; `AuthOk` d→s (or `Error` and
+//! close); then `Prepare`; `Prepared` with a fresh random session id (the guest still runs at the
+//! source: the destination's VM is built outside the downtime). Demand connection, to the same
+//! endpoint: the same handshake, then `Attach` with the session id; `Attached` (a peer naming
+//! another session is refused with `Error`, and the destination waits on for the right one).
+//! Then, on the bulk connection: the freeze, `State`, `Map`; `Running`; the stream's `Data`…,
+//! `End`; `Done`. On the demand connection: `Request`s d→s, the `Data` answering them s→d, and
+//! an `End` after the stream ended (every piece sent on it precedes it). After both `End`s every
+//! piece must be resident. The state's configuration must be the prepared one.
+//!
+//! A **reconnection** (`migrate --resume`) opens a bulk connection with the handshake, then
+//! `Resume` with the session id; `Have` d→s; a demand connection as above; the destination asks
+//! again for every piece its vCPUs wait on; the source sends every piece not in `Have` (each
+//! once), `End` on both, and `Done` follows.
 //!
 //! **Authentication** ([`auth`]): both sides read a shared secret from a token file (mode 0600
 //! or stricter, refused otherwise) and prove they hold it with fresh nonces; no state is sent
@@ -63,13 +84,22 @@
 //!   nothing happened (the destination had not received a single page, so its vCPUs could not
 //!   have run a single instruction) and reports the error.
 //! - Lost after: the source keeps the VM frozen (never resumed by itself: never two running
-//!   copies) and reports it ([`MigrateFailure::dest_running`]); the destination stops. The source
-//!   can then be resumed from its freeze instant by an explicit, forced request (`snapctl resume
-//!   --force-after-failed-migration`): whatever the destination's guest did after the freeze is
-//!   lost, and the destination must have been stopped first.
+//!   copies) and reports it ([`MigrateFailure::dest_running`], with [`MigrateFailure::interrupted`]
+//!   to reconnect). The destination keeps its VM: both connections are shut, vCPUs that touch a
+//!   missing page block, `status` says it waits for the source, and it accepts a reconnection
+//!   (authenticated, naming its session) on the same address for the resume timeout
+//!   ([`Listener::with_resume_timeout`], default 60 s). 30 s without a byte on the bulk
+//!   connection count as lost (a half-open connection, a stalled source), as 30 s blocked writing
+//!   do at the source. [`migrate_resume`] on the source
+//!   reconnects; the pieces lost in flight are sent again (the destination never had them). If
+//!   no source reconnects in time the destination stops ([`IncomingFailure::resume_timed_out`]).
+//! - Corrupt (a frame that fails its checks, a piece sent twice, an `Error` frame): the
+//!   destination stops at once; the source stays frozen as above.
+//! - The source can then be resumed from its freeze instant by an explicit, forced request
+//!   (`snapctl resume --force-after-failed-migration`): whatever the destination's guest did after
+//!   the freeze is lost, and the destination must have been stopped first.
 //!
-//! Not supported: reconnecting a broken migration (`--resume`); hugetlbfs guest memory on the
-//! destination.
+//! Not supported: hugetlbfs guest memory on the destination.
 
 mod auth;
 mod dest;
@@ -85,14 +115,19 @@ use std::time::Duration;
 pub use auth::{dest_handshake, source_handshake, Token};
 pub use dest::{
     CollapseHold as IncomingCollapseHold, DestFigures, Incoming, IncomingFailure, IncomingStatus,
-    Listener, StartPhases,
+    Listener, StartPhases, DEFAULT_RESUME_TIMEOUT,
 };
-pub use source::{migrate_out, MigrateFailure, MigrateParams, MigrateProgress, MigrateReport};
+pub use source::{
+    migrate_out, migrate_resume, Interrupted, MigrateFailure, MigrateParams, MigrateProgress,
+    MigrateReport,
+};
 
 /// Bytes of a unit (an x86-64 huge page): the stream's order and the destination's collapse.
 pub const UNIT: u64 = 2 << 20;
 /// Bytes of a piece: what a demand request asks for, and what is tracked as sent or resident.
 pub const PIECE: u64 = 64 << 10;
+/// Bytes of a session id (binds the demand connection to the first).
+pub const SESSION_LEN: usize = 32;
 /// How long connecting and each handshake step may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -123,7 +158,7 @@ pub enum MigrateError {
     #[error("corrupt stream: {0}")]
     Corrupt(String),
     /// The peer speaks another protocol version.
-    #[error("the peer speaks migration protocol version {0}, this build speaks 1")]
+    #[error("the peer speaks migration protocol version {0}, this build speaks 2")]
     Version(u32),
     /// The mutual authentication failed.
     #[error("authentication failed: {0}")]

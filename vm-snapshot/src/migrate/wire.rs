@@ -48,8 +48,16 @@ pub enum Kind {
     Error = 11,
     /// Source → destination, before the freeze: the VM's configuration (JSON).
     Prepare = 12,
-    /// Destination → source: memory and the KVM VM are ready for the state.
+    /// Destination → source: memory and the KVM VM are ready for the state; the session id.
     Prepared = 13,
+    /// Source → destination, first on the demand connection after its handshake: the session id.
+    Attach = 14,
+    /// Destination → source: the demand connection is bound to the session.
+    Attached = 15,
+    /// Source → destination, first after the handshake of a reconnection: the session id.
+    Resume = 16,
+    /// Destination → source: which pieces it holds (one bit per piece, LSB first).
+    Have = 17,
 }
 
 impl Kind {
@@ -69,6 +77,10 @@ impl Kind {
             11 => Error,
             12 => Prepare,
             13 => Prepared,
+            14 => Attach,
+            15 => Attached,
+            16 => Resume,
+            17 => Have,
             _ => return None,
         })
     }
@@ -78,7 +90,9 @@ impl Kind {
         match self {
             Kind::Hello => super::auth::HELLO_LEN,
             Kind::Auth => super::auth::MAC_LEN,
-            Kind::AuthOk | Kind::Running | Kind::End | Kind::Prepared => 0,
+            Kind::AuthOk | Kind::Running | Kind::End | Kind::Attached => 0,
+            Kind::Prepared | Kind::Attach | Kind::Resume => super::SESSION_LEN,
+            Kind::Have => MAX_STATE,
             Kind::State => MAX_STATE,
             Kind::Map => MAX_MAP,
             Kind::Data => DATA_HEAD + unit,
