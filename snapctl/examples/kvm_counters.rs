@@ -20,28 +20,24 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 const KVM_DEBUGFS: &str = "/sys/kernel/debug/kvm";
-/// Counters read each sample (those the running kernel does not have are left out).
-const COUNTERS: &[&str] = &[
-    "pf_taken",
-    "pf_fixed",
-    "pf_guest",
-    "pf_spurious",
-    "pf_fast",
-    "pf_emulate",
-    "mmu_shadow_zapped",
-    "mmu_pte_write",
-    "mmu_cache_miss",
-    "mmu_recycled",
-    "exits",
-    "insn_emulation",
-    "tlb_flush",
-    "remote_tlb_flush",
-    "invlpg",
-    "nx_lpage_splits",
-    "pages_4k",
-    "pages_2m",
-    "halt_exits",
-    "signal_exits",
+/// Gauges read from the VM's debugfs directory each sample (the cumulative counters there, such
+/// as `pf_fixed` or `exits`, are not readable on every host: they are counted with perf instead).
+const GAUGES: &[&str] = &["pages_4k", "pages_2m", "nx_lpage_splits", "mmu_unsync"];
+/// Events counted with `perf stat` over the VMM process and all its threads: KVM's shadow-MMU
+/// tracepoints (they fire under PVM, whose own exit path has no `kvm_exit`/`kvm_page_fault`), host
+/// page faults and context switches.
+const EVENTS: &[(&str, &str)] = &[
+    ("kvmmmu:kvm_mmu_pagetable_walk", "walk"),
+    ("kvmmmu:kvm_mmu_spte_requested", "spte_req"),
+    ("kvmmmu:kvm_mmu_set_spte", "set_spte"),
+    ("kvmmmu:kvm_mmu_get_page", "get_page"),
+    ("kvmmmu:kvm_mmu_prepare_zap_page", "zap"),
+    ("kvm:kvm_unmap_hva_range", "unmap_hva"),
+    ("kvm:kvm_try_async_get_page", "async_pf"),
+    ("kvm:kvm_emulate_insn", "emulate"),
+    ("kvm:kvm_userspace_exit", "user_exit"),
+    ("page-faults", "host_pf"),
+    ("context-switches", "cs"),
 ];
 const SAMPLE: Duration = Duration::from_millis(250);
 
@@ -88,8 +84,8 @@ fn vm_dir(pid: u32) -> Option<PathBuf> {
         .map(|e| e.path())
 }
 
-fn read_counters(dir: &Path) -> BTreeMap<&'static str, u64> {
-    COUNTERS
+fn read_gauges(dir: &Path) -> BTreeMap<&'static str, u64> {
+    GAUGES
         .iter()
         .filter_map(|&c| {
             let v = std::fs::read_to_string(dir.join(c)).ok()?;
@@ -98,67 +94,117 @@ fn read_counters(dir: &Path) -> BTreeMap<&'static str, u64> {
         .collect()
 }
 
+/// A sample of the guest's step counter and the VM's gauges, `t` seconds after the VMM started.
 #[derive(Clone)]
 struct Sample {
     t: f64,
     steps: u64,
-    kvm: BTreeMap<&'static str, u64>,
+    gauges: BTreeMap<&'static str, u64>,
 }
 
-struct Vmm(Child);
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl Sample {
+    fn g(&self, k: &str) -> u64 {
+        self.gauges.get(k).copied().unwrap_or(0)
     }
 }
 
-fn delta(a: &Sample, b: &Sample, k: &str) -> f64 {
-    b.kvm.get(k).copied().unwrap_or(0) as f64 - a.kvm.get(k).copied().unwrap_or(0) as f64
+/// `perf stat -I` intervals: end time (s after start) and each event's count in the interval.
+type Intervals = Vec<(f64, BTreeMap<&'static str, u64>)>;
+
+fn parse_perf(text: &str) -> Intervals {
+    let mut out: Intervals = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let f: Vec<&str> = line.split(',').collect();
+        let (Some(t), Some(count), Some(ev)) = (f.first(), f.get(1), f.get(3)) else {
+            continue;
+        };
+        let (Ok(t), Some(&(_, key))) = (
+            t.trim().parse::<f64>(),
+            EVENTS.iter().find(|(e, _)| e == ev),
+        ) else {
+            continue;
+        };
+        let n = count.parse().unwrap_or(0);
+        match out.last_mut() {
+            Some((lt, m)) if (*lt - t).abs() < 1e-6 => {
+                m.insert(key, n);
+            }
+            _ => out.push((t, BTreeMap::from([(key, n)]))),
+        }
+    }
+    out
 }
 
-/// One row: counters between samples `a` and `b`, against the guest's rate before (`before`).
-fn row(name: &str, a: &Sample, b: &Sample, before: f64, vcpus: f64) -> String {
+/// Sum of `key` over the intervals ending in `(a, b]`.
+fn sum(iv: &Intervals, key: &str, a: f64, b: f64) -> f64 {
+    iv.iter()
+        .filter(|(t, _)| *t > a && *t <= b)
+        .map(|(_, m)| m.get(key).copied().unwrap_or(0) as f64)
+        .sum()
+}
+
+/// The VMM under `perf stat`: killed (by PID) if still running when dropped.
+struct Vmm {
+    perf: Child,
+    pid: u32,
+}
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.pid.to_string()).status();
+        let _ = self.perf.wait();
+    }
+}
+
+/// One row: the phase between samples `a` and `b`, against the guest's rate before (`before`).
+fn row(name: &str, iv: &Intervals, a: &Sample, b: &Sample, before: f64, vcpus: f64) -> String {
     let dt = (b.t - a.t).max(1e-9);
     let rate = (b.steps - a.steps) as f64 / dt;
     let share = if before > 0.0 { rate / before } else { 1.0 };
-    let fixed = delta(a, b, "pf_fixed");
-    // vCPU time the guest lost against its rate before, per shadow-MMU fault fixed.
+    let n = |k: &str| sum(iv, k, a.t, b.t);
+    let set = n("set_spte");
+    // vCPU time the guest lost against its rate before, per shadow-MMU mapping installed.
     let lost = (1.0 - share).max(0.0) * dt * vcpus;
-    let cost = if fixed > 0.0 && share < 0.98 {
-        format!("{:.1}", lost / fixed * 1e6)
+    let cost = if set > 0.0 && share < 0.95 {
+        format!("{:.0}", lost / set * 1e6)
     } else {
         "–".into()
     };
     format!(
-        "| {name} | {dt:.2} | {:.2} M/s ({:.0} %) | {:.0} / {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} → {} / {} → {} |",
+        "| {name} | {dt:.2} | {:.2} M/s ({:.0} %) | {:.0} / {:.0} / {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {cost} | {} → {} / {} → {} |",
         rate / 1e6,
         share * 100.0,
-        delta(a, b, "pf_taken") / dt,
-        fixed / dt,
-        delta(a, b, "pf_spurious") / dt,
-        delta(a, b, "mmu_shadow_zapped"),
-        delta(a, b, "exits") / dt,
-        delta(a, b, "tlb_flush") / dt + delta(a, b, "remote_tlb_flush") / dt,
-        delta(a, b, "insn_emulation") / dt,
-        cost,
-        a.kvm.get("pages_4k").copied().unwrap_or(0),
-        b.kvm.get("pages_4k").copied().unwrap_or(0),
-        a.kvm.get("pages_2m").copied().unwrap_or(0),
-        b.kvm.get("pages_2m").copied().unwrap_or(0),
+        n("walk") / dt,
+        n("spte_req") / dt,
+        set / dt,
+        n("zap"),
+        n("unmap_hva"),
+        n("async_pf") / dt,
+        n("host_pf") / dt,
+        n("cs") / dt,
+        n("emulate") / dt,
+        a.g("pages_4k"),
+        b.g("pages_4k"),
+        a.g("pages_2m"),
+        b.g("pages_2m"),
     )
 }
 
-const HEADER: &str = "| phase | s | guest rate (of before) | pf taken / fixed per s | pf spurious/s | shadow pages zapped | exits/s | TLB flushes/s | insn emulated/s | µs vCPU lost per fault fixed | pages_4k / pages_2m (start → end) |\n|---|---|---|---|---|---|---|---|---|---|---|";
+const HEADER: &str = "| phase | s | guest rate (of before) | shadow walks / spte requested / set per s | shadow pages zapped | MMU-notifier unmaps | async PF/s | host PF/s | ctx sw/s | insn emulated/s | µs vCPU lost per spte set | pages_4k / pages_2m |\n|---|---|---|---|---|---|---|---|---|---|---|---|";
 
 fn case(dir: &Path, mem: &str, backend: &str, vcpus: u8, track: &str, trace: bool) {
     let tag = std::process::id();
     let sock = dir.join(format!("kvmcnt-{tag}.sock"));
     let snap = dir.join(format!("kvmcnt-{tag}.snap"));
+    let perf_out = dir.join(format!("kvmcnt-{tag}.perf"));
     let _ = std::fs::remove_file(&sock);
     let v = vcpus.to_string();
+    let events: Vec<&str> = EVENTS.iter().map(|(e, _)| *e).collect();
     let t_boot = Instant::now();
-    let child = Command::new(snapctl())
+    let perf = Command::new("perf")
+        .args(["stat", "-I", "250", "-x", ",", "-o"])
+        .arg(&perf_out)
+        .args(["-e", &events.join(","), "--"])
+        .arg(snapctl())
         .args(["boot", "--mem", mem, "--mem-backend", backend, "--vcpus", &v])
         .args(["--write-rate", "full", "--track-writes", track])
         .arg("--api-sock")
@@ -168,11 +214,19 @@ fn case(dir: &Path, mem: &str, backend: &str, vcpus: u8, track: &str, trace: boo
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("boot");
-    let pid = child.id();
-    let _vmm = Vmm(child);
+        .expect("perf stat -- snapctl boot");
+    let perf_pid = perf.id();
+    let children = format!("/proc/{perf_pid}/task/{perf_pid}/children");
+    let pid = loop {
+        let c = std::fs::read_to_string(&children).unwrap_or_default();
+        if let Some(p) = c.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            break p;
+        }
+        assert!(t_boot.elapsed() < Duration::from_secs(10), "snapctl not started under perf");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let vmm = Vmm { perf, pid };
     println!("\n### {mem}, {backend}, {vcpus} vCPU, --track-writes {track}\n");
-    // Boot: the guest's fill touches all of its memory once (fresh mappings).
     let kvm = loop {
         if let Some(d) = vm_dir(pid) {
             break d;
@@ -180,11 +234,7 @@ fn case(dir: &Path, mem: &str, backend: &str, vcpus: u8, track: &str, trace: boo
         assert!(t_boot.elapsed() < Duration::from_secs(30), "no KVM debugfs dir for pid {pid}");
         std::thread::sleep(Duration::from_millis(10));
     };
-    let boot0 = Sample {
-        t: 0.0,
-        steps: 0,
-        kvm: read_counters(&kvm),
-    };
+    // Boot: the guest's fill touches all of its memory once (fresh mappings).
     loop {
         if std::os::unix::net::UnixStream::connect(&sock).is_ok()
             && ctl(&sock, &["status", "--json"]).is_some_and(|s| s["fill_done"] == true)
@@ -194,38 +244,22 @@ fn case(dir: &Path, mem: &str, backend: &str, vcpus: u8, track: &str, trace: boo
         assert!(t_boot.elapsed() < Duration::from_secs(120), "boot");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let boot1 = Sample {
-        t: t_boot.elapsed().as_secs_f64(),
-        steps: 0,
-        kvm: read_counters(&kvm),
-    };
-    let fixed = delta(&boot0, &boot1, "pf_fixed");
-    println!(
-        "boot to fill done (first touch of all RAM): {:.2} s; pf taken {:.0}, fixed {:.0}; pages_4k {}, \
-         pages_2m {}; exits {:.0}; {:.1} µs of boot per fault fixed",
-        boot1.t,
-        delta(&boot0, &boot1, "pf_taken"),
-        fixed,
-        boot1.kvm.get("pages_4k").copied().unwrap_or(0),
-        boot1.kvm.get("pages_2m").copied().unwrap_or(0),
-        delta(&boot0, &boot1, "exits"),
-        boot1.t * vcpus as f64 / fixed.max(1.0) * 1e6
-    );
+    let fill_done = t_boot.elapsed().as_secs_f64();
+    let boot_gauges = read_gauges(&kvm);
 
-    // Sampler: every 250 ms, steps and counters.
+    // Sampler: every 250 ms, the guest's steps and the VM's gauges.
     let stop = AtomicBool::new(false);
-    let t0 = Instant::now();
     let (samples, save, save_at) = std::thread::scope(|s| {
         let sampler = s.spawn(|| {
             let mut out = Vec::new();
             let mut next = Instant::now();
             while !stop.load(Ordering::Relaxed) {
-                let kvm_c = read_counters(&kvm);
+                let gauges = read_gauges(&kvm);
                 if let Some(st) = steps(&sock) {
                     out.push(Sample {
-                        t: t0.elapsed().as_secs_f64(),
+                        t: t_boot.elapsed().as_secs_f64(),
                         steps: st,
-                        kvm: kvm_c,
+                        gauges,
                     });
                 }
                 next += SAMPLE;
@@ -235,26 +269,39 @@ fn case(dir: &Path, mem: &str, backend: &str, vcpus: u8, track: &str, trace: boo
         });
         std::thread::sleep(Duration::from_secs(4));
         let _ = std::fs::remove_file(&snap);
-        let start = t0.elapsed().as_secs_f64();
+        let start = t_boot.elapsed().as_secs_f64();
         let save = ctl(&sock, &["save", "--out", snap.to_str().unwrap(), "--json"]);
-        let end = t0.elapsed().as_secs_f64();
+        let end = t_boot.elapsed().as_secs_f64();
         std::thread::sleep(Duration::from_secs(8));
         stop.store(true, Ordering::Relaxed);
         (sampler.join().expect("sampler"), save, (start, end))
     });
     let _ = std::fs::remove_file(&snap);
     let _ = ctl(&sock, &["shutdown"]);
+    drop(vmm);
+    let iv = parse_perf(&std::fs::read_to_string(&perf_out).unwrap_or_default());
+    let _ = std::fs::remove_file(&perf_out);
+    let set = sum(&iv, "set_spte", 0.0, fill_done);
+    println!(
+        "boot to fill done (first touch of all RAM): {fill_done:.2} s; shadow walks {:.0}, sptes set \
+         {set:.0}, host page faults {:.0}; pages_4k {}, pages_2m {}; {:.0} µs of vCPU time per spte set",
+        sum(&iv, "walk", 0.0, fill_done),
+        sum(&iv, "host_pf", 0.0, fill_done),
+        boot_gauges.get("pages_4k").copied().unwrap_or(0),
+        boot_gauges.get("pages_2m").copied().unwrap_or(0),
+        fill_done * vcpus as f64 / set.max(1.0) * 1e6
+    );
     let (start, end) = save_at;
     let save = save.unwrap_or(Value::Null);
     println!(
-        "save: {:.2} s, downtime {:.2} ms, uffd faults served {}, guest rate during (VMM's figure) {:.2} M/s",
+        "save: {:.2} s, downtime {:.2} ms, userfaultfd faults served {}, guest rate during (VMM's figure) {:.2} M/s",
         save["duration_s"].as_f64().unwrap_or(f64::NAN),
         save["downtime_ms"].as_f64().unwrap_or(f64::NAN),
         save["faults_served"],
         save["guest_steps_per_s_during"].as_f64().unwrap_or(f64::NAN) / 1e6
     );
-    if samples.len() < 4 {
-        println!("too few samples ({})", samples.len());
+    if samples.len() < 4 || iv.is_empty() {
+        println!("too few samples ({}, {} perf intervals)", samples.len(), iv.len());
         return;
     }
     // Phase boundaries: the samples nearest to them.
@@ -270,30 +317,33 @@ fn case(dir: &Path, mem: &str, backend: &str, vcpus: u8, track: &str, trace: boo
     let before = (s_start.steps - first.steps) as f64 / (s_start.t - first.t).max(1e-9);
     let vc = vcpus as f64;
     println!("{HEADER}");
-    println!("{}", row("before", &first, &s_start, before, vc));
-    println!("{}", row("save", &s_start, &s_end, before, vc));
+    println!("{}", row("before", &iv, &first, &s_start, before, vc));
+    println!("{}", row("save", &iv, &s_start, &s_end, before, vc));
     for (a, b) in [(0.0, 2.0), (2.0, 4.0), (4.0, 6.0), (6.0, 8.0)] {
         let (x, y) = (at(end + a), at(end + b));
         if y.t > x.t {
             println!(
                 "{}",
-                row(&format!("after +{a:.0}–{b:.0} s"), &x, &y, before, vc)
+                row(&format!("after +{a:.0}–{b:.0} s"), &iv, &x, &y, before, vc)
             );
         }
     }
     if trace {
-        println!("\nt s (0 = save start) | rate M/s | pf_fixed/s | zapped | exits/s | pages_4k | pages_2m");
+        println!("\nt s (0 = save start) | rate M/s | walks/s | sptes set/s | zapped | unmaps | host PF/s | pages_4k | pages_2m");
         for w in samples.windows(2) {
             let dt = w[1].t - w[0].t;
+            let n = |k: &str| sum(&iv, k, w[0].t, w[1].t);
             println!(
-                "{:+.2} | {:.2} | {:.0} | {:.0} | {:.0} | {} | {}",
+                "{:+.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {}",
                 w[1].t - start,
                 (w[1].steps - w[0].steps) as f64 / dt / 1e6,
-                delta(&w[0], &w[1], "pf_fixed") / dt,
-                delta(&w[0], &w[1], "mmu_shadow_zapped"),
-                delta(&w[0], &w[1], "exits") / dt,
-                w[1].kvm.get("pages_4k").copied().unwrap_or(0),
-                w[1].kvm.get("pages_2m").copied().unwrap_or(0),
+                n("walk") / dt,
+                n("set_spte") / dt,
+                n("zap"),
+                n("unmap_hva"),
+                n("host_pf") / dt,
+                w[1].g("pages_4k"),
+                w[1].g("pages_2m"),
             );
         }
     }
@@ -312,6 +362,19 @@ fn main() {
         println!(
             "{KVM_DEBUGFS} is not there or not readable: mount debugfs \
              (`mount -t debugfs none /sys/kernel/debug`, as root) to see KVM's counters; skipping"
+        );
+        return;
+    }
+    let perf_ok = Command::new("perf")
+        .args(["stat", "-x", ",", "-e", "kvmmmu:kvm_mmu_set_spte", "--", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !perf_ok {
+        println!(
+            "`perf stat -e kvmmmu:kvm_mmu_set_spte` does not run here: install perf (linux-tools) \
+             and run as root to count KVM's shadow-MMU events; skipping"
         );
         return;
     }
