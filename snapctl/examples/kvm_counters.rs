@@ -1,15 +1,19 @@
-//! Where a busy guest's time goes around a save, seen through KVM's own counters (debugfs,
-//! `/sys/kernel/debug/kvm/<pid>-<vmfd>/`, read only). The built-in guest writes random pages over
-//! all of its RAM at full speed; every 250 ms the example samples its step counter and the VM's
-//! KVM statistics: ~4 s before a save, during it and ~8 s after. Per phase it prints the guest's
-//! rate (share of before), shadow-MMU page faults taken/fixed per second, shadow pages zapped,
-//! exits per second, and the implied cost of a fault (vCPU time lost ÷ faults fixed). It also
-//! reports the boot: the guest's first touch of all its memory (fresh mappings, 4 KiB or 2 MiB).
+//! Where a busy guest's time goes around a save, seen through KVM's own counters. The built-in
+//! guest writes random pages over all of its RAM at full speed; the VMM runs under `perf stat -I
+//! 250`, which counts KVM's shadow-MMU tracepoints (mappings installed, guest page-table walks,
+//! shadow pages zapped, MMU-notifier invalidations, async page faults) and the process's host page
+//! faults; every 250 ms the example also samples the guest's step counter and the VM's gauges
+//! `pages_4k`/`pages_2m` (`/sys/kernel/debug/kvm/<pid>-<vmfd>/`, read only). It covers ~4 s before
+//! a save, the save and ~8 s after, and prints per phase the guest's rate (share of before), the
+//! counters per second and the vCPU time lost per mapping installed. The boot line is the guest's
+//! first touch of all its memory (fresh mappings, 4 KiB or 2 MiB).
 //!
 //! `cargo build --release -p snapctl && cargo run --release -p snapctl --example kvm_counters
 //! [-- --mem 1G --dir /tmp --cases anon:1:on,memfd:1:on,memfd:1:off --trace]` (uses the `snapctl`
-//! binary beside the example; a case is `BACKEND:VCPUS:TRACK-WRITES`). Skips with a message when
-//! debugfs is not mounted or not readable.
+//! binary beside the example; a case is `BACKEND:VCPUS:TRACK-WRITES`, BACKEND one of `anon`,
+//! `memfd`, `hugetlbfs`; `--trace` prints every 250 ms sample). Needs root and `perf`; skips with a
+//! message when debugfs is not mounted or perf cannot count KVM's tracepoints. Results:
+//! `docs/PERFORMANCE.md`, "Where a busy guest's time goes under PVM".
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -68,7 +72,13 @@ fn ctl(sock: &Path, args: &[&str]) -> Option<Value> {
 
 fn steps(sock: &Path) -> Option<u64> {
     let s = ctl(sock, &["status", "--json"])?;
-    Some(s["steps"].as_array()?.iter().filter_map(Value::as_u64).sum())
+    Some(
+        s["steps"]
+            .as_array()?
+            .iter()
+            .filter_map(Value::as_u64)
+            .sum(),
+    )
 }
 
 /// The VM's debugfs directory (`<pid>-<vmfd>`), once KVM created it.
@@ -205,7 +215,15 @@ fn case(dir: &Path, mem: &str, backend: &str, vcpus: u8, track: &str, trace: boo
         .arg(&perf_out)
         .args(["-e", &events.join(","), "--"])
         .arg(snapctl())
-        .args(["boot", "--mem", mem, "--mem-backend", backend, "--vcpus", &v])
+        .args([
+            "boot",
+            "--mem",
+            mem,
+            "--mem-backend",
+            backend,
+            "--vcpus",
+            &v,
+        ])
         .args(["--write-rate", "full", "--track-writes", track])
         .arg("--api-sock")
         .arg(&sock)
@@ -222,7 +240,10 @@ fn case(dir: &Path, mem: &str, backend: &str, vcpus: u8, track: &str, trace: boo
         if let Some(p) = c.split_whitespace().next().and_then(|p| p.parse().ok()) {
             break p;
         }
-        assert!(t_boot.elapsed() < Duration::from_secs(10), "snapctl not started under perf");
+        assert!(
+            t_boot.elapsed() < Duration::from_secs(10),
+            "snapctl not started under perf"
+        );
         std::thread::sleep(Duration::from_millis(5));
     };
     let vmm = Vmm { perf, pid };
@@ -231,7 +252,10 @@ fn case(dir: &Path, mem: &str, backend: &str, vcpus: u8, track: &str, trace: boo
         if let Some(d) = vm_dir(pid) {
             break d;
         }
-        assert!(t_boot.elapsed() < Duration::from_secs(30), "no KVM debugfs dir for pid {pid}");
+        assert!(
+            t_boot.elapsed() < Duration::from_secs(30),
+            "no KVM debugfs dir for pid {pid}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     // Boot: the guest's fill touches all of its memory once (fresh mappings).
@@ -301,7 +325,11 @@ fn case(dir: &Path, mem: &str, backend: &str, vcpus: u8, track: &str, trace: boo
         save["guest_steps_per_s_during"].as_f64().unwrap_or(f64::NAN) / 1e6
     );
     if samples.len() < 4 || iv.is_empty() {
-        println!("too few samples ({}, {} perf intervals)", samples.len(), iv.len());
+        println!(
+            "too few samples ({}, {} perf intervals)",
+            samples.len(),
+            iv.len()
+        );
         return;
     }
     // Phase boundaries: the samples nearest to them.
@@ -366,7 +394,15 @@ fn main() {
         return;
     }
     let perf_ok = Command::new("perf")
-        .args(["stat", "-x", ",", "-e", "kvmmmu:kvm_mmu_set_spte", "--", "true"])
+        .args([
+            "stat",
+            "-x",
+            ",",
+            "-e",
+            "kvmmmu:kvm_mmu_set_spte",
+            "--",
+            "true",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
