@@ -11,7 +11,8 @@
 //! `cargo build --release -p snapctl && cargo run --release -p snapctl --example kvm_counters
 //! [-- --mem 1G --dir /tmp --cases anon:1:on,memfd:1:on,memfd:1:off --trace]` (uses the `snapctl`
 //! binary beside the example; a case is `BACKEND:VCPUS:TRACK-WRITES`, BACKEND one of `anon`,
-//! `memfd`, `hugetlbfs`; `--trace` prints every 250 ms sample). Needs root and `perf`; skips with a
+//! `memfd`, `hugetlbfs`; `--trace` prints every 250 ms sample; `--save-args "--max-staging 16M"` passes arguments to
+//! every save). Needs root and `perf`; skips with a
 //! message when debugfs is not mounted or perf cannot count KVM's tracepoints. Results:
 //! `docs/PERFORMANCE.md`, "Where a busy guest's time goes under PVM".
 
@@ -201,7 +202,13 @@ fn row(name: &str, iv: &Intervals, a: &Sample, b: &Sample, before: f64, vcpus: f
 
 const HEADER: &str = "| phase | s | guest rate (of before) | shadow walks / spte requested / set per s | shadow pages zapped | MMU-notifier unmaps | async PF/s | host PF/s | ctx sw/s | insn emulated/s | µs vCPU lost per spte set | pages_4k / pages_2m |\n|---|---|---|---|---|---|---|---|---|---|---|---|";
 
-fn case(dir: &Path, mem: &str, backend: &str, vcpus: u8, track: &str, trace: bool) {
+fn case(
+    dir: &Path,
+    mem: &str,
+    (backend, vcpus, track): (&str, u8, &str),
+    save_args: &[&str],
+    trace: bool,
+) {
     let tag = std::process::id();
     let sock = dir.join(format!("kvmcnt-{tag}.sock"));
     let snap = dir.join(format!("kvmcnt-{tag}.snap"));
@@ -247,7 +254,10 @@ fn case(dir: &Path, mem: &str, backend: &str, vcpus: u8, track: &str, trace: boo
         std::thread::sleep(Duration::from_millis(5));
     };
     let vmm = Vmm { perf, pid };
-    println!("\n### {mem}, {backend}, {vcpus} vCPU, --track-writes {track}\n");
+    println!(
+        "\n### {mem}, {backend}, {vcpus} vCPU, --track-writes {track}, save {}\n",
+        save_args.join(" ")
+    );
     let kvm = loop {
         if let Some(d) = vm_dir(pid) {
             break d;
@@ -294,7 +304,9 @@ fn case(dir: &Path, mem: &str, backend: &str, vcpus: u8, track: &str, trace: boo
         std::thread::sleep(Duration::from_secs(4));
         let _ = std::fs::remove_file(&snap);
         let start = t_boot.elapsed().as_secs_f64();
-        let save = ctl(&sock, &["save", "--out", snap.to_str().unwrap(), "--json"]);
+        let mut a = vec!["save", "--out", snap.to_str().unwrap(), "--json"];
+        a.extend(save_args);
+        let save = ctl(&sock, &a);
         let end = t_boot.elapsed().as_secs_f64();
         std::thread::sleep(Duration::from_secs(8));
         stop.store(true, Ordering::Relaxed);
@@ -421,6 +433,9 @@ fn main() {
         "anon:1:on,anon:2:on,memfd:1:on,memfd:2:on,anon:1:off,memfd:1:off",
     );
     let trace = args.iter().any(|a| a == "--trace");
+    // Extra arguments of every `snapctl save` (e.g. `--save-args "--max-staging 16M"`).
+    let save_args = opt("--save-args", "");
+    let save_args: Vec<&str> = save_args.split_whitespace().collect();
     println!(
         "host: shmem_enabled {}, THP enabled {}",
         std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
@@ -437,6 +452,6 @@ fn main() {
             p.get(1).and_then(|v| v.parse().ok()).unwrap_or(1),
             p.get(2).copied().unwrap_or("on"),
         );
-        case(&dir, &mem, backend, vcpus, track, trace);
+        case(&dir, &mem, (backend, vcpus, track), &save_args, trace);
     }
 }
