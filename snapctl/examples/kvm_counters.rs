@@ -213,9 +213,18 @@ fn case(
     let sock = dir.join(format!("kvmcnt-{tag}.sock"));
     let snap = dir.join(format!("kvmcnt-{tag}.snap"));
     let perf_out = dir.join(format!("kvmcnt-{tag}.perf"));
+    let err_out = dir.join(format!("kvmcnt-{tag}.err"));
+    let serial = dir.join(format!("kvmcnt-{tag}.serial"));
+    let cleanup = || {
+        for f in [&sock, &snap, &perf_out, &err_out, &serial] {
+            let _ = std::fs::remove_file(f);
+        }
+    };
     let _ = std::fs::remove_file(&sock);
     let v = vcpus.to_string();
     let events: Vec<&str> = EVENTS.iter().map(|(e, _)| *e).collect();
+    // The VMM's own output (its errors among it).
+    let out_file = std::fs::File::create(&err_out).expect("output file");
     let t_boot = Instant::now();
     let perf = Command::new("perf")
         .args(["stat", "-I", "250", "-x", ",", "-o"])
@@ -235,9 +244,9 @@ fn case(
         .arg("--api-sock")
         .arg(&sock)
         .arg("--serial-log")
-        .arg(dir.join(format!("kvmcnt-{tag}.serial")))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .arg(&serial)
+        .stdout(out_file.try_clone().expect("output file"))
+        .stderr(out_file)
         .spawn()
         .expect("perf stat -- snapctl boot");
     let perf_pid = perf.id();
@@ -253,7 +262,24 @@ fn case(
         );
         std::thread::sleep(Duration::from_millis(5));
     };
-    let vmm = Vmm { perf, pid };
+    let mut vmm = Vmm { perf, pid };
+    // The VMM ended before its guest ran (e.g. no hugetlbfs pages reserved): say why.
+    let ended = |vmm: &mut Vmm| {
+        if let Ok(Some(_)) = vmm.perf.try_wait() {
+            let err = std::fs::read_to_string(&err_out).unwrap_or_default();
+            let err: Vec<&str> = err
+                .lines()
+                .filter(|l| !l.contains("libtraceevent"))
+                .collect();
+            println!(
+                "snapctl boot ended before its guest ran: {}",
+                err.join("; ")
+            );
+            cleanup();
+            return true;
+        }
+        false
+    };
     println!(
         "\n### {mem}, {backend}, {vcpus} vCPU, --track-writes {track}, save {}\n",
         save_args.join(" ")
@@ -261,6 +287,9 @@ fn case(
     let kvm = loop {
         if let Some(d) = vm_dir(pid) {
             break d;
+        }
+        if ended(&mut vmm) {
+            return;
         }
         assert!(
             t_boot.elapsed() < Duration::from_secs(30),
@@ -274,6 +303,9 @@ fn case(
             && ctl(&sock, &["status", "--json"]).is_some_and(|s| s["fill_done"] == true)
         {
             break;
+        }
+        if ended(&mut vmm) {
+            return;
         }
         assert!(t_boot.elapsed() < Duration::from_secs(120), "boot");
         std::thread::sleep(Duration::from_millis(20));
@@ -316,7 +348,7 @@ fn case(
     let _ = ctl(&sock, &["shutdown"]);
     drop(vmm);
     let iv = parse_perf(&std::fs::read_to_string(&perf_out).unwrap_or_default());
-    let _ = std::fs::remove_file(&perf_out);
+    cleanup();
     let set = sum(&iv, "set_spte", 0.0, fill_done);
     println!(
         "boot to fill done (first touch of all RAM): {fill_done:.2} s; shadow walks {:.0}, sptes set \
