@@ -14,6 +14,7 @@
 //!   frozen source VM, authenticated by a shared secret.
 #![forbid(unsafe_code)]
 
+mod fill_end;
 mod lazy;
 pub mod migrate;
 mod monitor;
@@ -22,7 +23,8 @@ mod restore;
 mod save;
 mod tracking;
 
-pub use lazy::{restore_lazy, CollapseHold, LazyError, LazyFailure, LazyRestore, LazyStatus};
+pub use fill_end::CollapseHold;
+pub use lazy::{restore_lazy, LazyError, LazyFailure, LazyRestore, LazyStatus};
 pub use monitor::GuestDuringSave;
 pub use params::{
     SaveParams, DEFAULT_ZSTD_LEVEL, MAX_TUNING_BLOCK, MIN_BANDWIDTH, MIN_MAX_STAGING,

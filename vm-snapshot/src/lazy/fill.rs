@@ -126,11 +126,7 @@ fn serve_faults(
     let mut w = lock(&s.waits);
     w.first_fault.get_or_insert(read_at.duration_since(s.t0));
     for d in waits.iter() {
-        let us = d.as_micros().min(u128::from(u32::MAX)) as u32;
-        w.max = w.max.max(u64::from(us));
-        if w.samples.len() < MAX_WAIT_SAMPLES {
-            w.samples.push(us);
-        }
+        w.samples.add(*d);
     }
     Ok(())
 }
@@ -477,7 +473,7 @@ fn finish(s: &Shared, tracker: &MissingTracker) {
             break;
         }
         // Not while a save runs (see `LazyRestore::hold_collapse`).
-        let Some(_call) = s.collapse_turn() else {
+        let Some(_call) = s.collapse.turn(&s.quit) else {
             break;
         };
         let t = Instant::now();
@@ -496,7 +492,7 @@ fn finish(s: &Shared, tracker: &MissingTracker) {
     }
     if !gave_up && !left.is_empty() && (left.len() as u64) <= COLLAPSE_RETRY_MAX {
         for &first in &left {
-            let Some(_call) = s.collapse_turn() else {
+            let Some(_call) = s.collapse.turn(&s.quit) else {
                 break;
             };
             let t = Instant::now();

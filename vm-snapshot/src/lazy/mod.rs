@@ -70,7 +70,7 @@
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -81,6 +81,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_core::{MemBackend, Vm, VmError};
 use wp_tracker::{HostRange, HugeBlock, MissingError, MissingFault, MissingTracker};
 
+use crate::fill_end::{wait_end, CollapseGate, CollapseHold, WaitSamples};
 use crate::{chain, machine_state, RestoreParams, RestoredFrom};
 
 mod fill;
@@ -112,9 +113,6 @@ const COLLAPSE_PROBE: usize = 8;
 const COLLAPSE_RETRY_MAX: u64 = 4096;
 /// Adjacent 2 MiB blocks collapsed by one MADV_COLLAPSE call at most (as the save does).
 const COLLAPSE_BATCH: u64 = 32;
-
-/// Most fault waits kept for the percentiles (later ones still count in `faults` and `max`).
-const MAX_WAIT_SAMPLES: usize = 1 << 17;
 
 /// Why a lazy restore could not start.
 #[derive(Debug, thiserror::Error)]
@@ -300,10 +298,8 @@ struct Shared {
     stop: AtomicBool,
     /// The owner lets go ([`LazyRestore`] dropped): the collapse stops too.
     quit: AtomicBool,
-    /// Holders of [`CollapseHold`]s: the collapse waits while there are any.
-    holds: AtomicUsize,
-    /// Held during each collapse call.
-    collapsing: Mutex<()>,
+    /// The [`CollapseHold`]s and the collapse call in flight.
+    collapse: Arc<CollapseGate>,
     /// Everything is resident and the registration ends: errors of the fault thread no longer
     /// matter.
     finishing: AtomicBool,
@@ -332,11 +328,10 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-/// Fault waits in µs.
+/// Fault waits, and when the first fault arrived.
 #[derive(Debug, Default)]
 struct Waits {
-    samples: Vec<u32>,
-    max: u64,
+    samples: WaitSamples,
     first_fault: Option<Duration>,
 }
 
@@ -398,8 +393,7 @@ pub fn restore_lazy(file: &Path, params: RestoreParams) -> Result<(Vm, LazyResto
         hot: Mutex::new(Vec::new()),
         stop: AtomicBool::new(false),
         quit: AtomicBool::new(false),
-        holds: AtomicUsize::new(0),
-        collapsing: Mutex::new(()),
+        collapse: Arc::default(),
         finishing: AtomicBool::new(false),
         t0,
         resident: AtomicU64::new(0),
@@ -459,15 +453,8 @@ impl LazyRestore {
         let s = &self.shared;
         let (p50, p99, max, first) = {
             let w = lock(&s.waits);
-            let mut v = w.samples.clone();
-            v.sort_unstable();
-            let pct = |p: usize| v.get((v.len() * p / 100).min(v.len().saturating_sub(1)));
-            (
-                pct(50).copied().unwrap_or(0),
-                pct(99).copied().unwrap_or(0),
-                w.max,
-                w.first_fault,
-            )
+            let (p50, p99) = w.samples.p50_p99();
+            (p50, p99, w.samples.max, w.first_fault)
         };
         let end = lock(&s.end);
         let resident = s.resident.load(Ordering::Relaxed);
@@ -480,8 +467,8 @@ impl LazyRestore {
             failed: end.failed.as_ref().map(|f| f.to_string()),
             start_ms: ms(end.start),
             first_fault_ms: first.map(ms),
-            fault_wait_p50_us: u64::from(p50),
-            fault_wait_p99_us: u64::from(p99),
+            fault_wait_p50_us: p50,
+            fault_wait_p99_us: p99,
             fault_wait_max_us: max,
             fault_filled_bytes: s.fault_filled.load(Ordering::Relaxed),
             fill_filled_bytes: s.fill_filled.load(Ordering::Relaxed),
@@ -505,11 +492,7 @@ impl LazyRestore {
     /// a block the save write-protects cannot be collapsed and would stay in small pages). Waits
     /// for a collapse call in flight to end.
     pub fn hold_collapse(&self) -> CollapseHold {
-        self.shared.holds.fetch_add(1, Ordering::SeqCst);
-        drop(lock(&self.shared.collapsing));
-        CollapseHold {
-            shared: self.shared.clone(),
-        }
+        self.shared.collapse.hold()
     }
 
     /// True once the restore is over (everything resident, unregistered, collapsed).
@@ -540,38 +523,8 @@ impl LazyRestore {
         timeout: Duration,
         reached: impl Fn(&End) -> bool,
     ) -> Option<Result<(), LazyFailure>> {
-        let deadline = Instant::now() + timeout;
-        let mut end = lock(&self.shared.end);
-        loop {
-            if let Some(f) = &end.failed {
-                return Some(Err(f.clone()));
-            }
-            if reached(&end) {
-                return Some(Ok(()));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            end = self
-                .shared
-                .end_cv
-                .wait_timeout(end, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-}
-
-/// Keeps the collapse into huge pages waiting while it lives ([`LazyRestore::hold_collapse`]).
-#[derive(Debug)]
-pub struct CollapseHold {
-    shared: Arc<Shared>,
-}
-
-impl Drop for CollapseHold {
-    fn drop(&mut self) {
-        self.shared.holds.fetch_sub(1, Ordering::SeqCst);
+        let s = &self.shared;
+        wait_end(&s.end, &s.end_cv, timeout, |e| e.failed.as_ref(), reached)
     }
 }
 
@@ -858,26 +811,6 @@ impl Shared {
         let off = ((ch.first_page - entry.first_page + from) * ps) as usize;
         let src = &data[off..off + range.len];
         tracker.fill(range, src).map(|n| n as u64).map_err(fill_err)
-    }
-
-    /// The right to make one collapse call: waits while a [`CollapseHold`] lives; `None` once
-    /// the owner lets go.
-    fn collapse_turn(&self) -> Option<MutexGuard<'_, ()>> {
-        loop {
-            while self.holds.load(Ordering::SeqCst) > 0 {
-                if self.quit.load(Ordering::SeqCst) {
-                    return None;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            if self.quit.load(Ordering::SeqCst) {
-                return None;
-            }
-            let g = lock(&self.collapsing);
-            if self.holds.load(Ordering::SeqCst) == 0 {
-                return Some(g);
-            }
-        }
     }
 
     /// Records the failure (the first one wins) and stops both threads.

@@ -24,6 +24,7 @@ use super::{
     dest_handshake, lock, ms, Conn, Endpoint, MigrateError, Regions, Token, HANDSHAKE_TIMEOUT,
     PIECE, UNIT,
 };
+use crate::fill_end::{wait_end, CollapseGate, CollapseHold, WaitSamples};
 use crate::{chain, RestoreParams};
 
 /// How long the source may take to send the state and map after the handshake.
@@ -34,8 +35,6 @@ const FAULT_POLL: Duration = Duration::from_millis(20);
 const FAULT_RT_PRIORITY: i32 = 1;
 /// Nice value of the fault thread otherwise.
 const FAULT_NICE: i32 = -10;
-/// Most fault waits kept for the percentiles.
-const MAX_WAIT_SAMPLES: usize = 1 << 17;
 /// Socket receive buffer asked for (the kernel doubles it).
 const RECV_BUFFER: usize = 256 << 10;
 /// Nice value of the demand connection's receive thread where `SCHED_FIFO` is not permitted: it
@@ -196,7 +195,7 @@ struct Shared {
     faults: AtomicU64,
     requests: AtomicU64,
     received: AtomicU64,
-    waits: Mutex<(Vec<u32>, u64)>,
+    waits: Mutex<WaitSamples>,
     stop: AtomicBool,
     /// `Running` was sent: requests may follow it (never before: the vCPUs start, and fault,
     /// before it is sent).
@@ -207,10 +206,8 @@ struct Shared {
     t0: Instant,
     start: Mutex<Duration>,
     phases: Mutex<StartPhases>,
-    /// Holders of [`CollapseHold`]s: the collapse waits while there are any.
-    holds: AtomicU64,
-    /// Held during each collapse call.
-    collapsing: Mutex<()>,
+    /// The [`CollapseHold`]s and the collapse call in flight.
+    collapse: Arc<CollapseGate>,
     end: Mutex<End>,
     end_cv: Condvar,
 }
@@ -615,7 +612,7 @@ fn build(
         faults: AtomicU64::new(0),
         requests: AtomicU64::new(0),
         received: AtomicU64::new(0),
-        waits: Mutex::new((Vec::new(), 0)),
+        waits: Mutex::default(),
         stop: AtomicBool::new(false),
         running_sent: AtomicBool::new(false),
         quit: AtomicBool::new(false),
@@ -626,8 +623,7 @@ fn build(
             memory,
             ..StartPhases::default()
         }),
-        holds: AtomicU64::new(0),
-        collapsing: Mutex::new(()),
+        collapse: Arc::default(),
         end: Mutex::new(End::default()),
         end_cv: Condvar::new(),
     });
@@ -827,22 +823,15 @@ impl Shared {
     }
 
     fn figures(&self) -> DestFigures {
-        let (p50, p99, max) = {
+        let ((p50, p99), max) = {
             let w = lock(&self.waits);
-            let mut v = w.0.clone();
-            v.sort_unstable();
-            let pct = |p: usize| {
-                v.get((v.len() * p / 100).min(v.len().saturating_sub(1)))
-                    .copied()
-                    .unwrap_or(0)
-            };
-            (pct(50), pct(99), w.1)
+            (w.p50_p99(), w.max)
         };
         DestFigures {
             faults: self.faults.load(Ordering::Relaxed),
             requests: self.requests.load(Ordering::Relaxed),
-            fault_wait_p50_us: u64::from(p50),
-            fault_wait_p99_us: u64::from(p99),
+            fault_wait_p50_us: p50,
+            fault_wait_p99_us: p99,
             fault_wait_max_us: max,
             resident_s: lock(&self.end).resident_at.map_or(0.0, |d| d.as_secs_f64()),
             received_bytes: self.received.load(Ordering::Relaxed),
@@ -850,12 +839,7 @@ impl Shared {
     }
 
     fn wait_sample(&self, since: Instant) {
-        let us = since.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
-        let mut w = lock(&self.waits);
-        w.1 = w.1.max(u64::from(us));
-        if w.0.len() < MAX_WAIT_SAMPLES {
-            w.0.push(us);
-        }
+        lock(&self.waits).add(since.elapsed());
     }
 
     /// One data frame: checked, decoded, filled, counted.
@@ -924,11 +908,6 @@ impl Shared {
         Ok(())
     }
 
-    /// The owner let go of the [`Incoming`]: the collapse stops.
-    fn stop_collapse(&self) -> bool {
-        self.quit.load(Ordering::SeqCst)
-    }
-
     /// Every page resident: unregister, tell the source, collapse into huge pages.
     fn finish(&self) {
         self.finishing.store(true, Ordering::SeqCst);
@@ -973,19 +952,9 @@ impl Shared {
             let gpa = self.regions.gpa_of(u * (UNIT / PIECE) as usize);
             // Not while a save runs (a block it write-protects cannot be collapsed, and the
             // collapse would hold up its freeze).
-            let turn = loop {
-                while self.holds.load(Ordering::SeqCst) > 0 && !self.stop_collapse() {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                if self.stop_collapse() {
-                    break None;
-                }
-                let g = lock(&self.collapsing);
-                if self.holds.load(Ordering::SeqCst) == 0 {
-                    break Some(g);
-                }
+            let Some(_turn) = self.collapse.turn(&self.quit) else {
+                break;
             };
-            let Some(_turn) = turn else { break };
             match self.host(gpa, (end - u) as u64 * UNIT) {
                 Ok(r) if self.tracker.collapse_huge(r).is_ok() => {}
                 _ => failures += (end - u) as u64,
@@ -1154,11 +1123,7 @@ impl Incoming {
     /// its freeze and write protection do not wait for collapse calls). Waits for a collapse
     /// call in flight to end.
     pub fn hold_collapse(&self) -> CollapseHold {
-        self.shared.holds.fetch_add(1, Ordering::SeqCst);
-        drop(lock(&self.shared.collapsing));
-        CollapseHold {
-            shared: self.shared.clone(),
-        }
+        self.shared.collapse.hold()
     }
 
     /// Why it failed, if it did.
@@ -1182,26 +1147,8 @@ impl Incoming {
         timeout: Duration,
         reached: impl Fn(&End) -> bool,
     ) -> Option<Result<(), IncomingFailure>> {
-        let deadline = Instant::now() + timeout;
-        let mut end = lock(&self.shared.end);
-        loop {
-            if let Some(f) = &end.failed {
-                return Some(Err(f.clone()));
-            }
-            if reached(&end) {
-                return Some(Ok(()));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            end = self
-                .shared
-                .end_cv
-                .wait_timeout(end, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        let s = &self.shared;
+        wait_end(&s.end, &s.end_cv, timeout, |e| e.failed.as_ref(), reached)
     }
 }
 
@@ -1227,17 +1174,5 @@ impl Drop for Incoming {
             // keep them registered (blocking) until the process ends.
             std::mem::forget(s.tracker.clone());
         }
-    }
-}
-
-/// Keeps the collapse into huge pages waiting while it lives ([`Incoming::hold_collapse`]).
-#[derive(Debug)]
-pub struct CollapseHold {
-    shared: Arc<Shared>,
-}
-
-impl Drop for CollapseHold {
-    fn drop(&mut self) {
-        self.shared.holds.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -112,10 +112,12 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The same type as [`crate::CollapseHold`], returned by [`Incoming::hold_collapse`].
+pub use crate::fill_end::CollapseHold as IncomingCollapseHold;
 pub use auth::{dest_handshake, source_handshake, Token};
 pub use dest::{
-    CollapseHold as IncomingCollapseHold, DestFigures, Incoming, IncomingFailure, IncomingStatus,
-    Listener, StartPhases, DEFAULT_RESUME_TIMEOUT,
+    DestFigures, Incoming, IncomingFailure, IncomingStatus, Listener, StartPhases,
+    DEFAULT_RESUME_TIMEOUT,
 };
 pub use source::{
     migrate_out, migrate_resume, Interrupted, MigrateFailure, MigrateParams, MigrateProgress,

@@ -76,6 +76,19 @@ struct Machine {
     xsave_ok: bool,
 }
 
+/// Loads the VM-wide part of `state` into `m` once its vCPUs hold theirs: the clock last (see
+/// crate::state). Returns the MSR indices the state's vCPUs carry, those later captures save.
+fn restore_vm_wide(m: &Machine, state: &MachineState) -> Result<Vec<u32>, VmError> {
+    state.irqchip.restore(&m.vm_fd)?;
+    state.pit.restore(&m.vm_fd)?;
+    state.clock.restore(&m.vm_fd)?;
+    Ok(state
+        .vcpus
+        .first()
+        .map(|v| v.msrs.iter().map(|e| e.index).collect())
+        .unwrap_or_default())
+}
+
 fn new_machine(mem: &GuestMemoryMmap) -> Result<Machine, VmError> {
     vcpu::install_kick_handler()?;
     let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
@@ -315,15 +328,7 @@ impl Vm {
             s.restore(&fd, m.xsave_ok)?;
             fds.push(fd);
         }
-        // VM-wide state after the vCPUs, the clock last (see crate::state).
-        state.irqchip.restore(&m.vm_fd)?;
-        state.pit.restore(&m.vm_fd)?;
-        state.clock.restore(&m.vm_fd)?;
-        let msr_indices = state
-            .vcpus
-            .first()
-            .map(|v| v.msrs.iter().map(|e| e.index).collect())
-            .unwrap_or_default();
+        let msr_indices = restore_vm_wide(&m, state)?;
         Self::start(
             m,
             fds,

@@ -91,15 +91,7 @@ impl PreparedVm {
         for (s, fd) in state.vcpus.iter().zip(&fds) {
             s.restore(fd, m.xsave_ok)?;
         }
-        // VM-wide state after the vCPUs, the clock last (see crate::state).
-        state.irqchip.restore(&m.vm_fd)?;
-        state.pit.restore(&m.vm_fd)?;
-        state.clock.restore(&m.vm_fd)?;
-        let msr_indices = state
-            .vcpus
-            .first()
-            .map(|v| v.msrs.iter().map(|e| e.index).collect())
-            .unwrap_or_default();
+        let msr_indices = restore_vm_wide(&m, state)?;
         Vm::start(
             m,
             fds,
