@@ -71,7 +71,7 @@
 //! again for every piece its vCPUs wait on; the source sends every piece not in `Have` (each
 //! once), `End` on both, and `Done` follows.
 //!
-//! **Authentication** ([`auth`]): both sides read a shared secret from a token file (mode 0600
+//! **Authentication** (`auth.rs`): both sides read a shared secret from a token file (mode 0600
 //! or stricter, refused otherwise) and prove they hold it with fresh nonces; no state is sent
 //! before the destination accepted the source's proof, and the destination accepts no state
 //! from an unauthenticated peer (it keeps listening for the right one). Pages are **not
