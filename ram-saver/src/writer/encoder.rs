@@ -94,33 +94,30 @@ impl RecordEncoder {
 
     /// Append a zero run record of `count` pages starting at `first_page`.
     pub fn zero_run(&mut self, first_page: u64, count: u64, out: &mut EncodedBatch) {
-        let mut first = first_page;
-        let mut left = count;
-        while left > 0 {
-            let n = u32::try_from(left).unwrap_or(u32::MAX);
-            let h = RecordHeader {
-                kind: RecordKind::ZeroRun,
-                codec: CODEC_RAW,
-                first_page: first,
-                page_count: n,
-                stored_len: 0,
-                crc: 0,
-            };
-            push_record(h, &[], self.hot, out);
-            first += u64::from(n);
-            left -= u64::from(n);
-        }
+        self.run_without_payload(RecordKind::ZeroRun, first_page, count, out);
     }
 
     /// Append a Parent record of `count` pages starting at `first_page`: pages whose content is
     /// the parent snapshot's (only a writer whose header has a parent reference accepts it).
     pub fn parent_run(&mut self, first_page: u64, count: u64, out: &mut EncodedBatch) {
+        self.run_without_payload(RecordKind::Parent, first_page, count, out);
+    }
+
+    /// Records of `kind` without payload for `count` pages from `first_page`, as many as the
+    /// page count field needs.
+    fn run_without_payload(
+        &mut self,
+        kind: RecordKind,
+        first_page: u64,
+        count: u64,
+        out: &mut EncodedBatch,
+    ) {
         let mut first = first_page;
         let mut left = count;
         while left > 0 {
             let n = u32::try_from(left).unwrap_or(u32::MAX);
             let h = RecordHeader {
-                kind: RecordKind::Parent,
+                kind,
                 codec: CODEC_RAW,
                 first_page: first,
                 page_count: n,
