@@ -425,7 +425,7 @@ impl Listener {
         }
     }
 
-    /// The source's demand connection: authenticated, and bound to this session by `Attach`
+    /// The source's demand connection: authenticated, and bound to this migration by its session id (`Attach`)
     /// (a peer that names another session is refused; the listener waits on until `deadline`).
     fn attach(
         &self,
@@ -449,7 +449,7 @@ impl Listener {
                 }
                 Err(e) => {
                     log::warn!("migration: refused a demand connection from {peer}: {e}");
-                    let _ = write_frame(&mut w, Kind::Error, &[b"not this session"]);
+                    let _ = write_frame(&mut w, Kind::Error, &[b"not this migration's session"]);
                     conn.shutdown();
                 }
             }
@@ -696,7 +696,7 @@ impl Shared {
         }
     }
 
-    /// Waits for the source to reconnect: authenticated, naming this session (`Resume`); tells
+    /// Waits for the source to reconnect: authenticated, naming this migration's session id (`Resume`); tells
     /// it which pieces are here (`Have`), binds a new demand connection, asks again for what the
     /// vCPUs wait on, and receives the rest. Gives up (the VMM ends) after the timeout.
     fn reconnect(self: &Arc<Self>) {
