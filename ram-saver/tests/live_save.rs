@@ -447,6 +447,39 @@ fn live_save_with_prepared_staging() {
     assert_eq!(other.buffers(), n, "buffers of the wrong size were used");
 }
 
+/// Fault staging prepared in any amount before the freeze goes to the fault pool, is reported,
+/// and the image still matches the oracle.
+#[test]
+fn live_save_with_prepared_fault_staging_reports_it() {
+    let opts = SaveOptions {
+        max_bandwidth: Some(48 * MIB as u64),
+        // Fault unit = scan unit: prepared buffers fit the fault pool whatever backs the memory.
+        fault_block_size: Some(2 * MIB),
+        max_staging: Some(32 * MIB),
+        ..Default::default()
+    };
+    let staging = ram_saver::Staging::prepare_fault(&opts, 24 * MIB);
+    assert_eq!(staging.fault_bytes(), 24 * MIB as u64);
+    // Less than the 16 MiB every save prepares is rounded up to it.
+    assert_eq!(
+        ram_saver::Staging::prepare_fault(&opts, 0).fault_bytes(),
+        16 * MIB as u64
+    );
+    let s = run_ok(SaveOptions {
+        staging,
+        ..opts.clone()
+    });
+    assert_eq!(s.staging.prepared_bytes, 24 * MIB as u64);
+    assert!(s.staging.prepare_ms > 0.0);
+    assert!(s.staging.peak_bytes >= 24 * MIB as u64, "{:?}", s.staging);
+    // More than the cap (32 MiB of the 64 MiB guest): the pool keeps only what its cap allows.
+    let s = run_ok(SaveOptions {
+        staging: ram_saver::Staging::prepare_fault(&opts, 48 * MIB),
+        ..opts
+    });
+    assert_eq!(s.staging.prepared_bytes, 32 * MIB as u64);
+}
+
 #[test]
 fn live_save_throttled_serves_faults() {
     let s = run_ok(SaveOptions {

@@ -209,6 +209,7 @@ mod tests {
                 level: Some(3),
                 max_bandwidth: Some(1 << 20),
                 max_staging: Some(512 << 20),
+                prepare_staging: Some(vm_snapshot::PrepareStaging::Bytes(1 << 30)),
                 force: false,
                 fault_block: Some(2 << 20),
                 scan_block: None,
@@ -229,6 +230,24 @@ mod tests {
             serde_json::from_str::<Request>(s).unwrap(),
             Request::Save(_)
         ));
+        // Staging to prepare: "auto" or {"bytes": N} on the wire.
+        let s = r#"{"cmd":"save","path":"/a","prepare_staging":"auto"}"#;
+        let Request::Save(p) = serde_json::from_str::<Request>(s).unwrap() else {
+            panic!("not a save");
+        };
+        assert_eq!(p.prepare_staging, Some(vm_snapshot::PrepareStaging::Auto));
+        let s = r#"{"cmd":"save","path":"/a","prepare_staging":{"bytes":1048576}}"#;
+        let Request::Save(p) = serde_json::from_str::<Request>(s).unwrap() else {
+            panic!("not a save");
+        };
+        assert_eq!(
+            p.prepare_staging,
+            Some(vm_snapshot::PrepareStaging::Bytes(1 << 20))
+        );
+        assert!(serde_json::from_str::<Request>(
+            r#"{"cmd":"save","path":"/a","prepare_staging":"lots"}"#
+        )
+        .is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
         assert!(
             serde_json::from_str::<Request>(r#"{"cmd":"save","path":"/a","bogus":1}"#).is_err()

@@ -168,6 +168,8 @@ impl Drop for StreamFifo {
 pub struct SaveTuning {
     /// Cap of staging memory, bytes.
     pub max_staging: Option<u64>,
+    /// Staging to prepare before the freeze.
+    pub prepare_staging: Option<vm_snapshot::PrepareStaging>,
     /// Bytes per write fault.
     pub fault_block: Option<usize>,
     /// Bytes per scan unit.
@@ -306,6 +308,7 @@ pub fn save(
         max_bandwidth,
         force,
         max_staging: tuning.max_staging,
+        prepare_staging: tuning.prepare_staging,
         fault_block: tuning.fault_block,
         scan_block: tuning.scan_block,
         no_huge_restore: tuning.no_huge_restore,
@@ -450,6 +453,14 @@ fn print_summary(s: &Value, path: Option<&Path>) {
         fmt_bytes(su("cap_bytes")),
         su("waits")
     );
+    if su("prepared_bytes") > 0 {
+        let _ = writeln!(
+            e,
+            "  staging prepared before the freeze: {} in {:.0} ms",
+            fmt_bytes(su("prepared_bytes")),
+            st.get("prepare_ms").and_then(Value::as_f64).unwrap_or(0.0)
+        );
+    }
     if st.get("cap_reached").and_then(Value::as_bool) == Some(true) {
         let _ = writeln!(
             e,

@@ -556,3 +556,51 @@ fn small_staging_cap_under_a_busy_guest_is_exact_and_reported() {
     assert_eq!(out.code(), Some(0), "oracle failed: {}", out.stderr);
     vmm.assert_no_orphan_protection("after the save");
 }
+
+/// `--prepare-staging`: a size is prepared before the freeze and reported (JSON and text) and the image is
+/// exact; by default (`auto`) a save prepares what the guest wrote since the VM's last save — all over its
+/// RAM for a full-speed writer, nothing extra for the first save; nonsense is refused.
+#[test]
+fn prepared_staging_follows_the_guest_and_is_reported() {
+    let _s = serial();
+    let dir = TempDir::new("prepstaging");
+    let vmm = Vmm::boot(dir.path(), &["--mem", "256M", "--write-rate", "full"]);
+    let path = dir.join("vm.snap");
+    let p = path.to_str().unwrap();
+    let out = vmm.ctl(&["save", "--out", p, "--prepare-staging", "lots"], T);
+    assert_eq!(out.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("auto"), "{}", out.stderr);
+
+    // The first save has no record of writes: auto prepares nothing extra.
+    let s = vmm.save_and_verify(&path, &[]);
+    assert_eq!(s["staging"]["prepared_bytes"], 16 << 20, "{s}");
+    std::fs::remove_file(&path).unwrap();
+
+    let s = vmm.save_and_verify(&path, &["--prepare-staging", "64M"]);
+    let st = &s["staging"];
+    assert_eq!(st["prepared_bytes"], 64 << 20, "{s}");
+    assert!(st["prepare_ms"].as_f64().unwrap() > 0.0, "{s}");
+    let out = run(&["oracle", p], T);
+    assert_eq!(out.code(), Some(0), "oracle failed: {}", out.stderr);
+    std::fs::remove_file(&path).unwrap();
+
+    // The guest rewrote all of its RAM since: auto prepares (nearly) all of it.
+    std::thread::sleep(Duration::from_millis(500));
+    let s = vmm.save_and_verify(&path, &[]);
+    let prepared = s["staging"]["prepared_bytes"].as_u64().unwrap();
+    assert!(prepared >= 128 << 20, "auto prepared {prepared} bytes: {s}");
+    assert!(prepared <= vmm.mem_bytes, "{s}");
+    let out = run(&["oracle", p], T);
+    assert_eq!(out.code(), Some(0), "oracle failed: {}", out.stderr);
+    std::fs::remove_file(&path).unwrap();
+
+    let out = vmm.ctl(&["save", "--out", p, "--prepare-staging", "32M"], T);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("staging prepared before the freeze: 32.00 MiB"),
+        "{}",
+        out.stderr
+    );
+    vmm.assert_no_orphan_protection("after the saves");
+}

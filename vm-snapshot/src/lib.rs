@@ -27,7 +27,8 @@ pub use fill_end::CollapseHold;
 pub use lazy::{restore_lazy, LazyError, LazyFailure, LazyRestore, LazyStatus};
 pub use monitor::GuestDuringSave;
 pub use params::{
-    SaveParams, DEFAULT_ZSTD_LEVEL, MAX_TUNING_BLOCK, MIN_BANDWIDTH, MIN_MAX_STAGING,
+    PrepareStaging, SaveParams, DEFAULT_ZSTD_LEVEL, MAX_TUNING_BLOCK, MIN_BANDWIDTH,
+    MIN_MAX_STAGING,
 };
 pub use restore::{
     load, load_chain, machine_state, restore, restore_chain, RestoreError, RestoreParams,

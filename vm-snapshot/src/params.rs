@@ -57,6 +57,13 @@ pub struct SaveParams {
     /// 4 MiB, at most the host's memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_staging: Option<u64>,
+    /// Fault staging to allocate before the freeze (default `auto`). Memory never used before is
+    /// slow to come by on some hosts (a cloud VM's first touch of a page goes through the
+    /// hypervisor below it); prepared ahead, a guest writing all over its memory does not wait
+    /// for it during the save. The save starts that much later and holds the memory until it
+    /// ends. At most the staging cap is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare_staging: Option<PrepareStaging>,
     /// Tuning knob: bytes the fault handler copies and releases per write fault (default: chosen
     /// by ram-saver from the memory's backing). A power of two from 4096 to 64 MiB, not larger than
     /// the scan block.
@@ -81,6 +88,19 @@ pub struct SaveParams {
     /// the report says why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+}
+
+/// How much fault staging a save prepares before its freeze ([`SaveParams::prepare_staging`]).
+/// On the wire: `"auto"` or `{"bytes": N}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum PrepareStaging {
+    /// What the guest wrote since the VM's last save (its record of writes: a guest that wrote
+    /// all over its memory will fault all over it during the save too), within the staging cap;
+    /// 16 MiB without a record (the first save, or write tracking off).
+    Auto,
+    /// This many bytes (0: only the 16 MiB every save prepares), within the staging cap.
+    Bytes(u64),
 }
 
 /// Checks a tuning block size: a power of two, a multiple of 4096, at most [`MAX_TUNING_BLOCK`].

@@ -17,7 +17,7 @@ use wp_tracker::{Armed, DirtyError, DirtySet, DirtyTracker, SealStats, WpError, 
 
 use crate::chain;
 use crate::monitor::ProgressMonitor;
-use crate::params::SaveParams;
+use crate::params::{PrepareStaging, SaveParams};
 use crate::tracking::WriteRecord;
 
 /// How long a save waits for the reader of a stream target to open it.
@@ -466,6 +466,27 @@ pub(crate) fn save_with_record(
     r
 }
 
+/// Fault staging to prepare before the freeze: as `params` asks ([`PrepareStaging`]; `auto` by
+/// default, from `written`, the bytes the guest wrote since the last save if the VM keeps a
+/// record), never more than the save's staging cap.
+fn prepare_bytes(
+    params: &SaveParams,
+    opts: &SaveOptions,
+    guest_bytes: u64,
+    written: Option<u64>,
+) -> usize {
+    let guest = usize::try_from(guest_bytes).unwrap_or(usize::MAX);
+    let cap = opts
+        .max_staging
+        .unwrap_or_else(|| ram_saver::default_max_staging(guest))
+        .min(guest);
+    let want = match params.prepare_staging.unwrap_or(PrepareStaging::Auto) {
+        PrepareStaging::Auto => written.unwrap_or(0),
+        PrepareStaging::Bytes(b) => b,
+    };
+    usize::try_from(want).unwrap_or(usize::MAX).min(cap)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn save_checked(
     vm: &Arc<Vm>,
@@ -478,8 +499,10 @@ fn save_checked(
 ) -> Result<SaveReport, SaveError> {
     let opts = params.options().map_err(SaveError::Params)?;
     // Staging faulted in now, while the guest still runs, not by the first copies after the thaw.
+    let written = record.as_ref().and_then(|(r, _)| r.status().dirty_bytes);
+    let prepare = prepare_bytes(params, &opts, vm.config().mem_bytes, written);
     let opts = SaveOptions {
-        staging: ram_saver::Staging::prepare(&opts),
+        staging: ram_saver::Staging::prepare_fault(&opts, prepare),
         // What the save leaves protected is what write tracking goes on with.
         keep_protected: record.is_some(),
         ..opts
@@ -734,4 +757,46 @@ fn find_io_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std
         cur = c.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Staging prepared before the freeze: `auto` follows what the guest wrote since the last
+    /// save (nothing extra without a record), a size is taken as asked; both stay within the
+    /// staging cap and guest RAM.
+    #[test]
+    fn prepared_staging_follows_the_request_within_the_cap() {
+        const MIB: u64 = 1 << 20;
+        let params = |p| SaveParams {
+            path: "/tmp/x.snap".into(),
+            prepare_staging: p,
+            ..SaveParams::default()
+        };
+        let opts = SaveOptions {
+            max_staging: Some(256 << 20),
+            ..SaveOptions::default()
+        };
+        let guest = 1024 * MIB;
+        let n = |p, written| prepare_bytes(&params(p), &opts, guest, written) as u64;
+        assert_eq!(n(None, Some(100 * MIB)), 100 * MIB);
+        assert_eq!(n(Some(PrepareStaging::Auto), Some(100 * MIB)), 100 * MIB);
+        assert_eq!(n(Some(PrepareStaging::Auto), None), 0);
+        assert_eq!(n(None, Some(2048 * MIB)), 256 * MIB);
+        assert_eq!(
+            n(Some(PrepareStaging::Bytes(64 * MIB)), Some(900 * MIB)),
+            64 * MIB
+        );
+        assert_eq!(n(Some(PrepareStaging::Bytes(0)), Some(900 * MIB)), 0);
+        assert_eq!(n(Some(PrepareStaging::Bytes(u64::MAX)), None), 256 * MIB);
+        // Without a cap of the caller's: never more than guest RAM.
+        let small = prepare_bytes(
+            &params(None),
+            &SaveOptions::default(),
+            64 * MIB,
+            Some(1 << 40),
+        );
+        assert!(small as u64 <= 64 * MIB);
+    }
 }

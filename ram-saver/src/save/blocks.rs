@@ -220,9 +220,17 @@ impl Shared<'_> {
 
     /// The scanner is done with `n` claimed sub-blocks from `first`: release them, or with
     /// [`SaveOptions::keep_protected`](super::SaveOptions::keep_protected) leave them protected
-    /// (SAVED), releasing only those a fault waits for (WANTED).
-    pub(super) fn finish_run(&self, first: usize, n: usize) -> Result<(), SaveError> {
-        if !self.keep_protected {
+    /// (SAVED), releasing only those a fault waits for (WANTED) — unless `release`: while the
+    /// guest writes all over its memory ([`Shared::copy_first`]) it would fault on each of them
+    /// right after, so they are released now and count as written since the freeze (a larger
+    /// record of writes for the next incremental save, never a smaller one).
+    pub(super) fn finish_run(
+        &self,
+        first: usize,
+        n: usize,
+        release: bool,
+    ) -> Result<(), SaveError> {
+        if !self.keep_protected || release {
             return self.release_run(first, n);
         }
         for i in first..first + n {

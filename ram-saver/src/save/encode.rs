@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
+use super::staging::{Nice, YIELD_NICE};
 use super::{lock, InjectPoint, SaveError, Shared, Work, PAGE_SIZE};
 use crate::format::{Compression, FormatError};
 use crate::hashes::{page_hash, PageHashes};
@@ -30,7 +31,9 @@ impl Shared<'_> {
         let compressing = !matches!(compression, Compression::None);
         let mut work = Vec::new();
         let mut same = Vec::new();
+        let mut nice = Nice::new(self.bulk_nice);
         while self.pop_work(&mut work) {
+            nice.set_if(self.copy_first(), Some(YIELD_NICE));
             if self.inject == Some(InjectPoint::WorkerPanic) {
                 panic!("injected worker failure");
             }

@@ -207,7 +207,7 @@ struct Run {
 #[derive(Debug)]
 enum Work {
     Data {
-        buf: Vec<u8>,
+        buf: staging::Buf,
         runs: Vec<Run>,
         /// The buffer belongs to the fault pool.
         fault: bool,
@@ -282,6 +282,11 @@ struct Shared<'a> {
     /// Units the scanner staged in fault staging.
     scan_units_staged: AtomicU64,
     spin: bool,
+    /// Nice values: the fault thread's, and the bulk threads' (`None`: unchanged).
+    fault_nice: Option<i32>,
+    bulk_nice: Option<i32>,
+    /// How long preparing staging took before the freeze, ms.
+    prepare_ms: f64,
     /// Leave saved sub-blocks protected ([`SaveOptions::keep_protected`]).
     keep_protected: bool,
     /// With `keep_protected`: the fault thread serves until this is set (after the file is
@@ -342,6 +347,9 @@ impl<'a> Shared<'a> {
             last_fault_us: AtomicU64::new(0),
             scan_units_staged: AtomicU64::new(0),
             spin: opts.fault_spin.unwrap_or(fault::DEFAULT_SPIN),
+            fault_nice: opts.fault_nice,
+            bulk_nice: opts.bulk_nice,
+            prepare_ms: opts.staging.prepare_ms(),
             keep_protected: opts.keep_protected,
             serve_until: AtomicBool::new(false),
             hashes: opts.page_hashes.clone(),

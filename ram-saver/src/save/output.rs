@@ -8,6 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::fault::OUT_FAULT_CAP;
+use super::staging::{Nice, YIELD_NICE};
 use super::threads::watch_cancel;
 use super::{
     blocks::{RELEASED, SAVED},
@@ -48,7 +49,9 @@ pub(super) fn write_batches<S: SnapshotSink>(
 ) {
     let mut last = Instant::now();
     let mut batches: u64 = 0;
+    let mut nice = Nice::new(None);
     loop {
+        nice.set_if(shared.copy_first(), Some(YIELD_NICE));
         if shared.stopped() {
             break;
         }

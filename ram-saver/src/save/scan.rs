@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use wp_tracker::HostRange;
 
 use super::blocks::PROTECTED;
+use super::staging::Nice;
 use super::{InjectPoint, Run, SaveError, Shared, Work, PAGE_SIZE, POLL};
 use crate::pagemap;
 
@@ -20,10 +21,12 @@ impl Shared<'_> {
         let start = Instant::now();
         let mut copied: u64 = 0;
         let mut runs: Vec<(usize, usize)> = Vec::new();
+        let mut nice = Nice::new(self.bulk_nice);
         for u in 0..self.blocks.units.len() {
             if self.stopped() {
                 return Ok(());
             }
+            nice.set_if(self.copy_first(), self.fault_nice);
             if let Some(InjectPoint::ScannerPanic { after_blocks }) = self.inject {
                 if u >= after_blocks {
                     panic!("injected scanner failure");
@@ -99,6 +102,8 @@ impl Shared<'_> {
         let Some((mut buf, grown)) = self.scan_buffer() else {
             return Ok(0);
         };
+        // Released at once even when saved memory stays protected: see `finish_run`.
+        let release = grown && self.copy_first();
         // Claim every sub-block still protected, as runs of consecutive sub-blocks.
         runs.clear();
         for i in unit.first..unit.first + unit.count {
@@ -117,7 +122,7 @@ impl Shared<'_> {
         if !pagemap::may_hold_data(self.tracker, range) {
             self.release_buffer(buf, grown);
             for &(first, n) in runs.iter() {
-                self.finish_run(first, n)?;
+                self.finish_run(first, n, release)?;
                 let r = self.range_of(first, n);
                 self.bytes_scanned
                     .fetch_add(r.len as u64, Ordering::Relaxed);
@@ -141,7 +146,7 @@ impl Shared<'_> {
             bytes += r.len;
         }
         for &(first, n) in runs.iter() {
-            self.finish_run(first, n)?;
+            self.finish_run(first, n, release)?;
         }
         self.bytes_scanned
             .fetch_add(bytes as u64, Ordering::Relaxed);

@@ -32,6 +32,9 @@ const AVAILABLE_SHARE: u64 = 2;
 const MAX_BUFFERS: usize = 1024;
 /// Fault staging faulted in ahead by [`Staging::prepare`], in bytes.
 const FAULT_WARM: usize = 16 << 20;
+/// Nice value of the workers and the writer while copy and release come first
+/// ([`Shared::copy_first`]).
+pub(super) const YIELD_NICE: i32 = 10;
 /// The guest counts as writing (the scanner may grow fault staging) this long after a fault.
 pub(super) const BUSY_AFTER_FAULT: Duration = Duration::from_millis(100);
 /// While the guest writes, the scanner keeps this many fault buffers faulted in ahead, so that a
@@ -55,6 +58,12 @@ pub struct StagingFigures {
     pub wait_max_us: u64,
     /// Units the scanner staged in fault staging while the guest wrote.
     pub scan_units_staged: u64,
+    /// Fault staging prepared before the freeze ([`Staging::prepare_fault`]), bytes.
+    #[serde(default)]
+    pub prepared_bytes: u64,
+    /// Time preparing staging took before the freeze, ms (not guest time: it still ran).
+    #[serde(default)]
+    pub prepare_ms: f64,
 }
 
 /// The host's available memory (MemAvailable of /proc/meminfo), bytes.
@@ -102,12 +111,22 @@ pub fn default_max_staging(guest_bytes: usize) -> usize {
 /// the caller that time (tens of ms), not the guest. Clones share the buffers; the first save
 /// takes them.
 #[derive(Clone, Default)]
-pub struct Staging(Arc<Mutex<(usize, Vec<Vec<u8>>)>>);
+pub struct Staging(Arc<Mutex<Prepared>>);
+
+#[derive(Default)]
+struct Prepared {
+    /// Bytes of each buffer.
+    size: usize,
+    bufs: Vec<Buf>,
+    /// Fault staging prepared (bytes), and how long preparing everything took.
+    fault_bytes: u64,
+    took: Duration,
+}
 
 impl std::fmt::Debug for Staging {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let g = lock(&self.0);
-        write!(f, "Staging({} × {} bytes)", g.1.len(), g.0)
+        write!(f, "Staging({} × {} bytes)", g.bufs.len(), g.size)
     }
 }
 
@@ -116,26 +135,53 @@ impl Staging {
     /// (buffers of `opts.block_size`; the fault pool uses them when its unit is the whole
     /// block, as on THP- and hugetlbfs-backed memory).
     pub fn prepare(opts: &SaveOptions) -> Self {
+        Self::prepare_fault(opts, FAULT_WARM)
+    }
+
+    /// [`prepare`](Self::prepare) with `fault_bytes` of fault buffers (at least 16 MiB; the save
+    /// uses no more than its cap of them). Memory the process has not used before is slow to
+    /// come by on some hosts (in a cloud VM, first-touched memory costs 1–3 ms per 2 MiB here,
+    /// against 0.3 ms for a copy into memory already in use: `docs/PERFORMANCE.md`, "Fresh
+    /// memory"); prepared before the freeze, a guest that writes all over its memory then never
+    /// waits for it. Costs that time before the save, and the memory until the save ends.
+    pub fn prepare_fault(opts: &SaveOptions, fault_bytes: usize) -> Self {
+        let t = Instant::now();
         let size = opts.block_size.max(PAGE_SIZE);
-        let n = scan_pool_len(opts) + FAULT_WARM.div_ceil(size);
-        // Written, not just allocated: `vec![0; n]` would map untouched pages.
-        let bufs = (0..n).map(|_| vec![0xa5u8; size]).collect();
-        Staging(Arc::new(Mutex::new((size, bufs))))
+        let fault = fault_bytes.max(FAULT_WARM).div_ceil(size);
+        let bufs = (0..scan_pool_len(opts) + fault)
+            .map(|_| faulted_in(size))
+            .collect();
+        Staging(Arc::new(Mutex::new(Prepared {
+            size,
+            bufs,
+            fault_bytes: (fault * size) as u64,
+            took: t.elapsed(),
+        })))
     }
 
     /// Prepared buffers not taken by a save yet.
     pub fn buffers(&self) -> usize {
-        lock(&self.0).1.len()
+        lock(&self.0).bufs.len()
     }
 
     /// The buffers, if they have `size` bytes (empty otherwise, and afterwards).
-    fn take(&self, size: usize) -> Vec<Vec<u8>> {
+    fn take(&self, size: usize) -> Vec<Buf> {
         let mut g = lock(&self.0);
-        if g.0 == size {
-            std::mem::take(&mut g.1)
+        if g.size == size {
+            std::mem::take(&mut g.bufs)
         } else {
             Vec::new()
         }
+    }
+
+    /// Fault staging prepared, bytes.
+    pub fn fault_bytes(&self) -> u64 {
+        lock(&self.0).fault_bytes
+    }
+
+    /// The time preparing took, ms.
+    pub(super) fn prepare_ms(&self) -> f64 {
+        lock(&self.0).took.as_secs_f64() * 1e3
     }
 }
 
@@ -183,11 +229,13 @@ pub(super) struct Pool {
     pub(super) cv: Condvar,
     pub(super) cap: usize,
     pub(super) size: usize,
+    /// Buffers it started with (prepared before the freeze).
+    prepared: usize,
 }
 
 #[derive(Debug, Default)]
 pub(super) struct PoolState {
-    pub(super) free: Vec<Vec<u8>>,
+    pub(super) free: Vec<Buf>,
     pub(super) allocated: usize,
     /// Acquisitions that had to wait for a buffer, their total and their longest wait (µs).
     pub(super) waits: u64,
@@ -197,10 +245,13 @@ pub(super) struct PoolState {
     pub(super) exhausted: bool,
 }
 
+/// A staging buffer.
+pub(super) type Buf = Vec<u8>;
+
 /// A fresh buffer of `size` bytes, each page written once so that a copy into it does not
 /// fault pages in (`vec![0; n]` alone maps nothing yet; a zero written there could be optimized
 /// away).
-fn faulted_in(size: usize) -> Vec<u8> {
+fn faulted_in(size: usize) -> Buf {
     let mut b = vec![0u8; size];
     for i in (0..size).step_by(PAGE_SIZE) {
         b[i] = 0xa5;
@@ -210,7 +261,7 @@ fn faulted_in(size: usize) -> Vec<u8> {
 
 impl Pool {
     /// A pool that starts with up to `cap` of the `ready` buffers (taken from its end).
-    pub(super) fn with_buffers(cap: usize, size: usize, ready: &mut Vec<Vec<u8>>) -> Self {
+    pub(super) fn with_buffers(cap: usize, size: usize, ready: &mut Vec<Buf>) -> Self {
         let n = ready.len().min(cap);
         let free = ready.split_off(ready.len() - n);
         Pool {
@@ -222,6 +273,7 @@ impl Pool {
             cv: Condvar::new(),
             cap,
             size,
+            prepared: n,
         }
     }
 
@@ -232,12 +284,12 @@ impl Pool {
     }
 
     /// A buffer if one is free or may still be allocated, without waiting.
-    pub(super) fn try_acquire(&self) -> Option<Vec<u8>> {
+    pub(super) fn try_acquire(&self) -> Option<Buf> {
         self.try_acquire_below(self.cap)
     }
 
     /// A buffer if one is free, or may be allocated while fewer than `limit` are in use.
-    fn try_acquire_below(&self, limit: usize) -> Option<Vec<u8>> {
+    fn try_acquire_below(&self, limit: usize) -> Option<Buf> {
         let mut g = lock(&self.state);
         if g.allocated - g.free.len() >= limit.min(self.cap) {
             return None;
@@ -286,7 +338,7 @@ impl Shared<'_> {
 
     /// A buffer of the fault pool (`fault`) or the scan pool, waiting while it is at its cap;
     /// `None` once the save stops.
-    pub(super) fn acquire_buffer(&self, fault: bool) -> Option<Vec<u8>> {
+    pub(super) fn acquire_buffer(&self, fault: bool) -> Option<Buf> {
         let pool = self.pool(fault);
         if let Some(b) = pool.try_acquire() {
             return Some(b);
@@ -312,7 +364,7 @@ impl Shared<'_> {
         }
     }
 
-    pub(super) fn release_buffer(&self, b: Vec<u8>, fault: bool) {
+    pub(super) fn release_buffer(&self, b: Buf, fault: bool) {
         let pool = self.pool(fault);
         lock(&pool.state).free.push(b);
         // One waiter per pool at most (the fault thread, or the scanner), and the scanner may
@@ -334,7 +386,7 @@ impl Shared<'_> {
     /// faulted in ahead for the fault thread: the scanner then copies and releases at memory
     /// speed instead of waiting for the workers and the output. Else its own pool, waiting for
     /// it; `None` once the save stops.
-    pub(super) fn scan_buffer(&self) -> Option<(Vec<u8>, bool)> {
+    pub(super) fn scan_buffer(&self) -> Option<(Buf, bool)> {
         let growable = self.fault_pool.size == self.scan_pool.size;
         let limit = if self.staging_holds_everything() {
             self.fault_pool.cap
@@ -361,6 +413,16 @@ impl Shared<'_> {
         }
     }
 
+    /// Copy and release come first: the guest writes protected memory, fault staging can hold
+    /// every sub-block and the scan is not done. The scanner then runs at the fault thread's
+    /// priority and the workers and the writer at [`YIELD_NICE`], so the guest stops faulting as
+    /// soon as memory allows; the output drains the staged data afterwards.
+    pub(super) fn copy_first(&self) -> bool {
+        self.guest_writing()
+            && self.staging_holds_everything()
+            && !self.scan_done.load(Ordering::Acquire)
+    }
+
     /// Fault staging has a buffer for every sub-block: each is staged at most once, so neither
     /// faults nor the scanner can ever find it full.
     pub(super) fn staging_holds_everything(&self) -> bool {
@@ -378,6 +440,41 @@ impl Shared<'_> {
             wait_total_us: g.wait_total_us,
             wait_max_us: g.wait_max_us,
             scan_units_staged: self.scan_units_staged.load(Ordering::Relaxed),
+            prepared_bytes: (self.fault_pool.prepared * self.fault_pool.size) as u64,
+            prepare_ms: self.prepare_ms,
         }
+    }
+}
+
+/// A saver thread's nice value, changed only when it differs from the last one set; the value
+/// given at the start is restored when dropped (the writer runs on the caller's thread).
+pub(super) struct Nice {
+    base: Option<i32>,
+    now: Option<i32>,
+}
+
+impl Nice {
+    /// The thread's value now is `base` (`None`: left as it was, treated as 0 when restored).
+    pub(super) fn new(base: Option<i32>) -> Self {
+        Nice { base, now: base }
+    }
+
+    /// `n` while `cond`, else the base value.
+    pub(super) fn set_if(&mut self, cond: bool, n: Option<i32>) {
+        let want = if cond { n } else { self.base };
+        let want = want.or(self.now.map(|_| 0));
+        if want != self.now {
+            if let Some(v) = want {
+                // Best effort: raising priority needs CAP_SYS_NICE; the save works without.
+                let _ = uffd_sys::host::set_thread_nice(v);
+            }
+            self.now = want;
+        }
+    }
+}
+
+impl Drop for Nice {
+    fn drop(&mut self) {
+        self.set_if(false, None);
     }
 }

@@ -239,6 +239,12 @@ fn describe_save(req: &SaveParams) -> String {
     if let Some(m) = req.max_staging {
         s.push_str(&format!(", staging at most {}", fmt_bytes(m)));
     }
+    match req.prepare_staging {
+        Some(vm_snapshot::PrepareStaging::Bytes(b)) => {
+            s.push_str(&format!(", preparing {} of staging", fmt_bytes(b)))
+        }
+        Some(vm_snapshot::PrepareStaging::Auto) | None => {}
+    }
     if req.force {
         s.push_str(", replacing");
     }
