@@ -1256,11 +1256,13 @@ fn fault_markdown(rows: &[Value]) -> String {
     s += "The save's own figures. Fault waits: fault service latency (fault read → release) summed over the save. \
           Staging: the most staging memory held (fault and scan staging) and the cap of fault staging; waits: faults \
           that found fault staging at its cap, and their total wait; scan units: units the scanner staged in fault \
-          staging while the guest wrote. Per fault, the fault thread's mean µs: waiting in its batch behind earlier \
+          staging while the guest wrote; prepared: fault staging allocated before the freeze (`--prepare-staging`, by \
+          default what the guest wrote since the VM's last save: 16 MiB on a VM's first save) and how long that took. \
+          Per fault, the fault thread's mean µs: waiting in its batch behind earlier \
           faults (queue), claim, getting a buffer (staging), copy, release (unprotect + wake); per batch of events \
           read: the read itself and the bookkeeping after the batch.\n\n";
-    s += "| case | faults | fault waits ms | staging peak / cap MiB | cap reached | staging waits (ms) | scan units staged | queue / claim / staging / copy / release µs | read / bookkeeping µs per batch |\n";
-    s += "|---|---|---|---|---|---|---|---|---|\n";
+    s += "| case | faults | fault waits ms | staging peak / cap MiB | cap reached | staging waits (ms) | scan units staged | prepared MiB (ms) | queue / claim / staging / copy / release µs | read / bookkeeping µs per batch |\n";
+    s += "|---|---|---|---|---|---|---|---|---|---|\n";
     for r in rows {
         if r.get("error").is_some() {
             continue;
@@ -1272,7 +1274,7 @@ fn fault_markdown(rows: &[Value]) -> String {
         let b = u(ph, "batches").max(1) as f64;
         let per = |k: &str, d: f64| u(ph, k) as f64 / d;
         s += &format!(
-            "| {} | {} | {:.1} | {} / {} | {} | {} ({:.1}) | {} | {:.0} / {:.1} / {:.0} / {:.0} / {:.0} | {:.0} / {:.0} |\n",
+            "| {} | {} | {:.1} | {} / {} | {} | {} ({:.1}) | {} | {} ({:.0}) | {:.0} / {:.1} / {:.0} / {:.0} / {:.0} | {:.0} / {:.0} |\n",
             r["case"].as_str().unwrap_or("?"),
             r["faults"],
             f(r, "fault_wait_total_ms"),
@@ -1282,6 +1284,8 @@ fn fault_markdown(rows: &[Value]) -> String {
             u(st, "waits"),
             u(st, "wait_total_us") as f64 / 1e3,
             u(st, "scan_units_staged"),
+            u(st, "prepared_bytes") >> 20,
+            st["prepare_ms"].as_f64().unwrap_or(0.0),
             per("queue_us", n),
             per("claim_us", n),
             per("staging_us", n),

@@ -281,6 +281,8 @@ struct Shared<'a> {
     last_fault_us: AtomicU64,
     /// Units the scanner staged in fault staging.
     scan_units_staged: AtomicU64,
+    /// Units the scanner has reached.
+    scan_pos: AtomicUsize,
     spin: bool,
     /// Nice values: the fault thread's, and the bulk threads' (`None`: unchanged).
     fault_nice: Option<i32>,
@@ -346,6 +348,7 @@ impl<'a> Shared<'a> {
             started: Instant::now(),
             last_fault_us: AtomicU64::new(0),
             scan_units_staged: AtomicU64::new(0),
+            scan_pos: AtomicUsize::new(0),
             spin: opts.fault_spin.unwrap_or(fault::DEFAULT_SPIN),
             fault_nice: opts.fault_nice,
             bulk_nice: opts.bulk_nice,

@@ -26,6 +26,7 @@ impl Shared<'_> {
             if self.stopped() {
                 return Ok(());
             }
+            self.scan_pos.store(u, Ordering::Relaxed);
             nice.set_if(self.copy_first(), self.fault_nice);
             if let Some(InjectPoint::ScannerPanic { after_blocks }) = self.inject {
                 if u >= after_blocks {

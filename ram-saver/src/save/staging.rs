@@ -35,6 +35,10 @@ const FAULT_WARM: usize = 16 << 20;
 /// Nice value of the workers and the writer while copy and release come first
 /// ([`Shared::copy_first`]).
 pub(super) const YIELD_NICE: i32 = 10;
+/// Fewest faults served before copy and release come first ([`Shared::copy_first`]).
+const BUSY_FAULTS: usize = 16;
+/// … and one fault for every this many units the scanner has passed.
+const BUSY_SHARE: usize = 8;
 /// The guest counts as writing (the scanner may grow fault staging) this long after a fault.
 pub(super) const BUSY_AFTER_FAULT: Duration = Duration::from_millis(100);
 /// While the guest writes, the scanner keeps this many fault buffers faulted in ahead, so that a
@@ -413,14 +417,22 @@ impl Shared<'_> {
         }
     }
 
-    /// Copy and release come first: the guest writes protected memory, fault staging can hold
-    /// every sub-block and the scan is not done. The scanner then runs at the fault thread's
-    /// priority and the workers and the writer at [`YIELD_NICE`], so the guest stops faulting as
-    /// soon as memory allows; the output drains the staged data afterwards.
+    /// Copy and release come first: the guest writes all over protected memory (a fault within
+    /// [`BUSY_AFTER_FAULT`], at least [`BUSY_FAULTS`] faults, and one for every
+    /// [`BUSY_SHARE`] units the scanner has passed), fault staging can hold every sub-block and
+    /// the scan is not done. The scanner then runs at the fault thread's priority and releases
+    /// what it saves, and the workers and the writer run at [`YIELD_NICE`], so the guest stops
+    /// faulting as soon as memory allows; the output drains the staged data afterwards. A guest
+    /// writing a few units (a timer tick, a hot set) does not qualify.
     pub(super) fn copy_first(&self) -> bool {
-        self.guest_writing()
-            && self.staging_holds_everything()
-            && !self.scan_done.load(Ordering::Acquire)
+        if !self.guest_writing()
+            || !self.staging_holds_everything()
+            || self.scan_done.load(Ordering::Acquire)
+        {
+            return false;
+        }
+        let faults = self.faults_served.load(Ordering::Relaxed) as usize;
+        faults >= BUSY_FAULTS && faults * BUSY_SHARE >= self.scan_pos.load(Ordering::Relaxed)
     }
 
     /// Fault staging has a buffer for every sub-block: each is staged at most once, so neither
