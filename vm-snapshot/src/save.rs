@@ -500,7 +500,15 @@ fn save_checked(
     let opts = params.options().map_err(SaveError::Params)?;
     // Staging faulted in now, while the guest still runs, not by the first copies after the thaw.
     let written = record.as_ref().and_then(|(r, _)| r.status().dirty_bytes);
-    let prepare = prepare_bytes(params, &opts, vm.config().mem_bytes, written);
+    // Prepared buffers are scan units; faults use them only where a fault copies a whole unit
+    // (huge-page memory), not on memfd's 4 KiB pages (64 KiB fault blocks).
+    let whole_units = vm.config().backend != vmm_core::MemBackend::Memfd
+        && opts.fault_block_size.is_none_or(|f| f == opts.block_size);
+    let prepare = if whole_units {
+        prepare_bytes(params, &opts, vm.config().mem_bytes, written)
+    } else {
+        0
+    };
     let opts = SaveOptions {
         staging: ram_saver::Staging::prepare_fault(&opts, prepare),
         // What the save leaves protected is what write tracking goes on with.
