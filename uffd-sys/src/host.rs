@@ -55,6 +55,20 @@ pub fn set_thread_nice(nice: i32) -> io::Result<()> {
     }
 }
 
+/// The calling thread's nice value (field 19 of `/proc/thread-self/stat`).
+pub fn thread_nice() -> io::Result<i32> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat")?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat
+        .rfind(')')
+        .and_then(|i| stat.get(i + 2..))
+        .ok_or_else(|| io::Error::other("unexpected /proc/thread-self/stat"))?;
+    rest.split_whitespace()
+        .nth(16)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::other("unexpected /proc/thread-self/stat"))
+}
+
 /// Runs the calling thread under the real-time FIFO policy at `priority` (1 lowest … 99): it
 /// then preempts every ordinary thread the moment it wakes. Meant for a thread that sleeps until
 /// a short, latency-critical job arrives (a vCPU blocked on a page fault): a FIFO thread that
@@ -113,6 +127,7 @@ mod tests {
         let main_before = nice_of_this_thread();
         let seen = std::thread::spawn(|| {
             set_thread_nice(7).unwrap();
+            assert_eq!(thread_nice().unwrap(), 7);
             nice_of_this_thread()
         })
         .join()

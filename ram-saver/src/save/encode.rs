@@ -31,7 +31,7 @@ impl Shared<'_> {
         let compressing = !matches!(compression, Compression::None);
         let mut work = Vec::new();
         let mut same = Vec::new();
-        let mut nice = Nice::new(self.bulk_nice);
+        let mut nice = Nice::new();
         while self.pop_work(&mut work) {
             nice.set_if(self.copy_first(), Some(YIELD_NICE));
             if self.inject == Some(InjectPoint::WorkerPanic) {

@@ -284,9 +284,9 @@ struct Shared<'a> {
     /// Units the scanner has reached.
     scan_pos: AtomicUsize,
     spin: bool,
-    /// Nice values: the fault thread's, and the bulk threads' (`None`: unchanged).
+    /// The fault thread's nice value (`None`: unchanged); the scanner's while copy and release
+    /// come first.
     fault_nice: Option<i32>,
-    bulk_nice: Option<i32>,
     /// How long preparing staging took before the freeze, ms.
     prepare_ms: f64,
     /// Leave saved sub-blocks protected ([`SaveOptions::keep_protected`]).
@@ -351,7 +351,6 @@ impl<'a> Shared<'a> {
             scan_pos: AtomicUsize::new(0),
             spin: opts.fault_spin.unwrap_or(fault::DEFAULT_SPIN),
             fault_nice: opts.fault_nice,
-            bulk_nice: opts.bulk_nice,
             prepare_ms: opts.staging.prepare_ms(),
             keep_protected: opts.keep_protected,
             serve_until: AtomicBool::new(false),
@@ -395,6 +394,15 @@ impl Shared<'_> {
     fn push_scan_work(&self, w: Work) {
         let mut q = lock(&self.queues);
         while q.scan.len() >= self.scan_queue_cap && !self.stopped() {
+            if self.copy_first() {
+                // The output yields to copying now: the scan queue would hold the scanner up
+                // for as long as faults come. The fault queue never makes it wait (what is in
+                // flight is bounded by staging).
+                q.fault.push_back(w);
+                drop(q);
+                self.work_cv.notify_one();
+                return;
+            }
             q = self
                 .space_cv
                 .wait_timeout(q, POLL)

@@ -49,7 +49,7 @@ pub(super) fn write_batches<S: SnapshotSink>(
 ) {
     let mut last = Instant::now();
     let mut batches: u64 = 0;
-    let mut nice = Nice::new(None);
+    let mut nice = Nice::new();
     loop {
         nice.set_if(shared.copy_first(), Some(YIELD_NICE));
         if shared.stopped() {

@@ -21,7 +21,7 @@ impl Shared<'_> {
         let start = Instant::now();
         let mut copied: u64 = 0;
         let mut runs: Vec<(usize, usize)> = Vec::new();
-        let mut nice = Nice::new(self.bulk_nice);
+        let mut nice = Nice::new();
         for u in 0..self.blocks.units.len() {
             if self.stopped() {
                 return Ok(());

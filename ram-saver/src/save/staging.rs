@@ -5,10 +5,11 @@
 //! than guest RAM: [`default_max_staging`]). Both are allocated as used and reused, never freed
 //! during a save, and freed when it ends. [`Staging`] faults buffers in before the freeze.
 //!
-//! While the guest writes (a fault within [`BUSY_AFTER_FAULT`]), the scanner too copies into
-//! fault staging, up to half of its cap (all of it when the cap holds every sub-block), so that protected memory is staged at memory speed
-//! rather than at the output's: the guest stops faulting once everything is released, and the
-//! output drains the staged data afterwards. An idle guest's save never grows staging. Only past
+//! While the guest writes all over its memory ([`Shared::guest_busy`]), the scanner too copies
+//! into fault staging, up to half of its cap (all of it when the cap holds every sub-block), so
+//! that protected memory is staged at memory speed rather than at the output's: the guest stops
+//! faulting once everything is released, and the output drains the staged data afterwards. The
+//! save of an idle guest, or of one writing a few units, does not grow staging. Only past
 //! the cap does a fault wait, and then for the next buffer the workers give back (they take
 //! staged data oldest first).
 
@@ -309,9 +310,11 @@ impl Pool {
         None
     }
 
-    /// Fault in free buffers until [`READY_AHEAD`] are free or the pool is at its cap.
+    /// Fault in free buffers until [`READY_AHEAD`] are free or the pool is at its cap, at most
+    /// [`READY_AHEAD`] per call: while faults take them as fast as they come, the scanner would
+    /// otherwise do nothing but fault in buffers.
     fn keep_ready(&self) {
-        loop {
+        for _ in 0..READY_AHEAD {
             {
                 let mut g = lock(&self.state);
                 if g.free.len() >= READY_AHEAD || g.allocated >= self.cap {
@@ -384,7 +387,7 @@ impl Shared<'_> {
                 <= last + BUSY_AFTER_FAULT.as_micros() as u64
     }
 
-    /// A staging buffer for the scanner (`true`: of fault staging). While the guest writes, fault
+    /// A staging buffer for the scanner (`true`: of fault staging). While the guest is busy, fault
     /// staging first (up to half of its cap, so faults keep the other half; all of it when it
     /// holds every sub-block, since then no fault can wait for it), keeping buffers
     /// faulted in ahead for the fault thread: the scanner then copies and releases at memory
@@ -398,7 +401,7 @@ impl Shared<'_> {
             self.fault_pool.cap / 2
         };
         loop {
-            if growable && self.guest_writing() {
+            if growable && self.guest_busy() {
                 if let Some(b) = self.fault_pool.try_acquire_below(limit) {
                     self.fault_pool.keep_ready();
                     return Some((b, true));
@@ -417,22 +420,28 @@ impl Shared<'_> {
         }
     }
 
-    /// Copy and release come first: the guest writes all over protected memory (a fault within
-    /// [`BUSY_AFTER_FAULT`], at least [`BUSY_FAULTS`] faults, and one for every
-    /// [`BUSY_SHARE`] units the scanner has passed), fault staging can hold every sub-block and
-    /// the scan is not done. The scanner then runs at the fault thread's priority and releases
-    /// what it saves, and the workers and the writer run at [`YIELD_NICE`], so the guest stops
-    /// faulting as soon as memory allows; the output drains the staged data afterwards. A guest
-    /// writing a few units (a timer tick, a hot set) does not qualify.
-    pub(super) fn copy_first(&self) -> bool {
-        if !self.guest_writing()
-            || !self.staging_holds_everything()
-            || self.scan_done.load(Ordering::Acquire)
-        {
+    /// The guest writes all over protected memory: a fault within [`BUSY_AFTER_FAULT`], at
+    /// least [`BUSY_FAULTS`] faults in this save (one per [`BUSY_SHARE`] units of a smaller
+    /// guest), and one for every [`BUSY_SHARE`] units the scanner has passed. A guest writing a few units (timer ticks, a small hot set) does not
+    /// qualify: staging the rest at memory speed would not spare it a fault, only cost memory.
+    pub(super) fn guest_busy(&self) -> bool {
+        if !self.guest_writing() {
             return false;
         }
         let faults = self.faults_served.load(Ordering::Relaxed) as usize;
-        faults >= BUSY_FAULTS && faults * BUSY_SHARE >= self.scan_pos.load(Ordering::Relaxed)
+        let least = BUSY_FAULTS.min(self.blocks.units.len() / BUSY_SHARE).max(1);
+        faults >= least && faults * BUSY_SHARE >= self.scan_pos.load(Ordering::Relaxed)
+    }
+
+    /// Copy and release come first: the guest is busy ([`guest_busy`](Self::guest_busy)), fault
+    /// staging can hold every sub-block and the scan is not done. The scanner then runs at the
+    /// fault thread's priority and releases what it saves, and the workers and the writer run at
+    /// [`YIELD_NICE`], so the guest stops faulting as soon as memory allows; the output drains
+    /// the staged data afterwards.
+    pub(super) fn copy_first(&self) -> bool {
+        self.guest_busy()
+            && self.staging_holds_everything()
+            && !self.scan_done.load(Ordering::Acquire)
     }
 
     /// Fault staging has a buffer for every sub-block: each is staged at most once, so neither
@@ -459,27 +468,29 @@ impl Shared<'_> {
 }
 
 /// A saver thread's nice value, changed only when it differs from the last one set; the value
-/// given at the start is restored when dropped (the writer runs on the caller's thread).
+/// the thread had when this was made is its base, restored when dropped (the writer runs on the
+/// caller's thread).
 pub(super) struct Nice {
-    base: Option<i32>,
-    now: Option<i32>,
+    base: i32,
+    now: i32,
 }
 
 impl Nice {
-    /// The thread's value now is `base` (`None`: left as it was, treated as 0 when restored).
-    pub(super) fn new(base: Option<i32>) -> Self {
-        Nice { base, now: base }
+    /// The calling thread's nice value now is the base.
+    pub(super) fn new() -> Self {
+        let n = uffd_sys::host::thread_nice().unwrap_or(0);
+        Nice { base: n, now: n }
     }
 
-    /// `n` while `cond`, else the base value.
+    /// `n` while `cond` (if given), else the base value.
     pub(super) fn set_if(&mut self, cond: bool, n: Option<i32>) {
-        let want = if cond { n } else { self.base };
-        let want = want.or(self.now.map(|_| 0));
+        let want = match n {
+            Some(n) if cond => n,
+            _ => self.base,
+        };
         if want != self.now {
-            if let Some(v) = want {
-                // Best effort: raising priority needs CAP_SYS_NICE; the save works without.
-                let _ = uffd_sys::host::set_thread_nice(v);
-            }
+            // Best effort: raising priority needs CAP_SYS_NICE; the save works without.
+            let _ = uffd_sys::host::set_thread_nice(want);
             self.now = want;
         }
     }
