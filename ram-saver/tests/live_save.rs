@@ -460,6 +460,10 @@ fn live_save_with_prepared_fault_staging_reports_it() {
     };
     let staging = ram_saver::Staging::prepare_fault(&opts, 24 * MIB);
     assert_eq!(staging.fault_bytes(), 24 * MIB as u64);
+    // More than the usual 16 MiB: fault buffers only (the scan pool allocates on demand, so what
+    // is prepared stays within the cap); the usual preparation has the scan pool's too.
+    assert_eq!(staging.buffers(), 12);
+    assert!(ram_saver::Staging::prepare(&opts).buffers() > 8);
     // Less than the 16 MiB every save prepares is rounded up to it.
     assert_eq!(
         ram_saver::Staging::prepare_fault(&opts, 0).fault_bytes(),

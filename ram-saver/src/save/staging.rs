@@ -123,6 +123,8 @@ struct Prepared {
     /// Bytes of each buffer.
     size: usize,
     bufs: Vec<Buf>,
+    /// How many of `bufs` (at their end) are for the scan pool.
+    scan: usize,
     /// Fault staging prepared (bytes), and how long preparing everything took.
     fault_bytes: u64,
     took: Duration,
@@ -153,12 +155,19 @@ impl Staging {
         let t = Instant::now();
         let size = opts.block_size.max(PAGE_SIZE);
         let fault = fault_bytes.max(FAULT_WARM).div_ceil(size);
-        let bufs = (0..scan_pool_len(opts) + fault)
-            .map(|_| faulted_in(size))
-            .collect();
+        // More than the usual: the guest is expected to write all over its memory, and the
+        // scanner then stages in fault staging. Its own pool is left to allocate on demand, so
+        // that what is prepared stays within the cap rather than the cap plus the scan pool.
+        let scan = if fault > FAULT_WARM.div_ceil(size) {
+            0
+        } else {
+            scan_pool_len(opts)
+        };
+        let bufs = (0..scan + fault).map(|_| faulted_in(size)).collect();
         Staging(Arc::new(Mutex::new(Prepared {
             size,
             bufs,
+            scan,
             fault_bytes: (fault * size) as u64,
             took: t.elapsed(),
         })))
@@ -169,14 +178,16 @@ impl Staging {
         lock(&self.0).bufs.len()
     }
 
-    /// The buffers, if they have `size` bytes (empty otherwise, and afterwards).
-    fn take(&self, size: usize) -> Vec<Buf> {
+    /// The buffers, if they have `size` bytes (empty otherwise, and afterwards): those for the
+    /// scan pool, and those for the fault pool.
+    fn take(&self, size: usize) -> (Vec<Buf>, Vec<Buf>) {
         let mut g = lock(&self.0);
-        if g.size == size {
-            std::mem::take(&mut g.bufs)
-        } else {
-            Vec::new()
+        if g.size != size {
+            return (Vec::new(), Vec::new());
         }
+        let mut fault = std::mem::take(&mut g.bufs);
+        let scan = fault.split_off(fault.len() - g.scan.min(fault.len()));
+        (scan, fault)
     }
 
     /// Fault staging prepared, bytes.
@@ -212,8 +223,9 @@ pub(super) fn max_staging(opts: &SaveOptions, guest_bytes: usize) -> usize {
 /// The scan pool and the fault pool (of `fault_block`-sized buffers) of a save with `opts`.
 /// Prepared buffers go to the scan pool first, the rest to the fault pool if its unit fits.
 pub(super) fn pools(opts: &SaveOptions, fault_block: usize, guest_bytes: usize) -> (Pool, Pool) {
-    let mut prepared = opts.staging.take(opts.block_size);
-    let scan_pool = Pool::with_buffers(scan_pool_len(opts), opts.block_size, &mut prepared);
+    let (mut scan, mut prepared) = opts.staging.take(opts.block_size);
+    let scan_pool = Pool::with_buffers(scan_pool_len(opts), opts.block_size, &mut scan);
+    prepared.append(&mut scan);
     if fault_block != opts.block_size {
         prepared.clear();
     }
