@@ -322,6 +322,17 @@ impl Pool {
         None
     }
 
+    /// A free buffer while more than [`READY_AHEAD`] are free (prepared and not needed by faults
+    /// yet), never a new one.
+    fn try_take_spare(&self) -> Option<Buf> {
+        let mut g = lock(&self.state);
+        if g.free.len() > READY_AHEAD {
+            g.free.pop()
+        } else {
+            None
+        }
+    }
+
     /// Fault in free buffers until [`READY_AHEAD`] are free or the pool is at its cap, at most
     /// [`READY_AHEAD`] per call: while faults take them as fast as they come, the scanner would
     /// otherwise do nothing but fault in buffers.
@@ -403,8 +414,9 @@ impl Shared<'_> {
     /// staging first (up to half of its cap, so faults keep the other half; all of it when it
     /// holds every sub-block, since then no fault can wait for it), keeping buffers
     /// faulted in ahead for the fault thread: the scanner then copies and releases at memory
-    /// speed instead of waiting for the workers and the output. Else its own pool, waiting for
-    /// it; `None` once the save stops.
+    /// speed instead of waiting for the workers and the output. Else a prepared fault buffer
+    /// beyond those kept ready for faults, or its own pool, waiting for it; `None` once the save
+    /// stops.
     pub(super) fn scan_buffer(&self) -> Option<(Buf, bool)> {
         let growable = self.fault_pool.size == self.scan_pool.size;
         let limit = if self.staging_holds_everything() {
@@ -416,6 +428,12 @@ impl Shared<'_> {
             if growable && self.guest_busy() {
                 if let Some(b) = self.fault_pool.try_acquire_below(limit) {
                     self.fault_pool.keep_ready();
+                    return Some((b, true));
+                }
+            } else if growable {
+                // Fault staging prepared beyond what faults keep ready (a busy guest was
+                // expected): memory already paid for, rather than more for the scan pool.
+                if let Some(b) = self.fault_pool.try_take_spare() {
                     return Some((b, true));
                 }
             }
