@@ -36,9 +36,10 @@ const FAULT_WARM: usize = 16 << 20;
 /// Nice value of the workers and the writer while copy and release come first
 /// ([`Shared::copy_first`]).
 pub(super) const YIELD_NICE: i32 = 10;
-/// Fewest faults served before copy and release come first ([`Shared::copy_first`]).
+/// Fewest faults served before the guest counts as busy ([`Shared::guest_busy`]) …
 const BUSY_FAULTS: usize = 16;
-/// … and one fault for every this many units the scanner has passed.
+/// … and one fault for every this many units the scanner has passed (and of a small guest's
+/// units).
 const BUSY_SHARE: usize = 8;
 /// The guest counts as writing (the scanner may grow fault staging) this long after a fault.
 pub(super) const BUSY_AFTER_FAULT: Duration = Duration::from_millis(100);
