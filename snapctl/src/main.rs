@@ -332,13 +332,17 @@ fn parse_prepare_staging(s: &str) -> Result<vm_snapshot::PrepareStaging, String>
         .map_err(|e| format!("{e} (or `auto`)"))
 }
 
-/// Logging of the long-running VMM (`boot`, `restore`): levels and timestamps on standard error, filtered
-/// by `RUST_LOG` (default `info`), as Firecracker and Cloud Hypervisor do. One-shot commands print plain
-/// messages instead.
-fn init_vmm_logging() {
+/// Set-up of a process that becomes a long-running VMM (`boot`, `restore`). Logging: levels and
+/// timestamps on standard error, filtered by `RUST_LOG` (default `info`), as Firecracker and Cloud
+/// Hypervisor do; one-shot commands print plain messages instead. One heap for all threads, so that
+/// what a save frees goes back to the host after it.
+fn init_vmm() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
+    if !uffd_sys::host::single_heap_arena() {
+        log::debug!("the allocator kept its per-thread heaps: RSS may stay higher after saves");
+    }
 }
 
 /// The man pages: snapctl(1), then one per command (snapctl-boot(1), …), which snapctl(1) refers to.
@@ -418,7 +422,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             vmm,
             sock,
         } => {
-            init_vmm_logging();
+            init_vmm();
             let kernel = kernel.map(|kernel| vmm_core::KernelConfig {
                 kernel,
                 initrd,
@@ -438,7 +442,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             vmm,
             sock,
         } => {
-            init_vmm_logging();
+            init_vmm();
             match (file, listen, token_file) {
                 (_, Some(listen), Some(token)) => server::run_restore_listen(
                     &listen,

@@ -1,9 +1,11 @@
 //! The few other host calls the VMM and the save engine need, next to the userfaultfd ABI so that
 //! every `unsafe` system call has one home: memory advice (`madvise` that changes how a range is
-//! backed, never what it holds), the calling thread's priority, returning freed heap to the
-//! kernel, and the page size.
+//! backed, never what it holds), the calling thread's priority, buffers of their own mapping,
+//! returning freed heap to the kernel, and the page size.
 
 use std::io;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
 
 /// How a range should be backed; none of these changes the range's contents or its mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +90,17 @@ pub fn set_thread_fifo(priority: i32) -> io::Result<()> {
     }
 }
 
+/// Makes every thread allocate from the process's main heap (glibc `M_ARENA_MAX` = 1); call it
+/// first thing, before other threads exist. A long-running VMM starts saver threads for each save,
+/// and glibc gives such threads heaps of their own (arenas) whose free top the allocator keeps for
+/// good: [`trim_heap`] returns the main heap's top only. With the main heap alone, what a save frees
+/// goes back to the kernel when it ends (`docs/PERFORMANCE.md`, "Memory between saves"). False if
+/// the allocator refused the setting.
+pub fn single_heap_arena() -> bool {
+    // SAFETY: mallopt only changes an allocator parameter; no allocation moves or changes.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) == 1 }
+}
+
 /// Gives memory that the allocator holds free back to the kernel (glibc `malloc_trim`). A save
 /// allocates tens of MiB of staging and I/O buffers on threads that come and go, and glibc keeps
 /// freed chunks in those threads' arenas; trimming after each save keeps a long-running VMM's RSS
@@ -97,6 +110,78 @@ pub fn trim_heap() {
     // moves or changes.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Zero-filled, page-aligned anonymous memory in a mapping of its own, unmapped when dropped.
+/// Unlike heap memory it goes back to the kernel the moment it is dropped, whatever the allocator
+/// would keep: a save's staging (up to guest RAM) must not stay in a long-running VMM's RSS.
+/// Pages are mapped on first touch.
+pub struct PageBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a PageBuf owns its mapping exclusively (like a `Box<[u8]>`); nothing else refers to it.
+unsafe impl Send for PageBuf {}
+// SAFETY: shared access only reads through `&[u8]`.
+unsafe impl Sync for PageBuf {}
+
+impl PageBuf {
+    /// A new mapping of `len` bytes (`len` > 0). Fails (ENOMEM) when the host cannot map it.
+    pub fn new(len: usize) -> io::Result<Self> {
+        if len == 0 {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: a new private anonymous mapping at an address the kernel picks; it overlaps
+        // nothing Rust owns.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::from(io::ErrorKind::Other))?;
+        Ok(PageBuf { ptr, len })
+    }
+}
+
+impl Deref for PageBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live readable mapping of `len` bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for PageBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` is a live writable mapping of `len` bytes owned exclusively by `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `new` with this length and no reference into it
+        // outlives `self`.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+impl std::fmt::Debug for PageBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PageBuf({} bytes)", self.len)
     }
 }
 

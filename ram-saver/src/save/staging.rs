@@ -263,14 +263,21 @@ pub(super) struct PoolState {
     pub(super) exhausted: bool,
 }
 
-/// A staging buffer.
-pub(super) type Buf = Vec<u8>;
+/// A staging buffer: a mapping of its own, so that the memory goes back to the host when the save
+/// ends (heap memory of this size would stay with the allocator's per-thread arenas).
+pub(super) type Buf = uffd_sys::host::PageBuf;
+
+/// A new buffer of `size` bytes (not faulted in yet). Failing to map it is the out-of-memory
+/// condition a heap allocation would abort the process on; here it ends the save's thread (the
+/// save fails and releases the guest) with the reason.
+fn new_buf(size: usize) -> Buf {
+    Buf::new(size).unwrap_or_else(|e| panic!("cannot map {size} bytes of staging memory: {e}"))
+}
 
 /// A fresh buffer of `size` bytes, each page written once so that a copy into it does not
-/// fault pages in (`vec![0; n]` alone maps nothing yet; a zero written there could be optimized
-/// away).
+/// fault pages in (a new mapping maps nothing yet).
 fn faulted_in(size: usize) -> Buf {
-    let mut b = vec![0u8; size];
+    let mut b = new_buf(size);
     for i in (0..size).step_by(PAGE_SIZE) {
         b[i] = 0xa5;
     }
@@ -318,7 +325,7 @@ impl Pool {
         if g.allocated < self.cap {
             g.allocated += 1;
             drop(g);
-            return Some(vec![0u8; self.size]);
+            return Some(new_buf(self.size));
         }
         None
     }
