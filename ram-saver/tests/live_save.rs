@@ -482,6 +482,39 @@ fn live_save_with_prepared_fault_staging_reports_it() {
         ..opts
     });
     assert_eq!(s.staging.prepared_bytes, 32 * MIB as u64);
+    assert_eq!(s.staging.probe_units, 0, "no probe was asked for");
+}
+
+/// Staging asked to be sized by a probe grows to what the probe reports (the usual preparation's
+/// scan buffers counted as fault staging), only once, and the save reports the probe.
+#[test]
+fn staging_grown_after_a_probe_is_used_and_reported() {
+    let opts = SaveOptions {
+        max_bandwidth: Some(48 * MIB as u64),
+        fault_block_size: Some(2 * MIB),
+        max_staging: Some(32 * MIB),
+        ..Default::default()
+    };
+    let staging = ram_saver::Staging::prepare(&opts).size_by_probe(32 * MIB);
+    assert_eq!(staging.probe_cap(), Some(32 * MIB));
+    // A probe that saw few units leaves the usual preparation as it is.
+    let few = ram_saver::Staging::prepare(&opts).size_by_probe(32 * MIB);
+    let n = few.buffers();
+    few.grow_fault(&opts, 4 * MIB, 2, Duration::from_millis(50));
+    assert_eq!((few.buffers(), few.fault_bytes()), (n, 16 * MIB as u64));
+    assert_eq!(few.probe_cap(), None, "a probe was recorded");
+
+    staging.grow_fault(&opts, 28 * MIB, 14, Duration::from_millis(7));
+    assert_eq!(staging.fault_bytes(), 28 * MIB as u64);
+    assert_eq!(staging.buffers(), 14);
+    assert_eq!(staging.probe_cap(), None);
+    let s = run_ok(SaveOptions {
+        staging,
+        ..opts.clone()
+    });
+    assert_eq!(s.staging.prepared_bytes, 28 * MIB as u64);
+    assert_eq!(s.staging.probe_units, 14);
+    assert!((s.staging.probe_ms - 7.0).abs() < 1e-6, "{:?}", s.staging);
 }
 
 #[test]

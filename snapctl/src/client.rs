@@ -454,9 +454,19 @@ fn print_summary(s: &Value, path: Option<&Path>) {
         su("waits")
     );
     if su("prepared_bytes") > 0 {
+        let probe_ms = st.get("probe_ms").and_then(Value::as_f64).unwrap_or(0.0);
+        let probe = if probe_ms > 0.0 {
+            format!(
+                " (the guest wrote {} units of 2 MiB in a {:.0} ms look before it)",
+                su("probe_units"),
+                probe_ms
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             e,
-            "  staging prepared before the freeze: {} in {:.0} ms",
+            "  staging prepared before the freeze: {} in {:.0} ms{probe}",
             fmt_bytes(su("prepared_bytes")),
             st.get("prepare_ms").and_then(Value::as_f64).unwrap_or(0.0)
         );

@@ -163,8 +163,9 @@ enum Command {
         #[arg(long, value_parser = parse_max_staging)]
         max_staging: Option<u64>,
         /// Staging memory to allocate before the freeze (e.g. 1G, 0, or auto: what the guest wrote
-        /// since the VM's last save). Where fresh memory is slow (cloud VMs), a guest writing all
-        /// over its RAM then keeps more of its speed; the save starts that much later.
+        /// since the VM's last save, or on a first save what it writes while watched for up to
+        /// 50 ms). Where fresh memory is slow (cloud VMs), a guest writing all over its RAM then
+        /// keeps more of its speed; the save starts that much later.
         #[arg(long, value_name = "SIZE|auto", value_parser = parse_prepare_staging)]
         prepare_staging: Option<vm_snapshot::PrepareStaging>,
         /// Store only the memory written since PARENT, this VM's last snapshot (an incremental

@@ -558,8 +558,9 @@ fn small_staging_cap_under_a_busy_guest_is_exact_and_reported() {
 }
 
 /// `--prepare-staging`: a size is prepared before the freeze and reported (JSON and text) and the image is
-/// exact; by default (`auto`) a save prepares what the guest wrote since the VM's last save — all over its
-/// RAM for a full-speed writer, nothing extra for the first save; nonsense is refused.
+/// exact; by default (`auto`) a save prepares what the guest wrote since the VM's last save, and the first
+/// save (no record yet) what the guest writes while watched before the freeze — all over its RAM for a
+/// full-speed writer either way; nonsense is refused.
 #[test]
 fn prepared_staging_follows_the_guest_and_is_reported() {
     let _s = serial();
@@ -571,14 +572,24 @@ fn prepared_staging_follows_the_guest_and_is_reported() {
     assert_eq!(out.code(), Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("auto"), "{}", out.stderr);
 
-    // The first save has no record of writes: auto prepares nothing extra.
+    // The first save has no record of writes: auto watches the guest write (nearly) all of its 128
+    // units, and prepares that.
     let s = vmm.save_and_verify(&path, &[]);
-    assert_eq!(s["staging"]["prepared_bytes"], 16 << 20, "{s}");
+    let st = &s["staging"];
+    let units = st["probe_units"].as_u64().unwrap();
+    assert!(units >= 64, "the probe saw {units} units written: {s}");
+    assert!(st["probe_ms"].as_f64().unwrap() > 0.0, "{s}");
+    let prepared = st["prepared_bytes"].as_u64().unwrap();
+    assert!(prepared >= 128 << 20, "auto prepared {prepared} bytes: {s}");
+    assert!(prepared <= vmm.mem_bytes, "{s}");
+    let out = run(&["oracle", p], T);
+    assert_eq!(out.code(), Some(0), "oracle failed: {}", out.stderr);
     std::fs::remove_file(&path).unwrap();
 
     let s = vmm.save_and_verify(&path, &["--prepare-staging", "64M"]);
     let st = &s["staging"];
     assert_eq!(st["prepared_bytes"], 64 << 20, "{s}");
+    assert_eq!(st["probe_units"], 0, "a size was asked for: no probe: {s}");
     assert!(st["prepare_ms"].as_f64().unwrap() > 0.0, "{s}");
     let out = run(&["oracle", p], T);
     assert_eq!(out.code(), Some(0), "oracle failed: {}", out.stderr);
@@ -613,10 +624,16 @@ fn an_idle_guests_save_does_not_grow_staging() {
     let dir = TempDir::new("idlestaging");
     let vmm = Vmm::boot(dir.path(), &["--mem", "256M", "--write-rate", "idle"]);
     let path = dir.join("vm.snap");
-    for _ in 0..3 {
+    for i in 0..3 {
         let s = vmm.save_and_verify(&path, &[]);
         let st = &s["staging"];
         assert_eq!(st["scan_units_staged"], 0, "{s}");
+        // The first save's probe sees a few units written by the ticks: the usual 16 MiB.
+        assert_eq!(st["prepared_bytes"], 16 << 20, "{s}");
+        if i == 0 {
+            assert!(st["probe_ms"].as_f64().unwrap() > 0.0, "{s}");
+            assert!(st["probe_units"].as_u64().unwrap() <= 8, "{s}");
+        }
         // The scan's 32 MiB, the 16 MiB prepared, and the units the ticks wrote.
         assert!(st["peak_bytes"].as_u64().unwrap() <= 64 << 20, "{s}");
         std::fs::remove_file(&path).unwrap();

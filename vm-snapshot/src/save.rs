@@ -13,7 +13,9 @@ use ram_saver::{
 };
 use serde::{Deserialize, Serialize};
 use vmm_core::{FreezeError, FreezeTimes, MachineState, Vm};
-use wp_tracker::{Armed, DirtyError, DirtySet, DirtyTracker, SealStats, WpError, WpTracker};
+use wp_tracker::{
+    Armed, DirtyError, DirtySet, DirtyTracker, SealStats, WpError, WpTracker, ARM_UNIT,
+};
 
 use crate::chain;
 use crate::monitor::ProgressMonitor;
@@ -289,6 +291,50 @@ pub(crate) fn header_of(vm: &Vm) -> Result<SnapshotHeader, SaveError> {
     ))
 }
 
+/// How long [`probe_staging`] watches the guest at most, and how often it looks.
+const PROBE_WINDOW: Duration = Duration::from_millis(50);
+const PROBE_POLL: Duration = Duration::from_millis(2);
+
+/// Sizes fault staging by watching the guest while all RAM is armed (write-protected, each
+/// written 2 MiB unit released at its first write): the units it writes within
+/// [`PROBE_WINDOW`] (less once it has written them all) are the units it will fault on during
+/// the save, so staging grows to them (up to `cap`) before the freeze, while the guest runs on.
+/// A guest writing all over its memory gets staging for all of it, an idle guest the usual
+/// 16 MiB, a small hot set its size. The units written meanwhile are protected again by the
+/// arming's converge passes and its seal, as any written while armed.
+fn probe_staging(
+    armed: &Armed<'_>,
+    tracker: &WpTracker,
+    opts: &SaveOptions,
+    cap: usize,
+    cancel: &AtomicBool,
+) {
+    let t = Instant::now();
+    let units: usize = tracker
+        .registered()
+        .iter()
+        .map(|r| r.len.div_ceil(ARM_UNIT))
+        .sum();
+    while t.elapsed() < PROBE_WINDOW
+        && armed.touched_units() < units
+        && !cancel.load(Ordering::SeqCst)
+    {
+        std::thread::sleep(PROBE_POLL);
+    }
+    if cancel.load(Ordering::SeqCst) {
+        return;
+    }
+    let written = armed.touched_units();
+    let window = t.elapsed();
+    let bytes = written.saturating_mul(ARM_UNIT).min(cap);
+    opts.staging.grow_fault(opts, bytes, written as u64, window);
+    log::debug!(
+        "staging probe: the guest wrote {written} of {units} units in {:.1} ms; {} MiB prepared",
+        window.as_secs_f64() * 1e3,
+        opts.staging.fault_bytes() >> 20
+    );
+}
+
 /// One freeze and live save.
 pub(crate) struct FreezeRun<'a> {
     pub(crate) vm: &'a Vm,
@@ -357,6 +403,9 @@ impl FreezeRun<'_> {
             // touches.
             let frozen = tracker
                 .protect_all_armed(|armed| {
+                    if let Some(cap) = self.opts.staging.probe_cap() {
+                        probe_staging(armed, tracker, self.opts, cap, cancel);
+                    }
                     // A guest that wrote many units while arming: protect those again while it
                     // still runs, so the freeze protects only what it writes during that
                     // shorter pass.
@@ -475,16 +524,20 @@ fn prepare_bytes(
     guest_bytes: u64,
     written: Option<u64>,
 ) -> usize {
-    let guest = usize::try_from(guest_bytes).unwrap_or(usize::MAX);
-    let cap = opts
-        .max_staging
-        .unwrap_or_else(|| ram_saver::default_max_staging(guest))
-        .min(guest);
+    let cap = staging_cap(opts, guest_bytes);
     let want = match params.prepare_staging.unwrap_or(PrepareStaging::Auto) {
         PrepareStaging::Auto => written.unwrap_or(0),
         PrepareStaging::Bytes(b) => b,
     };
     usize::try_from(want).unwrap_or(usize::MAX).min(cap)
+}
+
+/// The fault staging cap of a save with `opts` of a `guest_bytes` guest.
+fn staging_cap(opts: &SaveOptions, guest_bytes: u64) -> usize {
+    let guest = usize::try_from(guest_bytes).unwrap_or(usize::MAX);
+    opts.max_staging
+        .unwrap_or_else(|| ram_saver::default_max_staging(guest))
+        .min(guest)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -509,8 +562,17 @@ fn save_checked(
     } else {
         0
     };
+    let mut staging = ram_saver::Staging::prepare_fault(&opts, prepare);
+    // No record of what the guest writes (a VM's first save, `--track-writes off`): the armed
+    // freeze watches it first and grows staging to what it writes ([`probe_staging`]).
+    if whole_units
+        && written.is_none()
+        && params.prepare_staging.unwrap_or(PrepareStaging::Auto) == PrepareStaging::Auto
+    {
+        staging = staging.size_by_probe(staging_cap(&opts, vm.config().mem_bytes));
+    }
     let opts = SaveOptions {
-        staging: ram_saver::Staging::prepare_fault(&opts, prepare),
+        staging,
         // What the save leaves protected is what write tracking goes on with.
         keep_protected: record.is_some(),
         ..opts

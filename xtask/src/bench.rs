@@ -1229,7 +1229,7 @@ fn phases_markdown(rows: &[Value]) -> String {
     let mut s = String::new();
     s += "\n## Downtime phases\n\n";
     s += "The freeze's phases in ms (`freeze_ms` of `snapctl save --json`): arm (write-protect all RAM while the \
-          guest still runs, not downtime), pause (park every vCPU), capture (machine state), protect (write-protect \
+          guest still runs; on a VM's first save also the probe and preparing staging to its size; not downtime), pause (park every vCPU), capture (machine state), protect (write-protect \
           again what the guest wrote since the arming), resume, guest held (the longest a vCPU was out of the \
           guest: the downtime as the guest sees it). Last rows: p50 and max over the cases above.\n\n";
     s += "| case | downtime | arm | pause | capture | protect | resume | guest held |\n";
@@ -1279,7 +1279,8 @@ fn fault_markdown(rows: &[Value]) -> String {
           Staging: the most staging memory held (fault and scan staging) and the cap of fault staging; waits: faults \
           that found fault staging at its cap, and their total wait; scan units: units the scanner staged in fault \
           staging while the guest wrote; prepared: fault staging allocated before the freeze (`--prepare-staging`, by \
-          default what the guest wrote since the VM's last save: 16 MiB on a VM's first save) and how long that took. \
+          default what the guest wrote since the VM's last save; on a VM's first save what it wrote while watched for up \
+          to 50 ms before the freeze) and how long that took. \
           Per fault, the fault thread's mean µs: waiting in its batch behind earlier \
           faults (queue), claim, getting a buffer (staging), copy, release (unprotect + wake); per batch of events \
           read: the read itself and the bookkeeping after the batch.\n\n";

@@ -289,6 +289,8 @@ struct Shared<'a> {
     fault_nice: Option<i32>,
     /// How long preparing staging took before the freeze, ms.
     prepare_ms: f64,
+    /// The staging probe's units written and ms watched ([`Staging::probe`]).
+    probe: (u64, f64),
     /// Leave saved sub-blocks protected ([`SaveOptions::keep_protected`]).
     keep_protected: bool,
     /// With `keep_protected`: the fault thread serves until this is set (after the file is
@@ -352,6 +354,7 @@ impl<'a> Shared<'a> {
             spin: opts.fault_spin.unwrap_or(fault::DEFAULT_SPIN),
             fault_nice: opts.fault_nice,
             prepare_ms: opts.staging.prepare_ms(),
+            probe: opts.staging.probe(),
             keep_protected: opts.keep_protected,
             serve_until: AtomicBool::new(false),
             hashes: opts.page_hashes.clone(),

@@ -70,6 +70,13 @@ pub struct StagingFigures {
     /// Time preparing staging took before the freeze, ms (not guest time: it still ran).
     #[serde(default)]
     pub prepare_ms: f64,
+    /// Staging was sized by a probe ([`Staging::size_by_probe`]): the 2 MiB units the guest wrote
+    /// during it (0: no probe), and how long it watched, ms.
+    #[serde(default)]
+    pub probe_units: u64,
+    /// See `probe_units`.
+    #[serde(default)]
+    pub probe_ms: f64,
 }
 
 /// The host's available memory (MemAvailable of /proc/meminfo), bytes.
@@ -129,6 +136,11 @@ struct Prepared {
     /// Fault staging prepared (bytes), and how long preparing everything took.
     fault_bytes: u64,
     took: Duration,
+    /// Grow fault staging to what a probe sees the guest write, up to this many bytes.
+    probe_cap: Option<usize>,
+    /// What the probe saw: units written, and how long it watched.
+    probe_units: u64,
+    probe_ms: f64,
 }
 
 impl std::fmt::Debug for Staging {
@@ -171,7 +183,61 @@ impl Staging {
             scan,
             fault_bytes: (fault * size) as u64,
             took: t.elapsed(),
+            ..Prepared::default()
         })))
+    }
+
+    /// Asks whoever freezes the guest to size fault staging by watching it first (up to `cap`
+    /// bytes): where no record says what the guest writes (a VM's first save), the units it
+    /// writes in a short window while all RAM is write-protected ahead of the freeze
+    /// (`vm-snapshot`'s armed freeze) are what it will fault on during the save.
+    pub fn size_by_probe(self, cap: usize) -> Self {
+        lock(&self.0).probe_cap = Some(cap);
+        self
+    }
+
+    /// The cap of a probe asked for with [`size_by_probe`](Self::size_by_probe), until one has
+    /// been recorded.
+    pub fn probe_cap(&self) -> Option<usize> {
+        let g = lock(&self.0);
+        g.probe_cap.filter(|_| g.probe_ms == 0.0)
+    }
+
+    /// Grows prepared fault staging to `fault_bytes` (as if prepared with
+    /// [`prepare_fault`](Self::prepare_fault) with that size: beyond the usual 16 MiB the
+    /// buffers prepared for the scan pool become fault staging, and the scan pool allocates on
+    /// demand) and records the probe that
+    /// asked for it: `units` written in `window`. Buffers are faulted in without holding the
+    /// lock. Nothing grows once a save took the buffers.
+    pub fn grow_fault(&self, opts: &SaveOptions, fault_bytes: usize, units: u64, window: Duration) {
+        let t = Instant::now();
+        let size = opts.block_size.max(PAGE_SIZE);
+        let want = fault_bytes.max(FAULT_WARM).div_ceil(size);
+        let have = {
+            let mut g = lock(&self.0);
+            g.probe_units = units;
+            g.probe_ms = (window.as_secs_f64() * 1e3).max(f64::MIN_POSITIVE);
+            if g.size != size || g.bufs.is_empty() || want <= FAULT_WARM.div_ceil(size) {
+                return;
+            }
+            g.bufs.len()
+        };
+        let more: Vec<Buf> = (have..want).map(|_| faulted_in(size)).collect();
+        let mut g = lock(&self.0);
+        if g.bufs.is_empty() {
+            return;
+        }
+        g.bufs.extend(more);
+        g.bufs.truncate(want);
+        g.scan = 0;
+        g.fault_bytes = (g.bufs.len() * size) as u64;
+        g.took += t.elapsed();
+    }
+
+    /// What the probe saw: units written and ms watched (`(0, 0.0)`: no probe).
+    pub(super) fn probe(&self) -> (u64, f64) {
+        let g = lock(&self.0);
+        (g.probe_units, g.probe_ms)
     }
 
     /// Prepared buffers not taken by a save yet.
@@ -501,6 +567,8 @@ impl Shared<'_> {
             scan_units_staged: self.scan_units_staged.load(Ordering::Relaxed),
             prepared_bytes: (self.fault_pool.prepared * self.fault_pool.size) as u64,
             prepare_ms: self.prepare_ms,
+            probe_units: self.probe.0,
+            probe_ms: self.probe.1,
         }
     }
 }
