@@ -206,6 +206,9 @@ pub struct Saved {
     pub arm: Duration,
     /// What the seal at the freeze instant protected again.
     pub seal: SealStats,
+    /// When the freeze began (after arming and any staging probe): the start of what the guest
+    /// sees of the save.
+    pub frozen_at: Instant,
     /// The VM was paused by a client and stays paused.
     pub stayed_paused: bool,
     /// What ram-saver reported.
@@ -361,6 +364,7 @@ impl FreezeRun<'_> {
         let (vm, tracker, cancel) = (self.vm, self.tracker, self.cancel);
         let t = Instant::now();
         let mut arm = Duration::ZERO;
+        let mut frozen_at = t;
         let (frozen, increment) = if let Some(dt) = running.as_ref() {
             // What was written so far is protected again while the guest runs, so the freeze
             // protects again only what it writes from here on (the increment is both: a write in
@@ -372,6 +376,7 @@ impl FreezeRun<'_> {
                 dt.put_back(&early);
                 return Err(SaveError::Cancelled);
             }
+            frozen_at = Instant::now();
             let frozen = vm.freeze(|_| {
                 let dt = running.take().expect("a running tracker");
                 let set = dt.suspend()?;
@@ -420,6 +425,7 @@ impl FreezeRun<'_> {
                     if cancel.load(Ordering::SeqCst) {
                         return Err(SaveError::Cancelled);
                     }
+                    frozen_at = Instant::now();
                     vm.freeze(|_| Protected::seal(armed, tracker))
                         .map_err(SaveError::Freeze)
                 })
@@ -473,6 +479,7 @@ impl FreezeRun<'_> {
             freeze: frozen.times,
             arm,
             seal,
+            frozen_at,
             stayed_paused: frozen.stayed_paused,
             summary,
         };
@@ -648,7 +655,7 @@ impl Job<'_> {
                 self.cancel,
                 self.progress,
             )?;
-            let guest = monitor.map(ProgressMonitor::finish);
+            let guest = monitor.map(|m| m.finish(saved.frozen_at));
             return Ok(report(self.params, self.vm, &saved, guest));
         };
         let run = FreezeRun {
@@ -661,7 +668,7 @@ impl Job<'_> {
         let path = (!self.params.stream).then(|| Path::new(&self.params.path));
         let parent = self.params.parent.as_deref();
         let t = record.save(&run, wp, sink, path, parent, !self.params.no_page_hashes)?;
-        let guest = monitor.map(ProgressMonitor::finish);
+        let guest = monitor.map(|m| m.finish(t.saved.frozen_at));
         let mut r = report(self.params, self.vm, &t.saved, guest);
         r.parent = t.parent;
         r.full_reason = t.full_reason;

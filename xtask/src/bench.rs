@@ -443,29 +443,40 @@ impl KernelProbe {
     }
 }
 
-/// The guest's progress while `stop` is false, sampled every [`PROBE_EVERY`] as the save's own
-/// monitor does for the built-in guest: steps per second, and the longest time the counter did not
-/// move (up to the end if it did not move again).
-fn watch_kernel(p: &KernelProbe, stop: &AtomicBool) -> anyhow::Result<(f64, f64)> {
-    let t0 = Instant::now();
-    let first = p.steps()?;
-    let (mut last, mut last_change, mut max_gap) = (first, t0, Duration::ZERO);
+/// The guest's step counter while `stop` is false, sampled every [`PROBE_EVERY`] (the first at once,
+/// the last at the stop).
+fn watch_kernel(p: &KernelProbe, stop: &AtomicBool) -> anyhow::Result<Vec<(Instant, u64)>> {
+    let mut samples = vec![(Instant::now(), p.steps()?)];
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(PROBE_EVERY);
-        let now = Instant::now();
-        let s = p.steps()?;
-        if s != last {
+        samples.push((Instant::now(), p.steps()?));
+    }
+    samples.push((Instant::now(), p.steps()?));
+    Ok(samples)
+}
+
+/// From `samples`, as the save's own monitor does for the built-in guest over the same window (the
+/// freeze to the end of the save: from the last sample at or before `from`): steps per second, and
+/// the longest time the counter did not move (up to the end if it did not move again).
+fn kernel_during(samples: &[(Instant, u64)], from: Instant) -> (f64, f64) {
+    let base = samples.iter().rposition(|(t, _)| *t <= from).unwrap_or(0);
+    let Some(((t0, first), rest)) = samples[base..].split_first() else {
+        return (0.0, 0.0);
+    };
+    let (mut last, mut last_change, mut max_gap, mut end) = (*first, *t0, Duration::ZERO, *t0);
+    for (now, s) in rest {
+        end = *now;
+        if *s != last {
             max_gap = max_gap.max(now.duration_since(last_change));
-            last_change = now;
-            last = s;
+            last_change = *now;
+            last = *s;
         }
     }
-    let end = Instant::now();
     max_gap = max_gap.max(end.duration_since(last_change));
-    Ok((
-        last.saturating_sub(first) as f64 / end.duration_since(t0).as_secs_f64().max(1e-9),
+    (
+        last.saturating_sub(*first) as f64 / end.duration_since(*t0).as_secs_f64().max(1e-9),
         max_gap.as_secs_f64() * 1e3,
-    ))
+    )
 }
 
 /// How often [`watch_kernel`] reads the step counter.
@@ -563,18 +574,27 @@ fn run_case(
         None => 0,
     };
     let kstop = AtomicBool::new(false);
-    let (saved, kernel_during) = std::thread::scope(|s| {
+    let (saved, kernel_samples, replied) = std::thread::scope(|s| {
         let watcher = probe.as_ref().map(|p| s.spawn(|| watch_kernel(p, &kstop)));
         let saved = vm.ctl(&args);
+        let replied = Instant::now();
         kstop.store(true, Ordering::Relaxed);
         let during = watcher.map(|w| w.join().expect("kernel watcher"));
-        (saved, during)
+        (saved, during, replied)
     });
     let summary: Value = serde_json::from_str(saved?.trim()).context("save summary")?;
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
-    let (rate_during, max_stall_ms) = match kernel_during.transpose()? {
-        Some((r, g)) => (Value::from(r), Value::from(g)),
+    // The save's window as the guest sees it: the freeze and the live save (`duration_s`, the
+    // downtime included), which end just before the reply; not what the VMM did before the freeze
+    // (preparing staging, arming).
+    let freeze_to_end = Duration::from_secs_f64(summary["duration_s"].as_f64().unwrap_or(0.0));
+    let from = replied.checked_sub(freeze_to_end).unwrap_or(replied);
+    let (rate_during, max_stall_ms) = match kernel_samples.transpose()? {
+        Some(samples) => {
+            let (r, g) = kernel_during(&samples, from);
+            (Value::from(r), Value::from(g))
+        }
         None => (
             summary["guest_steps_per_s_during"].clone(),
             summary["guest_max_stall_ms"].clone(),
@@ -1012,7 +1032,8 @@ fn markdown(l: &Limits, rows: &[Value], save_args: &[String]) -> String {
          hot (full speed over a {HOT_SET} working set per vCPU, the rest of RAM filled but cold). `kernel` cases: \
          the test kernel (guests/testkernel) in its `tk.full` mode, writing random pages over all of its RAM from \
          ring 3; its rate and longest gap come from its step counter, read from the VMM's memory every \
-         {} ms, the built-in guest's from the save's own monitor. `memfd` cases: guest memory on \
+         {} ms, the built-in guest's from the save's own monitor; both over the freeze and the live save \
+         (`duration_s`), not the preparation before the freeze. `memfd` cases: guest memory on \
          `--mem-backend memfd` (save, eager and lazy restore).\n\n",
         PROBE_EVERY.as_millis()
     );
