@@ -302,7 +302,8 @@ const PROBE_POLL: Duration = Duration::from_millis(2);
 /// written 2 MiB unit released at its first write): the units it writes within
 /// [`PROBE_WINDOW`] (less once it has written them all) are the units it will fault on during
 /// the save, so staging grows to them (up to `cap`) before the freeze, while the guest runs on.
-/// A guest writing all over its memory gets staging for all of it, an idle guest the usual
+/// A guest writing all over its memory gets staging for all of it (also where it finds new units
+/// faster than the window can show them all, as in a large guest), an idle guest the usual
 /// 16 MiB, a small hot set its size. The units written meanwhile are protected again by the
 /// arming's converge passes and its seal, as any written while armed.
 fn probe_staging(
@@ -318,18 +319,32 @@ fn probe_staging(
         .iter()
         .map(|r| r.len.div_ceil(ARM_UNIT))
         .sum();
+    let mut at_half = None;
     while t.elapsed() < PROBE_WINDOW
         && armed.touched_units() < units
         && !cancel.load(Ordering::SeqCst)
     {
         std::thread::sleep(PROBE_POLL);
+        if at_half.is_none() && t.elapsed() >= PROBE_WINDOW / 2 {
+            at_half = Some(armed.touched_units());
+        }
     }
     if cancel.load(Ordering::SeqCst) {
         return;
     }
     let written = armed.touched_units();
     let window = t.elapsed();
-    let bytes = written.saturating_mul(ARM_UNIT).min(cap);
+    // Still finding new units as fast at the end as at the start (the second half of the window
+    // added at least a third of them), and more than a few: the guest spreads its writes over
+    // memory faster than the window shows (each first write waits for the arming's handler), so
+    // it will fault all over memory during the save. A hot set or an idle guest levels off.
+    let spreading =
+        at_half.is_some_and(|h| written > CONVERGED_UNITS && (written - h) * 3 >= written);
+    let bytes = if spreading {
+        cap
+    } else {
+        written.saturating_mul(ARM_UNIT).min(cap)
+    };
     opts.staging.grow_fault(opts, bytes, written as u64, window);
     log::debug!(
         "staging probe: the guest wrote {written} of {units} units in {:.1} ms; {} MiB prepared",
