@@ -647,31 +647,15 @@ mod tests {
         assert_send_sync::<WpTracker>();
     }
 
-    struct Map(usize, usize);
+    /// An anonymous mapping (a [`uffd_sys::host::PageBuf`]) and its start address.
+    struct Map(usize, uffd_sys::host::PageBuf);
     impl Map {
         fn anon(len: usize) -> Self {
-            // SAFETY: fresh anonymous mapping at a kernel-chosen address.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED);
-            Map(p as usize, len)
+            let b = uffd_sys::host::PageBuf::new(len).expect("anonymous mapping");
+            Map(b.as_ptr() as usize, b)
         }
         fn range(&self) -> HostRange {
-            HostRange::new(self.0, self.1)
-        }
-    }
-    impl Drop for Map {
-        fn drop(&mut self) {
-            // SAFETY: our own mapping, no references into it remain.
-            unsafe { libc::munmap(self.0 as *mut _, self.1) };
+            HostRange::new(self.0, self.1.len())
         }
     }
 

@@ -197,10 +197,9 @@ impl Staging {
     }
 
     /// The cap of a probe asked for with [`size_by_probe`](Self::size_by_probe), until one has
-    /// been recorded.
+    /// been recorded ([`grow_fault`](Self::grow_fault)).
     pub fn probe_cap(&self) -> Option<usize> {
-        let g = lock(&self.0);
-        g.probe_cap.filter(|_| g.probe_ms == 0.0)
+        lock(&self.0).probe_cap
     }
 
     /// Grows prepared fault staging to `fault_bytes` (as if prepared with
@@ -215,8 +214,9 @@ impl Staging {
         let want = fault_bytes.max(FAULT_WARM).div_ceil(size);
         let have = {
             let mut g = lock(&self.0);
+            g.probe_cap = None;
             g.probe_units = units;
-            g.probe_ms = (window.as_secs_f64() * 1e3).max(f64::MIN_POSITIVE);
+            g.probe_ms = window.as_secs_f64() * 1e3;
             if g.size != size || g.bufs.is_empty() || want <= FAULT_WARM.div_ceil(size) {
                 return;
             }
